@@ -1,0 +1,1 @@
+"""The Drafter service: hosts one small model and proposes draft tokens."""

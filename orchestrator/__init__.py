@@ -1,0 +1,1 @@
+"""The Generator service: the public API that runs a strategy over drafters and a verifier."""

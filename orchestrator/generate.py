@@ -1,0 +1,301 @@
+"""One generation turn: load the session, run a strategy round by round, commit, stream.
+
+This is the orchestrator's domain logic; the gRPC servicer only converts messages and
+maps the exceptions below to status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from orchestrator.backends import CallCost
+from orchestrator.store import ChatMessage, Session, SessionStore, Totals
+from orchestrator.strategies import STRATEGIES, Backends, RoundInput, RoundResult
+from orchestrator.text import TextStream
+from services.runtime import ModelInfo
+from services.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+
+
+class InvalidInput(ValueError):
+    """The request must be fixed by the caller (INVALID_ARGUMENT)."""
+
+
+class SessionNotFound(KeyError):
+    """NOT_FOUND: the session id is unknown or expired."""
+
+
+class NotServable(RuntimeError):
+    """FAILED_PRECONDITION: the deployment cannot run this request (e.g. no drafter)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str | None = None  # raw text; or
+    messages: tuple[ChatMessage, ...] | None = None  # chat messages
+    session_id: str = ""  # continue this session; "" starts one
+    max_new_tokens: int | None = None
+    temperature: float | None = None  # None: the session's value, else greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    strategy: str = ""
+    k: int = 0  # 0 = default
+
+
+@dataclass(frozen=True)
+class Limits:
+    default_strategy: str
+    default_k: int
+    default_max_new_tokens: int
+    max_new_tokens_limit: int
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass
+class Stats:
+    """Statistics of one turn (definitions as in DESIGN.md, Metrics)."""
+
+    session_id: str
+    strategy: str
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_forwards: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    drafted_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    network_seconds: float = 0.0
+    redis_seconds: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """τ: tokens per target forward, 1 + accepted / forwards."""
+        return 1.0 + self.accepted / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position)]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.wall_seconds if self.wall_seconds else 0.0
+
+    def add_round(self, r: RoundResult) -> None:
+        self.target_forwards += 1
+        self.drafted += r.drafted
+        self.accepted += r.accepted
+        for i in range(r.drafted):
+            if i == len(self.drafted_by_position):
+                self.drafted_by_position.append(0)
+                self.accepted_by_position.append(0)
+            self.drafted_by_position[i] += 1
+            self.accepted_by_position[i] += i < r.accepted
+        costs: list[CallCost] = [c for c in (r.draft_cost, r.verify_cost) if c is not None]
+        self.draft_seconds += r.draft_cost.compute_seconds if r.draft_cost else 0.0
+        self.verify_seconds += r.verify_cost.compute_seconds
+        self.network_seconds += sum(c.network_seconds for c in costs)
+        self.bytes_sent += sum(c.bytes_sent for c in costs)
+        self.bytes_received += sum(c.bytes_received for c in costs)
+
+
+class Engine:
+    """Runs generation turns for the Generator service (or in-process, for tests and bench)."""
+
+    def __init__(self, *, tokenizer, store: SessionStore, backends: Backends, limits: Limits) -> None:
+        self.tokenizer = tokenizer
+        self.store = store
+        self.backends = backends
+        self.limits = limits
+        self._target: ModelInfo | None = None
+        self._drafter_checked = False
+
+    # -- checks -------------------------------------------------------------------------
+
+    async def target_info(self) -> ModelInfo:
+        if self._target is None:
+            self._target = await self.backends.verifier.info()
+        return self._target
+
+    async def _check_drafter(self, target: ModelInfo, strategy: str) -> None:
+        if self.backends.drafter is None:
+            raise NotServable(f"strategy {strategy!r} needs a drafter, and none is configured (SPECD_DRAFTER)")
+        if not self._drafter_checked:
+            drafter = await self.backends.drafter.info()
+            if drafter.tokenizer_fingerprint != target.tokenizer_fingerprint:
+                raise NotServable(
+                    f"drafter {drafter.model} has a different vocabulary than the target {target.model}; "
+                    f"strategy {strategy!r} needs the same tokenizer"
+                )
+            self._drafter_checked = True
+
+    def _validate(self, req: GenerationRequest) -> tuple[str, int, int]:
+        strategy = req.strategy or self.limits.default_strategy
+        if strategy not in STRATEGIES:
+            raise InvalidInput(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+        max_new = self.limits.default_max_new_tokens if req.max_new_tokens is None else req.max_new_tokens
+        if not 0 < max_new <= self.limits.max_new_tokens_limit:
+            raise InvalidInput(f"max_new_tokens must be in [1, {self.limits.max_new_tokens_limit}], got {max_new}")
+        k = req.k or self.limits.default_k
+        if req.prompt is None and not req.messages:
+            raise InvalidInput("the request has no input: give a prompt or chat messages")
+        if req.prompt is not None and not req.prompt.strip():
+            raise InvalidInput("the prompt is empty")
+        for i, m in enumerate(req.messages or ()):
+            if m.role not in ROLES:
+                raise InvalidInput(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.role!r}")
+        if req.messages and not any(m.content.strip() for m in req.messages):
+            raise InvalidInput("every chat message is empty")
+        problems = self._requested_sampling(req).problems()
+        if problems:
+            raise InvalidInput("; ".join(problems))
+        return strategy, max_new, k
+
+    @staticmethod
+    def _requested_sampling(req: GenerationRequest, base: SamplingParams = SamplingParams()) -> SamplingParams:
+        """The request's sampling values, the base's where the request gives none."""
+        return SamplingParams(
+            temperature=base.temperature if req.temperature is None else req.temperature,
+            top_k=base.top_k if req.top_k is None else req.top_k,
+            top_p=base.top_p if req.top_p is None else req.top_p,
+        )
+
+    # -- the turn -----------------------------------------------------------------------
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TextChunk | Stats]:
+        started = time.perf_counter()
+        strategy, max_new, k = self._validate(req)
+        session, redis_seconds = await self._open_session(req, strategy, k)
+        stats = Stats(session_id=session.id, strategy=strategy, redis_seconds=redis_seconds)
+        target = await self.target_info()
+        round_fn, needs_drafter = STRATEGIES[strategy]
+        if needs_drafter:
+            await self._check_drafter(target, strategy)
+
+        session.tokens = self._turn_context(session, req)
+        stats.prompt_tokens = len(session.tokens)
+        if len(session.tokens) >= target.max_context:
+            raise InvalidInput(
+                f"the prompt is {len(session.tokens)} tokens; the target's context is {target.max_context} tokens"
+            )
+        await self._timed(stats, self.store.save(session))
+        log.info("session %s: %s, %d prompt tokens, up to %d new", session.id, strategy, len(session.tokens), max_new)
+
+        stream = TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), req.stop)
+        eos = set(target.eos_token_ids)
+        while not stats.finish_reason:
+            room = min(max_new - stats.new_tokens, target.max_context - len(session.tokens))
+            result = await round_fn(
+                self.backends,
+                RoundInput(session.id, session.tokens, session.sampling, session.seed, session.step, min(k, room - 1)),
+            )
+            tokens = list(result.tokens[:room])
+            eos_at = next((i for i, t in enumerate(tokens) if t in eos), None)
+            if eos_at is not None:
+                tokens = tokens[: eos_at + 1]
+            session.tokens.extend(tokens)
+            session.step += 1
+            stats.add_round(result)
+            stats.new_tokens += len(tokens)
+            _add_totals(session.totals, result, len(tokens))
+            await self._timed(stats, self.store.commit(session, tokens))
+            text = stream.push(tokens)
+            if eos_at is not None:
+                stats.finish_reason = "stop"
+            elif stream.stopped:
+                stats.finish_reason = "stop_string"
+            elif stats.new_tokens >= max_new:
+                stats.finish_reason = "length"
+            elif len(session.tokens) >= target.max_context:
+                stats.finish_reason = "context"
+            if stats.finish_reason:
+                text += stream.finish()
+            if text or tokens:
+                yield TextChunk(text, tuple(tokens))
+
+        if session.mode == "chat":
+            session.messages.append(ChatMessage("assistant", stream.text))
+            await self._timed(stats, self.store.save_messages(session))
+        stats.wall_seconds = time.perf_counter() - started
+        log.info(
+            "session %s: %d tokens in %.2fs (%.2f tok/s), τ %.2f, acceptance %.2f, finish %s",
+            session.id, stats.new_tokens, stats.wall_seconds, stats.tokens_per_second,
+            stats.mean_accepted_length, stats.acceptance_rate, stats.finish_reason,
+        )
+        yield stats
+
+    async def _open_session(self, req: GenerationRequest, strategy: str, k: int) -> tuple[Session, float]:
+        """Loads the session to continue, or starts one; returns it and the Redis time."""
+        t0 = time.perf_counter()
+        mode = "raw" if req.messages is None else "chat"
+        if not req.session_id:
+            seed = secrets.randbits(63) if req.seed is None else req.seed
+            session = Session(uuid.uuid4().hex, mode, [], [], self._requested_sampling(req), seed, 0, strategy, k)
+            return session, 0.0
+        session = await self.store.load(req.session_id)
+        elapsed = time.perf_counter() - t0
+        if session is None:
+            raise SessionNotFound(f"session {req.session_id!r} does not exist or has expired")
+        if session.mode == "raw" and mode == "chat":
+            raise InvalidInput(f"session {session.id} holds raw text; continue it with a prompt, not messages")
+        session.sampling = self._requested_sampling(req, base=session.sampling)
+        if req.seed is not None:
+            session.seed = req.seed
+        session.strategy, session.k = strategy, k
+        return session, elapsed
+
+    def _turn_context(self, session: Session, req: GenerationRequest) -> list[int]:
+        """The token ids this turn generates after."""
+        if session.mode == "raw":
+            first = not session.tokens
+            return session.tokens + self.tokenizer.encode(req.prompt, add_special_tokens=first)
+        new = list(req.messages) if req.messages is not None else [ChatMessage("user", req.prompt)]
+        session.messages.extend(new)
+        # Chat turns re-render the whole conversation: the model services keep their
+        # caches by longest common prefix, so only the changed tail is prefilled again.
+        rendered = self.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in session.messages],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        return self.tokenizer.encode(rendered, add_special_tokens=False)
+
+    async def _timed(self, stats: Stats, op) -> None:
+        t0 = time.perf_counter()
+        await op
+        stats.redis_seconds += time.perf_counter() - t0
+
+    async def delete_session(self, session_id: str) -> bool:
+        return await self.store.delete(session_id)
+
+
+def _add_totals(totals: Totals, r: RoundResult, committed: int) -> None:
+    totals.new_tokens += committed
+    totals.target_forwards += 1
+    totals.drafted += r.drafted
+    totals.accepted += r.accepted
+

@@ -1,0 +1,125 @@
+"""One frozen configuration object per service, built from environment variables in `main`.
+
+The same variable names are used by `specd up`, docker-compose and the Kubernetes
+manifests. `describe()` lists them for help texts and the README.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message says which and why."""
+
+
+def default_home() -> Path:
+    return Path.home() / ".cache" / "specd"
+
+
+def _get(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, "").strip()
+    return value or default
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = _get(env, name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _get(env, name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelServiceConfig:
+    """Configuration of a drafter or verifier process."""
+
+    model: str  # SPECD_MODEL: a catalog name (see `specd models list`) or a Hugging Face folder
+    listen: str  # SPECD_LISTEN: host:port to serve on
+    home: Path  # SPECD_HOME: where prepared models live
+    dtype: str = "float32"  # SPECD_DTYPE: fp32 is what the CPU kernels are fastest and exact in
+    device: str = "cpu"  # SPECD_DEVICE: cpu, cuda, cuda:1, ...
+    threads: int = 0  # SPECD_THREADS: torch intra-op threads; 0 = torch's default
+    max_sessions: int = 16  # SPECD_MAX_SESSIONS: KV caches kept (LRU); a miss costs a re-prefill
+    q_top: int = 32  # SPECD_Q_TOP: entries of the truncated proposal distribution q a drafter sends
+    max_draft: int = 64  # SPECD_MAX_DRAFT: the longest draft accepted in one call
+    grace_seconds: float = 5.0  # SPECD_GRACE_SECONDS: time in-flight calls get on shutdown
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], default_listen: str) -> ModelServiceConfig:
+        model = _get(env, "SPECD_MODEL", "")
+        if not model:
+            raise ConfigError("SPECD_MODEL is not set: give a catalog name (specd models list) or a model folder")
+        dtype = _get(env, "SPECD_DTYPE", "float32")
+        if dtype not in ("float32", "float64", "bfloat16", "float16"):
+            raise ConfigError(f"SPECD_DTYPE must be float32, float64, bfloat16 or float16, got {dtype!r}")
+        return cls(
+            model=model,
+            listen=_get(env, "SPECD_LISTEN", default_listen),
+            home=Path(_get(env, "SPECD_HOME", str(default_home()))),
+            dtype=dtype,
+            device=_get(env, "SPECD_DEVICE", "cpu"),
+            threads=_int(env, "SPECD_THREADS", 0),
+            max_sessions=_int(env, "SPECD_MAX_SESSIONS", 16, minimum=1),
+            q_top=_int(env, "SPECD_Q_TOP", 32, minimum=1),
+            max_draft=_int(env, "SPECD_MAX_DRAFT", 64, minimum=1),
+            grace_seconds=_float(env, "SPECD_GRACE_SECONDS", 5.0),
+        )
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    """Configuration of the orchestrator (the public Generator service)."""
+
+    listen: str  # SPECD_LISTEN
+    verifier: str  # SPECD_VERIFIER: host:port of the verifier
+    drafter: str  # SPECD_DRAFTER: host:port of the drafter ('' = none; only `ar` then)
+    redis_url: str  # REDIS_URL: session store
+    tokenizer: str  # SPECD_TOKENIZER: the target's tokenizer (catalog name or folder)
+    home: Path  # SPECD_HOME
+    default_strategy: str = "sd"  # SPECD_STRATEGY
+    default_k: int = 4  # SPECD_K: draft length when a request gives none
+    default_max_new_tokens: int = 128  # SPECD_MAX_NEW_TOKENS
+    max_new_tokens_limit: int = 4096  # SPECD_MAX_NEW_TOKENS_LIMIT: larger requests are refused
+    session_ttl_seconds: int = 86400  # SPECD_SESSION_TTL: idle sessions expire from Redis
+    rpc_timeout_seconds: float = 120.0  # SPECD_RPC_TIMEOUT: deadline of every internal call
+    grace_seconds: float = 5.0  # SPECD_GRACE_SECONDS
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], default_listen: str) -> OrchestratorConfig:
+        verifier = _get(env, "SPECD_VERIFIER", "")
+        tokenizer = _get(env, "SPECD_TOKENIZER", "")
+        missing = [name for name, value in (("SPECD_VERIFIER", verifier), ("SPECD_TOKENIZER", tokenizer)) if not value]
+        if missing:
+            raise ConfigError(f"{' and '.join(missing)} must be set for the orchestrator")
+        return cls(
+            listen=_get(env, "SPECD_LISTEN", default_listen),
+            verifier=verifier,
+            drafter=_get(env, "SPECD_DRAFTER", ""),
+            redis_url=_get(env, "REDIS_URL", "redis://127.0.0.1:6379/0"),
+            tokenizer=tokenizer,
+            home=Path(_get(env, "SPECD_HOME", str(default_home()))),
+            default_strategy=_get(env, "SPECD_STRATEGY", "sd"),
+            default_k=_int(env, "SPECD_K", 4, minimum=0),
+            default_max_new_tokens=_int(env, "SPECD_MAX_NEW_TOKENS", 128, minimum=1),
+            max_new_tokens_limit=_int(env, "SPECD_MAX_NEW_TOKENS_LIMIT", 4096, minimum=1),
+            session_ttl_seconds=_int(env, "SPECD_SESSION_TTL", 86400, minimum=1),
+            rpc_timeout_seconds=_float(env, "SPECD_RPC_TIMEOUT", 120.0),
+            grace_seconds=_float(env, "SPECD_GRACE_SECONDS", 5.0),
+        )

@@ -1,0 +1,100 @@
+"""Conversions between protobuf messages and the plain objects the domain code uses.
+
+Servicers and clients call these and nothing else touches protobuf types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from services.context import ContextDelta
+from services.pb import specd_pb2 as pb
+from services.runtime import ModelInfo
+from services.sampling import SamplingParams, SparseDist
+
+
+class BadRequest(ValueError):
+    """Input a caller must fix; servicers answer it with INVALID_ARGUMENT and this message."""
+
+
+def sampling_to_pb(params: SamplingParams) -> pb.Sampling:
+    return pb.Sampling(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+
+
+def sampling_from_pb(msg: pb.Sampling) -> SamplingParams:
+    # An unset Sampling message has top_p 0; treat it as "top-p off".
+    params = SamplingParams(temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p or 1.0)
+    problems = params.problems()
+    if problems:
+        raise BadRequest("; ".join(problems))
+    return params
+
+
+def delta_to_pb(delta: ContextDelta) -> pb.Context:
+    return pb.Context(
+        session_id=delta.session_id,
+        base_len=delta.base_len,
+        base_fingerprint=delta.base_fingerprint,
+        tokens=delta.tokens,
+    )
+
+
+def delta_from_pb(msg: pb.Context, vocab_size: int) -> ContextDelta:
+    if not msg.session_id:
+        raise BadRequest("context.session_id is empty")
+    check_token_ids(msg.tokens, vocab_size, "context.tokens")
+    return ContextDelta(msg.session_id, msg.base_len, msg.base_fingerprint, tuple(msg.tokens))
+
+
+def dists_to_pb(q: Sequence[SparseDist]) -> list[pb.SparseDist]:
+    return [pb.SparseDist(ids=d.ids.tolist(), probs=d.probs.tolist()) for d in q]
+
+
+def dists_from_pb(msgs: Sequence[pb.SparseDist], vocab_size: int | None = None) -> tuple[SparseDist, ...]:
+    """Parses and checks proposal distributions (ids checked against vocab_size when given)."""
+    dists = []
+    for i, msg in enumerate(msgs):
+        if len(msg.ids) != len(msg.probs) or not msg.ids:
+            raise BadRequest(f"q[{i}] needs as many ids as probs, and at least one")
+        if vocab_size is not None:
+            check_token_ids(msg.ids, vocab_size, f"q[{i}].ids")
+        probs = torch.tensor(list(msg.probs), dtype=torch.float32)
+        if (probs < 0).any() or abs(float(probs.sum()) - 1.0) > 1e-3:
+            raise BadRequest(f"q[{i}] must be a probability distribution (sum {float(probs.sum()):.4f})")
+        try:
+            dists.append(SparseDist(torch.tensor(list(msg.ids), dtype=torch.long), probs))
+        except (AssertionError, ValueError) as err:
+            raise BadRequest(f"q[{i}]: {err}") from None
+    return tuple(dists)
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise BadRequest(f"{what} has ids outside [0, {vocab_size}): {bad[:5]}")
+
+
+def info_to_pb(info: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        model=info.model,
+        vocab_size=info.vocab_size,
+        max_context=info.max_context,
+        eos_token_ids=info.eos_token_ids,
+        dtype=info.dtype,
+        device=info.device,
+        tokenizer_fingerprint=info.tokenizer_fingerprint,
+    )
+
+
+def info_from_pb(msg: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        model=msg.model,
+        vocab_size=msg.vocab_size,
+        max_context=msg.max_context,
+        eos_token_ids=tuple(msg.eos_token_ids),
+        dtype=msg.dtype,
+        device=msg.device,
+        tokenizer_fingerprint=msg.tokenizer_fingerprint,
+    )

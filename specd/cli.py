@@ -1,0 +1,261 @@
+"""The `specd` command line: prepare models, run the local stack, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from services.config import default_home
+from services.pb import specd_pb2 as pb
+from services.pb import specd_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
+DEFAULT_DRAFTER = "qwen2.5-coder-0.5b-instruct"
+DEFAULT_ADDRESS = "127.0.0.1:50050"
+DEMO_PROMPT = "Write a Python function that checks whether a string is a palindrome."
+
+
+def _home(args: argparse.Namespace) -> Path:
+    return Path(args.home or os.environ.get("SPECD_HOME") or default_home())
+
+
+# -- up / down ------------------------------------------------------------------------------
+
+
+def _spec(args: argparse.Namespace):
+    from specd.stack import StackSpec
+
+    return StackSpec(
+        home=_home(args),
+        target=args.target,
+        drafter="" if args.drafter == "none" else args.drafter,
+        host=args.host,
+        orchestrator_port=args.port,
+        verifier_port=args.port + 1,
+        drafter_port=args.port + 2,
+        redis_port=args.redis_port,
+        redis_url=os.environ.get("REDIS_URL", ""),
+        dtype=args.dtype,
+        default_k=args.k,
+    )
+
+
+def _prepare_if_needed(spec) -> None:
+    from services.models import catalog, prepare
+
+    known = catalog()
+    for name in (spec.target, spec.drafter):
+        if name in known:
+            prepare(name, spec.home)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from specd.stack import StackError, down, up
+
+    spec = _spec(args)
+    try:
+        _prepare_if_needed(spec)
+        procs = up(spec)
+    except StackError as err:
+        print(f"specd up: {err}", file=sys.stderr)
+        return 1
+    orchestrator = next(p for p in procs if p.name == "orchestrator")
+    print(f"\nspecd is up. Try:  specd generate --address {orchestrator.address} \"{DEMO_PROMPT}\"")
+    if args.detach:
+        print("Stop it with:  specd down")
+        return 0
+    print("Press Ctrl-C to stop.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print()
+    finally:
+        down(spec.home)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from specd.stack import down
+
+    if down(_home(args)) == 0:
+        print("no running stack")
+    return 0
+
+
+# -- generate -------------------------------------------------------------------------------
+
+
+def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(session_id=args.session or "", strategy=args.strategy or "", stop=args.stop or [])
+    if args.raw:
+        request.prompt = args.prompt
+    else:
+        messages = ([pb.ChatMessage(role="system", content=args.system)] if args.system else []) + [
+            pb.ChatMessage(role="user", content=args.prompt)
+        ]
+        request.chat.messages.extend(messages)
+    for field in ("max_new_tokens", "temperature", "top_k", "top_p", "seed"):
+        value = getattr(args, field)
+        if value is not None:
+            setattr(request, field, value)
+    if args.k is not None:
+        request.options.k = args.k
+    return request
+
+
+def format_stats(s: pb.GenerationStats) -> str:
+    return (
+        f"[{s.strategy}] {s.new_tokens} tokens in {s.wall_seconds:.2f}s = {s.tokens_per_second:.2f} tok/s | "
+        f"target forwards {s.target_forwards} | τ {s.mean_accepted_length:.2f} | "
+        f"acceptance {s.acceptance_rate:.0%} | finish {s.finish_reason} | session {s.session_id}"
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    request = build_request(args)
+    text: list[str] = []
+    ids: list[int] = []
+    stats = None
+    try:
+        with grpc.insecure_channel(args.address) as channel:
+            for reply in pb_grpc.GeneratorStub(channel).Generate(request, timeout=args.timeout):
+                if reply.HasField("delta"):
+                    text.append(reply.delta.text)
+                    ids.extend(reply.delta.token_ids)
+                    if not args.json:
+                        print(reply.delta.text, end="", flush=True)
+                else:
+                    stats = reply.stats
+    except grpc.RpcError as err:
+        if not args.json and text:
+            print()
+        hint = ""
+        if err.code() == grpc.StatusCode.UNAVAILABLE and "orchestrator" not in (err.details() or ""):
+            hint = " (is the stack running? start it with `specd up`)"
+        print(f"specd generate: {err.code().name}: {err.details()}{hint}", file=sys.stderr)
+        return 1
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+
+        out = {
+            "text": "".join(text),
+            "token_ids": ids,
+            "stats": MessageToDict(stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True),
+        }
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        print()
+        print(format_stats(stats), file=sys.stderr)
+    return 0
+
+
+# -- demo -----------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Prepares the default models, starts the stack, answers one prompt with each of
+    ar and sd, and stops the stack."""
+    from specd.stack import StackError, down, up
+
+    spec = _spec(args)
+    try:
+        _prepare_if_needed(spec)
+        procs = up(spec)
+    except StackError as err:
+        print(f"specd demo: {err}", file=sys.stderr)
+        return 1
+    address = next(p for p in procs if p.name == "orchestrator").address
+    try:
+        for strategy in ("ar", "sd") if spec.drafter else ("ar",):
+            print(f"\n=== {strategy}: {args.prompt}\n")
+            gen_args = argparse.Namespace(
+                address=address, prompt=args.prompt, raw=False, system=None, session=None, strategy=strategy,
+                stop=None, max_new_tokens=args.max_new_tokens, temperature=None, top_k=None, top_p=None,
+                seed=None, k=None, json=False, timeout=args.timeout,
+            )
+            if cmd_generate(gen_args) != 0:
+                return 1
+    finally:
+        down(spec.home, say=lambda _: None)
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+
+def _add_stack_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=DEFAULT_TARGET, help=f"target model: catalog name or folder (default {DEFAULT_TARGET})")
+    p.add_argument("--drafter", default=DEFAULT_DRAFTER, help=f"drafter model, or 'none' (default {DEFAULT_DRAFTER})")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind every service to (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50050, help="orchestrator port; verifier and drafter use the next two (default 50050)")
+    p.add_argument("--redis-port", type=int, default=6399, help="port of the redis-server started when REDIS_URL is unset (default 6399)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"], help="model weights dtype (default float32)")
+    p.add_argument("-k", type=int, default=4, help="default draft length of sd (default 4)")
+    p.add_argument("--home", help="models and run state (default $SPECD_HOME or ~/.cache/specd)")
+
+
+def _add_generate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the prompt (sent as a user chat message unless --raw)")
+    p.add_argument("--address", default=os.environ.get("SPECD_ADDRESS", DEFAULT_ADDRESS), help=f"orchestrator host:port (default $SPECD_ADDRESS or {DEFAULT_ADDRESS})")
+    p.add_argument("--strategy", help="ar (plain decoding) or sd (speculative decoding); default: the server's")
+    p.add_argument("-k", type=int, help="draft length for sd (default: the server's, 4)")
+    p.add_argument("--max-new-tokens", type=int, help="most tokens to generate (default: the server's, 128)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only (0 = off)")
+    p.add_argument("--top-p", type=float, help="sample from the smallest set with this much probability (1 = off)")
+    p.add_argument("--seed", type=int, help="seed of the sampling draws; the same seed gives the same text")
+    p.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
+    p.add_argument("--session", help="continue this session (its id is printed after each answer)")
+    p.add_argument("--system", help="a system message to put before the prompt")
+    p.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text, token ids and statistics")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the whole answer (default 600)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specd",
+        description="Lossless speculative decoding served as gRPC microservices.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from specd.models_cli import add_models_commands
+
+    add_models_commands(sub)
+
+    p = sub.add_parser("up", help="start redis, verifier, drafter and orchestrator on this machine")
+    _add_stack_options(p)
+    p.add_argument("--detach", action="store_true", help="return once healthy; stop later with `specd down`")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="stop the stack started by `specd up --detach`")
+    p.add_argument("--home", help="as given to `specd up`")
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("generate", help="generate from a prompt on a running stack, streaming the text")
+    _add_generate_options(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="prepare models, start the stack, answer a prompt with ar and sd, stop")
+    _add_stack_options(p)
+    p.add_argument("--prompt", default=DEMO_PROMPT, help="the prompt to answer")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="tokens per answer (default 96)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per answer (default 900)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The local stack: redis-server, verifier, drafter and orchestrator as processes on loopback.
+
+`specd up` starts them, waits for each health check and records them in a state file;
+`specd down` (or Ctrl-C on a foreground `specd up`) stops them in reverse order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+class StackError(RuntimeError):
+    """The stack could not be started or stopped; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    home: Path
+    target: str  # catalog name or model folder
+    drafter: str  # catalog name or folder; "" for none
+    host: str = "127.0.0.1"
+    orchestrator_port: int = 50050
+    verifier_port: int = 50051
+    drafter_port: int = 50052
+    redis_port: int = 6399
+    redis_url: str = ""  # an existing Redis; "" starts redis-server
+    dtype: str = "float32"
+    default_k: int = 4
+    start_timeout: float = 600.0  # model loading on a slow disk can take minutes
+
+    def address(self, port: int) -> str:
+        return f"{self.host}:{port}"
+
+
+@dataclass
+class Proc:
+    name: str
+    pid: int
+    address: str
+    log: str
+
+
+def run_dir(home: Path) -> Path:
+    return home / "run"
+
+
+def state_file(home: Path) -> Path:
+    return run_dir(home) / "stack.json"
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) != 0
+
+
+def _spawn(name: str, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        # A new session: Ctrl-C in the terminal reaches `specd up`, which stops the
+        # children in order, instead of killing them all at once.
+        return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _wait_redis(proc: subprocess.Popen, host: str, port: int, log_path: Path, deadline: float) -> None:
+    import redis
+
+    client = redis.Redis(host=host, port=port, socket_timeout=1)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"redis-server exited with {proc.returncode}:\n{_tail(log_path)}")
+        try:
+            if client.ping():
+                return
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.1)
+    raise StackError(f"redis-server did not answer on {host}:{port}:\n{_tail(log_path)}")
+
+
+def wait_healthy(name: str, proc: subprocess.Popen | None, address: str, log_path: Path, deadline: float) -> None:
+    """Polls the standard gRPC health service until it says SERVING."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise StackError(f"{name} exited with {proc.returncode}; last log lines ({log_path}):\n{_tail(log_path)}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    raise StackError(f"{name} at {address} was not healthy in time; last log lines ({log_path}):\n{_tail(log_path)}")
+
+
+def up(spec: StackSpec, say=print) -> list[Proc]:
+    """Starts the stack and returns its processes, all healthy."""
+    if state_file(spec.home).exists() and any(_alive(p.pid) for p in read_state(spec.home)):
+        raise StackError(f"a stack is already running (see {state_file(spec.home)}); stop it with `specd down`")
+    ports = [spec.orchestrator_port, spec.verifier_port] + ([spec.drafter_port] if spec.drafter else [])
+    if not spec.redis_url:
+        ports.append(spec.redis_port)
+    busy = [p for p in ports if not _port_free(spec.host, p)]
+    if busy:
+        raise StackError(f"ports {busy} on {spec.host} are in use; stop what holds them or choose other ports")
+    logs = run_dir(spec.home) / "logs"
+    deadline = time.monotonic() + spec.start_timeout
+    procs: list[Proc] = []
+    started: list[subprocess.Popen] = []
+    base_env = {**os.environ, "SPECD_HOME": str(spec.home), "PYTHONUNBUFFERED": "1"}
+    try:
+        redis_url = spec.redis_url
+        if not redis_url:
+            server = shutil.which("redis-server")
+            if server is None:
+                raise StackError("redis-server is not installed: install it (apt-get install redis-server) or set REDIS_URL")
+            data = run_dir(spec.home) / "redis"
+            data.mkdir(parents=True, exist_ok=True)
+            log_path = logs / "redis.log"
+            args = [server, "--port", str(spec.redis_port), "--bind", spec.host, "--save", "", "--appendonly", "no", "--dir", str(data)]
+            proc = _spawn("redis", args, base_env, log_path)
+            started.append(proc)
+            _wait_redis(proc, spec.host, spec.redis_port, log_path, deadline)
+            redis_url = f"redis://{spec.host}:{spec.redis_port}/0"
+            procs.append(Proc("redis", proc.pid, redis_url, str(log_path)))
+            say(f"redis        {redis_url}")
+        services = [("verifier", "verifier_svc", spec.target, spec.verifier_port)]
+        if spec.drafter:
+            services.append(("drafter", "drafter_svc", spec.drafter, spec.drafter_port))
+        for name, module, model, port in services:
+            env = {**base_env, "SPECD_MODEL": model, "SPECD_LISTEN": spec.address(port), "SPECD_DTYPE": spec.dtype}
+            proc = _spawn(name, [sys.executable, "-m", module], env, logs / f"{name}.log")
+            started.append(proc)
+            procs.append(Proc(name, proc.pid, spec.address(port), str(logs / f"{name}.log")))
+        orch_env = {
+            **base_env,
+            "SPECD_LISTEN": spec.address(spec.orchestrator_port),
+            "SPECD_VERIFIER": spec.address(spec.verifier_port),
+            "SPECD_DRAFTER": spec.address(spec.drafter_port) if spec.drafter else "",
+            "SPECD_TOKENIZER": spec.target,
+            "SPECD_STRATEGY": "sd" if spec.drafter else "ar",
+            "SPECD_K": str(spec.default_k),
+            "REDIS_URL": redis_url,
+        }
+        log_path = logs / "orchestrator.log"
+        proc = _spawn("orchestrator", [sys.executable, "-m", "orchestrator"], orch_env, log_path)
+        started.append(proc)
+        procs.append(Proc("orchestrator", proc.pid, spec.address(spec.orchestrator_port), str(log_path)))
+        write_state(spec.home, procs)
+        for p, popen in zip(procs, started):
+            if p.name != "redis":
+                say(f"waiting for {p.name} at {p.address} (log: {p.log}) ...")
+                wait_healthy(p.name, popen, p.address, Path(p.log), deadline)
+                say(f"{p.name:<12} {p.address}  healthy")
+    except BaseException:
+        for proc in reversed(started):
+            _terminate(proc.pid)
+        state_file(spec.home).unlink(missing_ok=True)
+        raise
+    return procs
+
+
+def write_state(home: Path, procs: list[Proc]) -> None:
+    path = state_file(home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([asdict(p) for p in procs], indent=2))
+
+
+def read_state(home: Path) -> list[Proc]:
+    try:
+        return [Proc(**p) for p in json.loads(state_file(home).read_text())]
+    except FileNotFoundError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours still "exists"; reap it if it is ours.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def _terminate(pid: int, timeout: float = 15.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and _alive(pid):
+        time.sleep(0.1)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def down(home: Path, say=print) -> int:
+    """Stops the processes of the running stack, orchestrator first; returns how many."""
+    procs = read_state(home)
+    stopped = 0
+    for p in reversed(procs):
+        if _alive(p.pid):
+            _terminate(p.pid)
+            say(f"stopped {p.name} (pid {p.pid})")
+            stopped += 1
+    state_file(home).unlink(missing_ok=True)
+    return stopped

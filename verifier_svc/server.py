@@ -1,0 +1,68 @@
+"""Verifier gRPC servicer and process entry point (`python -m verifier_svc`)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import grpc
+import torch
+
+from services.config import ModelServiceConfig
+from services.hosting import HostRunner, abort_bad_request, run_model_service
+from services.pb import specd_pb2 as pb
+from services.pb import specd_pb2_grpc as pb_grpc
+from services.wire import BadRequest, check_token_ids, delta_from_pb, dists_from_pb, sampling_from_pb
+from verifier_svc.verify import verify
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+class VerifierServicer(pb_grpc.VerifierServicer):
+    def __init__(self, runner: HostRunner, config: ModelServiceConfig) -> None:
+        self.runner = runner
+        self.config = config
+
+    async def Verify(self, request: pb.VerifyRequest, context: grpc.aio.ServicerContext) -> pb.VerifyResponse:
+        host = self.runner.host
+        vocab = host.info.vocab_size
+        try:
+            delta = delta_from_pb(request.context, vocab)
+            params = sampling_from_pb(request.sampling)
+            check_token_ids(request.draft, vocab, "draft")
+            if len(request.draft) > self.config.max_draft:
+                raise BadRequest(f"a draft of {len(request.draft)} tokens is above the limit of {self.config.max_draft}")
+            q = dists_from_pb(request.q, vocab)
+            if q and len(q) != len(request.draft):
+                raise BadRequest(f"q has {len(q)} entries for {len(request.draft)} draft tokens; send one per token or none")
+        except BadRequest as err:
+            await abort_bad_request(context, err)
+        generator = torch.Generator().manual_seed(request.seed)
+        started = time.perf_counter()
+        try:
+            verdict = await self.runner.run(verify, host, delta, list(request.draft), q, params, generator)
+        except ValueError as err:
+            await abort_bad_request(context, BadRequest(str(err)))
+        elapsed = time.perf_counter() - started
+        if verdict is None:
+            return pb.VerifyResponse(context_miss=True, compute_seconds=elapsed)
+        return pb.VerifyResponse(accepted=verdict.accepted, tokens=verdict.tokens, compute_seconds=elapsed)
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return await self.runner.info()
+
+    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
+        return await self.runner.release(request.session_id)
+
+
+def main() -> int:
+    return run_model_service(
+        name="verifier",
+        default_listen=DEFAULT_LISTEN,
+        make_servicer=VerifierServicer,
+        add_to_server=pb_grpc.add_VerifierServicer_to_server,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
