@@ -171,7 +171,7 @@ class _Remote:
         """
         started = time.perf_counter()
         sent = received = 0
-        delta = self.tracker.delta(session_id, context)
+        delta = self.tracker.delta(session_id, list(context))
         while True:
             ctx = delta_to_pb(delta)
             reply, request_bytes = await send(ctx)

@@ -163,12 +163,12 @@ class Engine:
         k = req.k or self.limits.default_k
         if req.prompt is None and not req.messages:
             raise InvalidInput("the request has no input: give a prompt or chat messages")
-        if req.prompt is not None and not req.prompt.strip():
+        if req.prompt == "":
             raise InvalidInput("the prompt is empty")
         for i, m in enumerate(req.messages or ()):
             if m.role not in ROLES:
                 raise InvalidInput(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.role!r}")
-        if req.messages and not any(m.content.strip() for m in req.messages):
+        if req.messages and not any(m.content for m in req.messages):
             raise InvalidInput("every chat message is empty")
         problems = self._requested_sampling(req).problems()
         if problems:

@@ -31,8 +31,8 @@ def fingerprint(tokens: Sequence[int]) -> int:
     return int.from_bytes(digest, "little")
 
 
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of a and b."""
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two lists (lists: a tuple never equals a list)."""
     n = min(len(a), len(b))
     if a[:n] == b[:n]:  # the usual case, compared at C speed
         return n
@@ -76,11 +76,11 @@ class ContextTracker:
     """
 
     def __init__(self, max_sessions: int = 4096) -> None:
-        self._held: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._held: OrderedDict[str, list[int]] = OrderedDict()
         self._max_sessions = max_sessions
 
-    def delta(self, session_id: str, context: Sequence[int]) -> ContextDelta:
-        held = self._held.get(session_id, ())
+    def delta(self, session_id: str, context: list[int]) -> ContextDelta:
+        held = self._held.get(session_id, [])
         base_len = common_prefix_len(held, context)
         return ContextDelta(
             session_id=session_id,
@@ -96,7 +96,7 @@ class ContextTracker:
 
     def acknowledge(self, session_id: str, held: Sequence[int]) -> None:
         """Records that the service now holds `held` for this session."""
-        self._held[session_id] = tuple(held)
+        self._held[session_id] = list(held)  # a copy: callers extend their lists in place
         self._held.move_to_end(session_id)
         while len(self._held) > self._max_sessions:
             self._held.popitem(last=False)

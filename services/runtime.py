@@ -93,6 +93,7 @@ class ModelHost:
         seq[: len(seq) - n_last + i + 1].
         """
         assert 1 <= n_last <= len(seq), f"need 1 <= n_last <= {len(seq)}, got {n_last}"
+        seq = list(seq)
         state = self.session(session_id)
         # Reuse the cache up to the common prefix, but always feed the positions whose
         # logits are asked for.
@@ -105,7 +106,7 @@ class ModelHost:
         fed = torch.tensor([list(seq[keep:])], dtype=torch.long, device=self.device)  # (1, T)
         out = self.model(input_ids=fed, past_key_values=state.cache, use_cache=True, logits_to_keep=n_last)
         state.cache = out.past_key_values
-        state.cached_tokens = list(seq)
+        state.cached_tokens = seq
         rows = out.logits[0, -n_last:]  # (n_last, V)
         return rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
 

@@ -1,0 +1,116 @@
+"""A small test client for the Generator service and a stack of real service processes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from services.pb import specd_pb2 as pb
+from services.pb import specd_pb2_grpc as pb_grpc
+from specd.stack import wait_healthy
+from tests.procs import free_port, start_process, stop_process
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Result:
+    token_ids: list[int]
+    text: str
+    stats: pb.GenerationStats
+
+
+def generate(address: str, prompt: str | None = None, messages=None, **fields) -> Result:
+    """Runs one Generate call to completion; raises grpc.RpcError on a failed status."""
+    request = pb.GenerateRequest(**fields)
+    if messages is not None:
+        request.chat.messages.extend(pb.ChatMessage(role=r, content=c) for r, c in messages)
+    else:
+        request.prompt = prompt
+    ids: list[int] = []
+    text: list[str] = []
+    stats = None
+    with grpc.insecure_channel(address) as channel:
+        for reply in pb_grpc.GeneratorStub(channel).Generate(request, timeout=300):
+            if reply.HasField("delta"):
+                ids.extend(reply.delta.token_ids)
+                text.append(reply.delta.text)
+            else:
+                stats = reply.stats
+    assert stats is not None, "the stream ended without statistics"
+    return Result(ids, "".join(text), stats)
+
+
+@dataclass
+class ServiceStack:
+    """verifier, drafter and orchestrator as real processes on loopback ports."""
+
+    target_dir: Path
+    drafter_dir: Path
+    redis_url: str
+    logs: Path
+    dtype: str = "float64"
+    ports: dict[str, int] = field(default_factory=dict)
+    procs: dict = field(default_factory=dict)
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    def env(self, name: str) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+            "SPECD_LISTEN": self.address(name),
+            "SPECD_THREADS": "1",
+            "SPECD_HOME": str(self.logs / "home"),
+            "SPECD_GRACE_SECONDS": "1",
+        }
+        if name == "orchestrator":
+            env |= {
+                "SPECD_VERIFIER": self.address("verifier"),
+                "SPECD_DRAFTER": self.address("drafter"),
+                "SPECD_TOKENIZER": str(self.target_dir),
+                "REDIS_URL": self.redis_url,
+                "SPECD_MAX_NEW_TOKENS_LIMIT": "256",
+                "SPECD_RPC_TIMEOUT": "60",
+            }
+        else:
+            env |= {"SPECD_MODEL": str(self.target_dir if name == "verifier" else self.drafter_dir), "SPECD_DTYPE": self.dtype}
+        return env
+
+    def start(self, name: str) -> None:
+        module = {"verifier": "verifier_svc", "drafter": "drafter_svc", "orchestrator": "orchestrator"}[name]
+        self.ports.setdefault(name, free_port())
+        log_path = self.logs / f"{name}.log"
+        self.procs[name] = (start_process([sys.executable, "-m", module], self.env(name), log_path), log_path)
+
+    def wait(self, name: str) -> None:
+        proc, log_path = self.procs[name]
+        import time
+
+        wait_healthy(name, proc, self.address(name), log_path, time.monotonic() + 120)
+
+    def stop(self, name: str) -> None:
+        proc, _ = self.procs.pop(name)
+        stop_process(proc)
+
+    def restart(self, name: str) -> None:
+        self.stop(name)
+        self.start(name)
+        self.wait(name)
+
+    def up(self) -> ServiceStack:
+        for name in ("verifier", "drafter", "orchestrator"):
+            self.start(name)
+        for name in ("verifier", "drafter", "orchestrator"):
+            self.wait(name)
+        return self
+
+    def down(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)

@@ -1,0 +1,160 @@
+"""Integration: a real redis-server and the three services as processes on loopback, on tiny
+models built by the tests. Greedy output of every strategy must equal the target's own
+`generate`; sessions live in Redis and survive restarts of any service."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.client import ServiceStack, generate
+
+PROMPTS = [
+    "def add(a, b):\n    return",
+    "The quick brown fox",
+    "import json\n\nclass Parser:\n    def __init__(self):",
+]
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_pair, redis_server, tmp_path_factory):
+    s = ServiceStack(tiny_pair.target_dir, tiny_pair.drafter_dir, redis_server.url, tmp_path_factory.mktemp("stack"))
+    s.up()
+    yield s
+    s.down()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pair):
+    """Greedy continuation by transformers' own generate on the target."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair.target_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair.target_dir, dtype=torch.float64).eval()
+
+    def continuation(input_ids: list[int], max_new_tokens: int) -> list[int]:
+        out = model.generate(
+            torch.tensor([input_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(input_ids):].tolist()
+        eos = model.generation_config.eos_token_id
+        return out[: out.index(eos) + 1] if eos in out else out
+
+    continuation.tokenizer = tokenizer
+    return continuation
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_sd_and_ar_equal_transformers_generate(stack, reference, prompt):
+    expected = reference(reference.tokenizer(prompt).input_ids, 40)
+    address = stack.address("orchestrator")
+    ar = generate(address, prompt, strategy="ar", max_new_tokens=40)
+    assert ar.token_ids == expected
+    assert ar.stats.target_forwards == len(expected)
+    for k in (1, 3, 6):
+        sd = generate(address, prompt, strategy="sd", max_new_tokens=40, options={"k": k})
+        assert sd.token_ids == expected, f"sd with k={k} diverged from the target"
+        assert sd.text == ar.text
+        assert sd.stats.drafted > 0 and sd.stats.target_forwards <= len(expected)
+
+
+def test_chat_uses_the_template_and_stays_lossless(stack, reference):
+    messages = [("system", "You write code."), ("user", "Parse a JSON file.")]
+    rendered = reference.tokenizer.apply_chat_template(
+        [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=True
+    )
+    expected = reference(reference.tokenizer(rendered, add_special_tokens=False).input_ids, 32)
+    result = generate(stack.address("orchestrator"), messages=messages, strategy="sd", max_new_tokens=32)
+    assert result.token_ids == expected
+    assert result.stats.prompt_tokens == len(reference.tokenizer(rendered, add_special_tokens=False).input_ids)
+
+
+def test_seeded_sampling_is_reproducible(stack):
+    address = stack.address("orchestrator")
+    kwargs = dict(strategy="sd", max_new_tokens=48, temperature=1.5, top_p=0.95, options={"k": 3})
+    first = generate(address, PROMPTS[1], seed=7, **kwargs)
+    again = generate(address, PROMPTS[1], seed=7, **kwargs)
+    other = generate(address, PROMPTS[1], seed=8, **kwargs)
+    assert first.token_ids == again.token_ids
+    assert first.token_ids != other.token_ids
+
+
+def _two_turns(stack, restart: str | None) -> tuple[list[int], list[int]]:
+    address = stack.address("orchestrator")
+    sampling = dict(strategy="sd", max_new_tokens=24, temperature=1.0, options={"k": 3})
+    first = generate(address, PROMPTS[0], seed=11, **sampling)
+    if restart:
+        stack.restart(restart)
+    second = generate(address, "\n\ndef sub(a, b):", session_id=first.stats.session_id, **sampling)
+    return first.token_ids, second.token_ids
+
+
+@pytest.mark.parametrize("restart", ["orchestrator", "verifier", "drafter"])
+def test_session_continues_the_same_after_a_restart(stack, restart):
+    uninterrupted = _two_turns(stack, restart=None)
+    assert _two_turns(stack, restart=restart) == uninterrupted
+
+
+def test_context_deltas_keep_bytes_per_round_flat(stack):
+    """A continued turn sends only the new tokens, however long the session already is."""
+    address = stack.address("orchestrator")
+    short = generate(address, "x = 1", strategy="sd", max_new_tokens=16)
+    long = generate(address, PROMPTS[2] * 40, strategy="sd", max_new_tokens=16)
+    assert long.stats.prompt_tokens > 20 * short.stats.prompt_tokens
+    turns = [
+        generate(address, "\n# next", session_id=r.stats.session_id, strategy="sd", max_new_tokens=16, options={"k": 3})
+        for r in (short, long)
+    ]
+    per_round = [t.stats.bytes_sent / t.stats.target_forwards for t in turns]
+    assert per_round[1] < 1.25 * per_round[0], per_round
+    # The first turn of the long session did carry its prompt.
+    assert long.stats.bytes_sent > 4 * long.stats.prompt_tokens
+
+
+@pytest.mark.parametrize(
+    "fields, code, words",
+    [
+        (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (dict(prompt="hi", max_new_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+        (dict(prompt="hi", max_new_tokens=-3), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+        (dict(prompt="hi", max_new_tokens=100000), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+        (dict(prompt="hi", temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (dict(prompt="hi", top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (dict(prompt="hi", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (dict(prompt="hi", top_k=-1), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+        (dict(prompt="hi", strategy="warp"), grpc.StatusCode.INVALID_ARGUMENT, "unknown strategy"),
+        (dict(prompt="hi", session_id="no-such-session"), grpc.StatusCode.NOT_FOUND, "no-such-session"),
+        (dict(prompt="word " * 3000), grpc.StatusCode.INVALID_ARGUMENT, "context"),
+    ],
+)
+def test_bad_input_gets_a_clear_status(stack, fields, code, words):
+    prompt = fields.pop("prompt")
+    with pytest.raises(grpc.RpcError) as err:
+        generate(stack.address("orchestrator"), prompt, **fields)
+    assert err.value.code() == code
+    assert words in err.value.details()
+
+
+def test_bad_input_loses_nothing(stack):
+    address = stack.address("orchestrator")
+    first = generate(address, PROMPTS[0], max_new_tokens=8)
+    with pytest.raises(grpc.RpcError):
+        generate(address, "more", session_id=first.stats.session_id, temperature=-1)
+    again = generate(address, "\n", session_id=first.stats.session_id, max_new_tokens=8)
+    assert again.stats.prompt_tokens > first.stats.prompt_tokens + len(first.token_ids) - 1
+
+
+def test_a_model_service_down_is_unavailable_and_named(stack):
+    address = stack.address("orchestrator")
+    stack.stop("drafter")
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            generate(address, "hello", strategy="sd", max_new_tokens=8)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "drafter" in err.value.details() and stack.address("drafter") in err.value.details()
+        # ar does not need the drafter.
+        assert generate(address, "hello", strategy="ar", max_new_tokens=4).stats.new_tokens == 4
+    finally:
+        stack.start("drafter")
+        stack.wait("drafter")
+    assert generate(address, "hello", strategy="sd", max_new_tokens=4).stats.new_tokens == 4
