@@ -12,7 +12,7 @@ import grpc
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
 from specd.stack import wait_healthy
-from tests.procs import free_port, start_process, stop_process
+from procs import free_port, start_process, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,6 +54,7 @@ class ServiceStack:
     redis_url: str
     logs: Path
     dtype: str = "float64"
+    threads: int = 1  # tiny models are all per-op overhead; real models want every core
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict = field(default_factory=dict)
 
@@ -66,7 +67,7 @@ class ServiceStack:
             "PYTHONPATH": str(ROOT),
             "PYTHONUNBUFFERED": "1",
             "SPECD_LISTEN": self.address(name),
-            "SPECD_THREADS": "1",
+            "SPECD_THREADS": str(self.threads),
             "SPECD_HOME": str(self.logs / "home"),
             "SPECD_GRACE_SECONDS": "1",
         }

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.client import ServiceStack, generate
+from client import ServiceStack, generate
 
 PROMPTS = [
     "def add(a, b):\n    return",

@@ -1,0 +1,88 @@
+"""End to end on the real packaged models (prepared by `specd models prepare`, which the
+README's test command runs first): greedy `sd` through the services equals the target's
+own greedy `generate`.
+
+fp32 arithmetic of a pass over several tokens can differ in the last bits from a pass over
+one, so the two may part at a near-tie. A divergence is accepted only where the gap between
+the target's top two logits at that position is below 1e-3; anywhere else it fails.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from client import ServiceStack, generate
+from services.config import default_home
+from services.models import ModelNotFound, resolve
+
+pytestmark = pytest.mark.e2e
+
+TARGET = "qwen2.5-coder-1.5b-instruct"
+DRAFTER = "qwen2.5-coder-0.5b-instruct"
+NEAR_TIE = 1e-3
+NEW_TOKENS = 32
+PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Explain in two sentences what a hash map is.",
+    "Écris une fonction JavaScript qui inverse une chaîne de caractères.",
+]
+
+
+def _model(name: str) -> Path:
+    home = Path(os.environ.get("SPECD_HOME") or default_home())
+    try:
+        return resolve(name, home)
+    except ModelNotFound as err:
+        pytest.fail(f"{err} (the README's test command prepares the models first)")
+
+
+@pytest.fixture(scope="module")
+def target():
+    path = _model(TARGET)
+    return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server, tmp_path_factory):
+    s = ServiceStack(_model(TARGET), _model(DRAFTER), redis_server.url, tmp_path_factory.mktemp("e2e"), dtype="float32", threads=2)
+    s.up()
+    yield s
+    s.down()
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+@torch.inference_mode()
+def top2_gap(model, ids: list[int]) -> float:
+    logits = model(torch.tensor([ids])).logits[0, -1]
+    top = torch.topk(logits, 2).values
+    return float(top[0] - top[1])
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_sd_equals_the_targets_own_generate(stack, target, prompt):
+    tokenizer, model = target
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(rendered, add_special_tokens=False).input_ids
+    with torch.inference_mode():
+        expected = model.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(prompt_ids):].tolist()
+    result = generate(stack.address("orchestrator"), messages=[("user", prompt)], strategy="sd", max_new_tokens=NEW_TOKENS)
+    assert result.stats.prompt_tokens == len(prompt_ids)
+    assert result.stats.drafted > 0
+
+    at = first_divergence(result.token_ids, expected)
+    if at is None:
+        assert result.token_ids == expected
+        return
+    gap = top2_gap(model, prompt_ids + expected[:at])
+    assert gap < NEAR_TIE, (
+        f"sd parted from the target at new token {at} where the top-2 logit gap is {gap:.2e} (not a near-tie):\n"
+        f"sd:     {tokenizer.decode(result.token_ids)!r}\ntarget: {tokenizer.decode(expected)!r}"
+    )
