@@ -6,13 +6,13 @@ import sys
 import time
 
 import grpc
-import torch
 
 from drafter_svc.draft import propose
 from services.config import ModelServiceConfig
 from services.hosting import HostRunner, abort_bad_request, run_model_service
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
+from services.sampling import seeded_generator
 from services.wire import BadRequest, delta_from_pb, dists_to_pb, sampling_from_pb
 
 DEFAULT_LISTEN = "127.0.0.1:50052"
@@ -32,7 +32,7 @@ class DrafterServicer(pb_grpc.DrafterServicer):
                 raise BadRequest(f"k={request.k} is above this drafter's limit of {self.config.max_draft}")
         except BadRequest as err:
             await abort_bad_request(context, err)
-        generator = torch.Generator().manual_seed(request.seed)
+        generator = seeded_generator(request.seed)
         started = time.perf_counter()
         try:
             proposal = await self.runner.run(

@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import grpc
-import torch
 
 from drafter_svc.draft import propose
 from services.context import ContextDelta, ContextTracker
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
 from services.runtime import ModelHost, ModelInfo
-from services.sampling import SamplingParams, SparseDist
+from services.sampling import SamplingParams, SparseDist, seeded_generator
 from services.wire import delta_to_pb, dists_from_pb, dists_to_pb, info_from_pb, sampling_to_pb
 from verifier_svc.verify import verify
 
@@ -108,7 +107,7 @@ class LocalDrafter:
     async def propose(self, session_id, context, k, params, seed) -> Draft:
         started = time.perf_counter()
         delta = ContextDelta(session_id, 0, 0, tuple(context))
-        proposal = propose(self.host, delta, k, params, self.q_top, torch.Generator().manual_seed(seed))
+        proposal = propose(self.host, delta, k, params, self.q_top, seeded_generator(seed))
         elapsed = time.perf_counter() - started
         return Draft(proposal.tokens, proposal.q, CallCost(elapsed, elapsed))
 
@@ -125,7 +124,7 @@ class LocalVerifier:
     async def verify(self, session_id, context, draft, q, params, seed) -> Verified:
         started = time.perf_counter()
         delta = ContextDelta(session_id, 0, 0, tuple(context))
-        verdict = verify(self.host, delta, list(draft), list(q), params, torch.Generator().manual_seed(seed))
+        verdict = verify(self.host, delta, list(draft), list(q), params, seeded_generator(seed))
         elapsed = time.perf_counter() - started
         return Verified(verdict.accepted, verdict.tokens, CallCost(elapsed, elapsed))
 

@@ -176,8 +176,9 @@ class Engine:
         return strategy, max_new, k
 
     @staticmethod
-    def _requested_sampling(req: GenerationRequest, base: SamplingParams = SamplingParams()) -> SamplingParams:
-        """The request's sampling values, the base's where the request gives none."""
+    def _requested_sampling(req: GenerationRequest, base: SamplingParams | None = None) -> SamplingParams:
+        """The request's sampling values, the base's (default: greedy) where the request gives none."""
+        base = base or SamplingParams()
         return SamplingParams(
             temperature=base.temperature if req.temperature is None else req.temperature,
             top_k=base.top_k if req.top_k is None else req.top_k,

@@ -7,12 +7,11 @@ output follows the target's distribution (the acceptance rule in services/accept
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from orchestrator.backends import CallCost, Drafter, Verifier
-from services.sampling import SamplingParams
+from services.sampling import SamplingParams, round_seed
 
 
 @dataclass(frozen=True)
@@ -40,15 +39,9 @@ class RoundResult:
     verify_cost: CallCost
 
 
-def derive_seed(seed: int, step: int, role: str) -> int:
-    """A 63-bit seed for one call of one round: replaying (seed, step) replays the round."""
-    digest = hashlib.blake2b(f"{seed}:{step}:{role}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 async def ar_round(backends: Backends, r: RoundInput) -> RoundResult:
     """Plain autoregressive decoding: a verify with an empty draft yields one token from p."""
-    v = await backends.verifier.verify(r.session_id, r.context, (), (), r.params, derive_seed(r.seed, r.step, "verify"))
+    v = await backends.verifier.verify(r.session_id, r.context, (), (), r.params, round_seed(r.seed, r.step, "verify"))
     return RoundResult(v.tokens, 0, 0, None, v.cost)
 
 
@@ -60,9 +53,9 @@ async def sd_round(backends: Backends, r: RoundInput) -> RoundResult:
     if r.k == 0:
         return await ar_round(backends, r)
     assert backends.drafter is not None, "sd needs a drafter"
-    d = await backends.drafter.propose(r.session_id, r.context, r.k, r.params, derive_seed(r.seed, r.step, "draft"))
+    d = await backends.drafter.propose(r.session_id, r.context, r.k, r.params, round_seed(r.seed, r.step, "draft"))
     v = await backends.verifier.verify(
-        r.session_id, r.context, d.tokens, d.q, r.params, derive_seed(r.seed, r.step, "verify")
+        r.session_id, r.context, d.tokens, d.q, r.params, round_seed(r.seed, r.step, "verify")
     )
     return RoundResult(v.tokens, len(d.tokens), v.accepted, d.cost, v.cost)
 

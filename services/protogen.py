@@ -19,9 +19,8 @@ STUBS = ("specd_pb2.py", "specd_pb2.pyi", "specd_pb2_grpc.py")
 
 def generate(out_root: Path) -> Path:
     """Writes the stubs under out_root/services/pb and returns that folder."""
-    from grpc_tools import protoc  # build-time dependency only
-
     import grpc_tools
+    from grpc_tools import protoc  # build-time dependency only
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     # Mapping proto/ onto the virtual path services/pb makes the generated

@@ -140,13 +140,17 @@ def truncated(probs: Tensor, top: int) -> SparseDist:
     return SparseDist(ids=ids.to(torch.int64), probs=(values / values.sum()).to(torch.float32))
 
 
-def round_generator(seed: int, step: int, role: str) -> torch.Generator:
-    """A CPU generator determined by (session seed, round step, role: "draft" or "verify").
+def round_seed(seed: int, step: int, role: str) -> int:
+    """The 63-bit seed of one call of one round: (session seed, round step, role "draft" or
+    "verify"). It travels in the call, and the service seeds a generator with it, so a round
+    replays exactly on any replica.
 
-    blake2b rather than hash(): Python salts str hashes per process, and a round must replay
-    the same on any replica.
+    blake2b rather than hash(): Python salts str hashes per process.
     """
     digest = hashlib.blake2b(f"{seed}\x00{step}\x00{role}".encode(), digest_size=8).digest()
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-    return generator
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator for a call's random draws."""
+    return torch.Generator(device="cpu").manual_seed(seed)

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from procs import free_port, start_process, stop_process
 
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
 from specd.stack import wait_healthy
-from procs import free_port, start_process, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -187,7 +187,7 @@ def start_redis(binary: str, data_dir: Path, timeout: float = REDIS_START_TIMEOU
     Returns once it answers PING; stop it with `stop_process(server.process)`. Retries on
     a fresh port if the process exits early (another process took the port meanwhile).
     """
-    for attempt in range(REDIS_START_ATTEMPTS):
+    for _ in range(REDIS_START_ATTEMPTS):
         port = free_port()
         log_path = data_dir / f"redis-{port}.log"
         args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",

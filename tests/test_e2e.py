@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from client import ServiceStack, generate
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from client import ServiceStack, generate
 from services.config import default_home
 from services.models import ModelNotFound, resolve
 

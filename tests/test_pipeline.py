@@ -7,9 +7,8 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from client import ServiceStack, generate
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 PROMPTS = [
     "def add(a, b):\n    return",

@@ -17,12 +17,12 @@ from transformers.generation.logits_process import (
 from services.sampling import (
     SamplingParams,
     SparseDist,
-    round_generator,
+    round_seed,
     sample,
+    seeded_generator,
     target_probs,
     truncated,
 )
-
 
 # ---------------------------------------------------------------- SamplingParams
 
@@ -237,24 +237,26 @@ def test_sparse_dist_sample_draws_only_its_ids_in_proportion() -> None:
     assert abs(draws.count(9) / 4000 - 0.75) < 0.03  # 4.4 standard deviations
 
 
-# ---------------------------------------------------------------- round_generator
+# ---------------------------------------------------------------- round_seed
 
 
 def first_draws(generator: torch.Generator) -> list[float]:
     return torch.rand(4, generator=generator).tolist()
 
 
-def test_round_generator_replays() -> None:
-    assert first_draws(round_generator(42, 7, "verify")) == first_draws(round_generator(42, 7, "verify"))
+def test_round_seed_replays() -> None:
+    assert first_draws(seeded_generator(round_seed(42, 7, "verify"))) == first_draws(
+        seeded_generator(round_seed(42, 7, "verify"))
+    )
 
 
-def test_round_generator_is_stable_across_processes() -> None:
+def test_round_seed_is_stable_across_processes() -> None:
     # A constant, not a second call: Python's salted hash() would pass the test above and still
     # differ between replicas. Changing the derivation breaks replay of stored sessions.
-    assert round_generator(42, 7, "verify").initial_seed() == 7474645043952657884
+    assert round_seed(42, 7, "verify") == 7474645043952657884
 
 
 @pytest.mark.parametrize("other", [(42, 7, "draft"), (42, 8, "verify"), (43, 7, "verify"), (427, 0, "verify")])
-def test_round_generator_differs_by_seed_step_and_role(other: tuple[int, int, str]) -> None:
-    assert first_draws(round_generator(*other)) != first_draws(round_generator(42, 7, "verify"))
+def test_round_seed_differs_by_seed_step_and_role(other: tuple[int, int, str]) -> None:
+    assert first_draws(seeded_generator(round_seed(*other))) != first_draws(seeded_generator(round_seed(42, 7, "verify")))
 

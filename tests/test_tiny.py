@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import redis
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-
 from procs import RedisServer, free_port, start_process, stop_process, wait_for_port
 from tiny import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, TinyPair, build_model, build_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 

