@@ -50,7 +50,12 @@ async def abort_bad_request(context: grpc.aio.ServicerContext, err: BadRequest) 
 def load_configured_host(config: ModelServiceConfig) -> ModelHost:
     path = resolve(config.model, config.home)
     return load_host(
-        path, dtype=config.dtype, device=config.device, max_sessions=config.max_sessions, threads=config.threads
+        path,
+        dtype=config.dtype,
+        device=config.device,
+        max_sessions=config.max_sessions,
+        threads=config.threads,
+        onednn=config.onednn,
     )
 
 

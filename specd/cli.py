@@ -151,7 +151,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, ensure_ascii=False))
     else:
-        print()
+        print(flush=True)
         print(format_stats(stats), file=sys.stderr)
     return 0
 
@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     from specd.models_cli import add_models_commands
 
     add_models_commands(sub)
+    __import__("specd.bench_cli", fromlist=["add_bench_command"]).add_bench_command(sub)
 
     p = sub.add_parser("up", help="start redis, verifier, drafter and orchestrator on this machine")
     _add_stack_options(p)
