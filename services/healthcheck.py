@@ -8,13 +8,17 @@ SERVICE defaults to "", the server as a whole.
 
 Why this exists: docker-compose has no native gRPC health check, and shipping the
 `grpc_health_probe` binary would mean downloading one at build time. The image already has
-grpcio, so this costs nothing. Kubernetes has native `grpc:` probes and does not use it.
+grpcio, so this costs nothing. Kubernetes probes are native `grpc:` probes; there it only
+serves the orchestrator's initContainer, which waits for the verifier.
 
 Examples (exit status in brackets):
 
-    python -m services.healthcheck 127.0.0.1:50051            127.0.0.1:50051 (overall): SERVING  [0]
-    python -m services.healthcheck 127.0.0.1:50051 specd.X    ... (specd.X): NOT_FOUND: unknown service  [1]
-    python -m services.healthcheck 127.0.0.1:1                127.0.0.1:1 (overall): UNAVAILABLE: ...  [1]
+    $ python -m services.healthcheck 127.0.0.1:50051            [0]
+    127.0.0.1:50051 (overall): SERVING
+    $ python -m services.healthcheck 127.0.0.1:50051 specd.X    [1]
+    127.0.0.1:50051 (specd.X): NOT_FOUND
+    $ python -m services.healthcheck 127.0.0.1:1                [1]
+    127.0.0.1:1 (overall): UNAVAILABLE: failed to connect to all addresses; ...
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-TIMEOUT_SECONDS = 2.0  # well under a compose healthcheck's timeout, so a hung server reads as unhealthy, not as a hung check
+# Under a compose healthcheck's own timeout, so a hung server reads as unhealthy, not as a hung check.
+TIMEOUT_SECONDS = 2.0
 
 
 def check(address: str, service: str = "", timeout: float = TIMEOUT_SECONDS) -> tuple[bool, str]:
@@ -40,7 +45,8 @@ def check(address: str, service: str = "", timeout: float = TIMEOUT_SECONDS) -> 
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
         except grpc.RpcError as err:
-            return False, f"{label}: {err.code().name}: {err.details()}"
+            details = f": {err.details()}" if err.details() else ""
+            return False, f"{label}: {err.code().name}{details}"
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     return reply.status == health_pb2.HealthCheckResponse.SERVING, f"{label}: {status}"
 
@@ -53,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("address", metavar="ADDRESS", help="host:port of the gRPC server")
     parser.add_argument("service", metavar="SERVICE", nargs="?", default="", help='service name (default "": overall)')
     parser.add_argument(
-        "--timeout", type=float, default=TIMEOUT_SECONDS, help=f"seconds to wait for the answer (default {TIMEOUT_SECONDS:g})"
+        "--timeout",
+        type=float,
+        default=TIMEOUT_SECONDS,
+        help=f"seconds to wait for an answer (default {TIMEOUT_SECONDS:g})",
     )
     args = parser.parse_args(argv)
     serving, line = check(args.address, args.service, args.timeout)

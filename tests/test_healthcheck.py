@@ -78,7 +78,7 @@ def test_unknown_service_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
         assert await run_main([address, "no.Such"]) == 1
 
     with_health_server({"": SERVING}, body)
-    assert "NOT_FOUND" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip().endswith("(no.Such): NOT_FOUND")
 
 
 def test_dead_port_exits_1_at_once(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,524 @@
+"""Checks of the deployment files that need neither Docker nor a cluster.
+
+They keep docker-compose.yml, deploy/k8s and deploy/Dockerfile in step with the code:
+the environment variable names are the ones the services read, each service's
+configuration builds from the environment its container gets, ports line up from
+SPECD_LISTEN to container port to Service to probe, and every command names a module or
+a `specd` subcommand that exists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from services.config import ModelServiceConfig, OrchestratorConfig
+from services.models import catalog
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10, which pyproject still allows
+    tomllib = pytest.importorskip("tomli")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = REPO_ROOT / "docker-compose.yml"
+DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
+K8S = REPO_ROOT / "deploy" / "k8s"
+K8S_BASE = K8S / "base"
+GPU_OVERLAY = K8S / "overlays" / "gpu"
+
+# Variables the deployment files may set that are not specd's: Python's and pip's own.
+FOREIGN_ENV = {"PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK"}
+SERVICE_MODULES = {"verifier_svc", "drafter_svc", "orchestrator"}
+LOOPBACK = ("127.", "localhost", "[::1]")
+
+
+# -- reading the files ----------------------------------------------------------------------
+
+
+def pyproject() -> dict[str, Any]:
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+
+
+def load_docs(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc is not None]
+
+
+def yaml_files() -> list[Path]:
+    return [COMPOSE, *sorted(K8S.rglob("*.yaml"))]
+
+
+def compose() -> dict[str, Any]:
+    return load_docs(COMPOSE)[0]
+
+
+def base_objects() -> list[dict[str, Any]]:
+    """Every object of the kustomize base, from the files its kustomization lists."""
+    listed = load_docs(K8S_BASE / "kustomization.yaml")[0]["resources"]
+    return [doc for name in listed for doc in load_docs(K8S_BASE / name)]
+
+
+def of_kind(objects: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def pod_containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = deployment["spec"]["template"]["spec"]
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def is_specd_image(image: str) -> bool:
+    return image.rsplit("/", 1)[-1].split(":")[0] == "specd"
+
+
+def argv_of(container: dict[str, Any]) -> list[str]:
+    return [*container.get("command", []), *container.get("args", [])]
+
+
+def python_modules(argv: list[str]) -> list[str]:
+    """Modules run with `python -m`, in an argv or inside a `sh -c` script."""
+    return re.findall(r"python3? -m ([\w.]+)", " ".join(argv))
+
+
+def service_module(argv: list[str]) -> str | None:
+    found = [m for m in python_modules(argv) if m in SERVICE_MODULES]
+    return found[0] if found else None
+
+
+def config_env_names() -> set[str]:
+    """The environment variables the services read.
+
+    The quoted names in services/config.py, plus names read straight from os.environ in
+    the packages (SPECD_LOG_LEVEL is read in each service's main, before the config).
+    """
+    names = set(re.findall(r'"((?:SPECD|REDIS)_[A-Z0-9_]+)"', (REPO_ROOT / "services" / "config.py").read_text()))
+    for package in ("services", "drafter_svc", "verifier_svc", "orchestrator", "specd"):
+        for path in (REPO_ROOT / package).rglob("*.py"):
+            names |= set(re.findall(r'environ(?:\.get\(|\[)\s*"([A-Z][A-Z0-9_]*)"', path.read_text()))
+    return names
+
+
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+
+
+def compose_env(service: dict[str, Any]) -> dict[str, str]:
+    """A compose service's environment, with ${VAR:-default} replaced by its default."""
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: _INTERPOLATION.sub(lambda m: m.group(2) or "", str(v)) for k, v in env.items()}
+
+
+def cpu_count(quantity: str) -> int:
+    return math.ceil(int(quantity[:-1]) / 1000) if quantity.endswith("m") else math.ceil(float(quantity))
+
+
+def k8s_env(container: dict[str, Any], configmaps: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The environment a container gets: envFrom ConfigMaps, then env entries on top."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(configmaps[source["configMapRef"]["name"]]["data"])
+    for entry in container.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = str(entry["value"])
+            continue
+        ref = entry["valueFrom"]
+        if "resourceFieldRef" in ref:
+            assert ref["resourceFieldRef"]["resource"] == "requests.cpu", entry
+            env[entry["name"]] = str(cpu_count(str(container["resources"]["requests"]["cpu"])))
+        elif "configMapKeyRef" in ref:
+            key = ref["configMapKeyRef"]
+            env[entry["name"]] = configmaps[key["name"]]["data"][key["key"]]
+        else:
+            raise AssertionError(f"{container['name']}: no test value for {entry}")
+    return env
+
+
+def host_port(address: str) -> tuple[str, int]:
+    host, port = address.rsplit(":", 1)
+    return host, int(port)
+
+
+def service_config(module: str, env: dict[str, str]) -> ModelServiceConfig | OrchestratorConfig:
+    """The config the service's main would build from `env` (raises ConfigError if it cannot)."""
+    if module == "orchestrator":
+        return OrchestratorConfig.from_env(env, "127.0.0.1:50050")
+    return ModelServiceConfig.from_env(env, "127.0.0.1:50051")
+
+
+def seconds(duration: str) -> float:
+    """A compose duration ("40s", "1m30s") in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"not a duration: {duration!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def dockerfile_instructions() -> Iterator[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n(\s*#.*\n)*", " ", DOCKERFILE.read_text())
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            yield word.upper(), rest.strip()
+
+
+# -- every file parses ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", yaml_files(), ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_yaml_parses(path: Path) -> None:
+    docs = load_docs(path)
+    assert docs, f"{path} is empty"
+    for doc in docs:
+        assert isinstance(doc, dict)
+        if path != COMPOSE:
+            assert {"apiVersion", "kind"} <= doc.keys(), doc
+
+
+def test_kustomizations_list_what_exists() -> None:
+    """Every resource and patch a kustomization names exists, and no base manifest is left out."""
+    for path in K8S.rglob("kustomization.yaml"):
+        kustomization = load_docs(path)[0]
+        for name in kustomization.get("resources", []):
+            target = path.parent / name
+            assert target.is_file() or (target / "kustomization.yaml").is_file(), f"{path}: {name}"
+        for patch in kustomization.get("patches", []):
+            assert (path.parent / patch["path"]).is_file(), f"{path}: {patch}"
+    listed = set(load_docs(K8S_BASE / "kustomization.yaml")[0]["resources"])
+    present = {p.name for p in K8S_BASE.glob("*.yaml")} - {"kustomization.yaml"}
+    assert present == listed
+
+
+def test_gpu_patch_merges_into_the_verifier_container() -> None:
+    """A strategic merge patch whose container name matched nothing would add a second container."""
+    patch = load_docs(GPU_OVERLAY / "verifier-gpu.yaml")[0]
+    base = of_kind(base_objects(), "Deployment")[patch["metadata"]["name"]]
+    base_names = {c["name"] for c in base["spec"]["template"]["spec"]["containers"]}
+    (container,) = patch["spec"]["template"]["spec"]["containers"]
+    assert container["name"] in base_names
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env == {"SPECD_DEVICE": "cuda", "SPECD_DTYPE": "bfloat16"}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert service_module(argv_of(base["spec"]["template"]["spec"]["containers"][0])) == "verifier_svc"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+@pytest.mark.parametrize("folder", [K8S, GPU_OVERLAY], ids=["base", "gpu"])
+def test_kustomize_builds(folder: Path) -> None:
+    done = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    deployments = of_kind(list(yaml.safe_load_all(done.stdout)), "Deployment")
+    assert set(deployments) == {"redis", "verifier", "drafter", "orchestrator"}
+    verifier = deployments["verifier"]["spec"]["template"]["spec"]["containers"]
+    assert len(verifier) == 1
+    has_gpu = "nvidia.com/gpu" in verifier[0]["resources"]["limits"]
+    assert has_gpu == (folder == GPU_OVERLAY)
+
+
+# -- environment variable names -------------------------------------------------------------
+
+
+def test_config_names_are_found() -> None:
+    """Guards the parser below: a regex that found nothing would let every name pass."""
+    assert {
+        "SPECD_MODEL", "SPECD_LISTEN", "SPECD_HOME", "SPECD_DTYPE", "SPECD_DEVICE", "SPECD_THREADS",
+        "SPECD_MAX_SESSIONS", "SPECD_Q_TOP", "SPECD_MAX_DRAFT", "SPECD_GRACE_SECONDS", "SPECD_VERIFIER",
+        "SPECD_DRAFTER", "REDIS_URL", "SPECD_TOKENIZER", "SPECD_STRATEGY", "SPECD_K", "SPECD_MAX_NEW_TOKENS",
+        "SPECD_MAX_NEW_TOKENS_LIMIT", "SPECD_SESSION_TTL", "SPECD_RPC_TIMEOUT", "SPECD_LOG_LEVEL",
+    } <= config_env_names()  # fmt: skip
+
+
+def compose_env_names() -> set[str]:
+    names = {name for service in compose()["services"].values() for name in compose_env(service)}
+    return names | {m.group(1) for m in _INTERPOLATION.finditer(COMPOSE.read_text())}
+
+
+def k8s_env_names() -> set[str]:
+    names: set[str] = set()
+    for path in K8S.rglob("*.yaml"):
+        for doc in load_docs(path):
+            if doc.get("kind") == "ConfigMap":
+                names |= set(doc["data"])
+            if doc.get("kind") == "Deployment":
+                for container in pod_containers(doc):
+                    names |= {e["name"] for e in container.get("env", [])}
+                    script = " ".join(argv_of(container))
+                    names |= set(re.findall(r"\$[({]?([A-Z][A-Z0-9_]*)", script))
+    return names
+
+
+def dockerfile_env_names() -> set[str]:
+    return {
+        name for word, rest in dockerfile_instructions() if word == "ENV"
+        for name in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=", rest)
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "where, names",
+    [("docker-compose.yml", compose_env_names), ("deploy/k8s", k8s_env_names), ("Dockerfile", dockerfile_env_names)],
+)
+def test_env_names_are_ones_the_services_read(where: str, names) -> None:
+    used = names()
+    assert used, f"no environment variables found in {where}"
+    unknown = used - config_env_names() - FOREIGN_ENV
+    assert not unknown, f"{where} sets {sorted(unknown)}, which no service reads (see services/config.py)"
+
+
+# -- compose --------------------------------------------------------------------------------
+
+
+def compose_specd_services() -> dict[str, dict[str, Any]]:
+    return {name: s for name, s in compose()["services"].items() if service_module(s.get("command", []))}
+
+
+def test_compose_services_build_their_config_and_listen_where_checked() -> None:
+    services = compose()["services"]
+    specd = compose_specd_services()
+    assert {service_module(s["command"]) for s in specd.values()} == SERVICE_MODULES
+    for name, service in specd.items():
+        module = service_module(service["command"])
+        config = service_config(module, compose_env(service))
+        host, port = host_port(config.listen)
+        assert not host.startswith(LOOPBACK), f"{name} listens on {config.listen}: unreachable from other containers"
+        assert service["healthcheck"]["test"][-1] == f"127.0.0.1:{port}", name
+        assert python_modules(service["healthcheck"]["test"]) == ["services.healthcheck"]
+        if module == "orchestrator":
+            for address, wanted in ((config.verifier, "verifier_svc"), (config.drafter, "drafter_svc")):
+                peer, peer_port = host_port(address)
+                assert service_module(services[peer]["command"]) == wanted, address
+                assert host_port(service_config(wanted, compose_env(services[peer])).listen)[1] == peer_port
+            redis_host, redis_port = host_port(config.redis_url.split("//")[1].split("/")[0])
+            assert services[redis_host]["image"].startswith("redis:") and redis_port == 6379
+            assert services[name]["ports"] == [f"{port}:{port}"]
+
+
+def test_compose_start_order() -> None:
+    services = compose()["services"]
+    for name in ("verifier", "drafter"):
+        assert services[name]["depends_on"] == {"models": {"condition": "service_completed_successfully"}}
+    waits = services["orchestrator"]["depends_on"]
+    assert waits == {n: {"condition": "service_healthy"} for n in ("redis", "verifier", "drafter")}
+    for name in waits:
+        assert "healthcheck" in services[name], f"{name} is waited on as healthy but has no healthcheck"
+
+
+def test_compose_drafter_can_have_replicas() -> None:
+    drafter = compose()["services"]["drafter"]
+    assert "replicas" in drafter["deploy"]
+    assert "container_name" not in drafter and "ports" not in drafter, "replicas would clash on a name or port"
+
+
+def test_compose_prepares_the_models_it_serves() -> None:
+    services = compose()["services"]
+    command = services["models"]["command"]
+    assert command[:3] == ["specd", "models", "prepare"]
+    prepared = set(command[3:])
+    served = {compose_env(services[n])["SPECD_MODEL"] for n in ("verifier", "drafter")}
+    assert served <= prepared <= set(catalog().names)
+    assert compose_env(services["orchestrator"])["SPECD_TOKENIZER"] == compose_env(services["verifier"])["SPECD_MODEL"]
+
+
+def test_compose_stop_grace_exceeds_service_grace() -> None:
+    for name, service in compose_specd_services().items():
+        grace = service_config(service_module(service["command"]), compose_env(service)).grace_seconds
+        assert seconds(service["stop_grace_period"]) > grace, name
+
+
+# -- kubernetes -----------------------------------------------------------------------------
+
+
+def specd_deployments() -> dict[str, tuple[dict[str, Any], dict[str, Any], str]]:
+    """name -> (Deployment, its service container, the module it runs)."""
+    found = {}
+    for name, deployment in of_kind(base_objects(), "Deployment").items():
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            module = service_module(argv_of(container))
+            if module:
+                found[name] = (deployment, container, module)
+    return found
+
+
+def test_every_service_module_has_a_deployment() -> None:
+    assert {module for _, _, module in specd_deployments().values()} == SERVICE_MODULES
+
+
+def test_deployment_selectors_match_their_pods() -> None:
+    for name, deployment in of_kind(base_objects(), "Deployment").items():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items(), name
+
+
+def test_services_route_to_container_ports() -> None:
+    """Each Service selects one Deployment; its ports and that Deployment's ports are the same set."""
+    deployments = of_kind(base_objects(), "Deployment")
+    for name, service in of_kind(base_objects(), "Service").items():
+        selector = service["spec"]["selector"].items()
+        selected = [d for d in deployments.values() if selector <= d["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(selected) == 1, f"service {name} selects {len(selected)} deployments"
+        ports = [p for c in selected[0]["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])]
+        by_name = {p["name"]: p["containerPort"] for p in ports if "name" in p}
+        targets = {by_name.get(p.get("targetPort"), p.get("targetPort", p["port"])) for p in service["spec"]["ports"]}
+        assert targets == {p["containerPort"] for p in ports}, f"service {name}"
+
+
+def test_listen_ports_probes_and_peers_line_up() -> None:
+    objects = base_objects()
+    configmaps = of_kind(objects, "ConfigMap")
+    services = of_kind(objects, "Service")
+    deployments = specd_deployments()
+    module_port = {}
+    for name, (_, container, module) in deployments.items():
+        config = service_config(module, k8s_env(container, configmaps))
+        host, port = host_port(config.listen)
+        assert not host.startswith(LOOPBACK), f"{name} listens on {config.listen}: unreachable for kubelet and peers"
+        assert [p["containerPort"] for p in container["ports"]] == [port], name
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": port, "service": ""}, f"{name} {probe}"
+        module_port[module] = (name, port)
+    orchestrator = next(c for _, c, m in deployments.values() if m == "orchestrator")
+    config = service_config("orchestrator", k8s_env(orchestrator, configmaps))
+    for address, module in ((config.verifier, "verifier_svc"), (config.drafter, "drafter_svc")):
+        host, port = host_port(address)
+        service_ports = {p["port"] for p in services[host]["spec"]["ports"]}
+        assert port in service_ports and module_port[module] == (host, port), address
+    redis_host, redis_port = host_port(config.redis_url.split("//")[1].split("/")[0])
+    assert redis_port in {p["port"] for p in services[redis_host]["spec"]["ports"]}
+
+
+def test_references_resolve() -> None:
+    """ConfigMaps, claims and volumes that pods name exist."""
+    objects = base_objects()
+    configmaps = of_kind(objects, "ConfigMap")
+    claims = of_kind(objects, "PersistentVolumeClaim")
+    for name, deployment in of_kind(objects, "Deployment").items():
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"].get("volumes", [])}
+        for volume in volumes.values():
+            if "persistentVolumeClaim" in volume:
+                assert volume["persistentVolumeClaim"]["claimName"] in claims, name
+        for container in pod_containers(deployment):
+            for source in container.get("envFrom", []):
+                assert source["configMapRef"]["name"] in configmaps, name
+            for mount in container.get("volumeMounts", []):
+                assert mount["name"] in volumes, f"{name}/{container['name']}: {mount['name']}"
+
+
+def test_drafter_autoscales_on_cpu() -> None:
+    objects = base_objects()
+    (hpa,) = of_kind(objects, "HorizontalPodAutoscaler").values()
+    target = of_kind(objects, "Deployment")[hpa["spec"]["scaleTargetRef"]["name"]]
+    (container,) = target["spec"]["template"]["spec"]["containers"]
+    assert service_module(argv_of(container)) == "drafter_svc"
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    assert "cpu" in container["resources"]["requests"], "CPU utilisation is measured against the request"
+
+
+def test_model_services_prepare_their_model_first() -> None:
+    configmaps = of_kind(base_objects(), "ConfigMap")
+    models = {}
+    for name, (deployment, container, module) in specd_deployments().items():
+        if module == "orchestrator":
+            continue
+        model = k8s_env(container, configmaps)["SPECD_MODEL"]
+        prepares = [argv_of(c) for c in deployment["spec"]["template"]["spec"].get("initContainers", [])]
+        assert ["specd", "models", "prepare", model] in prepares, name
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert k8s_env(container, configmaps)["SPECD_HOME"] in mounts, name
+        models[module] = model
+    orchestrator = next(c for _, c, m in specd_deployments().values() if m == "orchestrator")
+    assert k8s_env(orchestrator, configmaps)["SPECD_TOKENIZER"] == models["verifier_svc"]
+
+
+def test_termination_grace_exceeds_service_grace() -> None:
+    configmaps = of_kind(base_objects(), "ConfigMap")
+    for name, (deployment, container, module) in specd_deployments().items():
+        grace = service_config(module, k8s_env(container, configmaps)).grace_seconds
+        pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        pause = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
+        assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > pause + grace, name
+
+
+def test_orchestrator_has_two_replicas() -> None:
+    (deployment, _, _) = next(v for v in specd_deployments().values() if v[2] == "orchestrator")
+    assert deployment["spec"]["replicas"] == 2
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def specd_argvs() -> list[list[str]]:
+    """Every command run in the specd image, by compose or by Kubernetes."""
+    argvs = [s.get("command", []) for s in compose()["services"].values() if is_specd_image(s.get("image", ""))]
+    argvs += [s["healthcheck"]["test"][1:] for s in compose()["services"].values() if "healthcheck" in s]
+    for path in K8S.rglob("*.yaml"):
+        for doc in load_docs(path):
+            if doc.get("kind") == "Deployment":
+                argvs += [argv_of(c) for c in pod_containers(doc) if is_specd_image(c.get("image", "specd"))]
+    return [a for a in argvs if a]
+
+
+def test_python_modules_exist() -> None:
+    modules = {m for argv in specd_argvs() for m in python_modules(argv)}
+    assert SERVICE_MODULES | {"services.healthcheck"} <= modules
+    for module in modules:
+        spec = importlib.util.find_spec(module)
+        assert spec is not None, f"python -m {module}: no such module"
+        if spec.submodule_search_locations is not None:  # a package runs its __main__
+            assert importlib.util.find_spec(f"{module}.__main__") is not None, module
+
+
+def test_specd_commands_parse() -> None:
+    from specd.cli import build_parser
+
+    assert "specd" in pyproject()["project"]["scripts"]
+    commands = [argv for argv in specd_argvs() if argv[0] == "specd"]
+    assert commands
+    for argv in commands:
+        args = build_parser().parse_args(argv[1:])  # exits (fails the test) on an unknown subcommand
+        if argv[1:3] == ["models", "prepare"]:
+            assert args.names and set(args.names) <= set(catalog().names), argv
+
+
+# -- Dockerfile -----------------------------------------------------------------------------
+
+
+def test_dockerfile() -> None:
+    steps = list(dockerfile_instructions())
+    froms = [rest for word, rest in steps if word == "FROM"]
+    assert froms[0].split()[0] == "python:3.11-slim"
+    stages = {rest.split()[-1] for rest in froms if " AS " in rest.upper()}
+    assert "models" in stages
+    runs = [rest for word, rest in steps if word == "RUN"]
+    torch_pin = next(d for d in pyproject()["project"]["dependencies"] if d.startswith("torch=="))
+    torch_step = next(i for i, r in enumerate(runs) if "--index-url" in r and torch_pin in r)
+    project_step = next(i for i, r in enumerate(runs) if re.search(r"pip install .*(-r |\s\.(\s|$))", r))
+    assert torch_step < project_step, "torch must come from its own index before the project pulls PyPI's build"
+    assert any("specd models prepare" in r for r in runs)
+    user = [rest for word, rest in steps if word == "USER"][-1]
+    assert user.split(":")[0] not in ("root", "0")
+    assert "SPECD_HOME=/models" in " ".join(rest for word, rest in steps if word == "ENV")
+    assert "--help" in [rest for word, rest in steps if word == "CMD"][-1]
+
+
+def test_dockerfile_copies_every_package() -> None:
+    """A package added to pyproject but not copied would be missing from the image."""
+    copied = set()
+    for word, rest in dockerfile_instructions():
+        if word == "COPY":
+            *sources, _ = rest.split()
+            for source in sources:
+                assert (REPO_ROOT / source).exists(), f"COPY {source}: not in the repository"
+                copied.add(source.rstrip("/"))
+    include = pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert {p.rstrip("*") for p in include} <= copied
