@@ -8,8 +8,7 @@ import time
 import grpc
 
 from drafter_svc.draft import propose
-from services.config import ModelServiceConfig
-from services.hosting import HostRunner, abort_bad_request, run_model_service
+from services.hosting import ModelServicer, abort_bad_request, run_model_service
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
 from services.sampling import seeded_generator
@@ -18,11 +17,7 @@ from services.wire import BadRequest, delta_from_pb, dists_to_pb, sampling_from_
 DEFAULT_LISTEN = "127.0.0.1:50052"
 
 
-class DrafterServicer(pb_grpc.DrafterServicer):
-    def __init__(self, runner: HostRunner, config: ModelServiceConfig) -> None:
-        self.runner = runner
-        self.config = config
-
+class DrafterServicer(ModelServicer, pb_grpc.DrafterServicer):
     async def Propose(self, request: pb.ProposeRequest, context: grpc.aio.ServicerContext) -> pb.ProposeResponse:
         host = self.runner.host
         try:
@@ -44,12 +39,6 @@ class DrafterServicer(pb_grpc.DrafterServicer):
         if proposal is None:
             return pb.ProposeResponse(context_miss=True, compute_seconds=elapsed)
         return pb.ProposeResponse(tokens=proposal.tokens, q=dists_to_pb(proposal.q), compute_seconds=elapsed)
-
-    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return await self.runner.info()
-
-    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
-        return await self.runner.release(request.session_id)
 
 
 def main() -> int:

@@ -43,6 +43,20 @@ class HostRunner:
         return pb.ReleaseResponse(released=await self.run(self.host.release, session_id))
 
 
+class ModelServicer:
+    """What the Drafter and Verifier servicers share: their state, Info and Release."""
+
+    def __init__(self, runner: HostRunner, config: ModelServiceConfig) -> None:
+        self.runner = runner
+        self.config = config
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return await self.runner.info()
+
+    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
+        return await self.runner.release(request.session_id)
+
+
 async def abort_bad_request(context: grpc.aio.ServicerContext, err: BadRequest) -> None:
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 

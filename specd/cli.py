@@ -55,18 +55,27 @@ def _prepare_if_needed(spec) -> None:
             prepare(name, spec.home)
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    from specd.stack import StackError, down, up
+def _start(spec, command: str) -> str | None:
+    """Prepares the models and starts the stack; returns the orchestrator's address."""
+    from specd.stack import StackError, up
 
-    spec = _spec(args)
     try:
         _prepare_if_needed(spec)
         procs = up(spec)
     except StackError as err:
-        print(f"specd up: {err}", file=sys.stderr)
+        print(f"specd {command}: {err}", file=sys.stderr)
+        return None
+    return next(p for p in procs if p.name == "orchestrator").address
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from specd.stack import down
+
+    spec = _spec(args)
+    address = _start(spec, "up")
+    if address is None:
         return 1
-    orchestrator = next(p for p in procs if p.name == "orchestrator")
-    print(f"\nspecd is up. Try:  specd generate --address {orchestrator.address} \"{DEMO_PROMPT}\"")
+    print(f"\nspecd is up. Try:  specd generate --address {address} \"{DEMO_PROMPT}\"")
     if args.detach:
         print("Stop it with:  specd down")
         return 0
@@ -162,16 +171,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Prepares the default models, starts the stack, answers one prompt with each of
     ar and sd, and stops the stack."""
-    from specd.stack import StackError, down, up
+    from specd.stack import down
 
     spec = _spec(args)
-    try:
-        _prepare_if_needed(spec)
-        procs = up(spec)
-    except StackError as err:
-        print(f"specd demo: {err}", file=sys.stderr)
+    address = _start(spec, "demo")
+    if address is None:
         return 1
-    address = next(p for p in procs if p.name == "orchestrator").address
     try:
         for strategy in ("ar", "sd") if spec.drafter else ("ar",):
             print(f"\n=== {strategy}: {args.prompt}\n")

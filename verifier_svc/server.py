@@ -7,8 +7,7 @@ import time
 
 import grpc
 
-from services.config import ModelServiceConfig
-from services.hosting import HostRunner, abort_bad_request, run_model_service
+from services.hosting import ModelServicer, abort_bad_request, run_model_service
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
 from services.sampling import seeded_generator
@@ -18,11 +17,7 @@ from verifier_svc.verify import verify
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
 
-class VerifierServicer(pb_grpc.VerifierServicer):
-    def __init__(self, runner: HostRunner, config: ModelServiceConfig) -> None:
-        self.runner = runner
-        self.config = config
-
+class VerifierServicer(ModelServicer, pb_grpc.VerifierServicer):
     async def Verify(self, request: pb.VerifyRequest, context: grpc.aio.ServicerContext) -> pb.VerifyResponse:
         host = self.runner.host
         vocab = host.info.vocab_size
@@ -47,12 +42,6 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         if verdict is None:
             return pb.VerifyResponse(context_miss=True, compute_seconds=elapsed)
         return pb.VerifyResponse(accepted=verdict.accepted, tokens=verdict.tokens, compute_seconds=elapsed)
-
-    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return await self.runner.info()
-
-    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
-        return await self.runner.release(request.session_id)
 
 
 def main() -> int:

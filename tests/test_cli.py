@@ -1,0 +1,36 @@
+"""The command line: options become the right GenerateRequest; help covers every command."""
+
+from __future__ import annotations
+
+import pytest
+
+from specd.cli import build_parser, build_request
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(list(argv))
+
+
+def test_a_prompt_is_sent_as_a_chat_message_with_only_the_options_given():
+    request = build_request(parse("generate", "hello", "--max-new-tokens", "7", "--seed", "3", "-k", "5"))
+    assert request.WhichOneof("input") == "chat"
+    assert [(m.role, m.content) for m in request.chat.messages] == [("user", "hello")]
+    assert request.max_new_tokens == 7 and request.seed == 3 and request.options.k == 5
+    # Unset options stay unset, so the server's (or the session's) values apply.
+    assert not request.HasField("temperature") and not request.HasField("top_p")
+
+
+def test_raw_prompt_system_message_stops_and_sampling():
+    raw = build_request(parse("generate", "def f(", "--raw", "--temperature", "0.7", "--top-p", "0.9", "--stop", "\n\n"))
+    assert raw.prompt == "def f(" and raw.temperature == pytest.approx(0.7) and list(raw.stop) == ["\n\n"]
+    chat = build_request(parse("generate", "hi", "--system", "be brief", "--session", "abc", "--strategy", "ar"))
+    assert [m.role for m in chat.chat.messages] == ["system", "user"]
+    assert chat.session_id == "abc" and chat.strategy == "ar"
+
+
+@pytest.mark.parametrize("command", ["up", "down", "generate", "demo", "models"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse(command, "--help")
+    assert exit_.value.code == 0
+    assert "usage: specd " + command in capsys.readouterr().out
