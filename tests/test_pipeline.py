@@ -157,3 +157,15 @@ def test_a_model_service_down_is_unavailable_and_named(stack):
         stack.start("drafter")
         stack.wait("drafter")
     assert generate(address, "hello", strategy="sd", max_new_tokens=4).stats.new_tokens == 4
+
+
+def test_stop_strings_cut_the_text_and_end_the_turn(stack):
+    address = stack.address("orchestrator")
+    full = generate(address, PROMPTS[0], strategy="ar", max_new_tokens=40)
+    stop = full.text[12:15]
+    cut = full.text.find(stop)
+    assert cut > 0, "the reference text is too short for this test"
+    result = generate(address, PROMPTS[0], strategy="sd", max_new_tokens=40, stop=[stop, "never-appears"])
+    assert result.text == full.text[:cut]
+    assert result.stats.finish_reason == "stop_string"
+    assert len(result.token_ids) < len(full.token_ids)

@@ -1,0 +1,52 @@
+"""`specd up --detach`, `specd generate`, `specd down` as a person runs them: real processes,
+a redis-server that `specd up` starts itself, tiny models given as folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from procs import free_port
+
+from specd.stack import read_state
+
+
+def specd(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "specd.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_up_generate_down(tiny_pair, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"} | {"SPECD_THREADS": "1"}
+    home = str(tmp_path / "home")
+    port, redis_port = free_port(), free_port()
+    while port + 2 >= redis_port >= port:
+        redis_port = free_port()
+    up = specd(
+        "up", "--detach", "--home", home, "--target", str(tiny_pair.target_dir), "--drafter", str(tiny_pair.drafter_dir),
+        "--port", str(port), "--redis-port", str(redis_port), "--dtype", "float64", env=env,
+    )  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"127.0.0.1:{port}" in up.stdout and "healthy" in up.stdout
+        assert {p.name for p in read_state(tmp_path / "home")} == {"redis", "verifier", "drafter", "orchestrator"}
+
+        out = specd("generate", "def f(", "--raw", "--max-new-tokens", "12", "--address", f"127.0.0.1:{port}", "--json", env=env)
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert len(result["token_ids"]) == result["stats"]["new_tokens"] > 0
+        assert result["stats"]["strategy"] == "sd"
+
+        shown = specd("generate", "def f(", "--raw", "--max-new-tokens", "12", "--address", f"127.0.0.1:{port}", env=env)
+        assert shown.stdout == result["text"] + "\n"  # streamed text, statistics on stderr
+        assert "tok/s" in shown.stderr and "τ" in shown.stderr
+    finally:
+        down = specd("down", "--home", home, env=env)
+    assert down.returncode == 0 and "stopped orchestrator" in down.stdout
+    assert read_state(tmp_path / "home") == []
+
+    gone = specd("generate", "hi", "--address", f"127.0.0.1:{port}", "--timeout", "5", env=env)
+    assert gone.returncode == 1 and "UNAVAILABLE" in gone.stderr and "specd up" in gone.stderr
