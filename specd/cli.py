@@ -234,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     from specd.models_cli import add_models_commands
 
     add_models_commands(sub)
-    __import__("specd.bench_cli", fromlist=["add_bench_command"]).add_bench_command(sub)
+    from specd.bench_cli import add_bench_command
+
+    add_bench_command(sub)
 
     p = sub.add_parser("up", help="start redis, verifier, drafter and orchestrator on this machine")
     _add_stack_options(p)

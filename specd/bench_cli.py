@@ -1,0 +1,307 @@
+"""`specd bench`: the command line of the benchmark (the work is in specd/bench/).
+
+    specd bench                          # default models, humaneval + mt-bench + gsm8k, 10 each, 128 tokens
+    specd bench --quick                  # 1 prompt per category, 32 tokens: a smoke run of every path
+    specd bench --address HOST:PORT      # measure a running stack instead of starting one
+    specd bench --prompts mine.jsonl     # {"prompt": ..., "category": ...} per line
+
+Writes results.json, results.md and three PNG plots into --out, and prints the tables.
+Exit status: 0; 1 when a greedy output parted from ar's where it is not a near-tie (a
+lossless bug); 2 on a usage or setup error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from specd.cli import DEFAULT_DRAFTER, DEFAULT_TARGET
+from specd.stack import StackSpec
+
+log = logging.getLogger("specd.bench")
+
+QUICK = {"limit": 1, "max_new_tokens": 32, "in_process_limit": 1}
+FULL = {"limit": 10, "max_new_tokens": 128, "in_process_limit": 3}
+
+
+def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark every strategy against ar and transformers on packaged prompt sets",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = p.add_argument_group("where to run")
+    where.add_argument(
+        "--address", help="orchestrator host:port of a running stack (default: start one, stop it after)"
+    )
+    where.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        help=f"target: catalog name or folder (default {DEFAULT_TARGET}); with --address, the one that stack serves",
+    )
+    where.add_argument(
+        "--drafter",
+        default=DEFAULT_DRAFTER,
+        help=f"drafter: catalog name, folder or 'none' (default {DEFAULT_DRAFTER})",
+    )
+    where.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "float64"],
+        help="weights dtype, services and in-process (default float32)",
+    )
+    where.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL", ""),
+        help="Redis of a started stack (default $REDIS_URL, else a redis-server is started)",
+    )
+    where.add_argument("--home", help="models and packaged data (default $SPECD_HOME or ~/.cache/specd)")
+    where.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads of the in-process runs and peers (default: $SPECD_THREADS, as the services)",
+    )
+
+    what = p.add_argument_group("what to run")
+    what.add_argument("--strategies", help="comma-separated (default: every registered strategy); ar is always run")
+    what.add_argument(
+        "--categories",
+        help="comma-separated: humaneval, mt-bench, gsm8k, gpqa (default the first three), or those of --prompts",
+    )
+    what.add_argument(
+        "--prompts", type=Path, help='JSONL of your own prompts: {"prompt": ..., "category": ...} per line'
+    )
+    what.add_argument(
+        "--limit", type=int, help=f"prompts per category (default {FULL['limit']}; --quick {QUICK['limit']})"
+    )
+    what.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"tokens per answer (default {FULL['max_new_tokens']}; --quick {QUICK['max_new_tokens']})",
+    )
+    what.add_argument("-k", "--k", type=int, default=4, help="draft length (default 4)")
+    what.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 = greedy, checked token for token against ar (default); > 0 samples",
+    )
+    what.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens (0 = off)")
+    what.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass (1 = off)")
+    what.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i in every system (default 0)")
+    what.add_argument(
+        "--in-process-limit",
+        type=int,
+        help=f"prompts per category also run in-process (the distributed overhead) and by transformers' generate and assisted generation (default {FULL['in_process_limit']}; 0 = none)",
+    )
+    what.add_argument("--no-peers", action="store_true", help="skip transformers' generate and assisted generation")
+    what.add_argument(
+        "--quick", action="store_true", help="a small subset that finishes in minutes (explicit options still win)"
+    )
+    what.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds per answer through the services (default 1800)"
+    )
+
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results"),
+        help="folder for results.json, results.md and plots (default results/)",
+    )
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    limit: int
+    max_new_tokens: int
+    in_process_limit: int
+
+
+def sizes(args: argparse.Namespace) -> Sizes:
+    """--quick or full defaults, each overridden by an explicit option."""
+    base = QUICK if args.quick else FULL
+    pick = {name: base[name] if getattr(args, name) is None else getattr(args, name) for name in base}
+    return Sizes(**pick)
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct loopback ports that were free a moment ago.
+
+    All n sockets stay bound until every port is chosen: closing each before asking for
+    the next lets the OS hand out the same port twice.
+    """
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _model_dir(name: str, home: Path) -> Path:
+    """A catalog name (prepared on first use) or a model folder."""
+    from services.models import catalog, prepare, resolve
+
+    return prepare(name, home) if name in catalog() else resolve(name, home)
+
+
+def _problems(args: argparse.Namespace, s: Sizes, strategies: list[str], known: tuple[str, ...]) -> list[str]:
+    found = [f"unknown strategy {x!r}; registered: {', '.join(known)}" for x in strategies if x not in known]
+    if s.limit < 1 or s.max_new_tokens < 1 or s.in_process_limit < 0:
+        found.append("--limit and --max-new-tokens must be >= 1, --in-process-limit >= 0")
+    if args.k < 1:
+        found.append("-k must be >= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        found.append("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
+    return found
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The in-process Engine logs every turn; the progress bar already says where the bench is.
+    logging.getLogger("orchestrator").setLevel(logging.WARNING)
+    from services.config import default_home
+    from services.models import ModelNotFound, ModelPrepareError
+    from specd.bench.prompts import PromptError, load_prompts
+    from specd.bench.runner import BenchConfig, BenchError, registered_strategies
+
+    home = Path(args.home or os.environ.get("SPECD_HOME") or default_home())
+    s = sizes(args)
+    known = registered_strategies()
+    wanted = _split(args.strategies) or list(known)
+    problems = _problems(args, s, wanted, known)
+    if problems:
+        print("specd bench: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    config = BenchConfig(
+        strategies=tuple(dict.fromkeys(["ar", *wanted])), max_new_tokens=s.max_new_tokens, k=args.k,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        in_process_limit=s.in_process_limit, peers=not args.no_peers, timeout_seconds=args.timeout,
+    )  # fmt: skip
+    try:
+        prompts = load_prompts(home=home, categories=_split(args.categories), limit=s.limit, prompt_file=args.prompts)
+        target_dir = _model_dir(args.target, home)
+        drafter_dir = None if args.drafter == "none" else _model_dir(args.drafter, home)
+        return _bench(args, config, prompts, home, target_dir, drafter_dir)
+    except (PromptError, ModelNotFound, ModelPrepareError, BenchError) as err:
+        print(f"specd bench: {err}", file=sys.stderr)
+        return 2
+
+
+def _start_stack(
+    args: argparse.Namespace, home: Path, target_dir: Path, drafter_dir: Path | None, k: int
+) -> tuple[StackSpec, str]:
+    """A private stack for this run: free ports, and its own run folder under home/bench so a
+    `specd up` stack (which owns home/run) neither blocks it nor is stopped by it."""
+    from specd.stack import up
+
+    orchestrator_port, verifier_port, drafter_port, redis_port = _free_ports(4)
+    spec = StackSpec(
+        home=home / "bench", target=str(target_dir), drafter=str(drafter_dir or ""),
+        orchestrator_port=orchestrator_port, verifier_port=verifier_port, drafter_port=drafter_port,
+        redis_port=redis_port, redis_url=args.redis_url, dtype=args.dtype, default_k=k,
+    )  # fmt: skip
+    procs = up(spec, say=lambda line: log.info("stack: %s", line))
+    return spec, next(p.address for p in procs if p.name == "orchestrator")
+
+
+def _header(config, models, machine, prompts: int) -> list[str]:
+    mode = "greedy" if config.greedy else f"sampling (temperature {config.temperature}, seed {config.seed})"
+    return [
+        "## specd bench",
+        "",
+        f"`{' '.join(['specd', *sys.argv[1:]])}`",
+        "",
+        f"{mode}, k = {config.k}, up to {config.max_new_tokens} new tokens, {prompts} prompts; "
+        f"target {models.target}, drafter {models.drafter}, {models.dtype}"
+        f"{' (oneDNN linears)' if models.onednn else ''}; "
+        f"{machine.cpu}, {machine.logical_cpus} CPUs, {machine.memory_gib} GiB, torch {machine.torch} "
+        f"({machine.torch_threads} threads), transformers {machine.transformers}; "
+        f"load average at start {machine.load_average[0]}",
+    ]
+
+
+def _bench(args, config, prompts, home: Path, target_dir: Path, drafter_dir: Path | None) -> int:
+    from services.config import ModelServiceConfig
+    from specd.bench import metrics, report
+    from specd.bench.runner import InProcessRunner, PeerRunner, ServicesClient, build_tasks, load_local, run_bench
+    from specd.stack import StackError, down
+
+    machine = report.describe_machine()  # before the bench adds its own load
+    spec, address = None, args.address
+    if address is None:
+        try:
+            spec, address = _start_stack(args, home, target_dir, drafter_dir, config.k)
+        except StackError as err:
+            print(f"specd bench: could not start the stack: {err}", file=sys.stderr)
+            return 2
+    # What a model service would read from this environment: the in-process path uses the same.
+    service = ModelServiceConfig.from_env({**os.environ, "SPECD_MODEL": str(target_dir)}, "")
+    models = report.Models(
+        target=args.target, target_dir=str(target_dir), drafter=args.drafter, drafter_dir=str(drafter_dir or ""),
+        dtype=args.dtype, onednn=service.onednn, services=address,
+        stack="started by the bench" if spec else "given with --address",
+    )  # fmt: skip
+
+    def document(run) -> dict:
+        return report.results_document(
+            command=["specd", *sys.argv[1:]], config=config, machine=machine, models=models, prompts=prompts,
+            records=run.records, checks=run.checks, summaries=metrics.summarize_all(run.records, run.checks),
+            overheads=metrics.overheads(run.records), errors=run.errors, skipped=run.skipped,
+        )  # fmt: skip
+
+    out = args.out
+    client = ServicesClient(address, config)
+    try:
+        local = None
+        if config.in_process_limit > 0 or config.peers:
+            log.info("loading %s%s in the bench process", target_dir, f" and {drafter_dir}" if drafter_dir else "")
+            local = load_local(
+                target_dir, drafter_dir, dtype=args.dtype, threads=args.threads or service.threads,
+                onednn=service.onednn,
+            )  # fmt: skip
+        tasks = build_tasks(
+            config,
+            client,
+            InProcessRunner(local, config, service.q_top)
+            if local is not None and config.in_process_limit > 0
+            else None,
+            PeerRunner(local, config) if local is not None and config.peers else None,
+        )
+        # Written after every prompt: a long run that is stopped keeps what it measured.
+        run = run_bench(
+            prompts, config, tasks, local,
+            on_prompt=lambda r: report.write_json(document(r), out / "results.json"),
+            progress=not args.no_progress,
+        )  # fmt: skip
+    finally:
+        client.close()
+        if spec is not None:
+            down(spec.home, say=lambda line: log.info("stack: %s", line))
+    summaries = metrics.summarize_all(run.records, run.checks)
+    report.write_json(document(run), out / "results.json")
+    plots = report.write_plots(summaries, out)
+    text = report.render_markdown(
+        summaries, metrics.overheads(run.records), run.checks, header=_header(config, models, machine, len(prompts)),
+        greedy=config.greedy, skipped=run.skipped, errors=run.errors,
+    )  # fmt: skip
+    (out / "results.md").write_text(text + "\n", encoding="utf-8")
+    print(text)
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(p) for p in plots), file=sys.stderr)
+    return 1 if any(c.status == "diverged" for c in run.checks) else 0
