@@ -1,14 +1,19 @@
-"""Drafting: propose k tokens, and when sampling the exact q each was drawn from."""
+"""Drafting: propose k tokens, and when sampling the exact q each was drawn from; review a
+smaller level's draft (a middle level of a cascade); grow a draft tree (staged)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from services.acceptance import Verdict, verify_greedy, verify_sampled
 from services.context import ContextDelta, resolve_delta
+from services.ngram import NgramIndex
 from services.runtime import ModelHost
 from services.sampling import SamplingParams, SparseDist, target_probs, truncated
+from services.tree import ROOT, Tree, TreeShape
 
 
 @dataclass(frozen=True)
@@ -46,9 +51,235 @@ def propose(
         if params.greedy:
             token = int(torch.argmax(logits))
         else:
-            q = truncated(target_probs(logits, params), q_top)
+            q = own_distribution(logits, params, q_top)
             token = q.sample(generator)
             qs.append(q)
         tokens.append(token)
         seq.append(token)
     return Proposal(tuple(tokens), tuple(qs))
+
+
+@dataclass(frozen=True)
+class Review:
+    verdict: Verdict  # n accepted draft tokens, then one recovered or bonus token
+    q: tuple[SparseDist, ...]  # one per verdict token when sampling; empty when greedy (point masses)
+
+
+def own_distribution(logits: torch.Tensor, params: SamplingParams, q_top: int) -> SparseDist:
+    """The distribution a drafter draws from and sends as q: its warped distribution (V,)
+    truncated to the q_top most likely entries and renormalised. `propose` and `review` both
+    use it, so every token a drafter hands upward is distributed exactly as the q it sends."""
+    return truncated(target_probs(logits, params), q_top)
+
+
+def review(
+    host: ModelHost,
+    delta: ContextDelta,
+    draft: Sequence[int],
+    q: Sequence[SparseDist | None],
+    params: SamplingParams,
+    q_top: int,
+    generator: torch.Generator,
+) -> Review | None:
+    """A middle level of a cascade reviews a smaller level's draft; None when the delta misses.
+
+    One pass over context + draft gives this drafter's own distributions m_1..m_{k+1}
+    (`own_distribution`). Sampling: speculative sampling (services/acceptance.verify_sampled)
+    with m in place of the target's p, so the returned tokens are distributed exactly as if
+    this drafter had sampled them one by one from m, and m_1..m_{n+1} are returned as their q.
+    Greedy: each m_i is a point mass at this drafter's argmax, and the rule is exact match.
+
+    Like the verifier, the service then holds the context extended by the returned tokens.
+    """
+    context = resolve_delta(host.held_context(delta.session_id), delta)
+    if context is None:
+        return None
+    if not context:
+        raise ValueError("the context is empty: a review needs at least one token to follow")
+    logits = host.logits(delta.session_id, [*context, *draft], len(draft) + 1)  # (k+1, V)
+    if params.greedy:
+        verdict = verify_greedy(list(draft), logits.argmax(dim=-1).tolist())
+        own: tuple[SparseDist, ...] = ()
+    else:
+        m = [own_distribution(row, params, q_top) for row in logits]
+        vocab = logits.shape[-1]
+        verdict = verify_sampled(list(draft), list(q), torch.stack([m_i.dense(vocab) for m_i in m]), generator)
+        own = tuple(m[: verdict.accepted + 1])
+    host.session(delta.session_id).context = [*context, *verdict.tokens]
+    return Review(verdict, own)
+
+
+@dataclass(frozen=True)
+class TreeProposal:
+    tree: Tree
+    # When sampling, N+1 entries: what the root's (entry 0) and node i's (entry 1 + i) children
+    # were drawn from, without replacement, in sibling order; None for a leaf. Empty when greedy.
+    q: tuple[SparseDist | None, ...]
+    forwards: int  # passes of the drafter model
+
+
+class _Passes:
+    """The nodes a drafter has fed to its model while growing one tree, and their logits.
+
+    The computed tree is a superset of the proposed one: it holds the proposal's expanded
+    nodes, and also the second stage's guesses (max-gram tokens fed ahead of need). A
+    proposed node whose guess was right finds its logits here and costs no pass of its own.
+    """
+
+    def __init__(self, host: ModelHost, session_id: str, context: list[int]) -> None:
+        self.host, self.session_id, self.context = host, session_id, context
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.logits: dict[int, torch.Tensor] = {}  # computed node (ROOT: the context) -> (V,)
+        self.count = 0
+
+    def find(self, parent: int, token: int) -> int | None:
+        return next((i for i, (t, p) in enumerate(zip(self.tokens, self.parents)) if p == parent and t == token), None)
+
+    def add(self, parent: int, token: int) -> int:
+        """The computed node for token under parent, appended if new."""
+        found = self.find(parent, token)
+        if found is None:
+            self.tokens.append(token)
+            self.parents.append(parent)
+            found = len(self.tokens) - 1
+        return found
+
+    def run(self, first_new: int, want_root: bool) -> None:
+        """One pass over the nodes appended since first_new (and the context's tail for the root)."""
+        n_last = len(self.tokens) - first_new + (1 if want_root else 0)
+        if n_last == 0:
+            return
+        rows = self.host.tree_logits(self.session_id, self.context, Tree(tuple(self.tokens), tuple(self.parents)), n_last)
+        entries = ([ROOT] if want_root else []) + list(range(first_new, len(self.tokens)))
+        self.logits.update(zip(entries, rows))
+        self.count += 1
+
+
+def propose_tree(
+    host: ModelHost,
+    delta: ContextDelta,
+    shape: TreeShape,
+    params: SamplingParams,
+    q_top: int,
+    lookahead: int,
+    generator: torch.Generator,
+) -> TreeProposal | None:
+    """Grows a draft tree after the context, one drafter pass per depth at most (Staged
+    Speculative Decoding, Spector & Re 2023: a tree-structured batch, and a second stage of
+    speculation inside the drafter); None when the delta misses.
+
+    Depth d = 1..D: the nodes at depth d-1 are ranked by their path probability under this
+    drafter, and the best ones get up to branching[d-1] children each, while the budget
+    lasts (keeping one node for every deeper depth). Children are the drafter's most likely
+    tokens when greedy; when sampling, draws without replacement from its own distribution q
+    (own_distribution), which is returned per expanded node for recursive rejection sampling
+    (services/multidraft.py). How many children a node gets is fixed before they are drawn,
+    from the ranks of it and its peers only - never from the children's own values, which
+    would bias them away from q.
+
+    Second stage (lookahead > 0): each pass also feeds, below the best node being expanded,
+    the max-gram model's guess of how the path continues (services/ngram.py, over the
+    context). Where the drafter then picks the guessed token, that node's logits are already
+    computed, and a depth whose every node to expand was guessed costs no pass. The guesses
+    change no draw - a sampled child is drawn from q as always, and merely found guessed -
+    so the tree and its q are exactly what they would be without the second stage.
+    """
+    context = resolve_delta(host.held_context(delta.session_id), delta)
+    if context is None:
+        return None
+    if not context:
+        raise ValueError("the context is empty: a draft needs at least one token to follow")
+    assert not shape.problems(), shape.problems()
+    state = host.session(delta.session_id)
+    state.context = context
+    if lookahead > 0:
+        state.ngram = state.ngram or NgramIndex()
+        state.ngram.sync(context)
+    passes = _Passes(host, delta.session_id, context)
+    tokens: list[int] = []
+    parents: list[int] = []
+    score: dict[int, float] = {ROOT: 0.0}  # log path probability under the drafter
+    computed: dict[int, int] = {ROOT: ROOT}  # proposed node -> computed node, once fed or guessed
+    q_of: dict[int, SparseDist] = {}
+    frontier = [ROOT]
+    depth = len(shape.branching)
+    for d, branching in enumerate(shape.branching, start=1):
+        room = shape.budget - len(tokens)
+        if room <= 0 or not frontier:
+            break
+        allowed = max(1, room - (depth - d))
+        plan: list[tuple[int, int]] = []  # (node, children), best first
+        for node in sorted(frontier, key=lambda u: -score[u]):
+            if allowed == 0:
+                break
+            plan.append((node, min(branching, allowed)))
+            allowed -= plan[-1][1]
+        _compute(passes, plan, tokens, parents, computed, state.ngram if lookahead > 0 else None, min(lookahead, depth - d))
+        frontier = []
+        for node, m in plan:
+            logits = passes.logits[computed[node]]  # (V,)
+            if params.greedy:
+                top = torch.topk(logits, m)
+                chosen, logp = top.indices, logits.log_softmax(-1)[top.indices]  # (m,) each
+            else:
+                own = own_distribution(logits, params, q_top)
+                picks = torch.multinomial(own.probs, min(m, own.ids.numel()), replacement=False, generator=generator)
+                chosen, logp = own.ids[picks], own.probs[picks].log()  # (m,) each, in draw order
+                q_of[node] = own
+            for token, token_logp in zip(chosen.tolist(), logp.tolist()):
+                tokens.append(token)
+                parents.append(node)
+                child = len(tokens) - 1
+                score[child] = score[node] + token_logp
+                guessed = passes.find(computed[node], token)
+                if guessed is not None:
+                    computed[child] = guessed
+                frontier.append(child)
+    q = (q_of.get(ROOT), *(q_of.get(i) for i in range(len(tokens)))) if not params.greedy else ()
+    return TreeProposal(Tree(tuple(tokens), tuple(parents)), q, passes.count)
+
+
+def _compute(
+    passes: _Passes,
+    plan: list[tuple[int, int]],
+    tokens: list[int],
+    parents: list[int],
+    computed: dict[int, int],
+    ngram: NgramIndex | None,
+    lookahead: int,
+) -> None:
+    """Makes the logits of every node in plan available, in at most one pass."""
+    want_root = ROOT not in passes.logits
+    missing = [node for node, _ in plan if node != ROOT and computed.get(node) not in passes.logits]
+    if not want_root and not missing:
+        return  # every node to expand was guessed by the second stage: no pass
+    first_new = len(passes.tokens)
+    for node in missing:  # a missing node's parent was expanded, hence computed
+        computed[node] = passes.add(computed[parents[node]], tokens[node])
+    if ngram is not None and lookahead > 0:
+        best = plan[0][0]
+        path = [tokens[i] for i in _path(parents, best)]
+        below = computed[best]
+        for token in _guess(ngram, path, lookahead):
+            below = passes.add(below, token)
+    passes.run(first_new, want_root)
+
+
+def _path(parents: list[int], node: int) -> list[int]:
+    nodes = []
+    while node != ROOT:
+        nodes.append(node)
+        node = parents[node]
+    return nodes[::-1]
+
+
+def _guess(ngram: NgramIndex, path: list[int], k: int) -> list[int]:
+    """The max-gram continuation of context + path (the index holds the context)."""
+    if not path:
+        return ngram.propose(k)
+    base = len(ngram.tokens)
+    ngram.sync([*ngram.tokens, *path])
+    guess = ngram.propose(k)
+    ngram.sync(ngram.tokens[:base])
+    return guess

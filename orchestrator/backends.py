@@ -9,20 +9,32 @@ services/context.py) and resend in full after a miss.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import grpc
 
-from drafter_svc.draft import propose
+from drafter_svc.draft import propose, propose_tree, review
 from services.context import ContextDelta, ContextTracker
+from services.ngram import NgramIndex
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
 from services.runtime import ModelHost, ModelInfo
 from services.sampling import SamplingParams, SparseDist, seeded_generator
-from services.wire import delta_to_pb, dists_from_pb, dists_to_pb, info_from_pb, sampling_to_pb
-from verifier_svc.verify import verify
+from services.tree import Tree, TreeShape
+from services.wire import (
+    delta_to_pb,
+    dists_from_pb,
+    dists_to_pb,
+    info_from_pb,
+    sampling_to_pb,
+    shape_to_pb,
+    tree_from_pb,
+    tree_to_pb,
+)
+from verifier_svc.verify import verify, verify_tree
 
 Reply = TypeVar("Reply")
 
@@ -42,10 +54,45 @@ class CallCost:
         return max(0.0, self.wall_seconds - self.compute_seconds)
 
 
+def total_cost(costs: Iterable[CallCost]) -> CallCost | None:
+    """The sum of several calls' costs (a cascade's drafting); None for no calls.
+
+    network_seconds of the sum is computed from the summed times; calls run one after the
+    other, so the sum of each call's own network time is never more than that.
+    """
+    costs = list(costs)
+    if not costs:
+        return None
+    return CallCost(
+        compute_seconds=sum(c.compute_seconds for c in costs),
+        wall_seconds=sum(c.wall_seconds for c in costs),
+        bytes_sent=sum(c.bytes_sent for c in costs),
+        bytes_received=sum(c.bytes_received for c in costs),
+    )
+
+
 @dataclass(frozen=True)
 class Draft:
     tokens: tuple[int, ...]  # d_1..d_k
     q: tuple[SparseDist, ...]  # empty = point masses
+    cost: CallCost
+
+
+@dataclass(frozen=True)
+class Reviewed:
+    """A middle level's review of a smaller level's draft (see drafter_svc.draft.review)."""
+
+    accepted: int  # n
+    tokens: tuple[int, ...]  # d_1..d_n + recovered or bonus token
+    q: tuple[SparseDist, ...]  # one per token when sampling: the reviewer's own distribution; empty = point masses
+    cost: CallCost
+
+
+@dataclass(frozen=True)
+class TreeDraft:
+    tree: Tree
+    q: tuple[SparseDist | None, ...]  # N+1 entries (root first) when sampling; empty = deterministic children
+    forwards: int  # drafter passes it cost
     cost: CallCost
 
 
@@ -64,6 +111,20 @@ class Drafter(Protocol):
     async def info(self) -> ModelInfo: ...
 
 
+class Reviewer(Drafter, Protocol):
+    """A drafter that can also be a middle level of a cascade."""
+
+    async def review(
+        self,
+        session_id: str,
+        context: Sequence[int],
+        draft: Sequence[int],
+        q: Sequence[SparseDist],
+        params: SamplingParams,
+        seed: int,
+    ) -> Reviewed: ...
+
+
 class Verifier(Protocol):
     async def verify(
         self,
@@ -76,6 +137,26 @@ class Verifier(Protocol):
     ) -> Verified: ...
 
     async def info(self) -> ModelInfo: ...
+
+
+class TreeDrafter(Drafter, Protocol):
+    """A drafter that can also grow a draft tree (staged)."""
+
+    async def propose_tree(
+        self, session_id: str, context: Sequence[int], shape: TreeShape, params: SamplingParams, seed: int
+    ) -> TreeDraft: ...
+
+
+class TreeVerifier(Verifier, Protocol):
+    async def verify_tree(
+        self,
+        session_id: str,
+        context: Sequence[int],
+        tree: Tree,
+        q: Sequence[SparseDist | None],
+        params: SamplingParams,
+        seed: int,
+    ) -> Verified: ...
 
 
 class ServiceUnavailable(RuntimeError):
@@ -100,9 +181,10 @@ class ServiceError(RuntimeError):
 class LocalDrafter:
     """A Drafter on a model in this process (no gRPC, no deltas: the cache finds the prefix)."""
 
-    def __init__(self, host: ModelHost, q_top: int = 32) -> None:
+    def __init__(self, host: ModelHost, q_top: int = 32, second_stage: int = 4) -> None:
         self.host = host
         self.q_top = q_top
+        self.second_stage = second_stage  # max-gram lookahead while growing trees (0 = off)
 
     async def propose(self, session_id, context, k, params, seed) -> Draft:
         started = time.perf_counter()
@@ -111,8 +193,59 @@ class LocalDrafter:
         elapsed = time.perf_counter() - started
         return Draft(proposal.tokens, proposal.q, CallCost(elapsed, elapsed))
 
+    async def review(self, session_id, context, draft, q, params, seed) -> Reviewed:
+        started = time.perf_counter()
+        delta = ContextDelta(session_id, 0, 0, tuple(context))
+        result = review(self.host, delta, list(draft), list(q), params, self.q_top, seeded_generator(seed))
+        elapsed = time.perf_counter() - started
+        v = result.verdict
+        return Reviewed(v.accepted, v.tokens, result.q, CallCost(elapsed, elapsed))
+
+    async def propose_tree(self, session_id, context, shape, params, seed) -> TreeDraft:
+        started = time.perf_counter()
+        delta = ContextDelta(session_id, 0, 0, tuple(context))
+        p = propose_tree(self.host, delta, shape, params, self.q_top, self.second_stage, seeded_generator(seed))
+        elapsed = time.perf_counter() - started
+        return TreeDraft(p.tree, p.q, p.forwards, CallCost(elapsed, elapsed))
+
     async def info(self) -> ModelInfo:
         return self.host.info
+
+
+MAXGRAM_INFO = ModelInfo(
+    model="maxgram", vocab_size=0, max_context=0, eos_token_ids=(), dtype="", device="", tokenizer_fingerprint=""
+)  # vocab 0 and no fingerprint: a statistical drafter works on the ids of any vocabulary
+
+
+class LocalMaxGram:
+    """The max-gram drafter (services/ngram.py) in this process: no model, no network.
+
+    Owns one NgramIndex per session (least recently used evicted), moved to each call's
+    context with `sync`, which costs only the tokens that changed since the last call.
+    Proposals are deterministic: q is empty (point masses), whatever the sampling params.
+    """
+
+    def __init__(self, max_n: int = 4, max_sessions: int = 1024) -> None:
+        self.max_n = max_n
+        self.max_sessions = max_sessions
+        self._indexes: OrderedDict[str, NgramIndex] = OrderedDict()
+
+    def index(self, session_id: str, context: Sequence[int]) -> NgramIndex:
+        index = self._indexes.pop(session_id, None) or NgramIndex(self.max_n)
+        self._indexes[session_id] = index
+        while len(self._indexes) > self.max_sessions:
+            self._indexes.popitem(last=False)
+        index.sync(context)
+        return index
+
+    async def propose(self, session_id, context, k, params, seed) -> Draft:
+        started = time.perf_counter()
+        tokens = tuple(self.index(session_id, context).propose(k))
+        elapsed = time.perf_counter() - started
+        return Draft(tokens, (), CallCost(elapsed, elapsed))
+
+    async def info(self) -> ModelInfo:
+        return MAXGRAM_INFO
 
 
 class LocalVerifier:
@@ -125,6 +258,13 @@ class LocalVerifier:
         started = time.perf_counter()
         delta = ContextDelta(session_id, 0, 0, tuple(context))
         verdict = verify(self.host, delta, list(draft), list(q), params, seeded_generator(seed))
+        elapsed = time.perf_counter() - started
+        return Verified(verdict.accepted, verdict.tokens, CallCost(elapsed, elapsed))
+
+    async def verify_tree(self, session_id, context, tree, q, params, seed) -> Verified:
+        started = time.perf_counter()
+        delta = ContextDelta(session_id, 0, 0, tuple(context))
+        verdict = verify_tree(self.host, delta, tree, list(q), params, seeded_generator(seed))
         elapsed = time.perf_counter() - started
         return Verified(verdict.accepted, verdict.tokens, CallCost(elapsed, elapsed))
 
@@ -201,6 +341,31 @@ class RemoteDrafter(_Remote):
         q = dists_from_pb(reply.q)
         return Draft(tuple(reply.tokens), q, CallCost(reply.compute_seconds, wall, sent, received))
 
+    async def review(self, session_id, context, draft, q, params, seed) -> Reviewed:
+        async def send(ctx: pb.Context) -> tuple[pb.ReviewResponse, int]:
+            request = pb.ReviewRequest(
+                context=ctx, draft=draft, q=dists_to_pb(q), sampling=sampling_to_pb(params), seed=seed
+            )
+            return await self.call(self.stub.Review, request), request.ByteSize()
+
+        reply, sent, received, wall = await self.with_context(session_id, context, send)
+        tokens = tuple(reply.tokens)
+        self.tracker.acknowledge(session_id, [*context, *tokens])
+        cost = CallCost(reply.compute_seconds, wall, sent, received)
+        return Reviewed(reply.accepted, tokens, dists_from_pb(reply.q), cost)
+
+    async def propose_tree(self, session_id, context, shape, params, seed) -> TreeDraft:
+        async def send(ctx: pb.Context) -> tuple[pb.ProposeTreeResponse, int]:
+            request = pb.ProposeTreeRequest(
+                context=ctx, shape=shape_to_pb(shape), sampling=sampling_to_pb(params), seed=seed
+            )
+            return await self.call(self.stub.ProposeTree, request), request.ByteSize()
+
+        reply, sent, received, wall = await self.with_context(session_id, context, send)
+        self.tracker.acknowledge(session_id, context)
+        tree, q = tree_from_pb(reply.tree)
+        return TreeDraft(tree, q, reply.drafter_forwards, CallCost(reply.compute_seconds, wall, sent, received))
+
     async def info(self) -> ModelInfo:
         return await self.model_info(self.stub.Info)
 
@@ -216,6 +381,18 @@ class RemoteVerifier(_Remote):
                 context=ctx, draft=draft, q=dists_to_pb(q), sampling=sampling_to_pb(params), seed=seed
             )
             return await self.call(self.stub.Verify, request), request.ByteSize()
+
+        reply, sent, received, wall = await self.with_context(session_id, context, send)
+        tokens = tuple(reply.tokens)
+        self.tracker.acknowledge(session_id, [*context, *tokens])
+        return Verified(reply.accepted, tokens, CallCost(reply.compute_seconds, wall, sent, received))
+
+    async def verify_tree(self, session_id, context, tree, q, params, seed) -> Verified:
+        async def send(ctx: pb.Context) -> tuple[pb.VerifyTreeResponse, int]:
+            request = pb.VerifyTreeRequest(
+                context=ctx, tree=tree_to_pb(tree, q), sampling=sampling_to_pb(params), seed=seed
+            )
+            return await self.call(self.stub.VerifyTree, request), request.ByteSize()
 
         reply, sent, received, wall = await self.with_context(session_id, context, send)
         tokens = tuple(reply.tokens)

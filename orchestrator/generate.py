@@ -15,10 +15,18 @@ from dataclasses import dataclass, field
 
 from orchestrator.backends import CallCost
 from orchestrator.store import ChatMessage, Session, SessionStore, Totals
-from orchestrator.strategies import STRATEGIES, Backends, RoundInput, RoundResult
+from orchestrator.strategies import (
+    STRATEGIES,
+    Backends,
+    RoundInput,
+    RoundResult,
+    default_k_matrix,
+    k_matrix_problems,
+)
 from orchestrator.text import TextStream
 from services.runtime import ModelInfo
 from services.sampling import SamplingParams
+from services.tree import TreeShape
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     strategy: str = ""
     k: int = 0  # 0 = default
+    k_matrix: tuple[tuple[int, ...], ...] = ()  # `cascade`; empty = default
+    tree: TreeShape | None = None  # `staged`; None = default
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,8 @@ class Limits:
     default_k: int
     default_max_new_tokens: int
     max_new_tokens_limit: int
+    default_k_matrix: tuple[tuple[int, ...], ...] = ()  # `cascade`; empty = strategies.default_k_matrix
+    default_tree: TreeShape | None = None  # `staged`; None = strategies.DEFAULT_TREE
 
 
 @dataclass(frozen=True)
@@ -132,7 +144,7 @@ class Engine:
         self.backends = backends
         self.limits = limits
         self._target: ModelInfo | None = None
-        self._drafter_checked = False
+        self._drafters_checked = False
 
     # -- checks -------------------------------------------------------------------------
 
@@ -142,16 +154,28 @@ class Engine:
         return self._target
 
     async def _check_drafter(self, target: ModelInfo, strategy: str) -> None:
+        """The drafter exists, and it and every cascade level share the target's vocabulary
+        (statistical drafters, with no fingerprint, work on any vocabulary's ids)."""
         if self.backends.drafter is None:
             raise NotServable(f"strategy {strategy!r} needs a drafter, and none is configured (SPECD_DRAFTER)")
-        if not self._drafter_checked:
-            drafter = await self.backends.drafter.info()
-            if drafter.tokenizer_fingerprint != target.tokenizer_fingerprint:
-                raise NotServable(
-                    f"drafter {drafter.model} has a different vocabulary than the target {target.model}; "
-                    f"strategy {strategy!r} needs the same tokenizer"
-                )
-            self._drafter_checked = True
+        if not self._drafters_checked:
+            for drafter in (self.backends.drafter, *self.backends.cascade):
+                info = await drafter.info()
+                if info.tokenizer_fingerprint and info.tokenizer_fingerprint != target.tokenizer_fingerprint:
+                    raise NotServable(
+                        f"drafter {info.model} has a different vocabulary than the target {target.model}; "
+                        f"strategy {strategy!r} needs the same tokenizer"
+                    )
+            self._drafters_checked = True
+
+    def k_matrix(self, req: GenerationRequest) -> tuple[tuple[int, ...], ...]:
+        """The request's k-matrix, else the server's, else the default for the cascade's depth."""
+        levels = len(self.backends.cascade_levels())
+        k_matrix = req.k_matrix or self.limits.default_k_matrix or default_k_matrix(levels)
+        problems = k_matrix_problems(k_matrix, levels)
+        if problems:
+            raise InvalidInput("k_matrix: " + "; ".join(problems))
+        return k_matrix
 
     def _validate(self, req: GenerationRequest) -> tuple[str, int, int]:
         strategy = req.strategy or self.limits.default_strategy
@@ -160,6 +184,9 @@ class Engine:
         max_new = self.limits.default_max_new_tokens if req.max_new_tokens is None else req.max_new_tokens
         if not 0 < max_new <= self.limits.max_new_tokens_limit:
             raise InvalidInput(f"max_new_tokens must be in [1, {self.limits.max_new_tokens_limit}], got {max_new}")
+        self.k_matrix(req)
+        if req.tree is not None and req.tree.problems():
+            raise InvalidInput("tree: " + "; ".join(req.tree.problems()))
         k = req.k or self.limits.default_k
         if req.prompt is None and not req.messages:
             raise InvalidInput("the request has no input: give a prompt or chat messages")
@@ -190,6 +217,7 @@ class Engine:
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TextChunk | Stats]:
         started = time.perf_counter()
         strategy, max_new, k = self._validate(req)
+        k_matrix = self.k_matrix(req)
         session, redis_seconds = await self._open_session(req, strategy, k)
         stats = Stats(session_id=session.id, strategy=strategy, redis_seconds=redis_seconds)
         target = await self.target_info()
@@ -212,7 +240,10 @@ class Engine:
             room = min(max_new - stats.new_tokens, target.max_context - len(session.tokens))
             result = await round_fn(
                 self.backends,
-                RoundInput(session.id, session.tokens, session.sampling, session.seed, session.step, min(k, room - 1)),
+                RoundInput(
+                    session.id, session.tokens, session.sampling, session.seed, session.step, min(k, room - 1),
+                    max_draft=room - 1, k_matrix=k_matrix, tree=req.tree or self.limits.default_tree,
+                ),
             )
             tokens = list(result.tokens[:room])
             eos_at = next((i for i, t in enumerate(tokens) if t in eos), None)

@@ -12,7 +12,7 @@ import grpc
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from orchestrator.backends import RemoteDrafter, RemoteVerifier, ServiceError, ServiceUnavailable
+from orchestrator.backends import LocalMaxGram, RemoteDrafter, RemoteVerifier, ServiceError, ServiceUnavailable
 from orchestrator.generate import (
     Engine,
     GenerationRequest,
@@ -24,12 +24,13 @@ from orchestrator.generate import (
     TextChunk,
 )
 from orchestrator.store import ChatMessage, SessionStore
-from orchestrator.strategies import Backends
+from orchestrator.strategies import Backends, k_matrix_problems
 from services.config import ConfigError, OrchestratorConfig
 from services.models import ModelNotFound, resolve
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
 from services.server import channel_options, serve, setup_logging
+from services.tree import TreeShape
 
 log = logging.getLogger("orchestrator")
 DEFAULT_LISTEN = "127.0.0.1:50050"
@@ -49,6 +50,10 @@ def request_from_pb(msg: pb.GenerateRequest) -> GenerationRequest:
         stop=tuple(msg.stop),
         strategy=msg.strategy,
         k=msg.options.k,
+        k_matrix=tuple(tuple(row.k) for row in msg.options.k_matrix),
+        tree=TreeShape(tuple(msg.options.tree.branching), msg.options.tree.budget)
+        if msg.options.HasField("tree")
+        else None,
     )
 
 
@@ -126,6 +131,11 @@ def main() -> int:
     except (ConfigError, ModelNotFound) as err:
         log.error("orchestrator: %s", err)
         return 2
+    levels = len(config.cascade) or (2 if config.drafter else 1)  # Backends.cascade_levels()
+    problems = k_matrix_problems(config.k_matrix, levels) if config.k_matrix else []
+    if problems:
+        log.error("orchestrator: SPECD_K_MATRIX does not fit a cascade of %d drafters: %s", levels, "; ".join(problems))
+        return 2
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -136,24 +146,37 @@ def main() -> int:
 async def _serve(config: OrchestratorConfig, tokenizer) -> None:
     verifier_channel = grpc.aio.insecure_channel(config.verifier, options=channel_options())
     verifier = RemoteVerifier(config.verifier, verifier_channel, config.rpc_timeout_seconds)
-    drafter = None
-    if config.drafter:
-        drafter_channel = grpc.aio.insecure_channel(config.drafter, options=channel_options())
-        drafter = RemoteDrafter(config.drafter, drafter_channel, config.rpc_timeout_seconds)
+    drafters: dict[str, RemoteDrafter] = {}  # address -> client: one channel per drafter service
+
+    def remote_drafter(address: str) -> RemoteDrafter:
+        if address not in drafters:
+            channel = grpc.aio.insecure_channel(address, options=channel_options())
+            drafters[address] = RemoteDrafter(address, channel, config.rpc_timeout_seconds)
+        return drafters[address]
+
+    drafter = remote_drafter(config.drafter) if config.drafter else None
+    maxgram = LocalMaxGram()
+    cascade = tuple(maxgram if level == "maxgram" else remote_drafter(level) for level in config.cascade)
+    backends = Backends(verifier=verifier, drafter=drafter, cascade=cascade, maxgram=maxgram)
     redis_client = aioredis.from_url(config.redis_url, socket_timeout=config.rpc_timeout_seconds)
     engine = Engine(
         tokenizer=tokenizer,
         store=SessionStore(redis_client, config.session_ttl_seconds),
-        backends=Backends(verifier=verifier, drafter=drafter),
+        backends=backends,
         limits=Limits(
             default_strategy=config.default_strategy,
             default_k=config.default_k,
             default_max_new_tokens=config.default_max_new_tokens,
             max_new_tokens_limit=config.max_new_tokens_limit,
+            default_k_matrix=config.k_matrix,
+            default_tree=config.tree,
         ),
     )
     servicer = GeneratorServicer(engine, config.redis_url)
-    log.info("verifier %s, drafter %s, redis %s", config.verifier, config.drafter or "(none)", config.redis_url)
+    log.info(
+        "verifier %s, drafter %s, cascade %s, redis %s", config.verifier, config.drafter or "(none)",
+        " <- ".join(config.cascade) or "(drafter <- maxgram)", config.redis_url,
+    )
 
     def register(server: grpc.aio.Server) -> list[str]:
         pb_grpc.add_GeneratorServicer_to_server(servicer, server)

@@ -8,16 +8,26 @@ output follows the target's distribution (the acceptance rule in services/accept
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from orchestrator.backends import CallCost, Drafter, Verifier
-from services.sampling import SamplingParams, round_seed
+from orchestrator.backends import CallCost, Drafter, LocalMaxGram, Verifier, total_cost
+from services.sampling import SamplingParams, SparseDist, round_seed
+from services.tree import TreeShape
 
 
 @dataclass(frozen=True)
 class Backends:
     verifier: Verifier
     drafter: Drafter | None = None
+    # The cascade's drafters below the target, largest first; every one but the last must
+    # also be a Reviewer. Empty: (drafter, maxgram), or (maxgram,) without a drafter.
+    cascade: tuple[Drafter, ...] = ()
+    maxgram: LocalMaxGram = field(default_factory=LocalMaxGram)  # the in-process statistical drafter
+
+    def cascade_levels(self) -> tuple[Drafter, ...]:
+        if self.cascade:
+            return self.cascade
+        return (self.drafter, self.maxgram) if self.drafter is not None else (self.maxgram,)
 
 
 @dataclass(frozen=True)
@@ -27,7 +37,10 @@ class RoundInput:
     params: SamplingParams
     seed: int  # the session's seed
     step: int  # rounds run so far in this session: with seed, it fixes the round's draws
-    k: int  # draft length
+    k: int  # draft length of `sd`, already capped by max_draft
+    max_draft: int = 1 << 30  # the most draft tokens the round may send (its n + 1 must fit the room left)
+    k_matrix: tuple[tuple[int, ...], ...] = ()  # `cascade`; empty = default_k_matrix
+    tree: TreeShape | None = None  # `staged`; None = DEFAULT_TREE
 
 
 @dataclass(frozen=True)
@@ -60,10 +73,176 @@ async def sd_round(backends: Backends, r: RoundInput) -> RoundResult:
     return RoundResult(v.tokens, len(d.tokens), v.accepted, d.cost, v.cost)
 
 
+# -- cascade ----------------------------------------------------------------------------
+
+# Default k-matrices by number of drafters below the target (see cascade_round for the
+# meaning). Chosen by measurement on the packaged models (qwen2.5-coder 1.5B <- 0.5B <-
+# max-gram, CPU); the note in docs and the PR gives the figures.
+DEFAULT_K_MATRICES: dict[int, tuple[tuple[int, ...], ...]] = {
+    1: ((4,),),
+    2: ((4, 2), (0, 3)),
+}
+
+
+def default_k_matrix(levels: int) -> tuple[tuple[int, ...], ...]:
+    """The default for `levels` drafters: the table above; deeper cascades (not measured)
+    have every level review 3 tokens at a time from the level just below it."""
+    if levels in DEFAULT_K_MATRICES:
+        return DEFAULT_K_MATRICES[levels]
+    return tuple(tuple(3 if j == i else 0 for j in range(levels)) for i in range(levels))
+
+
+def k_matrix_problems(k_matrix: Sequence[Sequence[int]], levels: int) -> list[str]:
+    """Why a k-matrix cannot drive a cascade of `levels` drafters; empty when it can."""
+    found = []
+    if len(k_matrix) != levels or any(len(row) != levels for row in k_matrix):
+        found.append(f"the k-matrix must be {levels} x {levels} (one row and column per drafter), got {[len(r) for r in k_matrix]}")
+        return found
+    if any(k < 0 for row in k_matrix for k in row):
+        found.append("k-matrix entries must be >= 0")
+    if any(k_matrix[i][j] for i in range(levels) for j in range(i)):
+        found.append("k-matrix entries left of the diagonal must be 0 (a drafter only reviews smaller ones)")
+    if not any(k_matrix[0]):
+        found.append("row 0 of the k-matrix (the target's draft) is all zeros")
+    return found
+
+
+async def cascade_round(backends: Backends, r: RoundInput) -> RoundResult:
+    """Cascade Speculative Drafting (Chen et al. 2024, "Cascade Speculative Drafting for Even
+    Faster LLM Inference"), with the two verbs of its reference code: every level `propose`s,
+    every level but the bottom one also `review`s a smaller level's draft.
+
+    Levels: 0 = the target, 1..L = backends.cascade_levels() (largest first; by default the
+    drafter service, then the in-process max-gram model). k-matrix K (L x L, upper
+    triangular): the draft that level i reviews is built left to right, drafter level j > i
+    contributing K[i][j-1] tokens (horizontal cascade: larger drafters take the early
+    positions, the likeliest to be accepted). A level j produces its share either by its own
+    `propose` (when row j is all zeros, or j is the bottom) or in rounds of: build the draft
+    level j reviews (row j, recursively: the vertical cascade), then `review` it, which emits
+    n + 1 tokens per pass of level j. The target finally verifies row 0's draft.
+
+    Why the output is exactly the target's (sampling and greedy):
+    1. Every token a level hands upward travels with the q it is distributed as, given
+       everything the upper levels see: a neural level's q is its own warped distribution
+       truncated to its top entries and renormalised (drafter_svc.draft.own_distribution),
+       whether the token came from its `propose` (sampled from exactly that q) or from its
+       `review`; max-gram tokens are deterministic, q a point mass.
+    2. A review is speculative sampling against the reviewer's own q: accept d with
+       probability min(1, m(d)/s(d)), else draw from normalize(max(0, m - s)). For any
+       proposal s that d truly came from, the emitted token is distributed exactly as m
+       (Leviathan et al. 2023, Theorem 3.5; Chen et al. 2023) - which is claim 1 for the
+       reviewer's tokens, by induction up from the bottom level. That s may itself be the
+       output of a lower review is no obstacle: given the visible prefix, the token is
+       distributed as the s sent with it, and the lower level's hidden draws are independent
+       of this level's coins.
+    3. The target's verify is the same rule with its untruncated warped p: whatever mix of
+       q's the draft carries (one per token, each true by 1.), each emitted token is
+       distributed as p given the prefix, so the output is the target's own distribution.
+       Cutting a level's output to its share, or stopping early when the max-gram model has
+       no match, depends only on the visible prefix and keeps every claim.
+    4. All of this needs each call's random draws independent of every other call's: each
+       call is seeded from (session seed, round, level, call number) (round_seed), which
+       also makes a round replay exactly. (A level that sent no q at all would still be
+       lossless - a point mass is a valid q for a token drawn independently of the
+       reviewer's coins - only less often accepted. Sending a q the token was not drawn
+       from - the untruncated distribution, or a "lenient" review's - is not, and
+       tests/test_cascade.py checks that both mistakes fail its statistical test.)
+    Greedy: every q is a point mass at the level's argmax and every rule is exact match, so
+    the target emits its own argmax at every position.
+
+    Deviations from the paper: no "leniency" (reviews that accept near-misses) - it would
+    make a level's output no longer distributed as its q, so sampling would not be lossless;
+    a level's share is capped so its last review cannot overshoot the draft (the sub-draft is
+    one shorter than the tokens still wanted, since a review emits n + 1).
+    """
+    levels = backends.cascade_levels()
+    k_matrix = r.k_matrix or default_k_matrix(len(levels))
+    assert not k_matrix_problems(k_matrix, len(levels)), k_matrix_problems(k_matrix, len(levels))
+    costs: list[CallCost] = []
+
+    async def draft_for(i: int, context: list[int], limit: int) -> tuple[list[int], list[SparseDist | None]]:
+        """The draft level i reviews (at most `limit` tokens), built from levels below it."""
+        tokens: list[int] = []
+        qs: list[SparseDist | None] = []
+        for j in range(i + 1, len(levels) + 1):
+            want = min(len(tokens) + k_matrix[i][j - 1], limit)
+            while len(tokens) < want:
+                got, got_q = await produce(j, context + tokens, want - len(tokens))
+                if not got:
+                    break  # a statistical level with nothing to propose here
+                take = want - len(tokens)
+                tokens += got[:take]
+                qs += got_q[:take]
+        return tokens, qs
+
+    async def produce(j: int, context: list[int], need: int) -> tuple[list[int], list[SparseDist | None]]:
+        """Up to `need` tokens from level j after context, each with its q (None = point mass)."""
+        level = levels[j - 1]
+        seed = round_seed(r.seed, r.step, f"cascade.{j}.{len(costs)}")
+        if j == len(levels) or not any(k_matrix[j]):
+            d = await level.propose(r.session_id, context, need, r.params, seed)
+            costs.append(d.cost)
+            return list(d.tokens), list(d.q) or [None] * len(d.tokens)
+        sub, sub_q = await draft_for(j, context, need - 1)
+        v = await level.review(r.session_id, context, sub, _wire_q(sub, sub_q), r.params, seed)
+        costs.append(v.cost)
+        return list(v.tokens), list(v.q) or [None] * len(v.tokens)
+
+    draft, q = await draft_for(0, list(r.context), min(sum(k_matrix[0]), r.max_draft))
+    v = await backends.verifier.verify(
+        r.session_id, r.context, draft, _wire_q(draft, q), r.params, round_seed(r.seed, r.step, "verify")
+    )
+    return RoundResult(v.tokens, len(draft), v.accepted, total_cost(costs), v.cost)
+
+
+def _wire_q(tokens: Sequence[int], q: Sequence[SparseDist | None]) -> tuple[SparseDist, ...]:
+    """q as the wire carries it: none at all when every token is a point mass, else one per
+    token with point masses written out."""
+    if all(q_i is None for q_i in q):
+        return ()
+    return tuple(SparseDist.point(t) if q_i is None else q_i for t, q_i in zip(tokens, q))
+
+
+# -- staged -----------------------------------------------------------------------------
+
+# The default draft tree, chosen by measurement on the packaged models (see the PR note):
+# three candidates for the first token, two for the second, then a single path.
+DEFAULT_TREE = TreeShape(branching=(3, 2, 1, 1, 1), budget=8)
+
+
+async def staged_round(backends: Backends, r: RoundInput) -> RoundResult:
+    """Staged Speculative Decoding (Spector & Re 2023, "Accelerating LLM Inference with
+    Staged Speculative Decoding"): the drafter grows a tree of candidates (its best tokens
+    when greedy, draws without replacement when sampling; drafter_svc.draft.propose_tree, whose
+    own passes are sped up by a second stage of max-gram speculation), and the target
+    verifies the whole tree in one pass with a tree attention mask, keeping only the accepted
+    path in its KV cache (verifier_svc.verify.verify_tree).
+
+    Lossless: greedy keeps the longest path of target argmaxes; sampling walks the tree with
+    recursive rejection sampling, exact at every node (services/multidraft.py).
+
+    Statistics count a tree's depth as its drafted tokens (positions, not nodes), so that
+    acceptance by position compares with `sd`.
+    """
+    shape = r.tree or DEFAULT_TREE
+    depth = min(len(shape.branching), r.max_draft)
+    if depth == 0:
+        return await ar_round(backends, r)
+    assert backends.drafter is not None, "staged needs a drafter"
+    shape = TreeShape(shape.branching[:depth], shape.budget)
+    t = await backends.drafter.propose_tree(r.session_id, r.context, shape, r.params, round_seed(r.seed, r.step, "draft"))
+    v = await backends.verifier.verify_tree(
+        r.session_id, r.context, t.tree, t.q, r.params, round_seed(r.seed, r.step, "verify")
+    )
+    return RoundResult(v.tokens, t.tree.depth, v.accepted, t.cost, v.cost)
+
+
 Strategy = Callable[[Backends, RoundInput], Awaitable[RoundResult]]
 
 # name -> (round function, needs a drafter)
 STRATEGIES: dict[str, tuple[Strategy, bool]] = {
     "ar": (ar_round, False),
     "sd": (sd_round, True),
+    "cascade": (cascade_round, True),
+    "staged": (staged_round, True),
 }

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.tree import TreeShape
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message says which and why."""
@@ -66,8 +68,11 @@ class ModelServiceConfig:
     onednn: bool = True  # SPECD_ONEDNN: oneDNN linears on CPU fp32 (multi-token passes ~2x cheaper)
     max_sessions: int = 16  # SPECD_MAX_SESSIONS: KV caches kept (LRU); a miss costs a re-prefill
     q_top: int = 32  # SPECD_Q_TOP: entries of the truncated proposal distribution q a drafter sends
-    max_draft: int = 64  # SPECD_MAX_DRAFT: the longest draft accepted in one call
+    max_draft: int = 64  # SPECD_MAX_DRAFT: the longest draft (or most tree nodes) accepted in one call
     grace_seconds: float = 5.0  # SPECD_GRACE_SECONDS: time in-flight calls get on shutdown
+    # SPECD_SECOND_STAGE: max-gram tokens a drafter feeds ahead of need while growing a tree
+    # (staged's second stage; saves drafter passes where the max-gram model guesses right); 0 = off
+    second_stage: int = 4
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], default_listen: str) -> ModelServiceConfig:
@@ -89,7 +94,37 @@ class ModelServiceConfig:
             q_top=_int(env, "SPECD_Q_TOP", 32, minimum=1),
             max_draft=_int(env, "SPECD_MAX_DRAFT", 64, minimum=1),
             grace_seconds=_float(env, "SPECD_GRACE_SECONDS", 5.0),
+            second_stage=_int(env, "SPECD_SECOND_STAGE", 4),
         )
+
+
+def _int_list(name: str, text: str, minimum: int = 0) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated integers, got {text!r}") from None
+    if any(v < minimum for v in values):
+        raise ConfigError(f"{name} entries must be >= {minimum}, got {text!r}")
+    return values
+
+
+def _k_matrix(env: Mapping[str, str], name: str) -> tuple[tuple[int, ...], ...]:
+    """Rows separated by ';', entries by ','; '' = none (the strategy's default)."""
+    raw = _get(env, name, "")
+    return tuple(_int_list(name, row) for row in raw.split(";")) if raw else ()
+
+
+def _tree(env: Mapping[str, str], name: str) -> TreeShape | None:
+    """"branching:budget", e.g. "3,2,1,1,1:8"; '' = none (the strategy's default)."""
+    raw = _get(env, name, "")
+    if not raw:
+        return None
+    branching, _, budget = raw.partition(":")
+    budget_values = _int_list(name, budget)
+    shape = TreeShape(_int_list(name, branching, minimum=1), budget_values[0] if len(budget_values) == 1 else 0)
+    if shape.problems():
+        raise ConfigError(f"{name}={raw!r}: {'; '.join(shape.problems())} (the format is branching:budget, e.g. 3,2,1,1,1:8)")
+    return shape
 
 
 @dataclass(frozen=True)
@@ -109,6 +144,13 @@ class OrchestratorConfig:
     session_ttl_seconds: int = 86400  # SPECD_SESSION_TTL: idle sessions expire from Redis
     rpc_timeout_seconds: float = 120.0  # SPECD_RPC_TIMEOUT: deadline of every internal call
     grace_seconds: float = 5.0  # SPECD_GRACE_SECONDS
+    # SPECD_CASCADE: the cascade's drafters below the target, largest first, comma-separated:
+    # host:port of a drafter service, or `maxgram` (in-process). '' = SPECD_DRAFTER, then maxgram.
+    cascade: tuple[str, ...] = ()
+    # SPECD_K_MATRIX: the cascade's default k-matrix ("4,2;0,3"); '' = the built-in default.
+    k_matrix: tuple[tuple[int, ...], ...] = ()
+    # SPECD_TREE: staged's default tree, "branching:budget" ("3,2,1,1,1:8"); '' = the built-in default.
+    tree: TreeShape | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], default_listen: str) -> OrchestratorConfig:
@@ -131,4 +173,7 @@ class OrchestratorConfig:
             session_ttl_seconds=_int(env, "SPECD_SESSION_TTL", 86400, minimum=1),
             rpc_timeout_seconds=_float(env, "SPECD_RPC_TIMEOUT", 120.0),
             grace_seconds=_float(env, "SPECD_GRACE_SECONDS", 5.0),
+            cascade=tuple(level.strip() for level in _get(env, "SPECD_CASCADE", "").split(",") if level.strip()),
+            k_matrix=_k_matrix(env, "SPECD_K_MATRIX"),
+            tree=_tree(env, "SPECD_TREE"),
         )

@@ -79,8 +79,12 @@ def run_model_service(
     default_listen: str,
     make_servicer: Callable[[HostRunner, ModelServiceConfig], object],
     add_to_server: Callable[[object, grpc.aio.Server], None],
+    load: Callable[[ModelServiceConfig], object] = load_configured_host,
 ) -> int:
-    """The `main` of a model service: read the config, load the model, serve until stopped."""
+    """The `main` of a model service: read the config, load the model, serve until stopped.
+
+    `load` builds the host from the config (a drafter may serve a statistical model instead).
+    """
     import os
 
     from services.config import ConfigError
@@ -90,7 +94,7 @@ def run_model_service(
     setup_logging(os.environ.get("SPECD_LOG_LEVEL", "INFO"))
     try:
         config = ModelServiceConfig.from_env(os.environ, default_listen)
-        host = load_configured_host(config)
+        host = load(config)
     except (ConfigError, ModelNotFound, OSError) as err:
         log.error("%s: %s", name, err)
         return 2

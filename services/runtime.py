@@ -6,6 +6,11 @@ logits of the last positions of a sequence; the cache is cropped to its longest 
 prefix with that sequence and only the rest is fed. Rolling back rejected draft tokens is
 therefore not a separate operation: the next call simply shares a shorter prefix.
 
+A tree pass (`tree_logits`, services/tree.py) leaves the cache holding the context and then
+tree nodes in node order. `keep_path` compacts it to the context plus one root-to-node path
+(what a verifier keeps of an accepted draft); a later call whose sequence continues through
+cached nodes keeps that path the same way, and drops the other nodes.
+
 Caches are evicted least-recently-used. Losing one costs a re-prefill, never a wrong token.
 """
 
@@ -23,9 +28,13 @@ from pathlib import Path
 import torch
 
 from services.context import common_prefix_len
+from services.ngram import NgramIndex
+from services.tree import ROOT, Tree, attention_bias
 
 log = logging.getLogger(__name__)
 
+# Uncached context tokens above which a tree pass prefills them causally first (see tree_logits).
+TREE_PREFILL = 64
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -45,8 +54,10 @@ class SessionState:
     """What a service holds for one session."""
 
     context: list[int] = field(default_factory=list)  # committed tokens, as the caller sent them
-    cache: object | None = None  # transformers Cache over cached_tokens
+    cache: object | None = None  # transformers Cache over cached_tokens, then cached_tree's nodes
     cached_tokens: list[int] = field(default_factory=list)
+    cached_tree: Tree | None = None  # nodes cached after cached_tokens by the last tree pass
+    ngram: NgramIndex | None = None  # a drafter's max-gram index of the context (its second stage)
 
 
 class ModelHost:
@@ -95,6 +106,7 @@ class ModelHost:
         assert 1 <= n_last <= len(seq), f"need 1 <= n_last <= {len(seq)}, got {n_last}"
         seq = list(seq)
         state = self.session(session_id)
+        self._settle_tree(state, seq)
         # Reuse the cache up to the common prefix, but always feed the positions whose
         # logits are asked for.
         keep = min(common_prefix_len(state.cached_tokens, seq), len(seq) - n_last)
@@ -109,6 +121,91 @@ class ModelHost:
         state.cached_tokens = seq
         rows = out.logits[0, -n_last:]  # (n_last, V)
         return rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+
+
+    @torch.inference_mode()
+    def tree_logits(self, session_id: str, context: Sequence[int], tree: Tree, n_last: int) -> torch.Tensor:
+        """Logits (n_last, V) after each of the last n_last entries of (the context's last
+        token, node 0, ..., node N-1): row j predicts what follows that entry's path.
+
+        One pass with a tree attention mask and depth-based position ids (services/tree.py).
+        When the cache already holds this context and the first nodes of this tree (a drafter
+        growing its tree depth by depth), only the new nodes are fed. A long uncached stretch
+        of context (a new session's prompt) is first prefilled by an ordinary causal pass, so
+        the tree pass and its mask stay small; a short one (the tokens the last round
+        committed) rides along in the tree pass, which saves a pass per round.
+        """
+        n = len(tree)
+        assert context and 1 <= n_last <= n + 1, f"need a context and 1 <= n_last <= {n + 1}, got {n_last}"
+        context = list(context)
+        state = self.session(session_id)
+        cached_nodes = 0
+        reusable = state.cached_tree is not None and state.cached_tokens == context and state.cached_tree.prefix_of(tree)
+        if reusable and n_last <= n:
+            cached_nodes = min(len(state.cached_tree), n - n_last)
+        else:
+            self._settle_tree(state, context)
+        cached_context = len(context) if cached_nodes else common_prefix_len(state.cached_tokens, context)
+        # The context's last token is fed with the tree when the row after it is asked for.
+        wanted = len(context) - 1 if n_last == n + 1 else len(context)
+        if wanted - cached_context > TREE_PREFILL:
+            self.logits(session_id, context[:wanted], 1)
+            cached_context = wanted
+        cached_context = min(cached_context, wanted)
+        if state.cache is None or cached_context == 0:
+            state.cache, cached_context = _new_cache(self.model), 0
+        else:
+            held = state.cache.get_seq_length()
+            if held > cached_context + cached_nodes:
+                state.cache.crop(cached_context + cached_nodes - held)
+        bias, positions = attention_bias(tree, len(context), cached_context, cached_nodes, self.model.dtype)
+        fed = torch.tensor([context[cached_context:] + list(tree.tokens[cached_nodes:])], device=self.device)  # (1, T)
+        out = self.model(
+            input_ids=fed,
+            attention_mask=bias.to(self.device),  # (1, 1, T, S)
+            position_ids=positions.to(self.device),  # (1, T)
+            past_key_values=state.cache,
+            use_cache=True,
+            logits_to_keep=n_last,
+        )
+        state.cache = out.past_key_values
+        state.cached_tokens, state.cached_tree = context, (tree if n else None)
+        rows = out.logits[0, -n_last:]  # (n_last, V)
+        return rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+
+    def keep_path(self, session_id: str, path: Sequence[int]) -> None:
+        """Compacts the cache to the context plus one root-to-node path of the cached tree
+        (node indices, root first): the KV entries of every other node are dropped."""
+        self._keep_path(self.session(session_id), list(path))
+
+    def _keep_path(self, state: SessionState, path: list[int]) -> None:
+        if state.cached_tree is None and not path:
+            return  # an empty tree was passed: the cache holds just the context
+        assert state.cached_tree is not None, "no tree is cached"
+        tree = state.cached_tree
+        assert list(path) == tree.path(path[-1] if path else ROOT), f"{list(path)} is not a path from the root"
+        keep = len(state.cached_tokens)
+        index = torch.tensor([*range(keep), *(keep + node for node in path)], device=self.device)  # (keep + n,)
+        for layer in state.cache.layers:
+            layer.keys = layer.keys.index_select(-2, index)  # (B, H, keep + n, D)
+            layer.values = layer.values.index_select(-2, index)
+        state.cached_tokens = state.cached_tokens + [tree.tokens[node] for node in path]
+        state.cached_tree = None
+
+    def _settle_tree(self, state: SessionState, seq: list[int]) -> None:
+        """Before a pass over seq: keep the cached nodes that continue seq as a path, drop the rest."""
+        if state.cached_tree is None:
+            return
+        tree, base = state.cached_tree, len(state.cached_tokens)
+        path: list[int] = []
+        if seq[:base] == state.cached_tokens:
+            for token in seq[base:]:
+                below = path[-1] if path else ROOT
+                child = next((c for c in tree.children(below) if tree.tokens[c] == token), None)
+                if child is None:
+                    break
+                path.append(child)
+        self._keep_path(state, path)
 
 
 def _new_cache(model: torch.nn.Module) -> object:

@@ -13,6 +13,7 @@ from services.context import ContextDelta
 from services.pb import specd_pb2 as pb
 from services.runtime import ModelInfo
 from services.sampling import SamplingParams, SparseDist
+from services.tree import Tree, TreeShape
 
 
 class BadRequest(ValueError):
@@ -98,3 +99,42 @@ def info_from_pb(msg: pb.ModelInfo) -> ModelInfo:
         device=msg.device,
         tokenizer_fingerprint=msg.tokenizer_fingerprint,
     )
+
+
+def tree_to_pb(tree: Tree, q: Sequence[SparseDist | None]) -> pb.DraftTree:
+    """A tree and its per-node q (N+1 entries or none); None travels as a SparseDist with no ids."""
+    return pb.DraftTree(
+        tokens=tree.tokens,
+        parents=tree.parents,
+        q=[pb.SparseDist() if d is None else pb.SparseDist(ids=d.ids.tolist(), probs=d.probs.tolist()) for d in q],
+    )
+
+
+def tree_from_pb(msg: pb.DraftTree, vocab_size: int | None = None) -> tuple[Tree, tuple[SparseDist | None, ...]]:
+    """Parses and checks a draft tree and its per-node q."""
+    if len(msg.tokens) != len(msg.parents):
+        raise BadRequest(f"tree has {len(msg.tokens)} tokens and {len(msg.parents)} parents; give one of each per node")
+    if vocab_size is not None:
+        check_token_ids(msg.tokens, vocab_size, "tree.tokens")
+    try:
+        tree = Tree(tuple(msg.tokens), tuple(msg.parents))
+    except AssertionError as err:
+        raise BadRequest(f"tree: {err}") from None
+    if msg.q and len(msg.q) != len(tree) + 1:
+        raise BadRequest(f"tree.q has {len(msg.q)} entries; send N+1 = {len(tree) + 1} (root first) or none")
+    q: list[SparseDist | None] = []
+    for d in msg.q:
+        q.append(dists_from_pb([d], vocab_size)[0] if d.ids else None)
+    return tree, tuple(q)
+
+
+def shape_to_pb(shape: TreeShape) -> pb.TreeShape:
+    return pb.TreeShape(branching=shape.branching, budget=shape.budget)
+
+
+def shape_from_pb(msg: pb.TreeShape, max_nodes: int) -> TreeShape:
+    shape = TreeShape(tuple(msg.branching), msg.budget)
+    problems = shape.problems(max_nodes)
+    if problems:
+        raise BadRequest("; ".join(problems))
+    return shape

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,9 +46,17 @@ def generate(address: str, prompt: str | None = None, messages=None, **fields) -
     return Result(ids, "".join(text), stats)
 
 
+MODULES = {"verifier": "verifier_svc", "drafter": "drafter_svc", "orchestrator": "orchestrator"}
+
+
 @dataclass
 class ServiceStack:
-    """verifier, drafter and orchestrator as real processes on loopback ports."""
+    """verifier, drafter and orchestrator as real processes on loopback ports.
+
+    More of each kind can be added by name ("drafter2", "orchestrator2"): `services` lists
+    what `up` starts, and `extra_env(stack, name)` gives a service's own variables on top of
+    its kind's (addresses of the others are known by then: every port is chosen up front).
+    """
 
     target_dir: Path
     drafter_dir: Path
@@ -57,6 +66,12 @@ class ServiceStack:
     threads: int = 1  # tiny models are all per-op overhead; real models want every core
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict = field(default_factory=dict)
+    services: tuple[str, ...] = ("verifier", "drafter", "orchestrator")
+    extra_env: Callable[[ServiceStack, str], dict[str, str]] | None = None
+
+    @staticmethod
+    def kind(name: str) -> str:
+        return name.rstrip("0123456789")
 
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
@@ -71,7 +86,7 @@ class ServiceStack:
             "SPECD_HOME": str(self.logs / "home"),
             "SPECD_GRACE_SECONDS": "1",
         }
-        if name == "orchestrator":
+        if self.kind(name) == "orchestrator":
             env |= {
                 "SPECD_VERIFIER": self.address("verifier"),
                 "SPECD_DRAFTER": self.address("drafter"),
@@ -81,11 +96,12 @@ class ServiceStack:
                 "SPECD_RPC_TIMEOUT": "60",
             }
         else:
-            env |= {"SPECD_MODEL": str(self.target_dir if name == "verifier" else self.drafter_dir), "SPECD_DTYPE": self.dtype}
-        return env
+            model = self.target_dir if self.kind(name) == "verifier" else self.drafter_dir
+            env |= {"SPECD_MODEL": str(model), "SPECD_DTYPE": self.dtype}
+        return env | (self.extra_env(self, name) if self.extra_env else {})
 
     def start(self, name: str) -> None:
-        module = {"verifier": "verifier_svc", "drafter": "drafter_svc", "orchestrator": "orchestrator"}[name]
+        module = MODULES[self.kind(name)]
         self.ports.setdefault(name, free_port())
         log_path = self.logs / f"{name}.log"
         self.procs[name] = (start_process([sys.executable, "-m", module], self.env(name), log_path), log_path)
@@ -106,9 +122,11 @@ class ServiceStack:
         self.wait(name)
 
     def up(self) -> ServiceStack:
-        for name in ("verifier", "drafter", "orchestrator"):
+        for name in self.services:
+            self.ports.setdefault(name, free_port())
+        for name in self.services:
             self.start(name)
-        for name in ("verifier", "drafter", "orchestrator"):
+        for name in self.services:
             self.wait(name)
         return self
 

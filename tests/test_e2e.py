@@ -1,6 +1,6 @@
 """End to end on the real packaged models (prepared by `specd models prepare`, which the
-README's test command runs first): greedy `sd` through the services equals the target's
-own greedy `generate`.
+README's test command runs first): greedy `sd`, `cascade` (target <- 0.5B <- max-gram) and
+`staged` (tree drafts) through the services equal the target's own greedy `generate`.
 
 fp32 arithmetic of a pass over several tokens can differ in the last bits from a pass over
 one, so the two may part at a near-tie. A divergence is accepted only where the gap between
@@ -66,14 +66,33 @@ def top2_gap(model, ids: list[int]) -> float:
     return float(top[0] - top[1])
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_sd_equals_the_targets_own_generate(stack, target, prompt):
+@pytest.fixture(scope="module")
+def reference(target):
+    """The target's own greedy continuation of a chat prompt, computed once per prompt."""
     tokenizer, model = target
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer(rendered, add_special_tokens=False).input_ids
-    with torch.inference_mode():
-        expected = model.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(prompt_ids):].tolist()
-    result = generate(stack.address("orchestrator"), messages=[("user", prompt)], strategy="sd", max_new_tokens=NEW_TOKENS)
+    found: dict[str, tuple[list[int], list[int]]] = {}
+
+    def continuation(prompt: str) -> tuple[list[int], list[int]]:
+        if prompt not in found:
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            prompt_ids = tokenizer(rendered, add_special_tokens=False).input_ids
+            with torch.inference_mode():
+                out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
+            found[prompt] = prompt_ids, out[0, len(prompt_ids) :].tolist()
+        return found[prompt]
+
+    return continuation
+
+
+@pytest.mark.parametrize("strategy", ["sd", "cascade", "staged"])
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_strategy_equals_the_targets_own_generate(stack, target, reference, prompt, strategy):
+    tokenizer, model = target
+    prompt_ids, expected = reference(prompt)
+    address = stack.address("orchestrator")
+    result = generate(address, messages=[("user", prompt)], strategy=strategy, max_new_tokens=NEW_TOKENS)
     assert result.stats.prompt_tokens == len(prompt_ids)
     assert result.stats.drafted > 0
 
@@ -83,6 +102,6 @@ def test_greedy_sd_equals_the_targets_own_generate(stack, target, prompt):
         return
     gap = top2_gap(model, prompt_ids + expected[:at])
     assert gap < NEAR_TIE, (
-        f"sd parted from the target at new token {at} where the top-2 logit gap is {gap:.2e} (not a near-tie):\n"
-        f"sd:     {tokenizer.decode(result.token_ids)!r}\ntarget: {tokenizer.decode(expected)!r}"
+        f"{strategy} parted from the target at new token {at} where the top-2 logit gap is {gap:.2e} (not a near-tie):\n"
+        f"{strategy}: {tokenizer.decode(result.token_ids)!r}\ntarget: {tokenizer.decode(expected)!r}"
     )

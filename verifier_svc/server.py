@@ -11,8 +11,8 @@ from services.hosting import ModelServicer, abort_bad_request, run_model_service
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
 from services.sampling import seeded_generator
-from services.wire import BadRequest, check_token_ids, delta_from_pb, dists_from_pb, sampling_from_pb
-from verifier_svc.verify import verify
+from services.wire import BadRequest, check_token_ids, delta_from_pb, dists_from_pb, sampling_from_pb, tree_from_pb
+from verifier_svc.verify import verify, verify_tree
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -42,6 +42,29 @@ class VerifierServicer(ModelServicer, pb_grpc.VerifierServicer):
         if verdict is None:
             return pb.VerifyResponse(context_miss=True, compute_seconds=elapsed)
         return pb.VerifyResponse(accepted=verdict.accepted, tokens=verdict.tokens, compute_seconds=elapsed)
+
+    async def VerifyTree(
+        self, request: pb.VerifyTreeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.VerifyTreeResponse:
+        host = self.runner.host
+        try:
+            delta = delta_from_pb(request.context, host.info.vocab_size)
+            params = sampling_from_pb(request.sampling)
+            tree, q = tree_from_pb(request.tree, host.info.vocab_size)
+            if len(tree) > self.config.max_draft:
+                raise BadRequest(f"a tree of {len(tree)} nodes is above the limit of {self.config.max_draft}")
+        except BadRequest as err:
+            await abort_bad_request(context, err)
+        generator = seeded_generator(request.seed)
+        started = time.perf_counter()
+        try:
+            verdict = await self.runner.run(verify_tree, host, delta, tree, q, params, generator)
+        except (ValueError, AssertionError) as err:
+            await abort_bad_request(context, BadRequest(str(err)))
+        elapsed = time.perf_counter() - started
+        if verdict is None:
+            return pb.VerifyTreeResponse(context_miss=True, compute_seconds=elapsed)
+        return pb.VerifyTreeResponse(accepted=verdict.accepted, tokens=verdict.tokens, compute_seconds=elapsed)
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""Verification: one target pass over the draft, then the acceptance rule."""
+"""Verification: one target pass over the draft (a chain or a tree), then the acceptance rule."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import torch
 
 from services.acceptance import Verdict, accept
 from services.context import ContextDelta, resolve_delta
+from services.multidraft import TreeVerdict, verify_tree_greedy, verify_tree_sampled
 from services.runtime import ModelHost
-from services.sampling import SamplingParams, SparseDist
+from services.sampling import SamplingParams, SparseDist, target_probs
+from services.tree import Tree
 
 
 def verify(
@@ -34,5 +36,36 @@ def verify(
         raise ValueError("the context is empty: verification needs at least one token to follow")
     logits = host.logits(delta.session_id, [*context, *draft], len(draft) + 1)  # (k+1, V)
     verdict = accept(list(draft), list(q), logits, params, generator)
+    host.session(delta.session_id).context = [*context, *verdict.tokens]
+    return verdict
+
+
+def verify_tree(
+    host: ModelHost,
+    delta: ContextDelta,
+    tree: Tree,
+    q: Sequence[SparseDist | None],
+    params: SamplingParams,
+    generator: torch.Generator,
+) -> TreeVerdict | None:
+    """Verifies a draft tree after the context in one target pass; None when the delta misses.
+
+    The pass uses a tree attention mask and depth-based position ids (ModelHost.tree_logits)
+    and yields p after the context and after every node; greedy keeps the longest path of
+    target argmaxes, sampling walks the tree with recursive rejection sampling
+    (services/multidraft.py). The KV cache then keeps only the accepted path, and the
+    service holds the context extended by the returned tokens.
+    """
+    context = resolve_delta(host.held_context(delta.session_id), delta)
+    if context is None:
+        return None
+    if not context:
+        raise ValueError("the context is empty: verification needs at least one token to follow")
+    logits = host.tree_logits(delta.session_id, context, tree, len(tree) + 1)  # (N+1, V)
+    if params.greedy:
+        verdict = verify_tree_greedy(tree, logits.argmax(dim=-1).tolist())
+    else:
+        verdict = verify_tree_sampled(tree, list(q), target_probs(logits, params), generator)
+    host.keep_path(delta.session_id, verdict.path)
     host.session(delta.session_id).context = [*context, *verdict.tokens]
     return verdict

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17services/pb/specd.proto\x12\x08specd.v1\"=\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\"Y\n\x07\x43ontext\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_len\x18\x02 \x01(\r\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\x06\x12\x0e\n\x06tokens\x18\x04 \x03(\x05\"(\n\nSparseDist\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"\x98\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x07 \x01(\t\"\r\n\x0bInfoRequest\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"s\n\x0eProposeRequest\x12\"\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x11.specd.v1.Context\x12\t\n\x01k\x18\x02 \x01(\r\x12$\n\x08sampling\x18\x03 \x01(\x0b\x32\x12.specd.v1.Sampling\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"q\n\x0fProposeResponse\x12\x14\n\x0c\x63ontext_miss\x18\x01 \x01(\x08\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x1f\n\x01q\x18\x03 \x03(\x0b\x32\x14.specd.v1.SparseDist\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\"\x97\x01\n\rVerifyRequest\x12\"\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x11.specd.v1.Context\x12\r\n\x05\x64raft\x18\x02 \x03(\x05\x12\x1f\n\x01q\x18\x03 \x03(\x0b\x32\x14.specd.v1.SparseDist\x12$\n\x08sampling\x18\x04 \x01(\x0b\x32\x12.specd.v1.Sampling\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"a\n\x0eVerifyResponse\x12\x14\n\x0c\x63ontext_miss\x18\x01 \x01(\x08\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"/\n\x04\x43hat\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.specd.v1.ChatMessage\"\x1c\n\x0fStrategyOptions\x12\t\n\x01k\x18\x01 \x01(\r\"\xde\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x1e\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x0e.specd.v1.ChatH\x00\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x10\n\x08strategy\x18\n \x01(\t\x12*\n\x07options\x18\x0b \x01(\x0b\x32\x19.specd.v1.StrategyOptionsB\x07\n\x05inputB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\",\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xc8\x03\n\x0fGenerationStats\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x12\n\nnew_tokens\x18\x05 \x01(\r\x12\x17\n\x0ftarget_forwards\x18\x06 \x01(\r\x12\x0f\n\x07\x64rafted\x18\x07 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x08 \x01(\r\x12\x1c\n\x14mean_accepted_length\x18\t \x01(\x01\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\n \x01(\x01\x12\x1e\n\x16\x61\x63\x63\x65ptance_by_position\x18\x0b \x03(\x01\x12\x14\n\x0cwall_seconds\x18\x0c \x01(\x01\x12\x19\n\x11tokens_per_second\x18\r \x01(\x01\x12\x15\n\rdraft_seconds\x18\x0e \x01(\x01\x12\x16\n\x0everify_seconds\x18\x0f \x01(\x01\x12\x17\n\x0fnetwork_seconds\x18\x10 \x01(\x01\x12\x15\n\rredis_seconds\x18\x11 \x01(\x01\x12\x12\n\nbytes_sent\x18\x12 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x13 \x01(\x04\"m\n\x10GenerateResponse\x12$\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x13.specd.v1.TextDeltaH\x00\x12*\n\x05stats\x18\x02 \x01(\x0b\x32\x19.specd.v1.GenerationStatsH\x00\x42\x07\n\x05\x65vent\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x15\x44\x65leteSessionResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x32\xbd\x01\n\x07\x44rafter\x12>\n\x07Propose\x12\x18.specd.v1.ProposeRequest\x1a\x19.specd.v1.ProposeResponse\x12\x32\n\x04Info\x12\x15.specd.v1.InfoRequest\x1a\x13.specd.v1.ModelInfo\x12>\n\x07Release\x12\x18.specd.v1.ReleaseRequest\x1a\x19.specd.v1.ReleaseResponse2\xbb\x01\n\x08Verifier\x12;\n\x06Verify\x12\x17.specd.v1.VerifyRequest\x1a\x18.specd.v1.VerifyResponse\x12\x32\n\x04Info\x12\x15.specd.v1.InfoRequest\x1a\x13.specd.v1.ModelInfo\x12>\n\x07Release\x12\x18.specd.v1.ReleaseRequest\x1a\x19.specd.v1.ReleaseResponse2\xa2\x01\n\tGenerator\x12\x43\n\x08Generate\x12\x19.specd.v1.GenerateRequest\x1a\x1a.specd.v1.GenerateResponse0\x01\x12P\n\rDeleteSession\x12\x1e.specd.v1.DeleteSessionRequest\x1a\x1f.specd.v1.DeleteSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17services/pb/specd.proto\x12\x08specd.v1\"=\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\"Y\n\x07\x43ontext\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_len\x18\x02 \x01(\r\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\x06\x12\x0e\n\x06tokens\x18\x04 \x03(\x05\"(\n\nSparseDist\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"\x98\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x07 \x01(\t\"\r\n\x0bInfoRequest\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"s\n\x0eProposeRequest\x12\"\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x11.specd.v1.Context\x12\t\n\x01k\x18\x02 \x01(\r\x12$\n\x08sampling\x18\x03 \x01(\x0b\x32\x12.specd.v1.Sampling\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"q\n\x0fProposeResponse\x12\x14\n\x0c\x63ontext_miss\x18\x01 \x01(\x08\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x1f\n\x01q\x18\x03 \x03(\x0b\x32\x14.specd.v1.SparseDist\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\"\x97\x01\n\rReviewRequest\x12\"\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x11.specd.v1.Context\x12\r\n\x05\x64raft\x18\x02 \x03(\x05\x12\x1f\n\x01q\x18\x03 \x03(\x0b\x32\x14.specd.v1.SparseDist\x12$\n\x08sampling\x18\x04 \x01(\x0b\x32\x12.specd.v1.Sampling\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\x82\x01\n\x0eReviewResponse\x12\x14\n\x0c\x63ontext_miss\x18\x01 \x01(\x08\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x1f\n\x01q\x18\x04 \x03(\x0b\x32\x14.specd.v1.SparseDist\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\"M\n\tDraftTree\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\x1f\n\x01q\x18\x03 \x03(\x0b\x32\x14.specd.v1.SparseDist\".\n\tTreeShape\x12\x11\n\tbranching\x18\x01 \x03(\r\x12\x0e\n\x06\x62udget\x18\x02 \x01(\r\"\x90\x01\n\x12ProposeTreeRequest\x12\"\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x11.specd.v1.Context\x12\"\n\x05shape\x18\x02 \x01(\x0b\x32\x13.specd.v1.TreeShape\x12$\n\x08sampling\x18\x03 \x01(\x0b\x32\x12.specd.v1.Sampling\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\x81\x01\n\x13ProposeTreeResponse\x12\x14\n\x0c\x63ontext_miss\x18\x01 \x01(\x08\x12!\n\x04tree\x18\x02 \x01(\x0b\x32\x13.specd.v1.DraftTree\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x18\n\x10\x64rafter_forwards\x18\x04 \x01(\r\"\x97\x01\n\rVerifyRequest\x12\"\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x11.specd.v1.Context\x12\r\n\x05\x64raft\x18\x02 \x03(\x05\x12\x1f\n\x01q\x18\x03 \x03(\x0b\x32\x14.specd.v1.SparseDist\x12$\n\x08sampling\x18\x04 \x01(\x0b\x32\x12.specd.v1.Sampling\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"a\n\x0eVerifyResponse\x12\x14\n\x0c\x63ontext_miss\x18\x01 \x01(\x08\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\"\x8e\x01\n\x11VerifyTreeRequest\x12\"\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x11.specd.v1.Context\x12!\n\x04tree\x18\x02 \x01(\x0b\x32\x13.specd.v1.DraftTree\x12$\n\x08sampling\x18\x03 \x01(\x0b\x32\x12.specd.v1.Sampling\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"e\n\x12VerifyTreeResponse\x12\x14\n\x0c\x63ontext_miss\x18\x01 \x01(\x08\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"/\n\x04\x43hat\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.specd.v1.ChatMessage\"\x11\n\x04KRow\x12\t\n\x01k\x18\x01 \x03(\r\"a\n\x0fStrategyOptions\x12\t\n\x01k\x18\x01 \x01(\r\x12 \n\x08k_matrix\x18\x02 \x03(\x0b\x32\x0e.specd.v1.KRow\x12!\n\x04tree\x18\x03 \x01(\x0b\x32\x13.specd.v1.TreeShape\"\xde\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x1e\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x0e.specd.v1.ChatH\x00\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x10\n\x08strategy\x18\n \x01(\t\x12*\n\x07options\x18\x0b \x01(\x0b\x32\x19.specd.v1.StrategyOptionsB\x07\n\x05inputB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\",\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xc8\x03\n\x0fGenerationStats\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x12\n\nnew_tokens\x18\x05 \x01(\r\x12\x17\n\x0ftarget_forwards\x18\x06 \x01(\r\x12\x0f\n\x07\x64rafted\x18\x07 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x08 \x01(\r\x12\x1c\n\x14mean_accepted_length\x18\t \x01(\x01\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\n \x01(\x01\x12\x1e\n\x16\x61\x63\x63\x65ptance_by_position\x18\x0b \x03(\x01\x12\x14\n\x0cwall_seconds\x18\x0c \x01(\x01\x12\x19\n\x11tokens_per_second\x18\r \x01(\x01\x12\x15\n\rdraft_seconds\x18\x0e \x01(\x01\x12\x16\n\x0everify_seconds\x18\x0f \x01(\x01\x12\x17\n\x0fnetwork_seconds\x18\x10 \x01(\x01\x12\x15\n\rredis_seconds\x18\x11 \x01(\x01\x12\x12\n\nbytes_sent\x18\x12 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x13 \x01(\x04\"m\n\x10GenerateResponse\x12$\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x13.specd.v1.TextDeltaH\x00\x12*\n\x05stats\x18\x02 \x01(\x0b\x32\x19.specd.v1.GenerationStatsH\x00\x42\x07\n\x05\x65vent\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x15\x44\x65leteSessionResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x32\xc6\x02\n\x07\x44rafter\x12>\n\x07Propose\x12\x18.specd.v1.ProposeRequest\x1a\x19.specd.v1.ProposeResponse\x12\x32\n\x04Info\x12\x15.specd.v1.InfoRequest\x1a\x13.specd.v1.ModelInfo\x12>\n\x07Release\x12\x18.specd.v1.ReleaseRequest\x1a\x19.specd.v1.ReleaseResponse\x12;\n\x06Review\x12\x17.specd.v1.ReviewRequest\x1a\x18.specd.v1.ReviewResponse\x12J\n\x0bProposeTree\x12\x1c.specd.v1.ProposeTreeRequest\x1a\x1d.specd.v1.ProposeTreeResponse2\x84\x02\n\x08Verifier\x12;\n\x06Verify\x12\x17.specd.v1.VerifyRequest\x1a\x18.specd.v1.VerifyResponse\x12\x32\n\x04Info\x12\x15.specd.v1.InfoRequest\x1a\x13.specd.v1.ModelInfo\x12>\n\x07Release\x12\x18.specd.v1.ReleaseRequest\x1a\x19.specd.v1.ReleaseResponse\x12G\n\nVerifyTree\x12\x1b.specd.v1.VerifyTreeRequest\x1a\x1c.specd.v1.VerifyTreeResponse2\xa2\x01\n\tGenerator\x12\x43\n\x08Generate\x12\x19.specd.v1.GenerateRequest\x1a\x1a.specd.v1.GenerateResponse0\x01\x12P\n\rDeleteSession\x12\x1e.specd.v1.DeleteSessionRequest\x1a\x1f.specd.v1.DeleteSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,32 +49,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROPOSEREQUEST']._serialized_end=593
   _globals['_PROPOSERESPONSE']._serialized_start=595
   _globals['_PROPOSERESPONSE']._serialized_end=708
-  _globals['_VERIFYREQUEST']._serialized_start=711
-  _globals['_VERIFYREQUEST']._serialized_end=862
-  _globals['_VERIFYRESPONSE']._serialized_start=864
-  _globals['_VERIFYRESPONSE']._serialized_end=961
-  _globals['_CHATMESSAGE']._serialized_start=963
-  _globals['_CHATMESSAGE']._serialized_end=1007
-  _globals['_CHAT']._serialized_start=1009
-  _globals['_CHAT']._serialized_end=1056
-  _globals['_STRATEGYOPTIONS']._serialized_start=1058
-  _globals['_STRATEGYOPTIONS']._serialized_end=1086
-  _globals['_GENERATEREQUEST']._serialized_start=1089
-  _globals['_GENERATEREQUEST']._serialized_end=1439
-  _globals['_TEXTDELTA']._serialized_start=1441
-  _globals['_TEXTDELTA']._serialized_end=1485
-  _globals['_GENERATIONSTATS']._serialized_start=1488
-  _globals['_GENERATIONSTATS']._serialized_end=1944
-  _globals['_GENERATERESPONSE']._serialized_start=1946
-  _globals['_GENERATERESPONSE']._serialized_end=2055
-  _globals['_DELETESESSIONREQUEST']._serialized_start=2057
-  _globals['_DELETESESSIONREQUEST']._serialized_end=2099
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=2101
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=2141
-  _globals['_DRAFTER']._serialized_start=2144
-  _globals['_DRAFTER']._serialized_end=2333
-  _globals['_VERIFIER']._serialized_start=2336
-  _globals['_VERIFIER']._serialized_end=2523
-  _globals['_GENERATOR']._serialized_start=2526
-  _globals['_GENERATOR']._serialized_end=2688
+  _globals['_REVIEWREQUEST']._serialized_start=711
+  _globals['_REVIEWREQUEST']._serialized_end=862
+  _globals['_REVIEWRESPONSE']._serialized_start=865
+  _globals['_REVIEWRESPONSE']._serialized_end=995
+  _globals['_DRAFTTREE']._serialized_start=997
+  _globals['_DRAFTTREE']._serialized_end=1074
+  _globals['_TREESHAPE']._serialized_start=1076
+  _globals['_TREESHAPE']._serialized_end=1122
+  _globals['_PROPOSETREEREQUEST']._serialized_start=1125
+  _globals['_PROPOSETREEREQUEST']._serialized_end=1269
+  _globals['_PROPOSETREERESPONSE']._serialized_start=1272
+  _globals['_PROPOSETREERESPONSE']._serialized_end=1401
+  _globals['_VERIFYREQUEST']._serialized_start=1404
+  _globals['_VERIFYREQUEST']._serialized_end=1555
+  _globals['_VERIFYRESPONSE']._serialized_start=1557
+  _globals['_VERIFYRESPONSE']._serialized_end=1654
+  _globals['_VERIFYTREEREQUEST']._serialized_start=1657
+  _globals['_VERIFYTREEREQUEST']._serialized_end=1799
+  _globals['_VERIFYTREERESPONSE']._serialized_start=1801
+  _globals['_VERIFYTREERESPONSE']._serialized_end=1902
+  _globals['_CHATMESSAGE']._serialized_start=1904
+  _globals['_CHATMESSAGE']._serialized_end=1948
+  _globals['_CHAT']._serialized_start=1950
+  _globals['_CHAT']._serialized_end=1997
+  _globals['_KROW']._serialized_start=1999
+  _globals['_KROW']._serialized_end=2016
+  _globals['_STRATEGYOPTIONS']._serialized_start=2018
+  _globals['_STRATEGYOPTIONS']._serialized_end=2115
+  _globals['_GENERATEREQUEST']._serialized_start=2118
+  _globals['_GENERATEREQUEST']._serialized_end=2468
+  _globals['_TEXTDELTA']._serialized_start=2470
+  _globals['_TEXTDELTA']._serialized_end=2514
+  _globals['_GENERATIONSTATS']._serialized_start=2517
+  _globals['_GENERATIONSTATS']._serialized_end=2973
+  _globals['_GENERATERESPONSE']._serialized_start=2975
+  _globals['_GENERATERESPONSE']._serialized_end=3084
+  _globals['_DELETESESSIONREQUEST']._serialized_start=3086
+  _globals['_DELETESESSIONREQUEST']._serialized_end=3128
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=3130
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=3170
+  _globals['_DRAFTER']._serialized_start=3173
+  _globals['_DRAFTER']._serialized_end=3499
+  _globals['_VERIFIER']._serialized_start=3502
+  _globals['_VERIFIER']._serialized_end=3762
+  _globals['_GENERATOR']._serialized_start=3765
+  _globals['_GENERATOR']._serialized_end=3927
 # @@protoc_insertion_point(module_scope)

@@ -94,6 +94,76 @@ class ProposeResponse(_message.Message):
     compute_seconds: float
     def __init__(self, context_miss: _Optional[bool] = ..., tokens: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
+class ReviewRequest(_message.Message):
+    __slots__ = ("context", "draft", "q", "sampling", "seed")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    Q_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    context: Context
+    draft: _containers.RepeatedScalarFieldContainer[int]
+    q: _containers.RepeatedCompositeFieldContainer[SparseDist]
+    sampling: Sampling
+    seed: int
+    def __init__(self, context: _Optional[_Union[Context, _Mapping]] = ..., draft: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class ReviewResponse(_message.Message):
+    __slots__ = ("context_miss", "accepted", "tokens", "q", "compute_seconds")
+    CONTEXT_MISS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    Q_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    context_miss: bool
+    accepted: int
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    q: _containers.RepeatedCompositeFieldContainer[SparseDist]
+    compute_seconds: float
+    def __init__(self, context_miss: _Optional[bool] = ..., accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+
+class DraftTree(_message.Message):
+    __slots__ = ("tokens", "parents", "q")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
+    Q_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    parents: _containers.RepeatedScalarFieldContainer[int]
+    q: _containers.RepeatedCompositeFieldContainer[SparseDist]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ...) -> None: ...
+
+class TreeShape(_message.Message):
+    __slots__ = ("branching", "budget")
+    BRANCHING_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    branching: _containers.RepeatedScalarFieldContainer[int]
+    budget: int
+    def __init__(self, branching: _Optional[_Iterable[int]] = ..., budget: _Optional[int] = ...) -> None: ...
+
+class ProposeTreeRequest(_message.Message):
+    __slots__ = ("context", "shape", "sampling", "seed")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    context: Context
+    shape: TreeShape
+    sampling: Sampling
+    seed: int
+    def __init__(self, context: _Optional[_Union[Context, _Mapping]] = ..., shape: _Optional[_Union[TreeShape, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class ProposeTreeResponse(_message.Message):
+    __slots__ = ("context_miss", "tree", "compute_seconds", "drafter_forwards")
+    CONTEXT_MISS_FIELD_NUMBER: _ClassVar[int]
+    TREE_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_FORWARDS_FIELD_NUMBER: _ClassVar[int]
+    context_miss: bool
+    tree: DraftTree
+    compute_seconds: float
+    drafter_forwards: int
+    def __init__(self, context_miss: _Optional[bool] = ..., tree: _Optional[_Union[DraftTree, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., drafter_forwards: _Optional[int] = ...) -> None: ...
+
 class VerifyRequest(_message.Message):
     __slots__ = ("context", "draft", "q", "sampling", "seed")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +190,30 @@ class VerifyResponse(_message.Message):
     compute_seconds: float
     def __init__(self, context_miss: _Optional[bool] = ..., accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
+class VerifyTreeRequest(_message.Message):
+    __slots__ = ("context", "tree", "sampling", "seed")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    TREE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    context: Context
+    tree: DraftTree
+    sampling: Sampling
+    seed: int
+    def __init__(self, context: _Optional[_Union[Context, _Mapping]] = ..., tree: _Optional[_Union[DraftTree, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class VerifyTreeResponse(_message.Message):
+    __slots__ = ("context_miss", "accepted", "tokens", "compute_seconds")
+    CONTEXT_MISS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    context_miss: bool
+    accepted: int
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    compute_seconds: float
+    def __init__(self, context_miss: _Optional[bool] = ..., accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -134,11 +228,21 @@ class Chat(_message.Message):
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
-class StrategyOptions(_message.Message):
+class KRow(_message.Message):
     __slots__ = ("k",)
     K_FIELD_NUMBER: _ClassVar[int]
+    k: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, k: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StrategyOptions(_message.Message):
+    __slots__ = ("k", "k_matrix", "tree")
+    K_FIELD_NUMBER: _ClassVar[int]
+    K_MATRIX_FIELD_NUMBER: _ClassVar[int]
+    TREE_FIELD_NUMBER: _ClassVar[int]
     k: int
-    def __init__(self, k: _Optional[int] = ...) -> None: ...
+    k_matrix: _containers.RepeatedCompositeFieldContainer[KRow]
+    tree: TreeShape
+    def __init__(self, k: _Optional[int] = ..., k_matrix: _Optional[_Iterable[_Union[KRow, _Mapping]]] = ..., tree: _Optional[_Union[TreeShape, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "chat", "session_id", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "strategy", "options")

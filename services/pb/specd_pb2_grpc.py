@@ -49,6 +49,16 @@ class DrafterStub:
                 request_serializer=services_dot_pb_dot_specd__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=services_dot_pb_dot_specd__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Review = channel.unary_unary(
+                '/specd.v1.Drafter/Review',
+                request_serializer=services_dot_pb_dot_specd__pb2.ReviewRequest.SerializeToString,
+                response_deserializer=services_dot_pb_dot_specd__pb2.ReviewResponse.FromString,
+                _registered_method=True)
+        self.ProposeTree = channel.unary_unary(
+                '/specd.v1.Drafter/ProposeTree',
+                request_serializer=services_dot_pb_dot_specd__pb2.ProposeTreeRequest.SerializeToString,
+                response_deserializer=services_dot_pb_dot_specd__pb2.ProposeTreeResponse.FromString,
+                _registered_method=True)
 
 
 class DrafterServicer:
@@ -72,6 +82,18 @@ class DrafterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Review(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProposeTree(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DrafterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +111,16 @@ def add_DrafterServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=services_dot_pb_dot_specd__pb2.ReleaseRequest.FromString,
                     response_serializer=services_dot_pb_dot_specd__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Review': grpc.unary_unary_rpc_method_handler(
+                    servicer.Review,
+                    request_deserializer=services_dot_pb_dot_specd__pb2.ReviewRequest.FromString,
+                    response_serializer=services_dot_pb_dot_specd__pb2.ReviewResponse.SerializeToString,
+            ),
+            'ProposeTree': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProposeTree,
+                    request_deserializer=services_dot_pb_dot_specd__pb2.ProposeTreeRequest.FromString,
+                    response_serializer=services_dot_pb_dot_specd__pb2.ProposeTreeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +214,60 @@ class Drafter:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Review(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specd.v1.Drafter/Review',
+            services_dot_pb_dot_specd__pb2.ReviewRequest.SerializeToString,
+            services_dot_pb_dot_specd__pb2.ReviewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProposeTree(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specd.v1.Drafter/ProposeTree',
+            services_dot_pb_dot_specd__pb2.ProposeTreeRequest.SerializeToString,
+            services_dot_pb_dot_specd__pb2.ProposeTreeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class VerifierStub:
     """Missing associated documentation comment in .proto file."""
@@ -207,6 +293,11 @@ class VerifierStub:
                 request_serializer=services_dot_pb_dot_specd__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=services_dot_pb_dot_specd__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.VerifyTree = channel.unary_unary(
+                '/specd.v1.Verifier/VerifyTree',
+                request_serializer=services_dot_pb_dot_specd__pb2.VerifyTreeRequest.SerializeToString,
+                response_deserializer=services_dot_pb_dot_specd__pb2.VerifyTreeResponse.FromString,
+                _registered_method=True)
 
 
 class VerifierServicer:
@@ -230,6 +321,12 @@ class VerifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyTree(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VerifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -247,6 +344,11 @@ def add_VerifierServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=services_dot_pb_dot_specd__pb2.ReleaseRequest.FromString,
                     response_serializer=services_dot_pb_dot_specd__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'VerifyTree': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyTree,
+                    request_deserializer=services_dot_pb_dot_specd__pb2.VerifyTreeRequest.FromString,
+                    response_serializer=services_dot_pb_dot_specd__pb2.VerifyTreeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -330,6 +432,33 @@ class Verifier:
             '/specd.v1.Verifier/Release',
             services_dot_pb_dot_specd__pb2.ReleaseRequest.SerializeToString,
             services_dot_pb_dot_specd__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyTree(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specd.v1.Verifier/VerifyTree',
+            services_dot_pb_dot_specd__pb2.VerifyTreeRequest.SerializeToString,
+            services_dot_pb_dot_specd__pb2.VerifyTreeResponse.FromString,
             options,
             channel_credentials,
             insecure,

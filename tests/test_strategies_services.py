@@ -1,0 +1,140 @@
+"""Integration: cascade and staged through real processes (verifier, two drafters, a
+max-gram drafter service, two orchestrators) and a real redis-server, on tiny models.
+
+Greedy output of both strategies must equal plain decoding (`ar`, itself checked against
+transformers' generate in tests/test_pipeline.py); seeded sampling replays; sessions continue
+the same after a drafter restart (context misses on Review and ProposeTree); bad options get
+INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from client import ServiceStack, generate
+from tiny import build_model, build_tokenizer
+
+from services.pb import specd_pb2 as pb
+
+PROMPTS = [
+    "def add(a, b):\n    return a + b\n\ndef add(a, b):\n",  # repeats itself: max-gram has matches
+    "The quick brown fox",
+]
+NEW = 32
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_pair, redis_server, tmp_path_factory):
+    """orchestrator: the default cascade (drafter <- in-process max-gram); orchestrator2: four
+    levels, drafter <- drafter2 <- the max-gram drafter service <- in-process max-gram."""
+    root = tmp_path_factory.mktemp("strategies")
+    # A second, worse drafter for the middle of a deep cascade: the target plus more noise.
+    drafter2 = build_model(root / "drafter2", build_tokenizer(root / "tok"), seed=2, base=tiny_pair.target_dir, noise=0.01)
+
+    def extra_env(stack: ServiceStack, name: str) -> dict[str, str]:
+        if name == "drafter2":
+            return {"SPECD_MODEL": str(drafter2)}
+        if name == "drafter3":  # the max-gram drafter service
+            return {"SPECD_MODEL": "maxgram"}
+        if name == "orchestrator2":
+            levels = [stack.address("drafter"), stack.address("drafter2"), stack.address("drafter3"), "maxgram"]
+            return {"SPECD_CASCADE": ",".join(levels)}
+        return {}
+
+    s = ServiceStack(
+        tiny_pair.target_dir, tiny_pair.drafter_dir, redis_server.url, root / "logs",
+        services=("verifier", "drafter", "drafter2", "drafter3", "orchestrator", "orchestrator2"),
+        extra_env=extra_env,
+    )  # fmt: skip
+    s.up()
+    yield s
+    s.down()
+
+
+# orchestrator2's four levels: the drafter drafts 3 (reviewing drafter2's 2 and the max-gram
+# service's 1), then in-process max-gram 2; drafter2 reviews 2 from the max-gram service.
+DEEP = [[3, 0, 0, 2], [0, 2, 1, 0], [0, 0, 2, 0], [0, 0, 0, 0]]
+
+
+def k_matrix(rows) -> pb.StrategyOptions:
+    return pb.StrategyOptions(k_matrix=[pb.KRow(k=row) for row in rows])
+
+
+def tree(branching, budget) -> pb.StrategyOptions:
+    return pb.StrategyOptions(tree=pb.TreeShape(branching=branching, budget=budget))
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_cascade_and_staged_equal_ar(stack, prompt):
+    main, deep = stack.address("orchestrator"), stack.address("orchestrator2")
+    expected = generate(main, prompt, strategy="ar", max_new_tokens=NEW).token_ids
+    runs = {
+        "cascade, default k-matrix": (main, dict(strategy="cascade")),
+        "cascade, horizontal only": (main, dict(strategy="cascade", options=k_matrix([[3, 3], [0, 0]]))),
+        "cascade, four levels": (deep, dict(strategy="cascade", options=k_matrix(DEEP))),
+        "staged, default tree": (main, dict(strategy="staged")),
+        "staged, bushy tree": (main, dict(strategy="staged", options=tree([3, 2, 2], 12))),
+    }  # fmt: skip
+    for what, (address, fields) in runs.items():
+        result = generate(address, prompt, max_new_tokens=NEW, **fields)
+        assert result.token_ids == expected, what
+        assert result.stats.drafted > 0 and result.stats.target_forwards < NEW, what
+
+
+def test_sampled_runs_replay_with_their_seed(stack):
+    address = stack.address("orchestrator2")
+    for strategy in ("cascade", "staged"):
+        options = k_matrix(DEEP) if strategy == "cascade" else None
+        kwargs = dict(strategy=strategy, max_new_tokens=24, temperature=1.2, top_p=0.95, options=options)
+        first = generate(address, PROMPTS[0], seed=5, **kwargs)
+        assert generate(address, PROMPTS[0], seed=5, **kwargs).token_ids == first.token_ids, strategy
+        assert generate(address, PROMPTS[0], seed=6, **kwargs).token_ids != first.token_ids, strategy
+
+
+def test_sessions_continue_the_same_after_a_drafter_restart(stack):
+    """The restarted drafter has lost its caches: Review and ProposeTree report a context miss,
+    the orchestrator resends, and nothing changes."""
+    address = stack.address("orchestrator2")
+    runs = {
+        "cascade": dict(strategy="cascade", options=k_matrix(DEEP)),
+        "staged": dict(strategy="staged"),
+    }
+
+    def two_turns(restart: bool) -> dict[str, tuple[list[int], list[int]]]:
+        sampling = dict(max_new_tokens=16, temperature=1.0, seed=9)
+        firsts = {what: generate(address, PROMPTS[1], **sampling, **fields) for what, fields in runs.items()}
+        if restart:
+            stack.restart("drafter")
+        return {
+            what: (first.token_ids, generate(address, " jumps", session_id=first.stats.session_id, **sampling, **runs[what]).token_ids)
+            for what, first in firsts.items()
+        }
+
+    assert two_turns(restart=True) == two_turns(restart=False)
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        (k_matrix([[4, 2]]), "k_matrix"),
+        (k_matrix([[4, 2], [1, 3]]), "left of the diagonal"),
+        (tree([], 4), "branching"),
+        (tree([2, 0], 4), "branching"),
+        (tree([2, 2], 0), "budget"),
+    ],
+)
+def test_bad_options_get_invalid_argument(stack, options, words):
+    strategy = "staged" if options.HasField("tree") else "cascade"
+    with pytest.raises(grpc.RpcError) as err:
+        generate(stack.address("orchestrator"), "hi", strategy=strategy, max_new_tokens=4, options=options)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in err.value.details()
+
+
+def test_the_maxgram_service_proposes_but_does_not_review(stack):
+    """A k-matrix that asks the max-gram service (level 3 of orchestrator2) to review fails
+    clearly; the max-gram service's own proposals are covered by the four-level run above."""
+    options = k_matrix([[2, 0, 0, 0], [0, 0, 2, 0], [0, 0, 0, 0], [0, 0, 0, 2]])  # row 3: level 3 reviews
+    with pytest.raises(grpc.RpcError) as err:
+        generate(stack.address("orchestrator2"), "hi", strategy="cascade", max_new_tokens=4, options=options)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
