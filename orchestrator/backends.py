@@ -17,13 +17,16 @@ from typing import Protocol, TypeVar
 import grpc
 
 from drafter_svc.draft import propose, propose_tree, review
+from drafter_svc.foreign import Translation, propose_slem, propose_strings, propose_tli
 from services.context import ContextDelta, ContextTracker
 from services.ngram import NgramIndex
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
 from services.runtime import ModelHost, ModelInfo
 from services.sampling import SamplingParams, SparseDist, seeded_generator
+from services.slrs import StringProposal
 from services.tree import Tree, TreeShape
+from services.vocab import token_bytes
 from services.wire import (
     delta_to_pb,
     dists_from_pb,
@@ -31,10 +34,13 @@ from services.wire import (
     info_from_pb,
     sampling_to_pb,
     shape_to_pb,
+    strings_from_pb,
+    strings_to_pb,
     tree_from_pb,
     tree_to_pb,
+    vocab_to_pb,
 )
-from verifier_svc.verify import verify, verify_tree
+from verifier_svc.verify import TargetStrings, verify, verify_strings, verify_tree
 
 Reply = TypeVar("Reply")
 
@@ -101,14 +107,43 @@ class Verified:
     accepted: int  # n
     tokens: tuple[int, ...]  # d_1..d_n + recovered or bonus token
     cost: CallCost
+    verified: int = -1  # verify_strings: drafted strings checked (-1: the whole draft)
+
+
+@dataclass(frozen=True)
+class StringsDraft:
+    proposals: tuple[StringProposal, ...]
+    cost: CallCost
 
 
 class Drafter(Protocol):
     async def propose(
-        self, session_id: str, context: Sequence[int], k: int, params: SamplingParams, seed: int
-    ) -> Draft: ...
+        self, session_id: str, context: Sequence[int], k: int, params: SamplingParams, seed: int, vocab: str = "native"
+    ) -> Draft:
+        """k tokens in target ids; `vocab` (slem | tli) says how a drafter with another
+        vocabulary than the target's translates (drafter_svc/foreign.py); others ignore it."""
+        ...
 
     async def info(self) -> ModelInfo: ...
+
+
+class StringDrafter(Drafter, Protocol):
+    """A drafter that drafts text for string-level rejection sampling (slrs)."""
+
+    async def propose_strings(
+        self, session_id: str, context: Sequence[int], k: int, params: SamplingParams, seed: int
+    ) -> StringsDraft: ...
+
+
+class StringVerifier(Protocol):
+    async def verify_strings(
+        self,
+        session_id: str,
+        context: Sequence[int],
+        proposals: Sequence[StringProposal],
+        params: SamplingParams,
+        seed: int,
+    ) -> Verified: ...
 
 
 class Reviewer(Drafter, Protocol):
@@ -179,19 +214,44 @@ class ServiceError(RuntimeError):
 
 
 class LocalDrafter:
-    """A Drafter on a model in this process (no gRPC, no deltas: the cache finds the prefix)."""
+    """A Drafter on a model in this process (no gRPC, no deltas: the cache finds the prefix).
 
-    def __init__(self, host: ModelHost, q_top: int = 32, second_stage: int = 4) -> None:
+    translation: set for a drafter whose vocabulary differs from the target's (slem, tli, slrs).
+    """
+
+    def __init__(
+        self, host: ModelHost, q_top: int = 32, second_stage: int = 4, translation: Translation | None = None
+    ) -> None:
         self.host = host
         self.q_top = q_top
         self.second_stage = second_stage  # max-gram lookahead while growing trees (0 = off)
+        self.translation = translation
+        self._own_bytes: list[bytes | None] | None = None
 
-    async def propose(self, session_id, context, k, params, seed) -> Draft:
+    async def propose(self, session_id, context, k, params, seed, vocab="native") -> Draft:
         started = time.perf_counter()
         delta = ContextDelta(session_id, 0, 0, tuple(context))
-        proposal = propose(self.host, delta, k, params, self.q_top, seeded_generator(seed))
+        generator = seeded_generator(seed)
+        if self.translation is None:
+            proposal = propose(self.host, delta, k, params, self.q_top, generator)
+        else:
+            if vocab not in ("slem", "tli"):
+                raise ValueError(f"this drafter has another vocabulary than the target's; vocab {vocab!r} needs slem or tli")
+            translate = propose_slem if vocab == "slem" else propose_tli
+            proposal = translate(self.host, self.translation, delta, k, params, self.q_top, generator)
         elapsed = time.perf_counter() - started
         return Draft(proposal.tokens, proposal.q, CallCost(elapsed, elapsed))
+
+    async def propose_strings(self, session_id, context, k, params, seed) -> StringsDraft:
+        started = time.perf_counter()
+        if self._own_bytes is None:
+            self._own_bytes = token_bytes(self.host.tokenizer, size=self.host.info.vocab_size)
+        delta = ContextDelta(session_id, 0, 0, tuple(context))
+        proposals = propose_strings(
+            self.host, self.translation, self._own_bytes, delta, k, params, self.q_top, seeded_generator(seed)
+        )
+        elapsed = time.perf_counter() - started
+        return StringsDraft(tuple(proposals), CallCost(elapsed, elapsed))
 
     async def review(self, session_id, context, draft, q, params, seed) -> Reviewed:
         started = time.perf_counter()
@@ -238,7 +298,7 @@ class LocalMaxGram:
         index.sync(context)
         return index
 
-    async def propose(self, session_id, context, k, params, seed) -> Draft:
+    async def propose(self, session_id, context, k, params, seed, vocab="native") -> Draft:
         started = time.perf_counter()
         tokens = tuple(self.index(session_id, context).propose(k))
         elapsed = time.perf_counter() - started
@@ -251,8 +311,22 @@ class LocalMaxGram:
 class LocalVerifier:
     """A Verifier on a model in this process."""
 
-    def __init__(self, host: ModelHost) -> None:
+    def __init__(self, host: ModelHost, max_string_nodes: int = 64) -> None:
         self.host = host
+        self.max_string_nodes = max_string_nodes  # the slrs tree budget (SPECD_MAX_DRAFT in the service)
+        self._strings: TargetStrings | None = None
+
+    async def verify_strings(self, session_id, context, proposals, params, seed) -> Verified:
+        started = time.perf_counter()
+        if self._strings is None:
+            self._strings = TargetStrings.build(self.host.tokenizer, self.host.info.vocab_size)
+        delta = ContextDelta(session_id, 0, 0, tuple(context))
+        result = verify_strings(
+            self.host, self._strings, delta, list(proposals), params, seeded_generator(seed), self.max_string_nodes
+        )
+        elapsed = time.perf_counter() - started
+        v = result.verdict
+        return Verified(v.accepted, v.tokens, CallCost(elapsed, elapsed), result.verified)
 
     async def verify(self, session_id, context, draft, q, params, seed) -> Verified:
         started = time.perf_counter()
@@ -331,15 +405,26 @@ class RemoteDrafter(_Remote):
         super().__init__("drafter", address, channel, timeout_seconds)
         self.stub = pb_grpc.DrafterStub(channel)
 
-    async def propose(self, session_id, context, k, params, seed) -> Draft:
+    async def propose(self, session_id, context, k, params, seed, vocab="native") -> Draft:
         async def send(ctx: pb.Context) -> tuple[pb.ProposeResponse, int]:
-            request = pb.ProposeRequest(context=ctx, k=k, sampling=sampling_to_pb(params), seed=seed)
+            request = pb.ProposeRequest(
+                context=ctx, k=k, sampling=sampling_to_pb(params), seed=seed, vocab=vocab_to_pb(vocab)
+            )
             return await self.call(self.stub.Propose, request), request.ByteSize()
 
         reply, sent, received, wall = await self.with_context(session_id, context, send)
         self.tracker.acknowledge(session_id, context)
         q = dists_from_pb(reply.q)
         return Draft(tuple(reply.tokens), q, CallCost(reply.compute_seconds, wall, sent, received))
+
+    async def propose_strings(self, session_id, context, k, params, seed) -> StringsDraft:
+        async def send(ctx: pb.Context) -> tuple[pb.ProposeStringsResponse, int]:
+            request = pb.ProposeStringsRequest(context=ctx, k=k, sampling=sampling_to_pb(params), seed=seed)
+            return await self.call(self.stub.ProposeStrings, request), request.ByteSize()
+
+        reply, sent, received, wall = await self.with_context(session_id, context, send)
+        self.tracker.acknowledge(session_id, context)
+        return StringsDraft(strings_from_pb(reply.draft), CallCost(reply.compute_seconds, wall, sent, received))
 
     async def review(self, session_id, context, draft, q, params, seed) -> Reviewed:
         async def send(ctx: pb.Context) -> tuple[pb.ReviewResponse, int]:
@@ -387,6 +472,19 @@ class RemoteVerifier(_Remote):
         self.tracker.acknowledge(session_id, [*context, *tokens])
         return Verified(reply.accepted, tokens, CallCost(reply.compute_seconds, wall, sent, received))
 
+    async def verify_strings(self, session_id, context, proposals, params, seed) -> Verified:
+        async def send(ctx: pb.Context) -> tuple[pb.VerifyStringsResponse, int]:
+            request = pb.VerifyStringsRequest(
+                context=ctx, draft=strings_to_pb(proposals), sampling=sampling_to_pb(params), seed=seed
+            )
+            return await self.call(self.stub.VerifyStrings, request), request.ByteSize()
+
+        reply, sent, received, wall = await self.with_context(session_id, context, send)
+        tokens = tuple(reply.tokens)
+        self.tracker.acknowledge(session_id, [*context, *tokens])
+        cost = CallCost(reply.compute_seconds, wall, sent, received)
+        return Verified(reply.accepted, tokens, cost, reply.verified)
+
     async def verify_tree(self, session_id, context, tree, q, params, seed) -> Verified:
         async def send(ctx: pb.Context) -> tuple[pb.VerifyTreeResponse, int]:
             request = pb.VerifyTreeRequest(
@@ -401,3 +499,19 @@ class RemoteVerifier(_Remote):
 
     async def info(self) -> ModelInfo:
         return await self.model_info(self.stub.Info)
+
+
+class Translated:
+    """A drafter of another vocabulary as a cascade level: it proposes through `vocab`
+    (tli or slem, drafter_svc/foreign.py) whatever the caller asks, and cannot review."""
+
+    def __init__(self, drafter: Drafter, vocab: str) -> None:
+        assert vocab in ("tli", "slem"), f"vocab must be tli or slem, got {vocab!r}"
+        self.drafter = drafter
+        self.vocab = vocab
+
+    async def propose(self, session_id, context, k, params, seed, vocab="native") -> Draft:
+        return await self.drafter.propose(session_id, context, k, params, seed, self.vocab)
+
+    async def info(self) -> ModelInfo:
+        return await self.drafter.info()

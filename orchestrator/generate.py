@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from orchestrator.backends import CallCost
+from orchestrator.backends import CallCost, Translated
 from orchestrator.store import ChatMessage, Session, SessionStore, Totals
 from orchestrator.strategies import (
     STRATEGIES,
@@ -153,26 +153,59 @@ class Engine:
             self._target = await self.backends.verifier.info()
         return self._target
 
-    async def _check_drafter(self, target: ModelInfo, strategy: str) -> None:
-        """The drafter exists, and it and every cascade level share the target's vocabulary
-        (statistical drafters, with no fingerprint, work on any vocabulary's ids)."""
-        if self.backends.drafter is None:
+    async def _check_drafter(self, target: ModelInfo, strategy: str, same_vocab: bool) -> None:
+        """The drafter exists and speaks the target's ids: it shares the target's vocabulary
+        (statistical drafters, with no fingerprint, work on any vocabulary's ids), or, for
+        slem/tli/slrs, translates to it. Cascade levels are checked for `cascade`."""
+        drafter = self.backends.drafter
+        if drafter is None:
             raise NotServable(f"strategy {strategy!r} needs a drafter, and none is configured (SPECD_DRAFTER)")
-        if not self._drafters_checked:
-            for drafter in (self.backends.drafter, *self.backends.cascade):
-                info = await drafter.info()
-                if info.tokenizer_fingerprint and info.tokenizer_fingerprint != target.tokenizer_fingerprint:
-                    raise NotServable(
-                        f"drafter {info.model} has a different vocabulary than the target {target.model}; "
-                        f"strategy {strategy!r} needs the same tokenizer"
-                    )
-            self._drafters_checked = True
+        info = await self._info(drafter)
+        own = not info.tokenizer_fingerprint or info.tokenizer_fingerprint == target.tokenizer_fingerprint
+        if same_vocab and strategy != "cascade" and not own:
+            raise NotServable(
+                f"drafter {info.model} has another vocabulary than the target {target.model}, and strategy "
+                f"{strategy!r} needs the same tokenizer; use slem, tli or slrs with this drafter"
+            )
+        if not same_vocab and not own and info.wire_fingerprint != target.tokenizer_fingerprint:
+            raise NotServable(
+                f"drafter {info.model} has another vocabulary than the target {target.model} and does not translate "
+                f"to it: start it with SPECD_TARGET_TOKENIZER set to the target's model"
+            )
+        if strategy == "cascade":
+            await self._check_cascade(target)
+
+    async def _check_cascade(self, target: ModelInfo) -> None:
+        """Every level shares the target's vocabulary, or translates to it (a tli/slem level,
+        which proposes but cannot review: its row of the k-matrix must be zeros)."""
+        if self._drafters_checked:
+            return
+        for level in self.backends.cascade_levels():
+            info = await self._info(level)
+            own = not info.tokenizer_fingerprint or info.tokenizer_fingerprint == target.tokenizer_fingerprint
+            translated = isinstance(level, Translated) and info.wire_fingerprint == target.tokenizer_fingerprint
+            if not own and not translated:
+                raise NotServable(
+                    f"cascade level {info.model} has another vocabulary than the target {target.model}; give it as "
+                    f"tli:HOST:PORT or slem:HOST:PORT in SPECD_CASCADE, with SPECD_TARGET_TOKENIZER set on that drafter"
+                )
+        self._drafters_checked = True
+
+    async def _info(self, drafter) -> ModelInfo:
+        return await drafter.info()
 
     def k_matrix(self, req: GenerationRequest) -> tuple[tuple[int, ...], ...]:
         """The request's k-matrix, else the server's, else the default for the cascade's depth."""
-        levels = len(self.backends.cascade_levels())
-        k_matrix = req.k_matrix or self.limits.default_k_matrix or default_k_matrix(levels)
-        problems = k_matrix_problems(k_matrix, levels)
+        levels = self.backends.cascade_levels()
+        k_matrix = req.k_matrix or self.limits.default_k_matrix or default_k_matrix(len(levels))
+        problems = k_matrix_problems(k_matrix, len(levels))
+        if not problems:
+            problems = [
+                f"row {j} of the k-matrix must be zeros: level {j} translates another vocabulary (tli/slem) and "
+                "cannot review a smaller level's draft"
+                for j, level in enumerate(levels, start=1)
+                if isinstance(level, Translated) and j < len(levels) and any(k_matrix[j])
+            ]
         if problems:
             raise InvalidInput("k_matrix: " + "; ".join(problems))
         return k_matrix
@@ -221,9 +254,10 @@ class Engine:
         session, redis_seconds = await self._open_session(req, strategy, k)
         stats = Stats(session_id=session.id, strategy=strategy, redis_seconds=redis_seconds)
         target = await self.target_info()
-        round_fn, needs_drafter = STRATEGIES[strategy]
-        if needs_drafter:
-            await self._check_drafter(target, strategy)
+        spec = STRATEGIES[strategy]
+        round_fn = spec.run
+        if spec.needs_drafter:
+            await self._check_drafter(target, strategy, spec.same_vocab)
 
         session.tokens = self._turn_context(session, req)
         stats.prompt_tokens = len(session.tokens)

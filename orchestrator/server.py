@@ -12,7 +12,14 @@ import grpc
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from orchestrator.backends import LocalMaxGram, RemoteDrafter, RemoteVerifier, ServiceError, ServiceUnavailable
+from orchestrator.backends import (
+    LocalMaxGram,
+    RemoteDrafter,
+    RemoteVerifier,
+    ServiceError,
+    ServiceUnavailable,
+    Translated,
+)
 from orchestrator.generate import (
     Engine,
     GenerationRequest,
@@ -156,7 +163,7 @@ async def _serve(config: OrchestratorConfig, tokenizer) -> None:
 
     drafter = remote_drafter(config.drafter) if config.drafter else None
     maxgram = LocalMaxGram()
-    cascade = tuple(maxgram if level == "maxgram" else remote_drafter(level) for level in config.cascade)
+    cascade = tuple(_cascade_level(level, maxgram, remote_drafter) for level in config.cascade)
     backends = Backends(verifier=verifier, drafter=drafter, cascade=cascade, maxgram=maxgram)
     redis_client = aioredis.from_url(config.redis_url, socket_timeout=config.rpc_timeout_seconds)
     engine = Engine(
@@ -184,6 +191,17 @@ async def _serve(config: OrchestratorConfig, tokenizer) -> None:
 
     await serve(name="orchestrator", listen=config.listen, register=register, grace_seconds=config.grace_seconds)
     await redis_client.aclose()
+
+
+def _cascade_level(level: str, maxgram: LocalMaxGram, remote_drafter) -> object:
+    """One SPECD_CASCADE entry: `maxgram`, HOST:PORT, or tli:HOST:PORT / slem:HOST:PORT for a
+    drafter of another vocabulary (it proposes through that translation, never reviews)."""
+    if level == "maxgram":
+        return maxgram
+    mode, _, address = level.partition(":")
+    if mode in ("tli", "slem") and address:
+        return Translated(remote_drafter(address), mode)
+    return remote_drafter(level)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,57 @@ async def sd_round(backends: Backends, r: RoundInput) -> RoundResult:
     return RoundResult(v.tokens, len(d.tokens), v.accepted, d.cost, v.cost)
 
 
+# -- heterogeneous vocabularies ----------------------------------------------------------
+
+
+async def slem_round(backends: Backends, r: RoundInput) -> RoundResult:
+    """String-level exact match (Timor et al. 2025, "Accelerating LLM Inference with Lossless
+    Speculative Decoding Algorithms for Heterogeneous Vocabularies", Alg. 2): the drafter,
+    whatever its tokenizer, drafts k of its own tokens; their text, re-tokenized by the
+    target's tokenizer (drafter_svc/foreign.py), is verified with point masses - exact match
+    when greedy, accept with probability p(token) when sampling - so the output is the
+    target's. With a drafter of the target's own vocabulary it is `sd`.
+    """
+    return await _translated_round(backends, r, "slem")
+
+
+async def tli_round(backends: Backends, r: RoundInput) -> RoundResult:
+    """Token-level intersection (Timor et al. 2025, Alg. 4): the drafter draws only tokens
+    that are also target tokens (same bytes), from its distribution restricted to them and
+    renormalised, which is the q sent in target ids: standard rejection sampling, exact."""
+    return await _translated_round(backends, r, "tli")
+
+
+async def _translated_round(backends: Backends, r: RoundInput, vocab: str) -> RoundResult:
+    if r.k == 0:
+        return await ar_round(backends, r)
+    assert backends.drafter is not None, f"{vocab} needs a drafter"
+    d = await backends.drafter.propose(r.session_id, r.context, r.k, r.params, round_seed(r.seed, r.step, "draft"), vocab)
+    # slem's k counts the drafter's tokens; the target tokens of their text must fit the room left.
+    tokens = d.tokens[: r.max_draft]
+    q = d.q[: len(tokens)]
+    v = await backends.verifier.verify(r.session_id, r.context, tokens, q, r.params, round_seed(r.seed, r.step, "verify"))
+    return RoundResult(v.tokens, len(tokens), v.accepted, d.cost, v.cost)
+
+
+async def slrs_round(backends: Backends, r: RoundInput) -> RoundResult:
+    """String-level rejection sampling (Timor et al. 2025, Alg. 3, made exact for any pair of
+    vocabularies as described in services/slrs.py): the drafter sends k of its tokens as
+    text, each with its distribution over strings of the same byte length; the target checks
+    them in one tree pass over every target tokenization of those strings.
+
+    Statistics count drafted strings (the drafter's tokens), not target tokens.
+    """
+    if r.k == 0:
+        return await ar_round(backends, r)
+    assert backends.drafter is not None, "slrs needs a drafter"
+    d = await backends.drafter.propose_strings(r.session_id, r.context, r.k, r.params, round_seed(r.seed, r.step, "draft"))
+    v = await backends.verifier.verify_strings(
+        r.session_id, r.context, d.proposals, r.params, round_seed(r.seed, r.step, "verify")
+    )
+    return RoundResult(v.tokens, v.verified, v.accepted, d.cost, v.cost)
+
+
 # -- cascade ----------------------------------------------------------------------------
 
 # Default k-matrices by number of drafters below the target (see cascade_round for the
@@ -239,10 +290,22 @@ async def staged_round(backends: Backends, r: RoundInput) -> RoundResult:
 
 Strategy = Callable[[Backends, RoundInput], Awaitable[RoundResult]]
 
-# name -> (round function, needs a drafter)
-STRATEGIES: dict[str, tuple[Strategy, bool]] = {
-    "ar": (ar_round, False),
-    "sd": (sd_round, True),
-    "cascade": (cascade_round, True),
-    "staged": (staged_round, True),
+
+@dataclass(frozen=True)
+class StrategySpec:
+    run: Strategy
+    needs_drafter: bool
+    # The drafter must share the target's vocabulary; False: any drafter that translates to
+    # the target's (SPECD_TARGET_TOKENIZER), or one of the target's own vocabulary.
+    same_vocab: bool = True
+
+
+STRATEGIES: dict[str, StrategySpec] = {
+    "ar": StrategySpec(ar_round, needs_drafter=False),
+    "sd": StrategySpec(sd_round, needs_drafter=True),
+    "cascade": StrategySpec(cascade_round, needs_drafter=True),
+    "staged": StrategySpec(staged_round, needs_drafter=True),
+    "slem": StrategySpec(slem_round, needs_drafter=True, same_vocab=False),
+    "tli": StrategySpec(tli_round, needs_drafter=True, same_vocab=False),
+    "slrs": StrategySpec(slrs_round, needs_drafter=True, same_vocab=False),
 }

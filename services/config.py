@@ -73,6 +73,9 @@ class ModelServiceConfig:
     # SPECD_SECOND_STAGE: max-gram tokens a drafter feeds ahead of need while growing a tree
     # (staged's second stage; saves drafter passes where the max-gram model guesses right); 0 = off
     second_stage: int = 4
+    # SPECD_TARGET_TOKENIZER (drafters): the target's tokenizer, a catalog name or folder. A
+    # drafter whose vocabulary differs from it translates (strategies slem, tli, slrs); '' = none.
+    target_tokenizer: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], default_listen: str) -> ModelServiceConfig:
@@ -95,6 +98,7 @@ class ModelServiceConfig:
             max_draft=_int(env, "SPECD_MAX_DRAFT", 64, minimum=1),
             grace_seconds=_float(env, "SPECD_GRACE_SECONDS", 5.0),
             second_stage=_int(env, "SPECD_SECOND_STAGE", 4),
+            target_tokenizer=_get(env, "SPECD_TARGET_TOKENIZER", ""),
         )
 
 
@@ -145,7 +149,8 @@ class OrchestratorConfig:
     rpc_timeout_seconds: float = 120.0  # SPECD_RPC_TIMEOUT: deadline of every internal call
     grace_seconds: float = 5.0  # SPECD_GRACE_SECONDS
     # SPECD_CASCADE: the cascade's drafters below the target, largest first, comma-separated:
-    # host:port of a drafter service, or `maxgram` (in-process). '' = SPECD_DRAFTER, then maxgram.
+    # host:port of a drafter service, `maxgram` (in-process), or tli:host:port / slem:host:port for a
+    # drafter of another vocabulary (it proposes, never reviews). '' = SPECD_DRAFTER, then maxgram.
     cascade: tuple[str, ...] = ()
     # SPECD_K_MATRIX: the cascade's default k-matrix ("4,2;0,3"); '' = the built-in default.
     k_matrix: tuple[tuple[int, ...], ...] = ()

@@ -47,6 +47,15 @@ class ModelInfo:
     dtype: str
     device: str
     tokenizer_fingerprint: str
+    # A drafter translating a foreign vocabulary speaks the target's ids on the wire (slem,
+    # tli, slrs): the target's fingerprint here, and how many tokens the two share.
+    wire_tokenizer_fingerprint: str = ""
+    shared_tokens: int = 0
+
+    @property
+    def wire_fingerprint(self) -> str:
+        """The vocabulary of the ids this service takes and returns in calls."""
+        return self.wire_tokenizer_fingerprint or self.tokenizer_fingerprint
 
 
 @dataclass
@@ -63,9 +72,10 @@ class SessionState:
 class ModelHost:
     """Owns one model and its per-session state. Not thread-safe: call from one thread."""
 
-    def __init__(self, model: torch.nn.Module, info: ModelInfo, *, max_sessions: int) -> None:
+    def __init__(self, model: torch.nn.Module, info: ModelInfo, *, max_sessions: int, tokenizer=None) -> None:
         self.model = model
         self.info = info
+        self.tokenizer = tokenizer  # the model's own, when loaded from a folder (text-level drafting needs it)
         self.max_sessions = max_sessions
         self._sessions: OrderedDict[str, SessionState] = OrderedDict()
         self.device = next(model.parameters()).device
@@ -192,6 +202,11 @@ class ModelHost:
         state.cached_tokens = state.cached_tokens + [tree.tokens[node] for node in path]
         state.cached_tree = None
 
+    def settle(self, session_id: str, seq: Sequence[int]) -> None:
+        """Keeps the cached tree nodes that continue seq as a path and drops the others, so
+        the cache holds no node that seq does not go through."""
+        self._settle_tree(self.session(session_id), list(seq))
+
     def _settle_tree(self, state: SessionState, seq: list[int]) -> None:
         """Before a pass over seq: keep the cached nodes that continue seq as a path, drop the rest."""
         if state.cached_tree is None:
@@ -283,7 +298,7 @@ def load_host(
         path, time.perf_counter() - started, info.vocab_size, info.max_context, dtype, device, kernels,
         torch.get_num_threads(),
     )
-    return ModelHost(model, info, max_sessions=max_sessions)
+    return ModelHost(model, info, max_sessions=max_sessions, tokenizer=tokenizer)
 
 
 def eos_token_ids(path: Path, tokenizer) -> tuple[int, ...]:

@@ -13,6 +13,7 @@ from services.context import ContextDelta
 from services.pb import specd_pb2 as pb
 from services.runtime import ModelInfo
 from services.sampling import SamplingParams, SparseDist
+from services.slrs import StringProposal
 from services.tree import Tree, TreeShape
 
 
@@ -86,6 +87,8 @@ def info_to_pb(info: ModelInfo) -> pb.ModelInfo:
         dtype=info.dtype,
         device=info.device,
         tokenizer_fingerprint=info.tokenizer_fingerprint,
+        wire_tokenizer_fingerprint=info.wire_tokenizer_fingerprint,
+        shared_tokens=info.shared_tokens,
     )
 
 
@@ -98,6 +101,8 @@ def info_from_pb(msg: pb.ModelInfo) -> ModelInfo:
         dtype=msg.dtype,
         device=msg.device,
         tokenizer_fingerprint=msg.tokenizer_fingerprint,
+        wire_tokenizer_fingerprint=msg.wire_tokenizer_fingerprint,
+        shared_tokens=msg.shared_tokens,
     )
 
 
@@ -138,3 +143,47 @@ def shape_from_pb(msg: pb.TreeShape, max_nodes: int) -> TreeShape:
     if problems:
         raise BadRequest("; ".join(problems))
     return shape
+
+
+VOCAB_MODES = {"native": pb.VOCAB_NATIVE, "slem": pb.VOCAB_SLEM, "tli": pb.VOCAB_TLI}
+
+
+def vocab_to_pb(mode: str) -> int:
+    return VOCAB_MODES[mode]
+
+
+def vocab_from_pb(value: int) -> str:
+    for name, number in VOCAB_MODES.items():
+        if number == value:
+            return name
+    raise BadRequest(f"unknown vocab mode {value}; known: {', '.join(f'{n}={v}' for n, v in VOCAB_MODES.items())}")
+
+
+def strings_to_pb(proposals: Sequence[StringProposal]) -> list[pb.StringDraft]:
+    out = []
+    for p in proposals:
+        candidates = list(p.q) if p.q else []
+        out.append(pb.StringDraft(text=p.text, candidates=candidates, probs=[p.q[c] for c in candidates]))
+    return out
+
+
+def strings_from_pb(msgs: Sequence[pb.StringDraft], max_bytes: int = 256) -> tuple[StringProposal, ...]:
+    """Parses and checks drafted strings: non-empty text, and candidates of its length whose
+    probabilities form a distribution that gives the text itself a positive probability."""
+    proposals = []
+    for i, msg in enumerate(msgs):
+        if not msg.text or len(msg.text) > max_bytes:
+            raise BadRequest(f"draft[{i}].text must hold 1 to {max_bytes} bytes, got {len(msg.text)}")
+        if len(msg.candidates) != len(msg.probs):
+            raise BadRequest(f"draft[{i}] has {len(msg.candidates)} candidates and {len(msg.probs)} probs; give one of each")
+        if not msg.candidates:
+            proposals.append(StringProposal(bytes(msg.text), None))
+            continue
+        q = dict(zip((bytes(c) for c in msg.candidates), msg.probs))
+        if len(q) != len(msg.candidates) or any(len(c) != len(msg.text) for c in q):
+            raise BadRequest(f"draft[{i}].candidates must be distinct strings of {len(msg.text)} bytes, like its text")
+        total = sum(q.values())
+        if any(v < 0 for v in q.values()) or abs(total - 1) > 1e-3 or q.get(bytes(msg.text), 0.0) <= 0:
+            raise BadRequest(f"draft[{i}]: probs must be a distribution (sum {total:.4f}) giving the text a positive probability")
+        proposals.append(StringProposal(bytes(msg.text), q))
+    return tuple(proposals)

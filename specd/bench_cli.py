@@ -274,7 +274,7 @@ def _bench(args, config, prompts, home: Path, target_dir: Path, drafter_dir: Pat
             log.info("loading %s%s in the bench process", target_dir, f" and {drafter_dir}" if drafter_dir else "")
             local = load_local(
                 target_dir, drafter_dir, dtype=args.dtype, threads=args.threads or service.threads,
-                onednn=service.onednn,
+                onednn=service.onednn, vocab_cache=home / "vocab",
             )  # fmt: skip
         tasks = build_tasks(
             config,

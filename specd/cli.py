@@ -210,7 +210,11 @@ def _add_stack_options(p: argparse.ArgumentParser) -> None:
 def _add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the prompt (sent as a user chat message unless --raw)")
     p.add_argument("--address", default=os.environ.get("SPECD_ADDRESS", DEFAULT_ADDRESS), help=f"orchestrator host:port (default $SPECD_ADDRESS or {DEFAULT_ADDRESS})")
-    p.add_argument("--strategy", help="ar (plain decoding) or sd (speculative decoding); default: the server's")
+    p.add_argument(
+        "--strategy",
+        help="ar (plain decoding), sd, cascade, staged (a drafter of the target's vocabulary), or slem, tli, slrs "
+        "(a drafter of any vocabulary); default: the server's",
+    )
     p.add_argument("-k", type=int, help="draft length for sd (default: the server's, 4)")
     p.add_argument("--max-new-tokens", type=int, help="most tokens to generate (default: the server's, 128)")
     p.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples")

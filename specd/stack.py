@@ -112,6 +112,26 @@ def wait_healthy(name: str, proc: subprocess.Popen | None, address: str, log_pat
     raise StackError(f"{name} at {address} was not healthy in time; last log lines ({log_path}):\n{_tail(log_path)}")
 
 
+def default_strategy(spec: StackSpec) -> str:
+    """The orchestrator's default: sd with a drafter of the target's vocabulary, tli with one
+    of another (slem and slrs are there too, by request), ar without a drafter."""
+    if not spec.drafter:
+        return "ar"
+    from transformers import AutoTokenizer
+
+    from services.models import ModelNotFound, resolve
+    from services.runtime import tokenizer_fingerprint
+
+    try:
+        prints = {
+            tokenizer_fingerprint(AutoTokenizer.from_pretrained(resolve(model, spec.home)))
+            for model in (spec.target, spec.drafter)
+        }
+    except (ModelNotFound, OSError, ValueError):
+        return "sd"  # the services will report what is wrong with the models
+    return "sd" if len(prints) == 1 else "tli"
+
+
 def up(spec: StackSpec, say=print) -> list[Proc]:
     """Starts the stack and returns its processes, all healthy."""
     if state_file(spec.home).exists() and any(_alive(p.pid) for p in read_state(spec.home)):
@@ -148,6 +168,8 @@ def up(spec: StackSpec, say=print) -> list[Proc]:
             services.append(("drafter", "drafter_svc", spec.drafter, spec.drafter_port))
         for name, module, model, port in services:
             env = {**base_env, "SPECD_MODEL": model, "SPECD_LISTEN": spec.address(port), "SPECD_DTYPE": spec.dtype}
+            if name == "drafter":
+                env["SPECD_TARGET_TOKENIZER"] = spec.target  # translates if its vocabulary differs
             proc = _spawn(name, [sys.executable, "-m", module], env, logs / f"{name}.log")
             started.append(proc)
             procs.append(Proc(name, proc.pid, spec.address(port), str(logs / f"{name}.log")))
@@ -157,7 +179,7 @@ def up(spec: StackSpec, say=print) -> list[Proc]:
             "SPECD_VERIFIER": spec.address(spec.verifier_port),
             "SPECD_DRAFTER": spec.address(spec.drafter_port) if spec.drafter else "",
             "SPECD_TOKENIZER": spec.target,
-            "SPECD_STRATEGY": "sd" if spec.drafter else "ar",
+            "SPECD_STRATEGY": default_strategy(spec),
             "SPECD_K": str(spec.default_k),
             "REDIS_URL": redis_url,
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -23,6 +24,14 @@ def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> TinyPair:
     from tiny import build_pair  # here, so runs of pure-core tests never import transformers
 
     return build_pair(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_foreign(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny drafter whose vocabulary differs from tiny_pair's (tests/tiny.py)."""
+    from tiny import build_foreign_drafter
+
+    return build_foreign_drafter(tmp_path_factory.mktemp("tiny-foreign"))
 
 
 @pytest.fixture

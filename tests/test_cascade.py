@@ -56,7 +56,7 @@ def test_default_k_matrices_are_valid(levels: int) -> None:
 async def decode(backends: Backends, strategy: str, context: list[int], n: int, params: SamplingParams,
                  seed: int = 0, k_matrix=(), session: str = "s") -> tuple[list[int], list]:  # fmt: skip
     """Rounds of one strategy until n tokens are out, as the Engine runs them (minus Redis)."""
-    round_fn, _ = STRATEGIES[strategy]
+    round_fn = STRATEGIES[strategy].run
     out: list[int] = []
     results = []
     while len(out) < n:

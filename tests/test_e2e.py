@@ -1,6 +1,7 @@
-"""End to end on the real packaged models (prepared by `specd models prepare`, which the
+"""End to end on the real packaged models (prepared by `specd models prepare --all`, which the
 README's test command runs first): greedy `sd`, `cascade` (target <- 0.5B <- max-gram) and
-`staged` (tree drafts) through the services equal the target's own greedy `generate`.
+`staged` (tree drafts) through the services equal the target's own greedy `generate`; so do
+`slem`, `tli` and `slrs` with the drafters of other vocabularies (SmolLM2-135M, Gemma-3-270M).
 
 fp32 arithmetic of a pass over several tokens can differ in the last bits from a pass over
 one, so the two may part at a near-tie. A divergence is accepted only where the gap between
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.e2e
 
 TARGET = "qwen2.5-coder-1.5b-instruct"
 DRAFTER = "qwen2.5-coder-0.5b-instruct"
+FOREIGN = {"smollm2": "smollm2-135m-instruct", "gemma": "gemma-3-270m"}  # drafters of other vocabularies
 NEAR_TIE = 1e-3
 NEW_TOKENS = 32
 PROMPTS = [
@@ -49,7 +51,22 @@ def target():
 
 @pytest.fixture(scope="module")
 def stack(redis_server, tmp_path_factory):
-    s = ServiceStack(_model(TARGET), _model(DRAFTER), redis_server.url, tmp_path_factory.mktemp("e2e"), dtype="float32", threads=2)
+    """orchestrator: the 0.5B drafter; orchestrator2 and 3: SmolLM2 and Gemma (drafter2, 3)."""
+    foreign = {name: _model(model) for name, model in FOREIGN.items()}
+
+    def extra_env(s: ServiceStack, name: str) -> dict[str, str]:
+        if name in ("drafter2", "drafter3"):
+            model = foreign["smollm2" if name == "drafter2" else "gemma"]
+            return {"SPECD_MODEL": str(model), "SPECD_TARGET_TOKENIZER": str(s.target_dir)}
+        if name in ("orchestrator2", "orchestrator3"):
+            return {"SPECD_DRAFTER": s.address("drafter" + name[-1])}
+        return {}
+
+    s = ServiceStack(
+        _model(TARGET), _model(DRAFTER), redis_server.url, tmp_path_factory.mktemp("e2e"), dtype="float32", threads=2,
+        services=("verifier", "drafter", "drafter2", "drafter3", "orchestrator", "orchestrator2", "orchestrator3"),
+        extra_env=extra_env,
+    )  # fmt: skip
     s.up()
     yield s
     s.down()
@@ -86,12 +103,18 @@ def reference(target):
     return continuation
 
 
-@pytest.mark.parametrize("strategy", ["sd", "cascade", "staged"])
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_strategy_equals_the_targets_own_generate(stack, target, reference, prompt, strategy):
+CASES = [
+    *((strategy, "orchestrator", prompt) for strategy in ("sd", "cascade", "staged") for prompt in PROMPTS),
+    *((strategy, "orchestrator2", prompt) for strategy in ("slem", "tli", "slrs") for prompt in PROMPTS),  # SmolLM2
+    *((strategy, "orchestrator3", PROMPTS[0]) for strategy in ("slem", "tli", "slrs")),  # Gemma 3
+]
+
+
+@pytest.mark.parametrize("strategy, orchestrator, prompt", CASES)
+def test_greedy_strategy_equals_the_targets_own_generate(stack, target, reference, strategy, orchestrator, prompt):
     tokenizer, model = target
     prompt_ids, expected = reference(prompt)
-    address = stack.address("orchestrator")
+    address = stack.address(orchestrator)
     result = generate(address, messages=[("user", prompt)], strategy=strategy, max_new_tokens=NEW_TOKENS)
     assert result.stats.prompt_tokens == len(prompt_ids)
     assert result.stats.drafted > 0

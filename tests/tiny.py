@@ -100,7 +100,15 @@ def training_corpus() -> list[str]:
     return [inspect.getsource(module) for module in (json, textwrap, argparse)] + list(ENGLISH)
 
 
-def build_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
+def foreign_corpus() -> list[str]:
+    """Other text than training_corpus() (json's source and the prose only), so a tokenizer
+    trained on it merges differently: a vocabulary that overlaps the target's, not a subset."""
+    return [inspect.getsource(json)] + list(ENGLISH)
+
+
+def build_tokenizer(
+    out_dir: Path, *, vocab_size: int = VOCAB_SIZE, corpus: list[str] | None = None
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer, save it to `out_dir` and return it.
 
     The pipeline is exactly the one `Qwen2Tokenizer` rebuilds on load (NFC, Qwen's split
@@ -121,12 +129,12 @@ def build_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
     )
     raw.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    raw.train_from_iterator(training_corpus(), trainer=trainer)
+    raw.train_from_iterator(training_corpus() if corpus is None else corpus, trainer=trainer)
     merges = [tuple(pair) for pair in json.loads(raw.to_str())["model"]["merges"]]
     tokenizer = Qwen2Tokenizer(
         vocab=raw.get_vocab(),
@@ -206,3 +214,14 @@ def build_pair(root: Path, *, noise: float = DRAFTER_NOISE) -> TinyPair:
     target_dir = build_model(root / "target", tokenizer, seed=0)
     drafter_dir = build_model(root / "drafter", tokenizer, seed=1, base=target_dir, noise=noise)
     return TinyPair(target_dir=target_dir, drafter_dir=drafter_dir, tokenizer_dir=root / "tokenizer")
+
+
+FOREIGN_VOCAB_SIZE = 400
+
+
+def build_foreign_drafter(root: Path, *, seed: int = 2) -> Path:
+    """A random tiny drafter with its own tokenizer (400 tokens, trained on other text): a
+    drafter of another vocabulary than the tiny target's, for slem, tli and slrs. Unrelated
+    to the target, it is rarely right; tests use it for exactness, not speed."""
+    tokenizer = build_tokenizer(root / "foreign-tokenizer", vocab_size=FOREIGN_VOCAB_SIZE, corpus=foreign_corpus())
+    return build_model(root / "foreign-drafter", tokenizer, seed=seed)

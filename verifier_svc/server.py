@@ -11,13 +11,23 @@ from services.hosting import ModelServicer, abort_bad_request, run_model_service
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
 from services.sampling import seeded_generator
-from services.wire import BadRequest, check_token_ids, delta_from_pb, dists_from_pb, sampling_from_pb, tree_from_pb
-from verifier_svc.verify import verify, verify_tree
+from services.wire import (
+    BadRequest,
+    check_token_ids,
+    delta_from_pb,
+    dists_from_pb,
+    sampling_from_pb,
+    strings_from_pb,
+    tree_from_pb,
+)
+from verifier_svc.verify import TargetStrings, verify, verify_strings, verify_tree
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
 
 class VerifierServicer(ModelServicer, pb_grpc.VerifierServicer):
+    _strings: TargetStrings | None = None  # the target vocabulary as bytes, built on the first VerifyStrings
+
     async def Verify(self, request: pb.VerifyRequest, context: grpc.aio.ServicerContext) -> pb.VerifyResponse:
         host = self.runner.host
         vocab = host.info.vocab_size
@@ -65,6 +75,42 @@ class VerifierServicer(ModelServicer, pb_grpc.VerifierServicer):
         if verdict is None:
             return pb.VerifyTreeResponse(context_miss=True, compute_seconds=elapsed)
         return pb.VerifyTreeResponse(accepted=verdict.accepted, tokens=verdict.tokens, compute_seconds=elapsed)
+
+
+    async def VerifyStrings(
+        self, request: pb.VerifyStringsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.VerifyStringsResponse:
+        host = self.runner.host
+        try:
+            delta = delta_from_pb(request.context, host.info.vocab_size)
+            params = sampling_from_pb(request.sampling)
+            if len(request.draft) > self.config.max_draft:
+                raise BadRequest(f"a draft of {len(request.draft)} strings is above the limit of {self.config.max_draft}")
+            proposals = strings_from_pb(request.draft)
+            if host.tokenizer is None:
+                raise BadRequest("this verifier was loaded without a tokenizer, so it cannot check drafted text")
+        except BadRequest as err:
+            await abort_bad_request(context, err)
+        if self._strings is None:
+            self._strings = await self.runner.run(TargetStrings.build, host.tokenizer, host.info.vocab_size)
+        generator = seeded_generator(request.seed)
+        started = time.perf_counter()
+        try:
+            result = await self.runner.run(
+                verify_strings, host, self._strings, delta, proposals, params, generator, self.config.max_draft
+            )
+        except ValueError as err:
+            await abort_bad_request(context, BadRequest(str(err)))
+        elapsed = time.perf_counter() - started
+        if result is None:
+            return pb.VerifyStringsResponse(context_miss=True, compute_seconds=elapsed)
+        return pb.VerifyStringsResponse(
+            accepted=result.verdict.accepted,
+            tokens=result.verdict.tokens,
+            compute_seconds=elapsed,
+            verified=result.verified,
+            tree_nodes=result.tree_nodes,
+        )
 
 
 def main() -> int:

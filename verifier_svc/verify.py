@@ -6,12 +6,20 @@ from collections.abc import Sequence
 
 import torch
 
+import logging
+import time
+from dataclasses import dataclass
+
+from services import slrs
 from services.acceptance import Verdict, accept
 from services.context import ContextDelta, resolve_delta
 from services.multidraft import TreeVerdict, verify_tree_greedy, verify_tree_sampled
 from services.runtime import ModelHost
 from services.sampling import SamplingParams, SparseDist, target_probs
 from services.tree import Tree
+from services.vocab import token_bytes
+
+log = logging.getLogger(__name__)
 
 
 def verify(
@@ -69,3 +77,57 @@ def verify_tree(
     host.keep_path(delta.session_id, verdict.path)
     host.session(delta.session_id).context = [*context, *verdict.tokens]
     return verdict
+
+
+@dataclass(frozen=True)
+class TargetStrings:
+    """The target's vocabulary as bytes, indexed for prefix queries (slrs)."""
+
+    token_bytes: list[bytes | None]
+    index: slrs.PrefixIndex
+
+    @classmethod
+    def build(cls, tokenizer, rows: int) -> TargetStrings:
+        started = time.perf_counter()
+        pieces = token_bytes(tokenizer, size=rows)
+        strings = cls(pieces, slrs.PrefixIndex(pieces))
+        log.info("indexed the target's %d tokens as bytes in %.1fs", rows, time.perf_counter() - started)
+        return strings
+
+
+@dataclass(frozen=True)
+class StringsResult:
+    verdict: slrs.StringVerdict
+    verified: int  # drafted strings that fitted the tree budget
+    tree_nodes: int
+
+
+def verify_strings(
+    host: ModelHost,
+    strings: TargetStrings,
+    delta: ContextDelta,
+    proposals: Sequence[slrs.StringProposal],
+    params: SamplingParams,
+    generator: torch.Generator,
+    max_nodes: int,
+) -> StringsResult | None:
+    """String-level rejection sampling of drafted text (services/slrs.py); None when the delta misses.
+
+    One target pass, with a tree attention mask, over every target tokenization of the drafted
+    strings (as many leading strings as fit in max_nodes tree nodes); the tokens committed
+    never leave that tree. The service then holds the context extended by the returned tokens.
+    """
+    context = resolve_delta(host.held_context(delta.session_id), delta)
+    if context is None:
+        return None
+    if not context:
+        raise ValueError("the context is empty: verification needs at least one token to follow")
+    tree, node_bytes, kept = slrs.build_tree(strings.index, list(proposals), max_nodes)
+    probs = target_probs(host.tree_logits(delta.session_id, context, tree, len(tree) + 1), params)  # (N+1, V)
+    verdict = slrs.verify_strings(
+        tree, node_bytes, probs, list(proposals[:kept]), strings.index, generator, params.greedy
+    )
+    committed = [*context, *verdict.tokens]
+    host.settle(delta.session_id, committed)
+    host.session(delta.session_id).context = committed
+    return StringsResult(verdict, kept, len(tree))

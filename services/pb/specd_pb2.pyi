@@ -1,10 +1,20 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class VocabMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VOCAB_NATIVE: _ClassVar[VocabMode]
+    VOCAB_SLEM: _ClassVar[VocabMode]
+    VOCAB_TLI: _ClassVar[VocabMode]
+VOCAB_NATIVE: VocabMode
+VOCAB_SLEM: VocabMode
+VOCAB_TLI: VocabMode
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p")
@@ -37,7 +47,7 @@ class SparseDist(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "vocab_size", "max_context", "eos_token_ids", "dtype", "device", "tokenizer_fingerprint")
+    __slots__ = ("model", "vocab_size", "max_context", "eos_token_ids", "dtype", "device", "tokenizer_fingerprint", "wire_tokenizer_fingerprint", "shared_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +55,8 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    WIRE_TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SHARED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     max_context: int
@@ -52,7 +64,9 @@ class ModelInfo(_message.Message):
     dtype: str
     device: str
     tokenizer_fingerprint: str
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
+    wire_tokenizer_fingerprint: str
+    shared_tokens: int
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., wire_tokenizer_fingerprint: _Optional[str] = ..., shared_tokens: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -71,6 +85,30 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
+    __slots__ = ("context", "k", "sampling", "seed", "vocab")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_FIELD_NUMBER: _ClassVar[int]
+    context: Context
+    k: int
+    sampling: Sampling
+    seed: int
+    vocab: VocabMode
+    def __init__(self, context: _Optional[_Union[Context, _Mapping]] = ..., k: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., seed: _Optional[int] = ..., vocab: _Optional[_Union[VocabMode, str]] = ...) -> None: ...
+
+class StringDraft(_message.Message):
+    __slots__ = ("text", "candidates", "probs")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    PROBS_FIELD_NUMBER: _ClassVar[int]
+    text: bytes
+    candidates: _containers.RepeatedScalarFieldContainer[bytes]
+    probs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, text: _Optional[bytes] = ..., candidates: _Optional[_Iterable[bytes]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ProposeStringsRequest(_message.Message):
     __slots__ = ("context", "k", "sampling", "seed")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +119,16 @@ class ProposeRequest(_message.Message):
     sampling: Sampling
     seed: int
     def __init__(self, context: _Optional[_Union[Context, _Mapping]] = ..., k: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class ProposeStringsResponse(_message.Message):
+    __slots__ = ("context_miss", "draft", "compute_seconds")
+    CONTEXT_MISS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    context_miss: bool
+    draft: _containers.RepeatedCompositeFieldContainer[StringDraft]
+    compute_seconds: float
+    def __init__(self, context_miss: _Optional[bool] = ..., draft: _Optional[_Iterable[_Union[StringDraft, _Mapping]]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
     __slots__ = ("context_miss", "tokens", "q", "compute_seconds")
@@ -213,6 +261,34 @@ class VerifyTreeResponse(_message.Message):
     tokens: _containers.RepeatedScalarFieldContainer[int]
     compute_seconds: float
     def __init__(self, context_miss: _Optional[bool] = ..., accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+
+class VerifyStringsRequest(_message.Message):
+    __slots__ = ("context", "draft", "sampling", "seed")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    context: Context
+    draft: _containers.RepeatedCompositeFieldContainer[StringDraft]
+    sampling: Sampling
+    seed: int
+    def __init__(self, context: _Optional[_Union[Context, _Mapping]] = ..., draft: _Optional[_Iterable[_Union[StringDraft, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class VerifyStringsResponse(_message.Message):
+    __slots__ = ("context_miss", "accepted", "tokens", "compute_seconds", "verified", "tree_nodes")
+    CONTEXT_MISS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    TREE_NODES_FIELD_NUMBER: _ClassVar[int]
+    context_miss: bool
+    accepted: int
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    compute_seconds: float
+    verified: int
+    tree_nodes: int
+    def __init__(self, context_miss: _Optional[bool] = ..., accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., compute_seconds: _Optional[float] = ..., verified: _Optional[int] = ..., tree_nodes: _Optional[int] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")

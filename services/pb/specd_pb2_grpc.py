@@ -59,6 +59,11 @@ class DrafterStub:
                 request_serializer=services_dot_pb_dot_specd__pb2.ProposeTreeRequest.SerializeToString,
                 response_deserializer=services_dot_pb_dot_specd__pb2.ProposeTreeResponse.FromString,
                 _registered_method=True)
+        self.ProposeStrings = channel.unary_unary(
+                '/specd.v1.Drafter/ProposeStrings',
+                request_serializer=services_dot_pb_dot_specd__pb2.ProposeStringsRequest.SerializeToString,
+                response_deserializer=services_dot_pb_dot_specd__pb2.ProposeStringsResponse.FromString,
+                _registered_method=True)
 
 
 class DrafterServicer:
@@ -94,6 +99,12 @@ class DrafterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProposeStrings(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DrafterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_DrafterServicer_to_server(servicer, server):
                     servicer.ProposeTree,
                     request_deserializer=services_dot_pb_dot_specd__pb2.ProposeTreeRequest.FromString,
                     response_serializer=services_dot_pb_dot_specd__pb2.ProposeTreeResponse.SerializeToString,
+            ),
+            'ProposeStrings': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProposeStrings,
+                    request_deserializer=services_dot_pb_dot_specd__pb2.ProposeStringsRequest.FromString,
+                    response_serializer=services_dot_pb_dot_specd__pb2.ProposeStringsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +284,33 @@ class Drafter:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ProposeStrings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specd.v1.Drafter/ProposeStrings',
+            services_dot_pb_dot_specd__pb2.ProposeStringsRequest.SerializeToString,
+            services_dot_pb_dot_specd__pb2.ProposeStringsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class VerifierStub:
     """Missing associated documentation comment in .proto file."""
@@ -298,6 +341,11 @@ class VerifierStub:
                 request_serializer=services_dot_pb_dot_specd__pb2.VerifyTreeRequest.SerializeToString,
                 response_deserializer=services_dot_pb_dot_specd__pb2.VerifyTreeResponse.FromString,
                 _registered_method=True)
+        self.VerifyStrings = channel.unary_unary(
+                '/specd.v1.Verifier/VerifyStrings',
+                request_serializer=services_dot_pb_dot_specd__pb2.VerifyStringsRequest.SerializeToString,
+                response_deserializer=services_dot_pb_dot_specd__pb2.VerifyStringsResponse.FromString,
+                _registered_method=True)
 
 
 class VerifierServicer:
@@ -327,6 +375,12 @@ class VerifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyStrings(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VerifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -349,6 +403,11 @@ def add_VerifierServicer_to_server(servicer, server):
                     servicer.VerifyTree,
                     request_deserializer=services_dot_pb_dot_specd__pb2.VerifyTreeRequest.FromString,
                     response_serializer=services_dot_pb_dot_specd__pb2.VerifyTreeResponse.SerializeToString,
+            ),
+            'VerifyStrings': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyStrings,
+                    request_deserializer=services_dot_pb_dot_specd__pb2.VerifyStringsRequest.FromString,
+                    response_serializer=services_dot_pb_dot_specd__pb2.VerifyStringsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -459,6 +518,33 @@ class Verifier:
             '/specd.v1.Verifier/VerifyTree',
             services_dot_pb_dot_specd__pb2.VerifyTreeRequest.SerializeToString,
             services_dot_pb_dot_specd__pb2.VerifyTreeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyStrings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specd.v1.Verifier/VerifyStrings',
+            services_dot_pb_dot_specd__pb2.VerifyStringsRequest.SerializeToString,
+            services_dot_pb_dot_specd__pb2.VerifyStringsResponse.FromString,
             options,
             channel_credentials,
             insecure,

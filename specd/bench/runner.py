@@ -27,6 +27,7 @@ import grpc
 import numpy as np
 import torch
 
+from drafter_svc.foreign import Translation
 from orchestrator.backends import LocalDrafter, LocalVerifier
 from orchestrator.generate import Engine, GenerationRequest, Limits, NotServable, Stats
 from orchestrator.store import ChatMessage, Session
@@ -180,6 +181,7 @@ class LocalModels:
     target: ModelHost
     drafter: ModelHost | None
     tokenizer: object  # the target's tokenizer
+    translation: Translation | None = None  # set when the drafter's vocabulary differs from the target's
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """The prompt as the orchestrator tokenizes a chat turn (generate.py, _turn_context)."""
@@ -189,15 +191,24 @@ class LocalModels:
         return self.tokenizer.encode(rendered, add_special_tokens=False)
 
 
-def load_local(target_dir: Path, drafter_dir: Path | None, *, dtype: str, threads: int, onednn: bool) -> LocalModels:
-    """Loads both models the way the services do (same dtype, threads and kernels)."""
+def load_local(
+    target_dir: Path, drafter_dir: Path | None, *, dtype: str, threads: int, onednn: bool, vocab_cache: Path
+) -> LocalModels:
+    """Loads both models the way the services do (same dtype, threads and kernels); a drafter
+    of another vocabulary gets its translation (vocabulary maps cached in vocab_cache)."""
     from transformers import AutoTokenizer
 
     def load(path: Path) -> ModelHost:
         return load_host(path, dtype=dtype, device="cpu", max_sessions=4, threads=threads, onednn=onednn)
 
     drafter = None if drafter_dir is None else load(drafter_dir)
-    return LocalModels(load(target_dir), drafter, AutoTokenizer.from_pretrained(target_dir))
+    target = load(target_dir)
+    translation = None
+    if drafter is not None and drafter.info.tokenizer_fingerprint != target.info.tokenizer_fingerprint:
+        translation = Translation.build(
+            drafter.tokenizer, target.tokenizer, drafter.info.vocab_size, target.info.vocab_size, vocab_cache
+        )
+    return LocalModels(target, drafter, AutoTokenizer.from_pretrained(target_dir), translation)
 
 
 class InProcessRunner:
@@ -206,7 +217,7 @@ class InProcessRunner:
     def __init__(self, models: LocalModels, config: BenchConfig, q_top: int = 32) -> None:
         self.models = models
         self.config = config
-        drafter = None if models.drafter is None else LocalDrafter(models.drafter, q_top)
+        drafter = None if models.drafter is None else LocalDrafter(models.drafter, q_top, translation=models.translation)
         self.engine = Engine(
             tokenizer=models.tokenizer,
             store=MemoryStore(),
@@ -289,7 +300,11 @@ class PeerRunner:
         info = self.models.target.info
         prompt_ids = self.models.prompt_ids(prompt)
         input_ids = torch.tensor([prompt_ids])  # (1, T)
-        extra = {"assistant_model": self.models.drafter.model} if peer == "hf-assisted" else {}
+        extra: dict[str, object] = {}
+        if peer == "hf-assisted":
+            extra["assistant_model"] = self.models.drafter.model
+            if self.models.translation is not None:  # transformers' universal assisted generation
+                extra.update(tokenizer=self.models.target.tokenizer, assistant_tokenizer=self.models.drafter.tokenizer)
         torch.manual_seed(seed)  # transformers samples from the global generator
         started = time.perf_counter()
         out = self.models.target.model.generate(
