@@ -25,6 +25,7 @@ plain target step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ import torch
 
 from drafter_svc.draft import Proposal, own_distribution
 from services.context import ContextDelta, resolve_delta
-from services.runtime import ModelHost, tokenizer_fingerprint
+from services.runtime import ModelHost, ModelInfo, tokenizer_fingerprint
 from services.sampling import SamplingParams, SparseDist, target_probs, truncated
 from services.slrs import StringProposal
 from services.vocab import TextBridge, VocabMap
@@ -76,6 +77,12 @@ class Translation:
             target_rows, vocab_map.shared, drafter_rows, time.perf_counter() - started,
         )
         return translation
+
+    def wire_info(self, own: ModelInfo) -> ModelInfo:
+        """The drafter's ModelInfo as callers see it: its own vocabulary, speaking the target's."""
+        return dataclasses.replace(
+            own, wire_tokenizer_fingerprint=self.target_fingerprint, shared_tokens=self.vocab_map.shared
+        )
 
 
 def _drafter_context(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 import time
@@ -49,13 +48,7 @@ class DrafterServicer(ModelServicer, pb_grpc.DrafterServicer):
         self.translation = translation
         host = runner.host
         self.own_bytes = token_bytes(host.tokenizer, size=host.info.vocab_size) if host.tokenizer is not None else None
-        self.info = host.info
-        if translation is not None:
-            self.info = dataclasses.replace(
-                host.info,
-                wire_tokenizer_fingerprint=translation.target_fingerprint,
-                shared_tokens=translation.vocab_map.shared,
-            )
+        self.info = host.info if translation is None else translation.wire_info(host.info)
 
     @property
     def wire_vocab(self) -> int:

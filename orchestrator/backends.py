@@ -269,7 +269,7 @@ class LocalDrafter:
         return TreeDraft(p.tree, p.q, p.forwards, CallCost(elapsed, elapsed))
 
     async def info(self) -> ModelInfo:
-        return self.host.info
+        return self.host.info if self.translation is None else self.translation.wire_info(self.host.info)
 
 
 MAXGRAM_INFO = ModelInfo(

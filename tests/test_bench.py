@@ -370,3 +370,31 @@ def test_quick_bench_on_tiny_models(tiny_pair, redis_url, tmp_path, monkeypatch,
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| all | sd |" in stdout and "Distributed overhead" in stdout and "every output equals ar's" in stdout
     assert (out / "results.md").read_text().strip() == stdout.strip()
+
+
+def test_quick_bench_with_a_drafter_of_another_vocabulary(
+    tiny_pair, tiny_foreign, redis_url, tmp_path, monkeypatch, capsys, single_thread_torch
+):
+    """A foreign drafter: slem, tli and slrs run (services, in-process, and transformers' own
+    universal assisted generation as the peer); sd is skipped with the reason, not an error."""
+    from specd.cli import main
+
+    for name, value in {"SPECD_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def add(a, b):\n    return", "category": "code"}) + "\n", encoding="utf-8")
+    out = tmp_path / "results"
+    code = main([
+        "bench", "--quick", "--prompts", str(prompts), "--target", str(tiny_pair.target_dir),
+        "--drafter", str(tiny_foreign), "--dtype", "float64", "--redis-url", redis_url,
+        "--home", str(tmp_path / "home"), "--threads", "1", "--out", str(out), "--no-progress",
+        "--strategies", "ar,sd,slem,tli,slrs", "--max-new-tokens", "16",
+    ])  # fmt: skip
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stdout + stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["errors"] == []
+    assert {"sd", "sd@local"} <= set(doc["skipped"]) and "slem, tli or slrs" in doc["skipped"]["sd"]
+    systems = {r["system"] for r in doc["records"]}
+    assert {"ar", "slem", "tli", "slrs", "slem@local", "tli@local", "slrs@local", "hf-assisted"} <= systems
+    assert all(c["status"] == "match" for c in doc["checks"]), doc["checks"]
