@@ -128,7 +128,7 @@ async def slrs_round(backends: Backends, r: RoundInput) -> RoundResult:
 
 # Default k-matrices by number of drafters below the target (see cascade_round for the
 # meaning). Chosen by measurement on the packaged models (qwen2.5-coder 1.5B <- 0.5B <-
-# max-gram, CPU); the note in docs and the PR gives the figures.
+# max-gram, CPU): scripts/sweep_shapes.py, figures in the README ("The default k-matrix and tree").
 DEFAULT_K_MATRICES: dict[int, tuple[tuple[int, ...], ...]] = {
     1: ((4,),),
     2: ((4, 2), (0, 3)),
@@ -256,7 +256,7 @@ def _wire_q(tokens: Sequence[int], q: Sequence[SparseDist | None]) -> tuple[Spar
 
 # -- staged -----------------------------------------------------------------------------
 
-# The default draft tree, chosen by measurement on the packaged models (see the PR note):
+# The default draft tree, chosen by measurement on the packaged models (scripts/sweep_shapes.py):
 # three candidates for the first token, two for the second, then a single path.
 DEFAULT_TREE = TreeShape(branching=(3, 2, 1, 1, 1), budget=8)
 
