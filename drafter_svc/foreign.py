@@ -86,14 +86,17 @@ class Translation:
 
 
 def _drafter_context(
-    host: ModelHost, translation: Translation, delta: ContextDelta
+    host: ModelHost, translation: Translation | None, delta: ContextDelta
 ) -> tuple[list[int], list[int]] | None:
     """(target context, drafter context); None when the delta misses. The drafter context is
-    empty when it cannot be drafted after (an empty context, or one ending mid-character)."""
+    empty when it cannot be drafted after (an empty context, or one ending mid-character);
+    translation None: a drafter of the target's own vocabulary, whose context is the target's."""
     context = resolve_delta(host.held_context(delta.session_id), delta)
     if context is None:
         return None
     host.session(delta.session_id).context = context
+    if translation is None:
+        return context, list(context)
     ids, pending = translation.bridge.drafter_context(context)
     return context, ([] if pending else ids)
 
@@ -199,17 +202,10 @@ def propose_strings(
     renormalised. Given that length (drawn with the token, independently of the verifier),
     the text is distributed exactly so. translation None: a drafter of the target's own vocabulary.
     """
-    if translation is None:
-        context = resolve_delta(host.held_context(delta.session_id), delta)
-        if context is None:
-            return None
-        host.session(delta.session_id).context = context
-        seq = list(context)
-    else:
-        contexts = _drafter_context(host, translation, delta)
-        if contexts is None:
-            return None
-        _, seq = contexts
+    contexts = _drafter_context(host, translation, delta)
+    if contexts is None:
+        return None
+    _, seq = contexts
     proposals: list[StringProposal] = []
     while seq and len(proposals) < k:
         token, q = _next_token(host.logits(delta.session_id, seq, 1)[0], params, q_top, generator, None)

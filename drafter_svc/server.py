@@ -47,7 +47,11 @@ class DrafterServicer(ModelServicer, pb_grpc.DrafterServicer):
         super().__init__(runner, config)
         self.translation = translation
         host = runner.host
-        self.own_bytes = token_bytes(host.tokenizer, size=host.info.vocab_size) if host.tokenizer is not None else None
+        self.own_bytes = (
+            translation.drafter_bytes
+            if translation is not None
+            else token_bytes(host.tokenizer, size=host.info.vocab_size) if host.tokenizer is not None else None
+        )
         self.info = host.info if translation is None else translation.wire_info(host.info)
 
     @property

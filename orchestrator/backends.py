@@ -24,7 +24,7 @@ from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
 from services.runtime import ModelHost, ModelInfo
 from services.sampling import SamplingParams, SparseDist, seeded_generator
-from services.slrs import StringProposal
+from services.slrs import PrefixIndex, StringProposal
 from services.tree import Tree, TreeShape
 from services.vocab import token_bytes
 from services.wire import (
@@ -40,7 +40,7 @@ from services.wire import (
     tree_to_pb,
     vocab_to_pb,
 )
-from verifier_svc.verify import TargetStrings, verify, verify_strings, verify_tree
+from verifier_svc.verify import string_index, verify, verify_strings, verify_tree
 
 Reply = TypeVar("Reply")
 
@@ -245,7 +245,11 @@ class LocalDrafter:
     async def propose_strings(self, session_id, context, k, params, seed) -> StringsDraft:
         started = time.perf_counter()
         if self._own_bytes is None:
-            self._own_bytes = token_bytes(self.host.tokenizer, size=self.host.info.vocab_size)
+            self._own_bytes = (
+                self.translation.drafter_bytes
+                if self.translation is not None
+                else token_bytes(self.host.tokenizer, size=self.host.info.vocab_size)
+            )
         delta = ContextDelta(session_id, 0, 0, tuple(context))
         proposals = propose_strings(
             self.host, self.translation, self._own_bytes, delta, k, params, self.q_top, seeded_generator(seed)
@@ -314,12 +318,12 @@ class LocalVerifier:
     def __init__(self, host: ModelHost, max_string_nodes: int = 64) -> None:
         self.host = host
         self.max_string_nodes = max_string_nodes  # the slrs tree budget (SPECD_MAX_DRAFT in the service)
-        self._strings: TargetStrings | None = None
+        self._strings: PrefixIndex | None = None
 
     async def verify_strings(self, session_id, context, proposals, params, seed) -> Verified:
         started = time.perf_counter()
         if self._strings is None:
-            self._strings = TargetStrings.build(self.host.tokenizer, self.host.info.vocab_size)
+            self._strings = string_index(self.host.tokenizer, self.host.info.vocab_size)
         delta = ContextDelta(session_id, 0, 0, tuple(context))
         result = verify_strings(
             self.host, self._strings, delta, list(proposals), params, seeded_generator(seed), self.max_string_nodes

@@ -144,7 +144,7 @@ class Engine:
         self.backends = backends
         self.limits = limits
         self._target: ModelInfo | None = None
-        self._drafters_checked = False
+        self._infos: dict[int, ModelInfo] = {}  # id(drafter) -> its Info, asked once like the target's
 
     # -- checks -------------------------------------------------------------------------
 
@@ -161,7 +161,7 @@ class Engine:
         if drafter is None:
             raise NotServable(f"strategy {strategy!r} needs a drafter, and none is configured (SPECD_DRAFTER)")
         info = await self._info(drafter)
-        own = not info.tokenizer_fingerprint or info.tokenizer_fingerprint == target.tokenizer_fingerprint
+        own = _same_vocab(info, target)
         if same_vocab and strategy != "cascade" and not own:
             raise NotServable(
                 f"drafter {info.model} has another vocabulary than the target {target.model}, and strategy "
@@ -178,21 +178,20 @@ class Engine:
     async def _check_cascade(self, target: ModelInfo) -> None:
         """Every level shares the target's vocabulary, or translates to it (a tli/slem level,
         which proposes but cannot review: its row of the k-matrix must be zeros)."""
-        if self._drafters_checked:
-            return
         for level in self.backends.cascade_levels():
             info = await self._info(level)
-            own = not info.tokenizer_fingerprint or info.tokenizer_fingerprint == target.tokenizer_fingerprint
+            own = _same_vocab(info, target)
             translated = isinstance(level, Translated) and info.wire_fingerprint == target.tokenizer_fingerprint
             if not own and not translated:
                 raise NotServable(
                     f"cascade level {info.model} has another vocabulary than the target {target.model}; give it as "
                     f"tli:HOST:PORT or slem:HOST:PORT in SPECD_CASCADE, with SPECD_TARGET_TOKENIZER set on that drafter"
                 )
-        self._drafters_checked = True
 
     async def _info(self, drafter) -> ModelInfo:
-        return await drafter.info()
+        if id(drafter) not in self._infos:
+            self._infos[id(drafter)] = await drafter.info()
+        return self._infos[id(drafter)]
 
     def k_matrix(self, req: GenerationRequest) -> tuple[tuple[int, ...], ...]:
         """The request's k-matrix, else the server's, else the default for the cascade's depth."""
@@ -357,6 +356,11 @@ class Engine:
 
     async def delete_session(self, session_id: str) -> bool:
         return await self.store.delete(session_id)
+
+
+def _same_vocab(info: ModelInfo, target: ModelInfo) -> bool:
+    """A drafter shares the target's vocabulary (statistical drafters have no fingerprint: any ids)."""
+    return not info.tokenizer_fingerprint or info.tokenizer_fingerprint == target.tokenizer_fingerprint
 
 
 def _add_totals(totals: Totals, r: RoundResult, committed: int) -> None:

@@ -11,6 +11,7 @@ from services.hosting import ModelServicer, abort_bad_request, run_model_service
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
 from services.sampling import seeded_generator
+from services.slrs import PrefixIndex
 from services.wire import (
     BadRequest,
     check_token_ids,
@@ -20,13 +21,13 @@ from services.wire import (
     strings_from_pb,
     tree_from_pb,
 )
-from verifier_svc.verify import TargetStrings, verify, verify_strings, verify_tree
+from verifier_svc.verify import string_index, verify, verify_strings, verify_tree
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
 
 class VerifierServicer(ModelServicer, pb_grpc.VerifierServicer):
-    _strings: TargetStrings | None = None  # the target vocabulary as bytes, built on the first VerifyStrings
+    _strings: PrefixIndex | None = None  # the target vocabulary as bytes, built on the first VerifyStrings
 
     async def Verify(self, request: pb.VerifyRequest, context: grpc.aio.ServicerContext) -> pb.VerifyResponse:
         host = self.runner.host
@@ -92,7 +93,7 @@ class VerifierServicer(ModelServicer, pb_grpc.VerifierServicer):
         except BadRequest as err:
             await abort_bad_request(context, err)
         if self._strings is None:
-            self._strings = await self.runner.run(TargetStrings.build, host.tokenizer, host.info.vocab_size)
+            self._strings = await self.runner.run(string_index, host.tokenizer, host.info.vocab_size)
         generator = seeded_generator(request.seed)
         started = time.perf_counter()
         try:

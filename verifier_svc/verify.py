@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
-
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 from services import slrs
 from services.acceptance import Verdict, accept
@@ -79,20 +78,12 @@ def verify_tree(
     return verdict
 
 
-@dataclass(frozen=True)
-class TargetStrings:
+def string_index(tokenizer, rows: int) -> slrs.PrefixIndex:
     """The target's vocabulary as bytes, indexed for prefix queries (slrs)."""
-
-    token_bytes: list[bytes | None]
-    index: slrs.PrefixIndex
-
-    @classmethod
-    def build(cls, tokenizer, rows: int) -> TargetStrings:
-        started = time.perf_counter()
-        pieces = token_bytes(tokenizer, size=rows)
-        strings = cls(pieces, slrs.PrefixIndex(pieces))
-        log.info("indexed the target's %d tokens as bytes in %.1fs", rows, time.perf_counter() - started)
-        return strings
+    started = time.perf_counter()
+    index = slrs.PrefixIndex(token_bytes(tokenizer, size=rows))
+    log.info("indexed the target's %d tokens as bytes in %.1fs", rows, time.perf_counter() - started)
+    return index
 
 
 @dataclass(frozen=True)
@@ -104,7 +95,7 @@ class StringsResult:
 
 def verify_strings(
     host: ModelHost,
-    strings: TargetStrings,
+    index: slrs.PrefixIndex,
     delta: ContextDelta,
     proposals: Sequence[slrs.StringProposal],
     params: SamplingParams,
@@ -122,10 +113,10 @@ def verify_strings(
         return None
     if not context:
         raise ValueError("the context is empty: verification needs at least one token to follow")
-    tree, node_bytes, kept = slrs.build_tree(strings.index, list(proposals), max_nodes)
+    tree, node_bytes, kept = slrs.build_tree(index, list(proposals), max_nodes)
     probs = target_probs(host.tree_logits(delta.session_id, context, tree, len(tree) + 1), params)  # (N+1, V)
     verdict = slrs.verify_strings(
-        tree, node_bytes, probs, list(proposals[:kept]), strings.index, generator, params.greedy
+        tree, node_bytes, probs, list(proposals[:kept]), index, generator, params.greedy
     )
     committed = [*context, *verdict.tokens]
     host.settle(delta.session_id, committed)
