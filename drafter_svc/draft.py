@@ -1,5 +1,8 @@
 """Drafting: propose k tokens, and when sampling the exact q each was drawn from; review a
-smaller level's draft (a middle level of a cascade); grow a draft tree (staged)."""
+smaller level's draft (a middle level of a cascade); grow a draft tree (staged).
+
+Plain functions over a runtime (services/runtime.py) and a session's full context; the
+drafter's core (drafter_svc/core.py) resolves context deltas, seeds and times them."""
 
 from __future__ import annotations
 
@@ -9,9 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from services.acceptance import Verdict, verify_greedy, verify_sampled
-from services.context import ContextDelta, resolve_delta
 from services.ngram import NgramIndex
-from services.runtime import ModelHost
+from services.runtime import Runtime
 from services.sampling import SamplingParams, SparseDist, target_probs, truncated
 from services.tree import ROOT, Tree, TreeShape
 
@@ -23,31 +25,26 @@ class Proposal:
 
 
 def propose(
-    host: ModelHost,
-    delta: ContextDelta,
+    runtime: Runtime,
+    session_id: str,
+    context: list[int],
     k: int,
     params: SamplingParams,
     q_top: int,
     generator: torch.Generator,
-) -> Proposal | None:
-    """Drafts k tokens autoregressively after the context; None when the delta misses.
+) -> Proposal:
+    """Drafts k tokens autoregressively after the context.
 
     When sampling, each token is drawn from its q truncated to the q_top most likely
     entries and renormalised, and that truncated q is what is returned: the verifier's
     rejection rule then uses exactly the distribution the token came from, which keeps it
     lossless, while the payload stays q_top pairs per token.
     """
-    context = resolve_delta(host.held_context(delta.session_id), delta)
-    if context is None:
-        return None
-    if not context:
-        raise ValueError("the context is empty: a draft needs at least one token to follow")
-    host.session(delta.session_id).context = context
     seq = list(context)
     tokens: list[int] = []
     qs: list[SparseDist] = []
     for _ in range(k):
-        logits = host.logits(delta.session_id, seq, 1)[0]  # (V,)
+        logits = runtime.logits(session_id, seq, 1)[0]  # (V,)
         if params.greedy:
             token = int(torch.argmax(logits))
         else:
@@ -73,15 +70,16 @@ def own_distribution(logits: torch.Tensor, params: SamplingParams, q_top: int) -
 
 
 def review(
-    host: ModelHost,
-    delta: ContextDelta,
+    runtime: Runtime,
+    session_id: str,
+    context: list[int],
     draft: Sequence[int],
     q: Sequence[SparseDist | None],
     params: SamplingParams,
     q_top: int,
     generator: torch.Generator,
-) -> Review | None:
-    """A middle level of a cascade reviews a smaller level's draft; None when the delta misses.
+) -> Review:
+    """A middle level of a cascade reviews a smaller level's draft.
 
     One pass over context + draft gives this drafter's own distributions m_1..m_{k+1}
     (`own_distribution`). Sampling: speculative sampling (services/acceptance.verify_sampled)
@@ -89,14 +87,9 @@ def review(
     this drafter had sampled them one by one from m, and m_1..m_{n+1} are returned as their q.
     Greedy: each m_i is a point mass at this drafter's argmax, and the rule is exact match.
 
-    Like the verifier, the service then holds the context extended by the returned tokens.
+    Like the verifier, the caller then holds the context extended by the returned tokens.
     """
-    context = resolve_delta(host.held_context(delta.session_id), delta)
-    if context is None:
-        return None
-    if not context:
-        raise ValueError("the context is empty: a review needs at least one token to follow")
-    logits = host.logits(delta.session_id, [*context, *draft], len(draft) + 1)  # (k+1, V)
+    logits = runtime.logits(session_id, [*context, *draft], len(draft) + 1)  # (k+1, V)
     if params.greedy:
         verdict = verify_greedy(list(draft), logits.argmax(dim=-1).tolist())
         own: tuple[SparseDist, ...] = ()
@@ -105,7 +98,6 @@ def review(
         vocab = logits.shape[-1]
         verdict = verify_sampled(list(draft), list(q), torch.stack([m_i.dense(vocab) for m_i in m]), generator)
         own = tuple(m[: verdict.accepted + 1])
-    host.session(delta.session_id).context = [*context, *verdict.tokens]
     return Review(verdict, own)
 
 
@@ -126,8 +118,8 @@ class _Passes:
     proposed node whose guess was right finds its logits here and costs no pass of its own.
     """
 
-    def __init__(self, host: ModelHost, session_id: str, context: list[int]) -> None:
-        self.host, self.session_id, self.context = host, session_id, context
+    def __init__(self, runtime: Runtime, session_id: str, context: list[int]) -> None:
+        self.runtime, self.session_id, self.context = runtime, session_id, context
         self.tokens: list[int] = []
         self.parents: list[int] = []
         self.logits: dict[int, torch.Tensor] = {}  # computed node (ROOT: the context) -> (V,)
@@ -150,24 +142,26 @@ class _Passes:
         n_last = len(self.tokens) - first_new + (1 if want_root else 0)
         if n_last == 0:
             return
-        rows = self.host.tree_logits(self.session_id, self.context, Tree(tuple(self.tokens), tuple(self.parents)), n_last)
+        rows = self.runtime.tree_logits(self.session_id, self.context, Tree(tuple(self.tokens), tuple(self.parents)), n_last)
         entries = ([ROOT] if want_root else []) + list(range(first_new, len(self.tokens)))
         self.logits.update(zip(entries, rows))
         self.count += 1
 
 
 def propose_tree(
-    host: ModelHost,
-    delta: ContextDelta,
+    runtime: Runtime,
+    session_id: str,
+    context: list[int],
     shape: TreeShape,
     params: SamplingParams,
     q_top: int,
+    ngram: NgramIndex | None,
     lookahead: int,
     generator: torch.Generator,
-) -> TreeProposal | None:
+) -> TreeProposal:
     """Grows a draft tree after the context, one drafter pass per depth at most (Staged
     Speculative Decoding, Spector & Re 2023: a tree-structured batch, and a second stage of
-    speculation inside the drafter); None when the delta misses.
+    speculation inside the drafter).
 
     Depth d = 1..D: the nodes at depth d-1 are ranked by their path probability under this
     drafter, and the best ones get up to branching[d-1] children each, while the budget
@@ -178,25 +172,19 @@ def propose_tree(
     from the ranks of it and its peers only - never from the children's own values, which
     would bias them away from q.
 
-    Second stage (lookahead > 0): each pass also feeds, below the best node being expanded,
+    Second stage (lookahead > 0, with `ngram` the session's max-gram index): each pass also
+    feeds, below the best node being expanded,
     the max-gram model's guess of how the path continues (services/ngram.py, over the
     context). Where the drafter then picks the guessed token, that node's logits are already
     computed, and a depth whose every node to expand was guessed costs no pass. The guesses
     change no draw - a sampled child is drawn from q as always, and merely found guessed -
     so the tree and its q are exactly what they would be without the second stage.
     """
-    context = resolve_delta(host.held_context(delta.session_id), delta)
-    if context is None:
-        return None
-    if not context:
-        raise ValueError("the context is empty: a draft needs at least one token to follow")
-    assert not shape.problems(), shape.problems()
-    state = host.session(delta.session_id)
-    state.context = context
-    if lookahead > 0:
-        state.ngram = state.ngram or NgramIndex()
-        state.ngram.sync(context)
-    passes = _Passes(host, delta.session_id, context)
+    if lookahead > 0 and ngram is not None:
+        ngram.sync(context)
+    else:
+        ngram, lookahead = None, 0
+    passes = _Passes(runtime, session_id, context)
     tokens: list[int] = []
     parents: list[int] = []
     score: dict[int, float] = {ROOT: 0.0}  # log path probability under the drafter
@@ -215,7 +203,7 @@ def propose_tree(
                 break
             plan.append((node, min(branching, allowed)))
             allowed -= plan[-1][1]
-        _compute(passes, plan, tokens, parents, computed, state.ngram if lookahead > 0 else None, min(lookahead, depth - d))
+        _compute(passes, plan, tokens, parents, computed, ngram, min(lookahead, depth - d))
         frontier = []
         for node, m in plan:
             logits = passes.logits[computed[node]]  # (V,)

@@ -35,8 +35,7 @@ from pathlib import Path
 import torch
 
 from drafter_svc.draft import Proposal, own_distribution
-from services.context import ContextDelta, resolve_delta
-from services.runtime import ModelHost, ModelInfo, tokenizer_fingerprint
+from services.runtime import ModelInfo, Runtime, tokenizer_fingerprint
 from services.sampling import SamplingParams, SparseDist, target_probs, truncated
 from services.slrs import StringProposal
 from services.vocab import TextBridge, VocabMap
@@ -85,20 +84,13 @@ class Translation:
         )
 
 
-def _drafter_context(
-    host: ModelHost, translation: Translation | None, delta: ContextDelta
-) -> tuple[list[int], list[int]] | None:
-    """(target context, drafter context); None when the delta misses. The drafter context is
-    empty when it cannot be drafted after (an empty context, or one ending mid-character);
-    translation None: a drafter of the target's own vocabulary, whose context is the target's."""
-    context = resolve_delta(host.held_context(delta.session_id), delta)
-    if context is None:
-        return None
-    host.session(delta.session_id).context = context
+def drafter_ids(translation: Translation | None, context: list[int]) -> list[int]:
+    """The context in the drafter's own ids: empty when it cannot be drafted after (a context
+    ending mid-character); translation None: a drafter of the target's own vocabulary."""
     if translation is None:
-        return context, list(context)
+        return list(context)
     ids, pending = translation.bridge.drafter_context(context)
-    return context, ([] if pending else ids)
+    return [] if pending else ids
 
 
 def _next_token(
@@ -120,25 +112,23 @@ def _next_token(
 
 
 def propose_slem(
-    host: ModelHost,
+    runtime: Runtime,
     translation: Translation,
-    delta: ContextDelta,
+    session_id: str,
+    context: list[int],
     k: int,
     params: SamplingParams,
     q_top: int,
     generator: torch.Generator,
-) -> Proposal | None:
+) -> Proposal:
     """Up to k drafter tokens, as text re-tokenized for the target (q empty: point masses)."""
-    contexts = _drafter_context(host, translation, delta)
-    if contexts is None:
-        return None
-    context, seq = contexts
+    seq = drafter_ids(translation, context)
     if not seq:
         return Proposal((), ())
     text = b""
     ending: list[int] = []  # a drafted special token with a target twin (an end of turn)
     for _ in range(k):
-        token, _q = _next_token(host.logits(delta.session_id, seq, 1)[0], params, q_top, generator, None)
+        token, _q = _next_token(runtime.logits(session_id, seq, 1)[0], params, q_top, generator, None)
         piece = translation.drafter_bytes[token]
         if piece is None:
             twin = int(translation.vocab_map.drafter_to_target[token])
@@ -153,25 +143,23 @@ def propose_slem(
 
 
 def propose_tli(
-    host: ModelHost,
+    runtime: Runtime,
     translation: Translation,
-    delta: ContextDelta,
+    session_id: str,
+    context: list[int],
     k: int,
     params: SamplingParams,
     q_top: int,
     generator: torch.Generator,
-) -> Proposal | None:
+) -> Proposal:
     """Up to k tokens drawn from the drafter's distribution restricted to the tokens both
     vocabularies share, with that q, in target ids. Stops after a special token."""
-    contexts = _drafter_context(host, translation, delta)
-    if contexts is None:
-        return None
-    _, seq = contexts
+    seq = drafter_ids(translation, context)
     tokens: list[int] = []
     qs: list[SparseDist] = []
     to_target = translation.vocab_map.drafter_to_target
     while seq and len(tokens) < k:
-        drawn = _next_token(host.logits(delta.session_id, seq, 1)[0], params, q_top, generator, translation.shared)
+        drawn = _next_token(runtime.logits(session_id, seq, 1)[0], params, q_top, generator, translation.shared)
         if drawn is None:
             break
         token, q = drawn
@@ -185,30 +173,28 @@ def propose_tli(
 
 
 def propose_strings(
-    host: ModelHost,
+    runtime: Runtime,
     translation: Translation | None,
     own_bytes: Sequence[bytes | None],
-    delta: ContextDelta,
+    session_id: str,
+    context: list[int],
     k: int,
     params: SamplingParams,
     q_top: int,
     generator: torch.Generator,
-) -> list[StringProposal] | None:
+) -> list[StringProposal]:
     """Up to k drafter tokens as text, each with the drafter's distribution over strings of
-    its byte length (slrs); None when the delta misses. Stops before a special token.
+    its byte length (slrs). Stops before a special token.
 
     The distribution: q truncated to its top entries (what the token is drawn from), restricted
     to tokens of the drawn token's byte length, summed over tokens with equal bytes, and
     renormalised. Given that length (drawn with the token, independently of the verifier),
     the text is distributed exactly so. translation None: a drafter of the target's own vocabulary.
     """
-    contexts = _drafter_context(host, translation, delta)
-    if contexts is None:
-        return None
-    _, seq = contexts
+    seq = drafter_ids(translation, context)
     proposals: list[StringProposal] = []
     while seq and len(proposals) < k:
-        token, q = _next_token(host.logits(delta.session_id, seq, 1)[0], params, q_top, generator, None)
+        token, q = _next_token(runtime.logits(session_id, seq, 1)[0], params, q_top, generator, None)
         text = own_bytes[token]
         if not text:
             break

@@ -13,17 +13,19 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from orchestrator.backends import CallCost, Translated
+from orchestrator.backends import Translated
 from orchestrator.store import ChatMessage, Session, SessionStore, Totals
 from orchestrator.strategies import (
     STRATEGIES,
     Backends,
+    NotServable,
     RoundInput,
     RoundResult,
     default_k_matrix,
     k_matrix_problems,
 )
 from orchestrator.text import TextStream
+from services.roles import CallCost
 from services.runtime import ModelInfo
 from services.sampling import SamplingParams
 from services.tree import TreeShape
@@ -39,10 +41,6 @@ class InvalidInput(ValueError):
 
 class SessionNotFound(KeyError):
     """NOT_FOUND: the session id is unknown or expired."""
-
-
-class NotServable(RuntimeError):
-    """FAILED_PRECONDITION: the deployment cannot run this request (e.g. no drafter)."""
 
 
 @dataclass(frozen=True)

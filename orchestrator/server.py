@@ -13,7 +13,6 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from orchestrator.backends import (
-    LocalMaxGram,
     RemoteDrafter,
     RemoteVerifier,
     ServiceError,
@@ -33,6 +32,8 @@ from orchestrator.generate import (
 from orchestrator.store import ChatMessage, SessionStore
 from orchestrator.strategies import Backends, k_matrix_problems
 from services.config import ConfigError, OrchestratorConfig
+from services.errors import BadRequest, Unsupported
+from services.maxgram import MaxGramDrafter
 from services.models import ModelNotFound, resolve
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
@@ -120,8 +121,10 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             return grpc.StatusCode.INVALID_ARGUMENT, str(err)
         if isinstance(err, SessionNotFound):
             return grpc.StatusCode.NOT_FOUND, err.args[0]
-        if isinstance(err, NotServable):
+        if isinstance(err, (NotServable, Unsupported)):  # Unsupported: the in-process max-gram level
             return grpc.StatusCode.FAILED_PRECONDITION, str(err)
+        if isinstance(err, BadRequest):
+            return grpc.StatusCode.INVALID_ARGUMENT, str(err)
         if isinstance(err, (ServiceUnavailable, ServiceError)):
             return err.code, str(err)
         if isinstance(err, redis.exceptions.ConnectionError):
@@ -162,7 +165,7 @@ async def _serve(config: OrchestratorConfig, tokenizer) -> None:
         return drafters[address]
 
     drafter = remote_drafter(config.drafter) if config.drafter else None
-    maxgram = LocalMaxGram()
+    maxgram = MaxGramDrafter()
     cascade = tuple(_cascade_level(level, maxgram, remote_drafter) for level in config.cascade)
     backends = Backends(verifier=verifier, drafter=drafter, cascade=cascade, maxgram=maxgram)
     redis_client = aioredis.from_url(config.redis_url, socket_timeout=config.rpc_timeout_seconds)
@@ -193,7 +196,7 @@ async def _serve(config: OrchestratorConfig, tokenizer) -> None:
     await redis_client.aclose()
 
 
-def _cascade_level(level: str, maxgram: LocalMaxGram, remote_drafter) -> object:
+def _cascade_level(level: str, maxgram: MaxGramDrafter, remote_drafter) -> object:
     """One SPECD_CASCADE entry: `maxgram`, HOST:PORT, or tli:HOST:PORT / slem:HOST:PORT for a
     drafter of another vocabulary (it proposes through that translation, never reviews)."""
     if level == "maxgram":

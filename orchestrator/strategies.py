@@ -9,10 +9,27 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
-from orchestrator.backends import CallCost, Drafter, LocalMaxGram, Verifier, total_cost
+from orchestrator.backends import (
+    Drafter,
+    Reviewer,
+    StringDrafter,
+    StringVerifier,
+    TreeDrafter,
+    TreeVerifier,
+    Verifier,
+)
+from services.maxgram import MaxGramDrafter
+from services.roles import CallCost, total_cost
 from services.sampling import SamplingParams, SparseDist, round_seed
 from services.tree import TreeShape
+
+Capability = TypeVar("Capability")
+
+
+class NotServable(RuntimeError):
+    """FAILED_PRECONDITION: the deployment cannot run this request (e.g. no drafter)."""
 
 
 @dataclass(frozen=True)
@@ -22,12 +39,19 @@ class Backends:
     # The cascade's drafters below the target, largest first; every one but the last must
     # also be a Reviewer. Empty: (drafter, maxgram), or (maxgram,) without a drafter.
     cascade: tuple[Drafter, ...] = ()
-    maxgram: LocalMaxGram = field(default_factory=LocalMaxGram)  # the in-process statistical drafter
+    maxgram: MaxGramDrafter = field(default_factory=MaxGramDrafter)  # the in-process statistical drafter
 
     def cascade_levels(self) -> tuple[Drafter, ...]:
         if self.cascade:
             return self.cascade
         return (self.drafter, self.maxgram) if self.drafter is not None else (self.maxgram,)
+
+
+def needs(backend: object | None, capability: type[Capability], strategy: str) -> Capability:
+    """The drafter (or verifier) a strategy calls, typed by what it calls on it."""
+    if backend is None:
+        raise NotServable(f"strategy {strategy!r} needs a drafter, and none is configured (SPECD_DRAFTER)")
+    return cast(capability, backend)
 
 
 @dataclass(frozen=True)
@@ -65,8 +89,8 @@ async def sd_round(backends: Backends, r: RoundInput) -> RoundResult:
     """
     if r.k == 0:
         return await ar_round(backends, r)
-    assert backends.drafter is not None, "sd needs a drafter"
-    d = await backends.drafter.propose(r.session_id, r.context, r.k, r.params, round_seed(r.seed, r.step, "draft"))
+    drafter = needs(backends.drafter, Drafter, "sd")
+    d = await drafter.propose(r.session_id, r.context, r.k, r.params, round_seed(r.seed, r.step, "draft"))
     v = await backends.verifier.verify(
         r.session_id, r.context, d.tokens, d.q, r.params, round_seed(r.seed, r.step, "verify")
     )
@@ -97,8 +121,8 @@ async def tli_round(backends: Backends, r: RoundInput) -> RoundResult:
 async def _translated_round(backends: Backends, r: RoundInput, vocab: str) -> RoundResult:
     if r.k == 0:
         return await ar_round(backends, r)
-    assert backends.drafter is not None, f"{vocab} needs a drafter"
-    d = await backends.drafter.propose(r.session_id, r.context, r.k, r.params, round_seed(r.seed, r.step, "draft"), vocab)
+    drafter = needs(backends.drafter, Drafter, vocab)
+    d = await drafter.propose(r.session_id, r.context, r.k, r.params, round_seed(r.seed, r.step, "draft"), vocab)
     # slem's k counts the drafter's tokens; the target tokens of their text must fit the room left.
     tokens = d.tokens[: r.max_draft]
     q = d.q[: len(tokens)]
@@ -116,9 +140,9 @@ async def slrs_round(backends: Backends, r: RoundInput) -> RoundResult:
     """
     if r.k == 0:
         return await ar_round(backends, r)
-    assert backends.drafter is not None, "slrs needs a drafter"
-    d = await backends.drafter.propose_strings(r.session_id, r.context, r.k, r.params, round_seed(r.seed, r.step, "draft"))
-    v = await backends.verifier.verify_strings(
+    drafter = needs(backends.drafter, StringDrafter, "slrs")
+    d = await drafter.propose_strings(r.session_id, r.context, r.k, r.params, round_seed(r.seed, r.step, "draft"))
+    v = await cast(StringVerifier, backends.verifier).verify_strings(
         r.session_id, r.context, d.proposals, r.params, round_seed(r.seed, r.step, "verify")
     )
     return RoundResult(v.tokens, v.verified, v.accepted, d.cost, v.cost)
@@ -208,7 +232,9 @@ async def cascade_round(backends: Backends, r: RoundInput) -> RoundResult:
     """
     levels = backends.cascade_levels()
     k_matrix = r.k_matrix or default_k_matrix(len(levels))
-    assert not k_matrix_problems(k_matrix, len(levels)), k_matrix_problems(k_matrix, len(levels))
+    problems = k_matrix_problems(k_matrix, len(levels))
+    if problems:
+        raise ValueError("; ".join(problems))
     costs: list[CallCost] = []
 
     async def draft_for(i: int, context: list[int], limit: int) -> tuple[list[int], list[SparseDist | None]]:
@@ -235,7 +261,7 @@ async def cascade_round(backends: Backends, r: RoundInput) -> RoundResult:
             costs.append(d.cost)
             return list(d.tokens), list(d.q) or [None] * len(d.tokens)
         sub, sub_q = await draft_for(j, context, need - 1)
-        v = await level.review(r.session_id, context, sub, _wire_q(sub, sub_q), r.params, seed)
+        v = await cast(Reviewer, level).review(r.session_id, context, sub, _wire_q(sub, sub_q), r.params, seed)
         costs.append(v.cost)
         return list(v.tokens), list(v.q) or [None] * len(v.tokens)
 
@@ -279,10 +305,10 @@ async def staged_round(backends: Backends, r: RoundInput) -> RoundResult:
     depth = min(len(shape.branching), r.max_draft)
     if depth == 0:
         return await ar_round(backends, r)
-    assert backends.drafter is not None, "staged needs a drafter"
+    drafter = needs(backends.drafter, TreeDrafter, "staged")
     shape = TreeShape(shape.branching[:depth], shape.budget)
-    t = await backends.drafter.propose_tree(r.session_id, r.context, shape, r.params, round_seed(r.seed, r.step, "draft"))
-    v = await backends.verifier.verify_tree(
+    t = await drafter.propose_tree(r.session_id, r.context, shape, r.params, round_seed(r.seed, r.step, "draft"))
+    v = await cast(TreeVerifier, backends.verifier).verify_tree(
         r.session_id, r.context, t.tree, t.q, r.params, round_seed(r.seed, r.step, "verify")
     )
     return RoundResult(v.tokens, t.tree.depth, v.accepted, t.cost, v.cost)

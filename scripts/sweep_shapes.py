@@ -17,15 +17,17 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from orchestrator.backends import LocalDrafter, LocalMaxGram, LocalVerifier
+from drafter_svc.core import DrafterCore
 from orchestrator.generate import Engine, GenerationRequest, Limits, Stats
 from orchestrator.store import ChatMessage
 from orchestrator.strategies import Backends
-from services.config import default_home
+from services.config import ModelServiceConfig, default_home
+from services.maxgram import MaxGramDrafter
 from services.models import resolve
 from services.tree import TreeShape
 from specd.bench.prompts import load_prompts
 from specd.bench.runner import MemoryStore, load_local
+from verifier_svc.core import VerifierCore
 
 # `sd k=4` is the cascade 4,0;0,0 and the staged chain 1,1,1,1:4, so neither is repeated.
 K_MATRICES = {
@@ -78,18 +80,22 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=2, help="prompts per category (humaneval, mt-bench, gsm8k)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--verifier-runtime", default="auto", help="auto (torch int8 on CPU), llama or torch")
+    parser.add_argument("--drafter-runtime", default="auto", help="auto (llama on CPU), llama or torch")
     args = parser.parse_args()
     home = default_home()
+    target = resolve("qwen2.5-coder-1.5b-instruct", home)
+    base = ModelServiceConfig(model=str(target), listen="", home=home, threads=args.threads)
     local = load_local(
-        resolve("qwen2.5-coder-1.5b-instruct", home), resolve("qwen2.5-coder-0.5b-instruct", home),
-        dtype="float32", threads=args.threads, onednn=True, vocab_cache=home / "vocab",
+        target, resolve("qwen2.5-coder-0.5b-instruct", home), base=base, verifier_runtime=args.verifier_runtime,
+        drafter_runtime=args.drafter_runtime, vocab_cache=home / "vocab",
     )  # fmt: skip
-    maxgram = LocalMaxGram()
-    drafter = LocalDrafter(local.drafter)
+    maxgram = MaxGramDrafter()
+    drafter = DrafterCore(local.drafter)
     engine = Engine(
         tokenizer=local.tokenizer,
         store=MemoryStore(),
-        backends=Backends(LocalVerifier(local.target), drafter, cascade=(drafter, maxgram), maxgram=maxgram),
+        backends=Backends(VerifierCore(local.target), drafter, cascade=(drafter, maxgram), maxgram=maxgram),
         limits=Limits(default_strategy="ar", default_k=4, default_max_new_tokens=args.max_new_tokens,
                       max_new_tokens_limit=4096),
     )  # fmt: skip

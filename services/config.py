@@ -12,6 +12,8 @@ from pathlib import Path
 
 from services.tree import TreeShape
 
+DTYPES = ("auto", "int8", "float32", "bfloat16", "float16", "float64")
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message says which and why."""
@@ -59,13 +61,18 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
 class ModelServiceConfig:
     """Configuration of a drafter or verifier process."""
 
-    model: str  # SPECD_MODEL: a catalog name (see `specd models list`) or a Hugging Face folder
+    model: str  # SPECD_MODEL: a catalog name (see `specd models list`), a Hugging Face folder or a GGUF file
     listen: str  # SPECD_LISTEN: host:port to serve on
     home: Path  # SPECD_HOME: where prepared models live
-    dtype: str = "float32"  # SPECD_DTYPE: fp32 is what the CPU kernels are fastest and exact in
+    # SPECD_RUNTIME: llama (llama.cpp, GGUF), torch (transformers) or auto: per role, what is
+    # fastest here (services/runtime.choose_runtime)
+    runtime: str = "auto"
+    # SPECD_DTYPE (torch): auto = int8 on CPU (services/int8.py), bfloat16 on CUDA; or float32, ...
+    dtype: str = "auto"
     device: str = "cpu"  # SPECD_DEVICE: cpu, cuda, cuda:1, ...
-    threads: int = 0  # SPECD_THREADS: torch intra-op threads; 0 = torch's default
+    threads: int = 0  # SPECD_THREADS: threads of a forward pass; 0 = every core
     onednn: bool = True  # SPECD_ONEDNN: oneDNN linears on CPU fp32 (multi-token passes ~2x cheaper)
+    kv_tokens: int = 0  # SPECD_KV_TOKENS (llama): KV cells shared by all sessions; 0 = the model's context
     max_sessions: int = 16  # SPECD_MAX_SESSIONS: KV caches kept (LRU); a miss costs a re-prefill
     q_top: int = 32  # SPECD_Q_TOP: entries of the truncated proposal distribution q a drafter sends
     max_draft: int = 64  # SPECD_MAX_DRAFT: the longest draft (or most tree nodes) accepted in one call
@@ -82,17 +89,22 @@ class ModelServiceConfig:
         model = _get(env, "SPECD_MODEL", "")
         if not model:
             raise ConfigError("SPECD_MODEL is not set: give a catalog name (specd models list) or a model folder")
-        dtype = _get(env, "SPECD_DTYPE", "float32")
-        if dtype not in ("float32", "float64", "bfloat16", "float16"):
-            raise ConfigError(f"SPECD_DTYPE must be float32, float64, bfloat16 or float16, got {dtype!r}")
+        dtype = _get(env, "SPECD_DTYPE", "auto")
+        if dtype not in DTYPES:
+            raise ConfigError(f"SPECD_DTYPE must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        runtime = _get(env, "SPECD_RUNTIME", "auto")
+        if runtime not in ("auto", "llama", "torch"):
+            raise ConfigError(f"SPECD_RUNTIME must be auto, llama or torch, got {runtime!r}")
         return cls(
             model=model,
             listen=_get(env, "SPECD_LISTEN", default_listen),
             home=Path(_get(env, "SPECD_HOME", str(default_home()))),
+            runtime=runtime,
             dtype=dtype,
             device=_get(env, "SPECD_DEVICE", "cpu"),
             threads=_int(env, "SPECD_THREADS", 0),
             onednn=_bool(env, "SPECD_ONEDNN", True),
+            kv_tokens=_int(env, "SPECD_KV_TOKENS", 0),
             max_sessions=_int(env, "SPECD_MAX_SESSIONS", 16, minimum=1),
             q_top=_int(env, "SPECD_Q_TOP", 32, minimum=1),
             max_draft=_int(env, "SPECD_MAX_DRAFT", 64, minimum=1),

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from services.lru import Lru
 
 
 def fingerprint(tokens: Sequence[int]) -> int:
@@ -76,11 +77,10 @@ class ContextTracker:
     """
 
     def __init__(self, max_sessions: int = 4096) -> None:
-        self._held: OrderedDict[str, list[int]] = OrderedDict()
-        self._max_sessions = max_sessions
+        self._held: Lru[str, list[int]] = Lru(max_sessions, what="tracked context of session")
 
     def delta(self, session_id: str, context: list[int]) -> ContextDelta:
-        held = self._held.get(session_id, [])
+        held = self._held.peek(session_id) or []
         base_len = common_prefix_len(held, context)
         return ContextDelta(
             session_id=session_id,
@@ -97,9 +97,6 @@ class ContextTracker:
     def acknowledge(self, session_id: str, held: Sequence[int]) -> None:
         """Records that the service now holds `held` for this session."""
         self._held[session_id] = list(held)  # a copy: callers extend their lists in place
-        self._held.move_to_end(session_id)
-        while len(self._held) > self._max_sessions:
-            self._held.popitem(last=False)
 
     def forget(self, session_id: str) -> None:
-        self._held.pop(session_id, None)
+        self._held.pop(session_id)

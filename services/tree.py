@@ -57,14 +57,17 @@ class Tree:
     parents: tuple[int, ...]  # (N,) parent of each node: ROOT or an earlier node
 
     def __post_init__(self) -> None:
-        assert len(self.tokens) == len(self.parents), (
-            f"tokens and parents must have one entry per node, got {len(self.tokens)} and {len(self.parents)}"
-        )
+        if len(self.tokens) != len(self.parents):
+            raise ValueError(
+                f"tokens and parents must have one entry per node, got {len(self.tokens)} and {len(self.parents)}"
+            )
         for i, parent in enumerate(self.parents):
-            assert ROOT <= parent < i, f"node {i}'s parent must be -1 (the root) or an earlier node, got {parent}"
+            if not ROOT <= parent < i:
+                raise ValueError(f"node {i}'s parent must be -1 (the root) or an earlier node, got {parent}")
         seen = set()
         for token, parent in zip(self.tokens, self.parents):
-            assert (parent, token) not in seen, f"token {token} appears twice among the children of {parent}"
+            if (parent, token) in seen:
+                raise ValueError(f"token {token} appears twice among the children of {parent}")
             seen.add((parent, token))
 
     @classmethod
@@ -86,6 +89,15 @@ class Tree:
             nodes.append(node)
             node = self.parents[node]
         return nodes[::-1]
+
+    def leaves(self) -> list[int]:
+        """The nodes without children, in node order."""
+        parents = set(self.parents)
+        return [i for i in range(len(self)) if i not in parents]
+
+    def prefix(self, n: int) -> Tree:
+        """The tree of the first n nodes (a tree, since parents come before their children)."""
+        return Tree(self.tokens[:n], self.parents[:n])
 
     def depths(self) -> list[int]:
         """Depth of each node: 1 for the root's children."""

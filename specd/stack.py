@@ -36,7 +36,9 @@ class StackSpec:
     drafter_port: int = 50052
     redis_port: int = 6399
     redis_url: str = ""  # an existing Redis; "" starts redis-server
-    dtype: str = "float32"
+    dtype: str = "auto"  # SPECD_DTYPE of the model services (torch runtime)
+    verifier_runtime: str = "auto"  # SPECD_RUNTIME of the verifier
+    drafter_runtime: str = "auto"  # SPECD_RUNTIME of the drafter
     default_k: int = 4
     start_timeout: float = 600.0  # model loading on a slow disk can take minutes
 
@@ -163,11 +165,14 @@ def up(spec: StackSpec, say=print) -> list[Proc]:
             redis_url = f"redis://{spec.host}:{spec.redis_port}/0"
             procs.append(Proc("redis", proc.pid, redis_url, str(log_path)))
             say(f"redis        {redis_url}")
-        services = [("verifier", "verifier_svc", spec.target, spec.verifier_port)]
+        services = [("verifier", "verifier_svc", spec.target, spec.verifier_port, spec.verifier_runtime)]
         if spec.drafter:
-            services.append(("drafter", "drafter_svc", spec.drafter, spec.drafter_port))
-        for name, module, model, port in services:
-            env = {**base_env, "SPECD_MODEL": model, "SPECD_LISTEN": spec.address(port), "SPECD_DTYPE": spec.dtype}
+            services.append(("drafter", "drafter_svc", spec.drafter, spec.drafter_port, spec.drafter_runtime))
+        for name, module, model, port, runtime in services:
+            env = {
+                **base_env, "SPECD_MODEL": model, "SPECD_LISTEN": spec.address(port), "SPECD_DTYPE": spec.dtype,
+                "SPECD_RUNTIME": runtime,
+            }  # fmt: skip
             if name == "drafter":
                 env["SPECD_TARGET_TOKENIZER"] = spec.target  # translates if its vocabulary differs
             proc = _spawn(name, [sys.executable, "-m", module], env, logs / f"{name}.log")

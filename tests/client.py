@@ -64,6 +64,8 @@ class ServiceStack:
     logs: Path
     dtype: str = "float64"
     threads: int = 1  # tiny models are all per-op overhead; real models want every core
+    verifier_runtime: str = "auto"  # SPECD_RUNTIME of the verifier (auto: torch)
+    drafter_runtime: str = "auto"  # SPECD_RUNTIME of the drafters (auto: llama, for a model with a GGUF)
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict = field(default_factory=dict)
     services: tuple[str, ...] = ("verifier", "drafter", "orchestrator")
@@ -96,8 +98,10 @@ class ServiceStack:
                 "SPECD_RPC_TIMEOUT": "60",
             }
         else:
-            model = self.target_dir if self.kind(name) == "verifier" else self.drafter_dir
-            env |= {"SPECD_MODEL": str(model), "SPECD_DTYPE": self.dtype}
+            verifier = self.kind(name) == "verifier"
+            model = self.target_dir if verifier else self.drafter_dir
+            runtime = self.verifier_runtime if verifier else self.drafter_runtime
+            env |= {"SPECD_MODEL": str(model), "SPECD_DTYPE": self.dtype, "SPECD_RUNTIME": runtime}
         return env | (self.extra_env(self, name) if self.extra_env else {})
 
     def start(self, name: str) -> None:

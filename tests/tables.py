@@ -1,8 +1,9 @@
-"""A ModelHost stand-in for statistical tests: tiny vocabularies, logits fixed per position.
+"""A runtime stand-in for statistical tests: tiny vocabularies, logits fixed per position.
 
 The logits at position t are row t - 1 of a table whatever came before, so a lossless
 strategy's output is distributed as the product of the target's rows. Strategies run their
-real propose/review/verify/tree code on it, at table-lookup cost.
+real propose/review/verify/tree code on it (through the drafter's and verifier's cores), at
+table-lookup cost.
 """
 
 from __future__ import annotations
@@ -11,22 +12,18 @@ from collections.abc import Sequence
 
 import torch
 
-from services.runtime import ModelInfo, SessionState
+from services.runtime import ModelInfo
 from services.tree import Tree
 
 
-class TableHost:
+class TableRuntime:
+    """The services/runtime.Runtime contract over a (L, V) table of logits."""
+
+    tokenizer = None
+
     def __init__(self, table: torch.Tensor) -> None:
         self.table = table  # (L, V) float64 logits
-        self.info = ModelInfo("table", table.shape[1], table.shape[0], (), "float64", "cpu", "table")
-        self.sessions: dict[str, SessionState] = {}
-
-    def held_context(self, session_id: str) -> list[int] | None:
-        state = self.sessions.get(session_id)
-        return None if state is None else state.context
-
-    def session(self, session_id: str) -> SessionState:
-        return self.sessions.setdefault(session_id, SessionState())
+        self.info = ModelInfo("table", table.shape[1], table.shape[0], (), "float64", "cpu", "table", runtime="table")
 
     def logits(self, session_id: str, seq: Sequence[int], n_last: int) -> torch.Tensor:
         return self.table[len(seq) - n_last : len(seq)]  # (n_last, V)
@@ -37,3 +34,14 @@ class TableHost:
 
     def keep_path(self, session_id: str, path: Sequence[int]) -> None:
         pass
+
+    def settle(self, session_id: str, seq: Sequence[int]) -> None:
+        pass
+
+    def cached(self, session_id: str) -> tuple[list[int], int]:
+        return [], 0
+
+    def release(self, session_id: str) -> bool:
+        return False
+
+    session_count = 0

@@ -14,13 +14,16 @@ from collections import Counter
 
 import pytest
 import torch
-from tables import TableHost
+from tables import TableRuntime
 from test_acceptance import FAIL, PASS, chi_square_pvalue, random_dist
 
-from orchestrator.backends import CallCost, LocalDrafter, LocalMaxGram, LocalVerifier, Reviewed
+from drafter_svc.core import DrafterCore
 from orchestrator.strategies import STRATEGIES, Backends, RoundInput, default_k_matrix, k_matrix_problems
-from services.runtime import load_host
+from services.maxgram import MaxGramDrafter
+from services.roles import CallCost, Reviewed
 from services.sampling import SamplingParams, SparseDist, truncated
+from services.torch_runtime import load_torch
+from verifier_svc.core import VerifierCore
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -70,8 +73,8 @@ async def decode(backends: Backends, strategy: str, context: list[int], n: int, 
 
 @pytest.fixture(scope="module")
 def tiny_backends(tiny_pair):
-    target = load_host(tiny_pair.target_dir, dtype="float64", device="cpu", max_sessions=8)
-    drafter = load_host(tiny_pair.drafter_dir, dtype="float64", device="cpu", max_sessions=8)
+    target = load_torch(tiny_pair.target_dir, dtype="float64", device="cpu", max_sessions=8)
+    drafter = load_torch(tiny_pair.drafter_dir, dtype="float64", device="cpu", max_sessions=8)
     return target, drafter
 
 
@@ -89,9 +92,9 @@ def test_greedy_cascade_equals_plain_decoding(tiny_backends, tiny_pair, levels: 
     from transformers import AutoTokenizer
 
     target, drafter = tiny_backends
-    maxgram = LocalMaxGram()
-    cascade = {1: (maxgram,), 2: (LocalDrafter(drafter), maxgram), 3: (LocalDrafter(drafter), LocalDrafter(drafter), maxgram)}
-    backends = Backends(LocalVerifier(target), LocalDrafter(drafter), cascade=cascade[levels], maxgram=maxgram)
+    maxgram = MaxGramDrafter()
+    cascade = {1: (maxgram,), 2: (DrafterCore(drafter), maxgram), 3: (DrafterCore(drafter), DrafterCore(drafter), maxgram)}
+    backends = Backends(VerifierCore(target), DrafterCore(drafter), cascade=cascade[levels], maxgram=maxgram)
     tokenizer = AutoTokenizer.from_pretrained(tiny_pair.tokenizer_dir)
     # A prompt that repeats itself, so the max-gram model has something to match.
     context = tokenizer("def add(a, b):\n    return a + b\n\ndef add(a, b):\n").input_ids
@@ -119,7 +122,7 @@ class UntruncatedQ:
     """A wrong middle level: samples from its truncated distribution, as it should, but sends
     its full distribution upward as the tokens' q."""
 
-    def __init__(self, inner: LocalDrafter, table: torch.Tensor) -> None:
+    def __init__(self, inner: DrafterCore, table: torch.Tensor) -> None:
         self.inner = inner
         self.table = table
 
@@ -154,10 +157,10 @@ def cascade_pvalue(k_matrix, n_out: int, n: int, wrong=None, seed: int = 0) -> f
     """How likely the first n_out tokens of n cascade runs (target <- table drafter <- max-gram)
     are under the target's p_1 x ... x p_{n_out}."""
     target, middle = table(1), table(2)
-    drafter = LocalDrafter(TableHost(middle), q_top=Q_TOP)
+    drafter = DrafterCore(TableRuntime(middle), q_top=Q_TOP)
     level = drafter if wrong is None else wrong(drafter, middle)
-    maxgram = LocalMaxGram()
-    backends = Backends(LocalVerifier(TableHost(target)), drafter, cascade=(level, maxgram), maxgram=maxgram)
+    maxgram = MaxGramDrafter()
+    backends = Backends(VerifierCore(TableRuntime(target)), drafter, cascade=(level, maxgram), maxgram=maxgram)
 
     async def runs() -> Counter:
         counts = Counter()
@@ -197,10 +200,10 @@ def test_statistic_rejects_a_wrong_middle_level(wrong) -> None:
 def test_wrong_middle_levels_differ_from_the_right_one_only_in_q() -> None:
     """The controls above fail for their q alone: the tokens they emit are the right ones."""
     middle = table(2)
-    drafter = LocalDrafter(TableHost(middle), q_top=Q_TOP)
+    drafter = DrafterCore(TableRuntime(middle), q_top=Q_TOP)
     right = asyncio.run(drafter.review("s", CONTEXT, [2, 3], [], PARAMS, 5))
     for wrong in (UntruncatedQ,):
-        v = asyncio.run(wrong(LocalDrafter(TableHost(middle), q_top=Q_TOP), middle).review("s", CONTEXT, [2, 3], [], PARAMS, 5))
+        v = asyncio.run(wrong(DrafterCore(TableRuntime(middle), q_top=Q_TOP), middle).review("s", CONTEXT, [2, 3], [], PARAMS, 5))
         assert v.tokens == right.tokens and v.q != right.q
     assert all(isinstance(q, SparseDist) and q.ids.numel() <= Q_TOP for q in right.q)
 

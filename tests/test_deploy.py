@@ -324,7 +324,9 @@ def test_compose_prepares_the_models_it_serves() -> None:
     services = compose()["services"]
     command = services["models"]["command"]
     assert command[:3] == ["specd", "models", "prepare"]
-    prepared = set(command[3:])
+    prepared = {arg for arg in command[3:] if not arg.startswith("--")}
+    # The verifier's volume is read-only: its int8 weights are written here.
+    assert command[command.index("--int8") + 1] == compose_env(services["verifier"])["SPECD_MODEL"]
     served = {compose_env(services[n])["SPECD_MODEL"] for n in ("verifier", "drafter")}
     assert served <= prepared <= set(catalog().names)
     assert compose_env(services["orchestrator"])["SPECD_TOKENIZER"] == compose_env(services["verifier"])["SPECD_MODEL"]
@@ -432,7 +434,9 @@ def test_model_services_prepare_their_model_first() -> None:
             continue
         model = k8s_env(container, configmaps)["SPECD_MODEL"]
         prepares = [argv_of(c) for c in deployment["spec"]["template"]["spec"].get("initContainers", [])]
-        assert ["specd", "models", "prepare", model] in prepares, name
+        # The verifier's torch runtime loads int8 weights, written by its initContainer.
+        expected = ["specd", "models", "prepare", *(["--int8"] if module == "verifier_svc" else []), model]
+        assert expected in prepares, name
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert k8s_env(container, configmaps)["SPECD_HOME"] in mounts, name
         models[module] = model
@@ -487,7 +491,8 @@ def test_specd_commands_parse() -> None:
     for argv in commands:
         args = build_parser().parse_args(argv[1:])  # exits (fails the test) on an unknown subcommand
         if argv[1:3] == ["models", "prepare"]:
-            assert args.names and set(args.names) <= set(catalog().names), argv
+            named = [*args.names, *args.int8]
+            assert named and set(named) <= set(catalog().names), argv
 
 
 # -- Dockerfile -----------------------------------------------------------------------------

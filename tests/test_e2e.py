@@ -1,11 +1,18 @@
 """End to end on the real packaged models (prepared by `specd models prepare --all`, which the
-README's test command runs first): greedy `sd`, `cascade` (target <- 0.5B <- max-gram) and
-`staged` (tree drafts) through the services equal the target's own greedy `generate`; so do
-`slem`, `tli` and `slrs` with the drafters of other vocabularies (SmolLM2-135M, Gemma-3-270M).
+README's test command runs first), on two deployments, one after the other:
 
-fp32 arithmetic of a pass over several tokens can differ in the last bits from a pass over
-one, so the two may part at a near-tie. A divergence is accepted only where the gap between
-the target's top two logits at that position is below 1e-3; anywhere else it fails.
+- default: what `specd up` runs on a CPU: the verifier on torch in int8, the drafters on
+  llama.cpp. Every row of an int8 pass is bitwise what a one-token pass gives
+  (services/int8.py), so every strategy must give exactly the int8 model's own greedy
+  `generate`, token for token, with no near-tie allowance;
+- fp32: the verifier and drafters on torch in fp32 (oneDNN linears), against the fp32 model's
+  own greedy `generate`. fp32 arithmetic of a pass over several tokens can differ in the last
+  bits from a pass over one, so a divergence is accepted where the top-2 logit gap at that
+  position is below 1e-3 (services.runtime.NEAR_TIE), and fails anywhere else.
+
+Greedy `sd`, `cascade` (target <- 0.5B <- max-gram), `staged` (tree drafts) and `ar` through
+the services; `slem`, `tli` and `slrs` with the drafters of other vocabularies (SmolLM2-135M,
+Gemma-3-270M).
 """
 
 from __future__ import annotations
@@ -16,23 +23,24 @@ from pathlib import Path
 import pytest
 import torch
 from client import ServiceStack, generate
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.config import default_home
 from services.models import ModelNotFound, resolve
+from services.runtime import NEAR_TIE
 
 pytestmark = pytest.mark.e2e
 
 TARGET = "qwen2.5-coder-1.5b-instruct"
 DRAFTER = "qwen2.5-coder-0.5b-instruct"
 FOREIGN = {"smollm2": "smollm2-135m-instruct", "gemma": "gemma-3-270m"}  # drafters of other vocabularies
-NEAR_TIE = 1e-3
 NEW_TOKENS = 32
 PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number.",
     "Explain in two sentences what a hash map is.",
     "Écris une fonction JavaScript qui inverse une chaîne de caractères.",
 ]
+# deployment -> (SPECD_DTYPE, SPECD_RUNTIME of the drafters, near-tie bound)
+DEPLOYMENTS = {"default": ("auto", "auto", NEAR_TIE["int8"]), "fp32": ("float32", "torch", NEAR_TIE["torch"])}
 
 
 def _model(name: str) -> Path:
@@ -43,15 +51,13 @@ def _model(name: str) -> Path:
         pytest.fail(f"{err} (the README's test command prepares the models first)")
 
 
-@pytest.fixture(scope="module")
-def target():
-    path = _model(TARGET)
-    return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+@pytest.fixture(scope="module", params=list(DEPLOYMENTS))
+def deployment(request, redis_server, tmp_path_factory):
+    """One stack (orchestrator: the 0.5B drafter; orchestrator2 and 3: SmolLM2 and Gemma) and
+    the target as the verifier runs it, in this process, for the reference."""
+    from services.torch_runtime import load_torch
 
-
-@pytest.fixture(scope="module")
-def stack(redis_server, tmp_path_factory):
-    """orchestrator: the 0.5B drafter; orchestrator2 and 3: SmolLM2 and Gemma (drafter2, 3)."""
+    dtype, drafter_runtime, near_tie = DEPLOYMENTS[request.param]
     foreign = {name: _model(model) for name, model in FOREIGN.items()}
 
     def extra_env(s: ServiceStack, name: str) -> dict[str, str]:
@@ -63,12 +69,16 @@ def stack(redis_server, tmp_path_factory):
         return {}
 
     s = ServiceStack(
-        _model(TARGET), _model(DRAFTER), redis_server.url, tmp_path_factory.mktemp("e2e"), dtype="float32", threads=2,
+        _model(TARGET), _model(DRAFTER), redis_server.url, tmp_path_factory.mktemp(f"e2e-{request.param}"),
+        dtype=dtype, threads=2, drafter_runtime=drafter_runtime,
         services=("verifier", "drafter", "drafter2", "drafter3", "orchestrator", "orchestrator2", "orchestrator3"),
         extra_env=extra_env,
     )  # fmt: skip
     s.up()
-    yield s
+    target = load_torch(
+        _model(TARGET), dtype="int8" if dtype == "auto" else dtype, device="cpu", max_sessions=2, threads=2
+    )
+    yield s, target, near_tie, {}
     s.down()
 
 
@@ -76,55 +86,47 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
 
-@torch.inference_mode()
-def top2_gap(model, ids: list[int]) -> float:
-    logits = model(torch.tensor([ids])).logits[0, -1]
-    top = torch.topk(logits, 2).values
-    return float(top[0] - top[1])
-
-
-@pytest.fixture(scope="module")
-def reference(target):
-    """The target's own greedy continuation of a chat prompt, computed once per prompt."""
-    tokenizer, model = target
-    found: dict[str, tuple[list[int], list[int]]] = {}
-
-    def continuation(prompt: str) -> tuple[list[int], list[int]]:
-        if prompt not in found:
-            rendered = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-            prompt_ids = tokenizer(rendered, add_special_tokens=False).input_ids
-            with torch.inference_mode():
-                out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
-            found[prompt] = prompt_ids, out[0, len(prompt_ids) :].tolist()
-        return found[prompt]
-
-    return continuation
+def reference(deployment, prompt: str) -> tuple[list[int], list[int]]:
+    """The target's own greedy `generate` of a chat prompt, on the verifier's weights and
+    kernels (computed once per prompt and deployment)."""
+    _, target, _, found = deployment
+    if prompt not in found:
+        tokenizer = target.tokenizer
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        prompt_ids = tokenizer(rendered, add_special_tokens=False).input_ids
+        with torch.inference_mode():
+            out = target.model.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
+        found[prompt] = prompt_ids, out[0, len(prompt_ids) :].tolist()
+    return found[prompt]
 
 
 CASES = [
-    *((strategy, "orchestrator", prompt) for strategy in ("sd", "cascade", "staged") for prompt in PROMPTS),
+    *((strategy, "orchestrator", prompt) for strategy in ("ar", "sd", "cascade", "staged") for prompt in PROMPTS),
     *((strategy, "orchestrator2", prompt) for strategy in ("slem", "tli", "slrs") for prompt in PROMPTS),  # SmolLM2
     *((strategy, "orchestrator3", PROMPTS[0]) for strategy in ("slem", "tli", "slrs")),  # Gemma 3
 ]
 
 
 @pytest.mark.parametrize("strategy, orchestrator, prompt", CASES)
-def test_greedy_strategy_equals_the_targets_own_generate(stack, target, reference, strategy, orchestrator, prompt):
-    tokenizer, model = target
-    prompt_ids, expected = reference(prompt)
-    address = stack.address(orchestrator)
-    result = generate(address, messages=[("user", prompt)], strategy=strategy, max_new_tokens=NEW_TOKENS)
+def test_greedy_strategy_equals_the_targets_own_generate(deployment, strategy, orchestrator, prompt):
+    stack, target, near_tie, _ = deployment
+    prompt_ids, expected = reference(deployment, prompt)
+    result = generate(stack.address(orchestrator), messages=[("user", prompt)], strategy=strategy, max_new_tokens=NEW_TOKENS)
     assert result.stats.prompt_tokens == len(prompt_ids)
-    assert result.stats.drafted > 0
+    assert (result.stats.drafted > 0) == (strategy != "ar")
 
     at = first_divergence(result.token_ids, expected)
     if at is None:
         assert result.token_ids == expected
         return
-    gap = top2_gap(model, prompt_ids + expected[:at])
-    assert gap < NEAR_TIE, (
-        f"{strategy} parted from the target at new token {at} where the top-2 logit gap is {gap:.2e} (not a near-tie):\n"
-        f"{strategy}: {tokenizer.decode(result.token_ids)!r}\ntarget: {tokenizer.decode(expected)!r}"
+    top = torch.topk(target.logits("gap", prompt_ids + expected[:at], 1)[0], 2).values
+    target.release("gap")
+    gap = float(top[0] - top[1])
+    decode = target.tokenizer.decode
+    assert gap < near_tie, (
+        f"{strategy} parted from the target at new token {at} where the top-2 logit gap is {gap:.2e} "
+        f"(the near-tie bound of this runtime is {near_tie}):\n"
+        f"{strategy}: {decode(result.token_ids)!r}\ntarget: {decode(expected)!r}"
     )

@@ -20,13 +20,15 @@ from client import ServiceStack, generate
 from test_acceptance import chi_square_pvalue
 from test_cascade import decode
 
+from drafter_svc.core import DrafterCore
 from drafter_svc.foreign import Translation
-from orchestrator.backends import LocalDrafter, LocalVerifier
 from orchestrator.strategies import Backends
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
-from services.runtime import load_host, tokenizer_fingerprint
+from services.runtime import tokenizer_fingerprint
 from services.sampling import SamplingParams, target_probs
+from services.torch_runtime import load_torch
+from verifier_svc.core import VerifierCore
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -40,7 +42,7 @@ PROMPTS = {
 
 @pytest.fixture(scope="module")
 def hosts(tiny_pair, tiny_foreign):
-    load = lambda path: load_host(path, dtype="float64", device="cpu", max_sessions=64)  # noqa: E731
+    load = lambda path: load_torch(path, dtype="float64", device="cpu", max_sessions=64)  # noqa: E731
     return load(tiny_pair.target_dir), load(tiny_pair.drafter_dir), load(tiny_foreign)
 
 
@@ -63,7 +65,7 @@ def test_the_foreign_drafter_really_has_another_vocabulary(hosts, translation) -
 @pytest.mark.parametrize("kind", PROMPTS)
 def test_greedy_with_a_foreign_drafter_equals_plain_decoding(hosts, translation, strategy, kind) -> None:
     target, _, foreign = hosts
-    backends = Backends(LocalVerifier(target), LocalDrafter(foreign, translation=translation))
+    backends = Backends(VerifierCore(target), DrafterCore(foreign, translation=translation))
     context = target.tokenizer(PROMPTS[kind]).input_ids
     params = SamplingParams()
     expected, _ = asyncio.run(decode(backends, "ar", context, 40, params, session=f"ar-{kind}"))
@@ -75,7 +77,7 @@ def test_greedy_with_a_foreign_drafter_equals_plain_decoding(hosts, translation,
 @pytest.mark.parametrize("strategy", FOREIGN_STRATEGIES)
 def test_greedy_with_a_same_vocab_drafter_equals_plain_decoding_and_accepts(hosts, strategy) -> None:
     target, drafter, _ = hosts
-    backends = Backends(LocalVerifier(target), LocalDrafter(drafter))
+    backends = Backends(VerifierCore(target), DrafterCore(drafter))
     context = target.tokenizer(PROMPTS["code"]).input_ids
     params = SamplingParams()
     expected, _ = asyncio.run(decode(backends, "ar", context, 48, params, session="ar-same"))
@@ -92,8 +94,8 @@ SAMPLES = 1000
 @pytest.mark.parametrize("strategy, drafter_kind", [("tli", "foreign"), ("slrs", "foreign"), ("slrs", "same-vocab")])
 def test_sampled_first_token_follows_the_target(hosts, translation, strategy, drafter_kind) -> None:
     target, drafter, foreign = hosts
-    local = LocalDrafter(foreign, translation=translation) if drafter_kind == "foreign" else LocalDrafter(drafter)
-    backends = Backends(LocalVerifier(target), local)
+    local = DrafterCore(foreign, translation=translation) if drafter_kind == "foreign" else DrafterCore(drafter)
+    backends = Backends(VerifierCore(target), local)
     context = target.tokenizer(PROMPTS["prose"]).input_ids
     p = target_probs(target.logits("p", context, 1)[0].double(), SAMPLED)  # (V,)
     support = torch.nonzero(p).flatten().tolist()

@@ -1,5 +1,6 @@
-"""Tests for services/models.py that need no download: the catalog, assembly, resolve, and
-the way pip failures and finished folders are handled."""
+"""Tests for services/models.py that need no download: the catalog, assembly, resolve, the
+way pip failures and finished folders are handled, and the torch runtime's conversion of a
+prepared folder's GGUF (on the tiny model's GGUF)."""
 
 from __future__ import annotations
 
@@ -185,7 +186,7 @@ def _fake_catalog() -> Catalog:
 
 def _fake_prepared(folder: Path, sha256: str) -> Path:
     folder.mkdir(parents=True)
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "model.safetensors"):
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "model.gguf"):
         (folder / name).write_text("{}")
     (folder / MARKER).write_text(sha256 + "\n")
     return folder
@@ -222,7 +223,7 @@ def test_a_folder_is_prepared_only_with_its_marker_and_the_right_hash(tmp_path):
     folder = _fake_prepared(tmp_path / "m", "0" * 64)
     assert is_prepared(folder, "0" * 64)
     assert not is_prepared(folder, "1" * 64)  # the catalog moved on to another file
-    (folder / "model.safetensors").unlink()
+    (folder / "model.gguf").unlink()
     assert not is_prepared(folder)
     assert not is_prepared(tmp_path / "absent")
 
@@ -239,10 +240,34 @@ def test_prepare_of_an_unknown_name_raises_before_touching_home(tmp_path):
     assert not (tmp_path / "home").exists()
 
 
-def test_a_kept_gguf_with_the_wrong_hash_is_removed_and_reported(tmp_path):
-    gguf = tmp_path / "gguf" / "fake.gguf"
-    gguf.parent.mkdir()
-    gguf.write_bytes(b"not the model")
-    with pytest.raises(ChecksumError, match="0" * 64):
-        prepare("fake", tmp_path, progress=False, known=_fake_catalog())
-    assert not gguf.exists()
+def test_torch_folder_converts_a_prepared_gguf_once(tiny_pair, tmp_path):
+    """A prepared folder holds the GGUF and no weights: the torch runtime gets them converted,
+    and they are the model's (the tiny GGUF holds the tiny model's fp32 weights)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from services.models import torch_folder
+
+    folder = tmp_path / "prepared"
+    shutil.copytree(tiny_pair.target_dir, folder, ignore=shutil.ignore_patterns("model.safetensors"))
+    assert torch_folder(folder) == folder and (folder / "model.safetensors").is_file()
+    converted = (folder / "model.safetensors").stat().st_mtime_ns
+    assert torch_folder(folder) == folder and (folder / "model.safetensors").stat().st_mtime_ns == converted  # once
+    ids = torch.tensor([list(range(30, 60))])
+    with torch.inference_mode():
+        ours = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(ids).logits
+        theirs = AutoModelForCausalLM.from_pretrained(tiny_pair.target_dir, dtype=torch.float32)(ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_torch_folder_refuses_a_bare_gguf_file_and_an_empty_folder(tmp_path):
+    from services.models import torch_folder
+
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelNotFound, match="SPECD_RUNTIME=llama"):
+        torch_folder(tmp_path / "x.gguf")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFound, match="neither safetensors"):
+        torch_folder(tmp_path / "empty")

@@ -1,4 +1,12 @@
-"""The model runtime: KV caches reused by longest common prefix, LRU eviction, oneDNN linears."""
+"""The runtime contract (services/runtime.py), one suite against every runtime on the tiny
+models: KV caches reused by longest common prefix, rollback, tree passes equal to chain
+passes along each path, keeping one path, LRU eviction, release. Then what only one runtime
+promises: int8 rows bitwise independent of their batch, oneDNN linears equal to torch's.
+
+Each runtime is checked against itself: a fresh session's pass over the same tokens is the
+reference, within the runtime's own float tolerance (fp64: exact to 1e-9; int8: bitwise;
+llama.cpp, F32 weights and an f16 KV cache: 1e-3).
+"""
 
 from __future__ import annotations
 
@@ -8,55 +16,209 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.runtime import ModelHost, ModelInfo, use_onednn_linears
+from services.tree import Tree
 
-INFO = ModelInfo("tiny", 512, 2048, (2,), "float64", "cpu", "x")
+CONTEXT = list(range(30, 50))
+# The tree of services/tree.py's docstring: 0: 7 (root)  1: 8 (root)  2: 5 (0)  3: 6 (0)  4: 9 (2)
+TREE = Tree(tokens=(7, 8, 5, 6, 9), parents=(-1, -1, 0, 0, 2))
+RUNTIMES = {"torch-float64": 1e-9, "torch-int8": 0.0, "llama": 1e-3}  # name -> tolerance
+
+
+def load(kind: str, folder, max_sessions: int = 4):
+    if kind == "llama":
+        from services.llama_runtime import load_llama
+
+        return load_llama(folder, max_sessions=max_sessions, max_draft=16, threads=1, kv_tokens=4096)
+    from services.torch_runtime import load_torch
+
+    return load_torch(folder, dtype=kind.split("-")[1], device="cpu", max_sessions=max_sessions, threads=1)
+
+
+@pytest.fixture(scope="module", params=list(RUNTIMES))
+def runtime(request, tiny_pair):
+    rt = load(request.param, tiny_pair.target_dir)
+    rt.tolerance = RUNTIMES[request.param]
+    rt.kind = request.param
+    yield rt
+    getattr(rt, "close", lambda: None)()
+
+
+def fresh(rt, seq: list[int]) -> torch.Tensor:
+    """The runtime's own logits after seq, from a session with nothing cached."""
+    row = rt.logits("fresh", seq, 1)[0]
+    rt.release("fresh")
+    return row
+
+
+def close(rt, a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool((a.double() - b.double()).abs().max() <= rt.tolerance)
+
+
+def path_seq(tree: Tree, node: int) -> list[int]:
+    return CONTEXT + [tree.tokens[i] for i in tree.path(node)]
+
+
+def test_logits_match_a_fresh_pass_whatever_the_cache_held(runtime):
+    seq = list(range(10, 40))
+    # Grow, roll back past a rejected draft, and branch: each answer equals a fresh pass.
+    rows = runtime.logits("s", seq[:20], 3)
+    assert all(close(runtime, rows[i], fresh(runtime, seq[: 18 + i])) for i in range(3))
+    rows = runtime.logits("s", seq[:25], 5)
+    assert all(close(runtime, rows[i], fresh(runtime, seq[: 21 + i])) for i in range(5))
+    branch = seq[:22] + [7, 8, 9]
+    rows = runtime.logits("s", branch, 4)
+    assert all(close(runtime, rows[i], fresh(runtime, branch[: 22 + i])) for i in range(4))
+    assert close(runtime, runtime.logits("s", seq, 1)[0], fresh(runtime, seq))
+    assert runtime.cached("s") == (seq, 0)
+    runtime.release("s")
+
+
+def test_a_repeated_sequence_refeeds_only_the_last_token(runtime):
+    seq = list(range(5, 25))
+    first = runtime.logits("s", seq, 1)
+    assert close(runtime, runtime.logits("s", seq, 1)[0], first[0])
+    assert runtime.cached("s") == (seq, 0)
+    runtime.release("s")
+
+
+def test_sessions_are_evicted_least_recently_used_and_released(tiny_pair, runtime):
+    rt = load(runtime.kind, tiny_pair.target_dir, max_sessions=2)
+    for sid in ("a", "b"):
+        rt.logits(sid, [1, 2, 3], 1)
+    rt.logits("a", [1, 2, 3, 4], 1)  # a is now the most recent
+    rt.logits("c", [4, 5], 1)
+    assert rt.cached("b") == ([], 0) and rt.cached("a") == ([1, 2, 3, 4], 0)
+    assert rt.session_count == 2
+    assert rt.release("a") and not rt.release("a") and rt.session_count == 1
+    # An evicted session is only a miss: recomputed, the same logits.
+    assert close(runtime, rt.logits("b", [1, 2, 3], 1)[0], fresh(runtime, [1, 2, 3]))
+
+
+def test_tree_pass_equals_a_chain_pass_per_path(runtime):
+    runtime.logits("s", CONTEXT[:12], 1)  # a warm cache over part of the context: 8 tokens ride along
+    rows = runtime.tree_logits("s", CONTEXT, TREE, len(TREE) + 1)  # (N+1, V)
+    assert close(runtime, rows[0], fresh(runtime, CONTEXT))
+    for node in range(len(TREE)):
+        assert close(runtime, rows[1 + node], fresh(runtime, path_seq(TREE, node))), node
+    assert runtime.cached("s") == (CONTEXT, len(TREE))
+    runtime.release("s")
+
+
+def test_a_long_uncached_context_is_prefilled_first(runtime):
+    from services.torch_runtime import TREE_PREFILL
+
+    context = list(range(100, 100 + TREE_PREFILL + 20))
+    rows = runtime.tree_logits("s", context, TREE, len(TREE) + 1)
+    assert close(runtime, rows[0], fresh(runtime, context))
+    assert close(runtime, rows[5], fresh(runtime, context + [7, 5, 9]))
+    assert runtime.cached("s") == (context, len(TREE))
+    runtime.release("s")
+
+
+def test_keep_path_compacts_the_cache_to_the_accepted_path(runtime):
+    runtime.tree_logits("s", CONTEXT, TREE, len(TREE) + 1)
+    runtime.keep_path("s", [0, 2, 4])
+    assert runtime.cached("s") == (CONTEXT + [7, 5, 9], 0)
+    # The compacted cache is the one a chain pass builds: the next token's logits agree.
+    seq = CONTEXT + [7, 5, 9, 11]
+    assert close(runtime, runtime.logits("s", seq, 1)[0], fresh(runtime, seq))
+    assert runtime.cached("s") == (seq, 0)
+    runtime.release("s")
+
+
+def test_keep_path_refuses_a_non_path(runtime):
+    runtime.tree_logits("s", CONTEXT, TREE, len(TREE) + 1)
+    with pytest.raises(ValueError, match="not a path"):
+        runtime.keep_path("s", [0, 4])
+    runtime.release("s")
+
+
+def test_a_later_pass_keeps_the_cached_path_it_continues(runtime):
+    """A drafter's cache after a tree round: the next context runs through nodes 0 and 3."""
+    runtime.tree_logits("s", CONTEXT, TREE, len(TREE) + 1)
+    seq = CONTEXT + [7, 6, 12]
+    assert close(runtime, runtime.logits("s", seq, 1)[0], fresh(runtime, seq))
+    assert runtime.cached("s") == (seq, 0)
+    runtime.release("s")
+
+
+def test_growing_a_tree_feeds_only_new_nodes(runtime):
+    first = Tree((7, 8), (-1, -1))
+    runtime.tree_logits("s", CONTEXT, first, 3)
+    rows = runtime.tree_logits("s", CONTEXT, TREE, 3)  # nodes 2, 3, 4 are new
+    assert runtime.cached("s") == (CONTEXT, len(TREE))
+    for row, node in zip(rows, (2, 3, 4)):
+        assert close(runtime, row, fresh(runtime, path_seq(TREE, node))), node
+    # A third depth below a node that was a leaf, and a new sibling of a cached node.
+    deeper = Tree((*TREE.tokens, 3, 4), (*TREE.parents, 4, 1))
+    rows = runtime.tree_logits("s", CONTEXT, deeper, 2)
+    for row, node in zip(rows, (5, 6)):
+        assert close(runtime, row, fresh(runtime, path_seq(deeper, node))), node
+    runtime.keep_path("s", [0, 2, 4, 5])
+    seq = CONTEXT + [7, 5, 9, 3, 1]
+    assert close(runtime, runtime.logits("s", seq, 1)[0], fresh(runtime, seq))
+    runtime.release("s")
+
+
+def test_trees_of_two_sessions_share_the_cache(runtime):
+    """Two sessions with trees cached at once (drafters between rounds) stay correct."""
+    other = [c + 1 for c in CONTEXT]
+    runtime.tree_logits("s", CONTEXT, TREE, len(TREE) + 1)
+    rows = runtime.tree_logits("t", other, TREE, len(TREE) + 1)
+    assert close(runtime, rows[3], fresh(runtime, other + [7, 5]))
+    seq = CONTEXT + [8, 2]
+    assert close(runtime, runtime.logits("s", seq, 1)[0], fresh(runtime, seq))
+    runtime.release("s")
+    runtime.release("t")
+
+
+def test_the_info_describes_the_model(runtime, tiny_pair):
+    from services.runtime import tokenizer_fingerprint
+
+    info = runtime.info
+    assert info.vocab_size == 512 and info.max_context >= 2048 and info.eos_token_ids == (2,)
+    assert info.tokenizer_fingerprint == tokenizer_fingerprint(runtime.tokenizer)
+    assert info.runtime == runtime.kind.split("-")[0]
+
+
+# ---------------------------------------------------------------- what one runtime promises
 
 
 @pytest.fixture(scope="module")
-def model(tiny_pair):
-    return AutoModelForCausalLM.from_pretrained(tiny_pair.target_dir, dtype=torch.float64).eval()
+def int8(tiny_pair):
+    return load("torch-int8", tiny_pair.target_dir)
 
 
-@torch.inference_mode()
-def full_logits(model, seq: list[int]) -> torch.Tensor:
-    return model(torch.tensor([seq])).logits[0]  # (T, V)
+def test_int8_rows_do_not_depend_on_their_batch(int8):
+    """Every row of a pass is bitwise what a one-token pass gives (services/int8.py): a
+    prefill, a verify over 6 tokens and a tree pass against one token at a time."""
+    seq = list(range(60, 100))
+    steps = {}
+    int8.logits("a", seq[:10], 1)
+    for i in range(11, len(seq) + 1):
+        steps[i] = int8.logits("a", seq[:i], 1)[0]
+    prefill = int8.logits("b", seq, len(seq) - 10)
+    assert all(torch.equal(prefill[j], steps[11 + j]) for j in range(len(seq) - 10))
+    int8.logits("c", seq[:20], 1)
+    verify = int8.logits("c", seq[:26], 6)
+    assert all(torch.equal(verify[j], steps[21 + j]) for j in range(6))
+    tree = Tree((seq[20], 7, seq[21]), (-1, -1, 0))
+    rows = int8.tree_logits("d", seq[:20], tree, 4)
+    assert torch.equal(rows[0], steps[20]) and torch.equal(rows[1], steps[21]) and torch.equal(rows[3], steps[22])
 
 
-def test_logits_match_a_full_pass_whatever_the_cache_held(model):
-    host = ModelHost(model, INFO, max_sessions=4)
-    seq = list(range(10, 40))
-    expected = full_logits(model, seq)
-    # Grow, roll back past a rejected draft, and branch: each answer equals a fresh full pass.
-    assert torch.allclose(host.logits("s", seq[:20], 3), expected[17:20], atol=1e-9)
-    assert torch.allclose(host.logits("s", seq[:25], 5), expected[20:25], atol=1e-9)
-    branch = seq[:22] + [7, 8, 9]
-    assert torch.allclose(host.logits("s", branch, 4), full_logits(model, branch)[21:25], atol=1e-9)
-    assert torch.allclose(host.logits("s", seq, 1), expected[29:30], atol=1e-9)
-    assert host.session("s").cached_tokens == seq
-
-
-def test_a_repeated_sequence_refeeds_only_the_last_token(model):
-    host = ModelHost(model, INFO, max_sessions=4)
-    seq = list(range(5, 25))
-    first = host.logits("s", seq, 1)
-    assert torch.allclose(host.logits("s", seq, 1), first, atol=1e-12)
-    assert host.session("s").cache.get_seq_length() == len(seq)
-
-
-def test_sessions_are_evicted_least_recently_used(model):
-    host = ModelHost(model, INFO, max_sessions=2)
-    for sid in ("a", "b"):
-        host.logits(sid, [1, 2, 3], 1)
-    host.session("a")  # a is now the most recent
-    host.logits("c", [4, 5], 1)
-    assert host.held_context("b") is None and host.held_context("a") is not None
-    assert host.session_count == 2
-    assert host.release("a") and not host.release("a")
+def test_int8_keeps_the_fp32_models_choices_mostly(tiny_pair, int8):
+    """Quantized, the model stays the model: its argmax agrees with fp32's on most positions."""
+    fp32 = load("torch-float64", tiny_pair.target_dir)
+    seq = list(range(100, 180))
+    agree = (int8.logits("q", seq, 60).argmax(-1) == fp32.logits("q", seq, 60).argmax(-1)).float().mean()
+    assert agree >= 0.8, f"int8 agrees with fp32 on {float(agree):.0%} of positions"
 
 
 @torch.inference_mode()
 def test_onednn_linears_agree_with_torch(tiny_pair):
+    from services.torch_runtime import use_onednn_linears
+
     stock = AutoModelForCausalLM.from_pretrained(tiny_pair.target_dir, dtype=torch.float32).eval()
     fast = copy.deepcopy(stock)
     assert use_onednn_linears(fast) == sum(isinstance(m, torch.nn.Linear) for m in stock.modules())

@@ -15,18 +15,19 @@ from collections import Counter
 
 import pytest
 import torch
-from tables import TableHost
+from tables import TableRuntime
 from test_acceptance import FAIL, PASS, chi_square_pvalue, random_dist
 from test_cascade import decode
 
+from drafter_svc.core import DrafterCore
 from drafter_svc.draft import propose_tree
-from orchestrator.backends import LocalDrafter, LocalVerifier
 from orchestrator.strategies import Backends
-from services.context import ContextDelta
 from services.multidraft import TreeVerdict, recursive_rejection, verify_tree_sampled
-from services.runtime import load_host
+from services.ngram import NgramIndex
 from services.sampling import SamplingParams, sample, target_probs
+from services.torch_runtime import load_torch
 from services.tree import ROOT, Tree, TreeShape
+from verifier_svc.core import VerifierCore
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -44,9 +45,9 @@ def table(seed: int, sharpness: float = 1.5) -> torch.Tensor:
 
 
 def grow(shape: TreeShape, params: SamplingParams = GREEDY, lookahead: int = 0, host=None, seed: int = 0):
-    host = host or TableHost(table(2))
-    delta = ContextDelta("s", 0, 0, tuple(CONTEXT))
-    return propose_tree(host, delta, shape, params, 4, lookahead, torch.Generator().manual_seed(seed))
+    host = host or TableRuntime(table(2))
+    ngram = NgramIndex() if lookahead else None
+    return propose_tree(host, "s", CONTEXT, shape, params, 4, ngram, lookahead, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize(
@@ -86,7 +87,7 @@ def test_sampled_tree_sends_the_q_its_children_were_drawn_from() -> None:
             assert q[entry].prob(tree.tokens[c]) > 0
 
 
-class CountingHost(TableHost):
+class CountingHost(TableRuntime):
     def __init__(self, table: torch.Tensor) -> None:
         super().__init__(table)
         self.fed: list[int] = []
@@ -127,9 +128,9 @@ def test_greedy_staged_equals_plain_decoding(tiny_pair, shape) -> None:
 
     from orchestrator.strategies import RoundInput, staged_round
 
-    target = load_host(tiny_pair.target_dir, dtype="float64", device="cpu", max_sessions=4)
-    drafter = load_host(tiny_pair.drafter_dir, dtype="float64", device="cpu", max_sessions=4)
-    backends = Backends(LocalVerifier(target), LocalDrafter(drafter))
+    target = load_torch(tiny_pair.target_dir, dtype="float64", device="cpu", max_sessions=4)
+    drafter = load_torch(tiny_pair.drafter_dir, dtype="float64", device="cpu", max_sessions=4)
+    backends = Backends(VerifierCore(target), DrafterCore(drafter))
     context = AutoTokenizer.from_pretrained(tiny_pair.tokenizer_dir)("def add(a, b):\n    return a + b\n\ndef add(").input_ids
     expected, _ = asyncio.run(decode(backends, "ar", context, 40, SamplingParams(), session="ar"))
     out: list[int] = []
@@ -192,7 +193,7 @@ def walk(tree: Tree, q, p: torch.Tensor, generator: torch.Generator, step) -> Tr
 def staged_pvalue(verify, n_out: int, n: int, seed: int = 0) -> float:
     """How likely the first n_out tokens of n rounds of (the real drafter's sampled tree ->
     verify) are under the target's p_1 x ... x p_{n_out}; rounds repeat until n_out are out."""
-    target, drafter = table(1), TableHost(table(2, sharpness=1.0))
+    target, drafter = table(1), TableRuntime(table(2, sharpness=1.0))
     generator = torch.Generator().manual_seed(seed)
     counts = Counter()
     for s in range(n):
@@ -201,8 +202,8 @@ def staged_pvalue(verify, n_out: int, n: int, seed: int = 0) -> float:
             # A fresh seed per round, as round_seed gives: drafts correlated across rounds
             # (one seed reused) make the output measurably wrong.
             draft_seed = (seed * n + s) * 8 + len(out)
-            delta = ContextDelta("s", 0, 0, tuple(CONTEXT + out))
-            proposal = propose_tree(drafter, delta, SHAPE, PARAMS, 4, 0, torch.Generator().manual_seed(draft_seed))
+            drafts = torch.Generator().manual_seed(draft_seed)
+            proposal = propose_tree(drafter, "s", CONTEXT + out, SHAPE, PARAMS, 4, None, 0, drafts)
             p = tree_p(target[len(out) :], proposal.tree)  # shift the target table with the output
             out += verify(proposal.tree, proposal.q, p, generator).tokens
         counts[tuple(out[:n_out])] += 1
@@ -239,7 +240,7 @@ def test_statistic_rejects_a_wrong_scheme(step) -> None:
 def test_staged_round_end_to_end_on_tables() -> None:
     """The first token of staged_round itself (drafter, verifier, tree pass, q on the way)."""
     target, drafter = table(1), table(2, sharpness=1.0)
-    backends = Backends(LocalVerifier(TableHost(target)), LocalDrafter(TableHost(drafter), q_top=4))
+    backends = Backends(VerifierCore(TableRuntime(target)), DrafterCore(TableRuntime(drafter), q_top=4))
 
     async def runs(n: int) -> Counter:
         counts = Counter()

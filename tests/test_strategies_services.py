@@ -137,4 +137,5 @@ def test_the_maxgram_service_proposes_but_does_not_review(stack):
     options = k_matrix([[2, 0, 0, 0], [0, 0, 2, 0], [0, 0, 0, 0], [0, 0, 0, 2]])  # row 3: level 3 reviews
     with pytest.raises(grpc.RpcError) as err:
         generate(stack.address("orchestrator2"), "hi", strategy="cascade", max_new_tokens=4, options=options)
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "max-gram drafter has no distribution to review" in err.value.details()

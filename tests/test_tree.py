@@ -1,16 +1,14 @@
-"""Draft trees: hand-written fixtures for the structure (services/tree.py), the tree pass and
-KV compaction of the runtime, and the greedy and table-driven tree acceptance rules
-(services/multidraft.py). Statistical tests of sampled tree verification are in
-tests/test_staged.py."""
+"""Draft trees: hand-written fixtures for the structure (services/tree.py) and the greedy
+and table-driven tree acceptance rules (services/multidraft.py). The runtimes' tree pass and
+KV compaction are in tests/test_runtime.py, statistical tests of sampled tree verification
+in tests/test_staged.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from services.multidraft import TreeVerdict, recursive_rejection, verify_tree_greedy, verify_tree_sampled
-from services.runtime import TREE_PREFILL, ModelHost, ModelInfo
 from services.sampling import SparseDist
 from services.tree import ROOT, Tree, attention_bias
 
@@ -50,7 +48,7 @@ def test_ancestor_mask_by_eye() -> None:
     ],
 )
 def test_malformed_trees_are_refused(tokens, parents, message) -> None:
-    with pytest.raises(AssertionError, match=message):
+    with pytest.raises(ValueError, match=message):
         Tree(tokens, parents)
 
 
@@ -79,85 +77,6 @@ def test_attention_bias_feeding_only_new_nodes() -> None:
         [X, X, X, X, _, X, _, X],  # n4
     ]
     assert positions.tolist() == [[4, 5]]
-
-
-# ---------------------------------------------------------------- the runtime's tree pass
-
-INFO = ModelInfo("tiny", 512, 2048, (2,), "float64", "cpu", "x")
-CONTEXT = list(range(30, 50))
-
-
-@pytest.fixture(scope="module")
-def model(tiny_pair):
-    return AutoModelForCausalLM.from_pretrained(tiny_pair.target_dir, dtype=torch.float64).eval()
-
-
-@torch.inference_mode()
-def last_logits(model, seq: list[int]) -> torch.Tensor:
-    return model(torch.tensor([seq])).logits[0, -1]  # (V,)
-
-
-def path_seq(tree: Tree, node: int) -> list[int]:
-    return CONTEXT + [tree.tokens[i] for i in tree.path(node)]
-
-
-def test_tree_pass_equals_a_chain_pass_per_path(model) -> None:
-    host = ModelHost(model, INFO, max_sessions=2)
-    host.logits("s", CONTEXT[:12], 1)  # a warm cache over part of the context: 8 tokens ride along
-    rows = host.tree_logits("s", CONTEXT, TREE, len(TREE) + 1)  # (N+1, V)
-    assert torch.allclose(rows[0], last_logits(model, CONTEXT), atol=1e-9)
-    for node in range(len(TREE)):
-        assert torch.allclose(rows[1 + node], last_logits(model, path_seq(TREE, node)), atol=1e-9), node
-    assert host.session("s").cache.get_seq_length() == len(CONTEXT) + len(TREE)
-
-
-def test_a_long_uncached_context_is_prefilled_first(model) -> None:
-    """Above TREE_PREFILL uncached tokens, the context gets a causal pass of its own first."""
-    host = ModelHost(model, INFO, max_sessions=2)
-    context = list(range(100, 100 + TREE_PREFILL + 20))
-    rows = host.tree_logits("s", context, TREE, len(TREE) + 1)
-    assert torch.allclose(rows[0], last_logits(model, context), atol=1e-9)
-    assert torch.allclose(rows[5], last_logits(model, context + [7, 5, 9]), atol=1e-9)
-    assert host.session("s").cache.get_seq_length() == len(context) + len(TREE)
-
-
-def test_keep_path_compacts_the_cache_to_the_accepted_path(model) -> None:
-    host = ModelHost(model, INFO, max_sessions=2)
-    host.tree_logits("s", CONTEXT, TREE, len(TREE) + 1)
-    host.keep_path("s", [0, 2, 4])
-    state = host.session("s")
-    assert state.cached_tokens == CONTEXT + [7, 5, 9] and state.cached_tree is None
-    assert state.cache.get_seq_length() == len(CONTEXT) + 3
-    # The compacted cache is the one a chain pass builds: the next token's logits agree.
-    seq = CONTEXT + [7, 5, 9, 11]
-    assert torch.allclose(host.logits("s", seq, 1)[0], last_logits(model, seq), atol=1e-9)
-    assert state.cache.get_seq_length() == len(seq)
-
-
-def test_keep_path_refuses_a_non_path(model) -> None:
-    host = ModelHost(model, INFO, max_sessions=2)
-    host.tree_logits("s", CONTEXT, TREE, len(TREE) + 1)
-    with pytest.raises(AssertionError, match="not a path"):
-        host.keep_path("s", [0, 4])
-
-
-def test_a_later_pass_keeps_the_cached_path_it_continues(model) -> None:
-    """A drafter's cache after a tree round: the next context runs through nodes 0 and 3."""
-    host = ModelHost(model, INFO, max_sessions=2)
-    host.tree_logits("s", CONTEXT, TREE, len(TREE) + 1)
-    seq = CONTEXT + [7, 6, 12]
-    assert torch.allclose(host.logits("s", seq, 1)[0], last_logits(model, seq), atol=1e-9)
-    assert host.session("s").cache.get_seq_length() == len(seq)
-
-
-def test_growing_a_tree_feeds_only_new_nodes(model) -> None:
-    host = ModelHost(model, INFO, max_sessions=2)
-    first = Tree((7, 8), (-1, -1))
-    host.tree_logits("s", CONTEXT, first, 3)
-    rows = host.tree_logits("s", CONTEXT, TREE, 3)  # nodes 2, 3, 4 are new
-    assert host.session("s").cache.get_seq_length() == len(CONTEXT) + len(TREE)
-    for row, node in zip(rows, (2, 3, 4)):
-        assert torch.allclose(row, last_logits(model, path_seq(TREE, node)), atol=1e-9)
 
 
 # ---------------------------------------------------------------- acceptance on trees

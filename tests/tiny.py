@@ -1,4 +1,5 @@
-"""Tiny real models for tests: a byte-level BPE tokenizer and random Qwen2 models.
+"""Tiny real models for tests: a byte-level BPE tokenizer and random Qwen2 models, each a
+Hugging Face folder that also holds the same weights as model.gguf (both runtimes load it).
 
 Integration tests need real Hugging Face model folders (the services load them with
 `AutoModelForCausalLM.from_pretrained`), but the packaged models take minutes to load.
@@ -205,6 +206,7 @@ def build_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)  # safetensors
     tokenizer.save_pretrained(out_dir)
+    build_gguf(out_dir)  # the same model for the llama runtime
     return out_dir
 
 
@@ -225,3 +227,68 @@ def build_foreign_drafter(root: Path, *, seed: int = 2) -> Path:
     to the target, it is rarely right; tests use it for exactness, not speed."""
     tokenizer = build_tokenizer(root / "foreign-tokenizer", vocab_size=FOREIGN_VOCAB_SIZE, corpus=foreign_corpus())
     return build_model(root / "foreign-drafter", tokenizer, seed=seed)
+
+
+# Hugging Face Qwen2 parameter names -> llama.cpp's GGUF tensor names (the layer index is {}).
+GGUF_TENSORS = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.input_layernorm.weight": "blk.{}.attn_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "blk.{}.ffn_norm.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "blk.{}.attn_q.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "blk.{}.attn_q.bias",
+    "model.layers.{}.self_attn.k_proj.weight": "blk.{}.attn_k.weight",
+    "model.layers.{}.self_attn.k_proj.bias": "blk.{}.attn_k.bias",
+    "model.layers.{}.self_attn.v_proj.weight": "blk.{}.attn_v.weight",
+    "model.layers.{}.self_attn.v_proj.bias": "blk.{}.attn_v.bias",
+    "model.layers.{}.self_attn.o_proj.weight": "blk.{}.attn_output.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "blk.{}.ffn_gate.weight",
+    "model.layers.{}.mlp.up_proj.weight": "blk.{}.ffn_up.weight",
+    "model.layers.{}.mlp.down_proj.weight": "blk.{}.ffn_down.weight",
+}
+
+
+def build_gguf(model_dir: Path) -> Path:
+    """Writes model_dir's tiny Qwen2 as model_dir/model.gguf (F32 weights), so the folder also
+    runs on the llama runtime: the same weights and vocabulary as its safetensors."""
+    import re
+
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    out = model_dir / "model.gguf"
+    writer = gguf.GGUFWriter(str(out), "qwen2")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = set(tokenizer.all_special_ids)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for _, i in vocab])
+    merges = json.loads((model_dir / "tokenizer.json").read_text())["model"]["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_eos_token_id(tokenizer.convert_tokens_to_ids(EOS_TOKEN))
+    writer.add_pad_token_id(tokenizer.convert_tokens_to_ids(PAD_TOKEN))
+    patterns = {re.compile("^" + re.escape(hf).replace(r"\{\}", r"(\d+)") + "$"): ours for hf, ours in GGUF_TENSORS.items()}
+    for name, tensor in load_file(model_dir / "model.safetensors").items():
+        target = next((ours.format(*m.groups()) for pattern, ours in patterns.items() if (m := pattern.match(name))), None)
+        if target is None:
+            raise ValueError(f"no GGUF name for {name}")
+        writer.add_tensor(target, tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

@@ -1,4 +1,7 @@
-"""Verification: one target pass over the draft (a chain or a tree), then the acceptance rule."""
+"""Verification: one target pass over the draft (a chain or a tree), then the acceptance rule.
+
+Plain functions over a runtime (services/runtime.py) and a session's full context; the
+verifier's core (verifier_svc/core.py) resolves context deltas, seeds and times them."""
 
 from __future__ import annotations
 
@@ -11,9 +14,8 @@ import torch
 
 from services import slrs
 from services.acceptance import Verdict, accept
-from services.context import ContextDelta, resolve_delta
 from services.multidraft import TreeVerdict, verify_tree_greedy, verify_tree_sampled
-from services.runtime import ModelHost
+from services.runtime import Runtime
 from services.sampling import SamplingParams, SparseDist, target_probs
 from services.tree import Tree
 from services.vocab import token_bytes
@@ -22,59 +24,47 @@ log = logging.getLogger(__name__)
 
 
 def verify(
-    host: ModelHost,
-    delta: ContextDelta,
+    runtime: Runtime,
+    session_id: str,
+    context: list[int],
     draft: Sequence[int],
     q: Sequence[SparseDist],
     params: SamplingParams,
     generator: torch.Generator,
-) -> Verdict | None:
-    """Verifies d_1..d_k after the context; None when the delta misses.
+) -> Verdict:
+    """Verifies d_1..d_k after the context.
 
     The target runs once over context + draft (only the uncached suffix is fed) and
     yields p_1..p_{k+1}; the acceptance rule returns the n accepted tokens plus one
-    more. An empty draft is a plain autoregressive step. The service then holds the
-    context extended by the returned tokens, which is what the caller commits.
+    more. An empty draft is a plain autoregressive step. The caller then commits the
+    context extended by the returned tokens.
     """
-    context = resolve_delta(host.held_context(delta.session_id), delta)
-    if context is None:
-        return None
-    if not context:
-        raise ValueError("the context is empty: verification needs at least one token to follow")
-    logits = host.logits(delta.session_id, [*context, *draft], len(draft) + 1)  # (k+1, V)
-    verdict = accept(list(draft), list(q), logits, params, generator)
-    host.session(delta.session_id).context = [*context, *verdict.tokens]
-    return verdict
+    logits = runtime.logits(session_id, [*context, *draft], len(draft) + 1)  # (k+1, V)
+    return accept(list(draft), list(q), logits, params, generator)
 
 
 def verify_tree(
-    host: ModelHost,
-    delta: ContextDelta,
+    runtime: Runtime,
+    session_id: str,
+    context: list[int],
     tree: Tree,
     q: Sequence[SparseDist | None],
     params: SamplingParams,
     generator: torch.Generator,
-) -> TreeVerdict | None:
-    """Verifies a draft tree after the context in one target pass; None when the delta misses.
+) -> TreeVerdict:
+    """Verifies a draft tree after the context in one target pass.
 
-    The pass uses a tree attention mask and depth-based position ids (ModelHost.tree_logits)
+    The pass uses a tree attention mask and depth-based position ids (Runtime.tree_logits)
     and yields p after the context and after every node; greedy keeps the longest path of
     target argmaxes, sampling walks the tree with recursive rejection sampling
-    (services/multidraft.py). The KV cache then keeps only the accepted path, and the
-    service holds the context extended by the returned tokens.
+    (services/multidraft.py). The KV cache then keeps only the accepted path.
     """
-    context = resolve_delta(host.held_context(delta.session_id), delta)
-    if context is None:
-        return None
-    if not context:
-        raise ValueError("the context is empty: verification needs at least one token to follow")
-    logits = host.tree_logits(delta.session_id, context, tree, len(tree) + 1)  # (N+1, V)
+    logits = runtime.tree_logits(session_id, context, tree, len(tree) + 1)  # (N+1, V)
     if params.greedy:
         verdict = verify_tree_greedy(tree, logits.argmax(dim=-1).tolist())
     else:
         verdict = verify_tree_sampled(tree, list(q), target_probs(logits, params), generator)
-    host.keep_path(delta.session_id, verdict.path)
-    host.session(delta.session_id).context = [*context, *verdict.tokens]
+    runtime.keep_path(session_id, verdict.path)
     return verdict
 
 
@@ -94,31 +84,23 @@ class StringsResult:
 
 
 def verify_strings(
-    host: ModelHost,
+    runtime: Runtime,
     index: slrs.PrefixIndex,
-    delta: ContextDelta,
+    session_id: str,
+    context: list[int],
     proposals: Sequence[slrs.StringProposal],
     params: SamplingParams,
     generator: torch.Generator,
     max_nodes: int,
-) -> StringsResult | None:
-    """String-level rejection sampling of drafted text (services/slrs.py); None when the delta misses.
+) -> StringsResult:
+    """String-level rejection sampling of drafted text (services/slrs.py).
 
     One target pass, with a tree attention mask, over every target tokenization of the drafted
     strings (as many leading strings as fit in max_nodes tree nodes); the tokens committed
-    never leave that tree. The service then holds the context extended by the returned tokens.
+    never leave that tree, and the cache keeps their path.
     """
-    context = resolve_delta(host.held_context(delta.session_id), delta)
-    if context is None:
-        return None
-    if not context:
-        raise ValueError("the context is empty: verification needs at least one token to follow")
     tree, node_bytes, kept = slrs.build_tree(index, list(proposals), max_nodes)
-    probs = target_probs(host.tree_logits(delta.session_id, context, tree, len(tree) + 1), params)  # (N+1, V)
-    verdict = slrs.verify_strings(
-        tree, node_bytes, probs, list(proposals[:kept]), index, generator, params.greedy
-    )
-    committed = [*context, *verdict.tokens]
-    host.settle(delta.session_id, committed)
-    host.session(delta.session_id).context = committed
+    probs = target_probs(runtime.tree_logits(session_id, context, tree, len(tree) + 1), params)  # (N+1, V)
+    verdict = slrs.verify_strings(tree, node_bytes, probs, list(proposals[:kept]), index, generator, params.greedy)
+    runtime.settle(session_id, [*context, *verdict.tokens])
     return StringsResult(verdict, kept, len(tree))

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-NEAR_TIE = 1e-3  # top-2 logit gap below which fp32 reorderings may flip the argmax (tests/test_e2e.py)
+NEAR_TIE = 1e-3  # top-2 logit gap below which fp32 reorderings may flip the argmax; per runtime: services.runtime.near_tie
 ALL = "all"  # the category that pools every prompt
 REFERENCE = "ar"  # the system every speedup and every greedy check is measured against
 SERVICES, IN_PROCESS, PEER = "services", "in-process", "peer"
@@ -126,13 +126,16 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
     return at
 
 
-def classify(prompt_id: str, system: str, position: int | None, gap: float | None) -> Check:
-    """The check's verdict from where the outputs part and the target's gap there (None: unknown)."""
+def classify(
+    prompt_id: str, system: str, position: int | None, gap: float | None, near_tie: float = NEAR_TIE
+) -> Check:
+    """The check's verdict from where the outputs part and the target's gap there (None:
+    unknown); near_tie: the bound of the verifier's runtime (services.runtime.near_tie)."""
     if position is None:
         return Check(prompt_id, system, "match")
     if gap is None:
         return Check(prompt_id, system, "unverified", position)
-    return Check(prompt_id, system, "near-tie" if gap < NEAR_TIE else "diverged", position, gap)
+    return Check(prompt_id, system, "near-tie" if gap < near_tie else "diverged", position, gap)
 
 
 def _ratio(num: float, den: float) -> float | None:

@@ -44,8 +44,8 @@ class Models:
     target_dir: str
     drafter: str
     drafter_dir: str  # "" for none
-    dtype: str
-    onednn: bool  # SPECD_ONEDNN: specd's oneDNN linears, in the services and in the bench process
+    target_runtime: str  # the verifier's runtime and weights, e.g. "torch (int8)"
+    drafter_runtime: str
     services: str  # orchestrator address
     stack: str  # "started by the bench" or "given with --address"
 

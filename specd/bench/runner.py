@@ -5,9 +5,11 @@ Systems (names as they appear in the table and in results.json):
 | system        | what runs                                                                  |
 |---------------|----------------------------------------------------------------------------|
 | `<strategy>`  | the strategy through the services: Generator gRPC -> orchestrator -> drafter/verifier, Redis |
-| `<strategy>@local` | the same Engine and strategy code in this process on LocalDrafter/LocalVerifier, with an in-memory session store: no gRPC, no Redis |
-| `hf-generate` | transformers' own `generate` of the target                                 |
+| `<strategy>@local` | the same Engine and strategy code in this process on the drafter's and verifier's cores (drafter_svc/core.py, verifier_svc/core.py) over the same runtimes, with an in-memory session store: no gRPC, no Redis |
+| `hf-generate` | transformers' own `generate` of the target (when the verifier runs on torch: the same weights and kernels) |
 | `hf-assisted` | transformers' assisted generation, `assistant_model=` the drafter (its defaults) |
+| `llama-greedy` | llama-cpp-python's own greedy generation of the target's GGUF: what a CPU user runs without specd |
+| `llama-lookup` | llama-cpp-python's prompt-lookup speculative decoding (`LlamaPromptLookupDecoding`) of the same GGUF |
 
 For each prompt every system runs once, in an order rotated by one per prompt, so that
 machine noise (another process waking up, thermal drift) hits all systems alike and no
@@ -17,8 +19,8 @@ system always runs right after a particular other one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +29,18 @@ import grpc
 import numpy as np
 import torch
 
+from drafter_svc.core import DrafterCore
 from drafter_svc.foreign import Translation
-from orchestrator.backends import LocalDrafter, LocalVerifier
 from orchestrator.generate import Engine, GenerationRequest, Limits, NotServable, Stats
 from orchestrator.store import ChatMessage, Session
 from orchestrator.strategies import STRATEGIES, Backends
+from services.config import ModelServiceConfig
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
-from services.runtime import ModelHost, load_host
+from services.roles import Stopwatch
+from services.runtime import Runtime, gguf_file, load_runtime, near_tie
 from services.server import channel_options
+from services.torch_runtime import TorchRuntime
 from specd.bench.metrics import (
     IN_PROCESS,
     PEER,
@@ -48,11 +53,15 @@ from specd.bench.metrics import (
     first_divergence,
 )
 from specd.bench.prompts import Prompt
+from verifier_svc.core import VerifierCore
 
 log = logging.getLogger(__name__)
 
 LOCAL_SUFFIX = "@local"
-PEERS = ("hf-generate", "hf-assisted")
+HF_PEERS = ("hf-generate", "hf-assisted")
+LLAMA_PEERS = ("llama-greedy", "llama-lookup")
+PEERS = HF_PEERS + LLAMA_PEERS
+LOOKUP_TOKENS = 10  # LlamaPromptLookupDecoding's default draft length
 WARMUP_TOKENS = 2  # enough to load every code path once (prefill, a round, a commit)
 
 
@@ -126,13 +135,13 @@ class ServicesClient:
         request = self.request(prompt, strategy, max_new_tokens, seed)
         ids: list[int] = []
         stats = None
-        started = time.perf_counter()
+        watch = Stopwatch()
         for reply in self.stub.Generate(request, timeout=self.config.timeout_seconds):
             if reply.HasField("delta"):
                 ids.extend(reply.delta.token_ids)
             else:
                 stats = reply.stats
-        wall = time.perf_counter() - started
+        wall = watch.seconds
         if stats is None:
             raise BenchError(f"{strategy} on {prompt.id}: the stream ended without statistics")
         # Not part of the measurement; keeps the bench from filling Redis with sessions.
@@ -175,12 +184,13 @@ class MemoryStore:
 
 @dataclass(frozen=True)
 class LocalModels:
-    """The target and drafter loaded in the bench process, shared by in-process runs, peers
-    and the near-tie check (one copy of the weights for all three)."""
+    """The target and drafter loaded in the bench process on the runtimes the services use,
+    shared by the in-process runs, the peers and the near-tie check."""
 
-    target: ModelHost
-    drafter: ModelHost | None
+    target: Runtime
+    drafter: Runtime | None
     tokenizer: object  # the target's tokenizer
+    target_dir: Path
     translation: Translation | None = None  # set when the drafter's vocabulary differs from the target's
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
@@ -191,37 +201,48 @@ class LocalModels:
         return self.tokenizer.encode(rendered, add_special_tokens=False)
 
 
+def service_config(base: ModelServiceConfig, model: Path, runtime: str) -> ModelServiceConfig:
+    """What a model service started by the bench reads, for one model (4 cached sessions)."""
+    return dataclasses.replace(base, model=str(model), runtime=runtime, max_sessions=4)
+
+
 def load_local(
-    target_dir: Path, drafter_dir: Path | None, *, dtype: str, threads: int, onednn: bool, vocab_cache: Path
+    target_dir: Path,
+    drafter_dir: Path | None,
+    *,
+    base: ModelServiceConfig,
+    verifier_runtime: str,
+    drafter_runtime: str,
+    vocab_cache: Path,
 ) -> LocalModels:
-    """Loads both models the way the services do (same dtype, threads and kernels); a drafter
-    of another vocabulary gets its translation (vocabulary maps cached in vocab_cache)."""
+    """Loads both models the way the services do (the same runtime choice, dtype, threads and
+    kernels); a drafter of another vocabulary gets its translation (maps cached in vocab_cache)."""
     from transformers import AutoTokenizer
 
-    def load(path: Path) -> ModelHost:
-        return load_host(path, dtype=dtype, device="cpu", max_sessions=4, threads=threads, onednn=onednn)
-
-    drafter = None if drafter_dir is None else load(drafter_dir)
-    target = load(target_dir)
+    drafter = None if drafter_dir is None else load_runtime(service_config(base, drafter_dir, drafter_runtime), "drafter")
+    target = load_runtime(service_config(base, target_dir, verifier_runtime), "verifier")
     translation = None
     if drafter is not None and drafter.info.tokenizer_fingerprint != target.info.tokenizer_fingerprint:
         translation = Translation.build(
             drafter.tokenizer, target.tokenizer, drafter.info.vocab_size, target.info.vocab_size, vocab_cache
         )
-    return LocalModels(target, drafter, AutoTokenizer.from_pretrained(target_dir), translation)
+    return LocalModels(target, drafter, AutoTokenizer.from_pretrained(target_dir), target_dir, translation)
 
 
 class InProcessRunner:
-    """The orchestrator's Engine in this process, on local models and a MemoryStore."""
+    """The orchestrator's Engine in this process, on the model services' cores and a MemoryStore."""
 
     def __init__(self, models: LocalModels, config: BenchConfig, q_top: int = 32) -> None:
         self.models = models
         self.config = config
-        drafter = None if models.drafter is None else LocalDrafter(models.drafter, q_top, translation=models.translation)
+        self.verifier = VerifierCore(models.target, max_sessions=4)
+        self.drafter = (
+            None if models.drafter is None else DrafterCore(models.drafter, q_top=q_top, translation=models.translation)
+        )
         self.engine = Engine(
             tokenizer=models.tokenizer,
             store=MemoryStore(),
-            backends=Backends(verifier=LocalVerifier(models.target), drafter=drafter),
+            backends=Backends(verifier=self.verifier, drafter=self.drafter),
             limits=Limits(
                 default_strategy=REFERENCE, default_k=config.k,
                 default_max_new_tokens=config.max_new_tokens, max_new_tokens_limit=1 << 20,
@@ -238,9 +259,6 @@ class InProcessRunner:
             seed=seed, strategy=strategy, k=c.k,
         )  # fmt: skip
         ids, stats, wall = asyncio.run(self._generate(request))
-        for host in (self.models.target, self.models.drafter):
-            if host is not None:
-                host.release(stats.session_id)
         return RunRecord(
             prompt_id=prompt.id, category=prompt.category, system=strategy + LOCAL_SUFFIX, path=IN_PROCESS,
             strategy=strategy, prompt_tokens=stats.prompt_tokens, new_tokens=stats.new_tokens, wall_seconds=wall,
@@ -255,34 +273,47 @@ class InProcessRunner:
     async def _generate(self, request: GenerationRequest) -> tuple[list[int], Stats, float]:
         ids: list[int] = []
         stats = None
-        started = time.perf_counter()
+        watch = Stopwatch()
         async for event in self.engine.generate(request):
             if isinstance(event, Stats):
                 stats = event
             else:
                 ids.extend(event.token_ids)
-        wall = time.perf_counter() - started
-        assert stats is not None, "Engine.generate ends with its Stats"
+        wall = watch.seconds
+        if stats is None:
+            raise BenchError("the in-process Engine ended a turn without its statistics")
         await self.engine.delete_session(stats.session_id)
+        for core in (self.verifier, self.drafter):
+            if core is not None:
+                await core.release(stats.session_id)
         return ids, stats, wall
 
 
-# -- peers: transformers' own decoding ---------------------------------------------------------
+# -- peers: what a user would run instead ------------------------------------------------------
+
+
+def _finish(ids: list[int], eos: Sequence[int]) -> str:
+    return "stop" if ids and ids[-1] in eos else "length"
 
 
 class PeerRunner:
-    """transformers' `generate` on the same weights: plain, and assisted by the drafter.
+    """transformers' `generate` of the target, plain and assisted by the drafter, on the bench
+    process's torch models: with the verifier on torch they are the very model objects of the
+    in-process path (the same kernels: the comparison is of decoding loops and algorithms).
+    A drafter on another runtime is loaded again on torch, with the target's dtype, for
+    assisted generation."""
 
-    The peers run on the very model objects of the in-process path, so with specd's oneDNN
-    linears (SPECD_ONEDNN, on by default) they use the same kernels: the comparison is of
-    decoding loops and algorithms, not of matrix kernels. (It also keeps one copy of each
-    model in the bench process, which matters next to the services' copies on a 24 GiB
-    machine.) With SPECD_ONEDNN=0 everything runs on stock torch linears.
-    """
-
-    def __init__(self, models: LocalModels, config: BenchConfig) -> None:
+    def __init__(self, models: LocalModels, config: BenchConfig, assistant: TorchRuntime | None) -> None:
+        if not isinstance(models.target, TorchRuntime):
+            raise BenchError("hf-generate needs the target on the torch runtime")
         self.models = models
         self.config = config
+        self.target = models.target
+        self.assistant = assistant
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return HF_PEERS if self.assistant is not None else HF_PEERS[:1]
 
     def sampling_kwargs(self) -> dict[str, object]:
         """The same decoding as specd's, whatever the model folder's generation_config says:
@@ -296,57 +327,136 @@ class PeerRunner:
 
     @torch.inference_mode()
     def run(self, prompt: Prompt, peer: str, max_new_tokens: int, seed: int) -> RunRecord:
-        assert peer in PEERS, f"unknown peer {peer!r}"
-        info = self.models.target.info
+        if peer not in self.names:
+            raise BenchError(f"unknown peer {peer!r}")
+        info = self.target.info
         prompt_ids = self.models.prompt_ids(prompt)
         input_ids = torch.tensor([prompt_ids])  # (1, T)
         extra: dict[str, object] = {}
         if peer == "hf-assisted":
-            extra["assistant_model"] = self.models.drafter.model
+            extra["assistant_model"] = self.assistant.model
             if self.models.translation is not None:  # transformers' universal assisted generation
-                extra.update(tokenizer=self.models.target.tokenizer, assistant_tokenizer=self.models.drafter.tokenizer)
+                extra.update(tokenizer=self.target.tokenizer, assistant_tokenizer=self.assistant.tokenizer)
         torch.manual_seed(seed)  # transformers samples from the global generator
-        started = time.perf_counter()
-        out = self.models.target.model.generate(
+        watch = Stopwatch()
+        out = self.target.model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
             eos_token_id=list(info.eos_token_ids), pad_token_id=info.eos_token_ids[0],
             **self.sampling_kwargs(), **extra,
         )  # fmt: skip
-        wall = time.perf_counter() - started
+        wall = watch.seconds
         ids = out[0, len(prompt_ids) :].tolist()
-        finish = "stop" if ids and ids[-1] in info.eos_token_ids else "length"
         return RunRecord(
             prompt_id=prompt.id, category=prompt.category, system=peer, path=PEER, strategy=peer,
             prompt_tokens=len(prompt_ids), new_tokens=len(ids), wall_seconds=wall, token_ids=tuple(ids),
-            finish_reason=finish,
+            finish_reason=_finish(ids, info.eos_token_ids),
         )  # fmt: skip
+
+
+class LlamaPeerRunner:
+    """llama-cpp-python's own generation of the target's GGUF, as a CPU user runs it: greedy,
+    and with its prompt-lookup speculative decoding. Same prompts, same threads as the
+    services (llama-cpp-python's defaults otherwise: one sequence, n_batch 512)."""
+
+    def __init__(self, models: LocalModels, config: BenchConfig, threads: int) -> None:
+        from llama_cpp import Llama
+
+        gguf = gguf_file(models.target_dir)
+        if gguf is None:
+            raise BenchError(f"{models.target_dir} holds no GGUF for llama-cpp-python")
+        if not config.greedy:
+            raise BenchError("the llama-cpp-python peers run greedy only (their sampling is not specd's)")
+        self.models = models
+        self.config = config
+        self.eos = models.target.info.eos_token_ids
+        # logits_all: prompt lookup verifies its drafts from every position's logits.
+        self.llama = Llama(
+            model_path=str(gguf), n_ctx=min(8192, models.target.info.max_context), n_threads=threads or None,
+            n_threads_batch=threads or None,
+            logits_all=True, verbose=False,
+        )  # fmt: skip
+
+    names = LLAMA_PEERS
+
+    def run(self, prompt: Prompt, peer: str, max_new_tokens: int, seed: int) -> RunRecord:
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        if peer not in self.names:
+            raise BenchError(f"unknown peer {peer!r}")
+        prompt_ids = self.models.prompt_ids(prompt)
+        self.llama.draft_model = LlamaPromptLookupDecoding(num_pred_tokens=LOOKUP_TOKENS) if peer == "llama-lookup" else None
+        self.llama.reset()
+        ids: list[int] = []
+        watch = Stopwatch()
+        for token in self.llama.generate(prompt_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+            ids.append(int(token))
+            if token in self.eos or len(ids) >= max_new_tokens:
+                break
+        wall = watch.seconds
+        return RunRecord(
+            prompt_id=prompt.id, category=prompt.category, system=peer, path=PEER, strategy=peer,
+            prompt_tokens=len(prompt_ids), new_tokens=len(ids), wall_seconds=wall, token_ids=tuple(ids),
+            finish_reason=_finish(ids, self.eos),
+        )  # fmt: skip
+
+
+def load_peers(
+    models: LocalModels, config: BenchConfig, base: ModelServiceConfig, drafter_dir: Path | None
+) -> list[PeerRunner | LlamaPeerRunner]:
+    """The peers this deployment can be compared with: llama-cpp-python's on a GGUF target
+    (greedy runs), transformers' on a torch target (assisted generation with the drafter on
+    torch, loaded again on it when the drafter service runs on llama)."""
+    peers: list[PeerRunner | LlamaPeerRunner] = []
+    if gguf_file(models.target_dir) is not None and config.greedy:
+        peers.append(LlamaPeerRunner(models, config, base.threads))
+    if isinstance(models.target, TorchRuntime):
+        assistant = models.drafter if isinstance(models.drafter, TorchRuntime) else None
+        if assistant is None and drafter_dir is not None:
+            assistant = load_runtime(service_config(base, drafter_dir, "torch"), "drafter")
+        peers.append(PeerRunner(models, config, assistant))
+    return peers
 
 
 # -- the lossless check --------------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def top2_gap(host: ModelHost, ids: Sequence[int]) -> float:
+def top2_gap(target: Runtime, ids: Sequence[int]) -> float:
     """Gap between the target's two largest logits for the token after `ids` (a fresh pass)."""
-    logits = host.model(torch.tensor([list(ids)])).logits[0, -1]  # (V,)
+    logits = target.logits(GAP_SESSION, list(ids), 1)[0]  # (V,)
+    target.release(GAP_SESSION)
     top = torch.topk(logits.float(), 2).values
     return float(top[0] - top[1])
 
 
-def check_prompt(prompt: Prompt, records: Sequence[RunRecord], models: LocalModels | None) -> list[Check]:
-    """Greedy: every system's tokens against `ar`'s, with the near-tie rule where they part."""
+GAP_SESSION = "bench-near-tie-check"
+
+
+def other_model_peers(models: LocalModels | None) -> tuple[str, ...]:
+    """Peers that run the target on another runtime than the verifier's: another model (the
+    GGUF's Q4 weights, or their torch conversion), whose greedy output is not ar's to match."""
+    if models is None:
+        return ()
+    return HF_PEERS if models.target.info.runtime == "llama" else LLAMA_PEERS
+
+
+def check_prompt(
+    prompt: Prompt, records: Sequence[RunRecord], models: LocalModels | None, unchecked: Sequence[str] = ()
+) -> list[Check]:
+    """Greedy: every system's tokens against `ar`'s, with the near-tie rule of the verifier's
+    runtime where they part. `unchecked`: systems of another model (a peer on another runtime)."""
     reference = next((r for r in records if r.system == REFERENCE), None)
     if reference is None:
         return []
+    bound = near_tie(models.target.info) if models is not None else None
     checks = []
     for r in records:
-        if r is reference:
+        if r is reference or r.system in unchecked:
             continue
         at = first_divergence(r.token_ids, reference.token_ids)
         gap = None
         if at is not None and models is not None:
             gap = top2_gap(models.target, models.prompt_ids(prompt) + list(reference.token_ids[:at]))
-        check = classify(prompt.id, r.system, at, gap)
+        check = classify(prompt.id, r.system, at, gap, bound) if bound is not None else classify(prompt.id, r.system, at, gap)
         if check.flagged:
             log.warning("%s on %s: %s at new token %s (top-2 gap %s)", r.system, prompt.id, check.status, at, gap)
         checks.append(check)
@@ -360,7 +470,7 @@ def build_tasks(
     config: BenchConfig,
     services: ServicesClient,
     in_process: InProcessRunner | None,
-    peers: PeerRunner | None,
+    peers: Sequence[PeerRunner | LlamaPeerRunner] = (),
 ) -> list[Task]:
     tasks = [Task(s, SERVICES, s, lambda p, n, seed, s=s: services.run(p, s, n, seed)) for s in config.strategies]
     if in_process is not None:
@@ -368,9 +478,11 @@ def build_tasks(
             Task(s + LOCAL_SUFFIX, IN_PROCESS, s, lambda p, n, seed, s=s: in_process.run(p, s, n, seed))
             for s in config.strategies
         ]
-    if peers is not None:
-        names = PEERS if peers.models.drafter is not None else PEERS[:1]  # assisted needs the drafter
-        tasks += [Task(name, PEER, name, lambda p, n, seed, name=name: peers.run(p, name, n, seed)) for name in names]
+    for runner in peers:
+        tasks += [
+            Task(name, PEER, name, lambda p, n, seed, name=name, runner=runner: runner.run(p, name, n, seed))
+            for name in runner.names
+        ]
     return tasks
 
 
@@ -440,7 +552,7 @@ def run_bench(
             order = {t.system: j for j, t in enumerate(tasks)}
             run.records.extend(sorted(done, key=lambda r: order[r.system]))
             if config.greedy:
-                run.checks.extend(check_prompt(prompt, done, models))
+                run.checks.extend(check_prompt(prompt, done, models, other_model_peers(models)))
             on_prompt(run)
     return run
 

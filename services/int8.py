@@ -1,0 +1,246 @@
+"""int8 linears for the torch runtime on CPU (SPECD_DTYPE=int8): W8A8, per output channel
+for the weights and per row (per token) for the activations, on fbgemm's int8 GEMM.
+
+Why these choices, measured on the 1.5B target's linears (28 layers of 1536/8960-wide
+projections, 1.3 B weights in all, 2 threads; a pass over 1 / 3 / 5 / 8 tokens):
+
+| kernel                                                   | 1      | 3      | 5      | 8      |
+|----------------------------------------------------------|--------|--------|--------|--------|
+| fp32, oneDNN (the fp32 default)                          | 220 ms | 306 ms | 317 ms | 361 ms |
+| int8 weight-only (`_weight_int8pack_mm`, bf16)           | 115 ms | 145 ms | 244 ms | 290 ms |
+| int8 per token, torchao Int8DynamicActivationInt8Weight  | 160 ms | 155 ms | 160 ms | 165 ms |
+| int8 per token, oneDNN `qlinear_pointwise`               | 165 ms | 166 ms | 168 ms | 147 ms |
+| int8 per tensor, fbgemm (`quantize_dynamic`)             | 82 ms  | 94 ms  | 101 ms | 111 ms |
+| int8 per token, fbgemm (this module)                     | 80 ms  | 99 ms  | 110 ms | 107 ms |
+
+Per-tensor dynamic quantization is as fast, but its activation scale is the largest value of
+the whole pass: each row of a verify pass would be quantized by a scale that depends on the
+other draft tokens, so a token's logits would change with the batch it is verified in, and
+the greedy output would no longer be the model's own. Here each row is divided by its own
+scale first, so fbgemm's static per-tensor quantization (scale 1, zero point 128) is exactly
+per-row quantization; the integer products are exact and the row scale is applied after, in
+fp32. A row's result is bitwise the same whatever other rows share the pass
+(tests/test_int8.py) - the property speculative decoding needs of its verifier.
+
+The quantized model is its own model: its greedy output is the reference every strategy on it
+reproduces (not the fp32 model's, from which it may part at close calls).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+ZERO_POINT = 128  # activations travel as uint8 x + 128: fbgemm's int8 GEMM takes unsigned activations
+QMAX = 127
+
+
+def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per row: (q (R, C) int8, scale (R,) float32) with w ≈ q * scale[:, None]."""
+    scale = (w.abs().amax(dim=1).float() / QMAX).clamp_min(torch.finfo(torch.float32).tiny)  # (R,)
+    q = torch.round(w.float() / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)  # (R, C)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with int8 weights (per output channel) and activations quantized per row.
+
+    y[i] = s_x[i] * (q_x[i] @ q_w^T) * s_w + b, with q_x[i] = round(x[i] / s_x[i]) and
+    s_x[i] = max|x[i]| / 127: the (exact) integer product runs in fbgemm on the prepacked weight.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        q, scale = quantize_rows(linear.weight.detach())
+        self._pack(q, scale, None if linear.bias is None else linear.bias.detach().float())
+
+    @classmethod
+    def from_quantized(cls, q: Tensor, scale: Tensor, bias: Tensor | None) -> Int8Linear:
+        """From int8 rows q (out, in), their scales (out,) and a bias (out,) or None."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._pack(q, scale.float(), bias)
+        return layer
+
+    def _pack(self, q: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+        self.out_features, self.in_features = q.shape
+        zero = torch.zeros(self.out_features, dtype=torch.long)
+        with warnings.catch_warnings():
+            # torch deprecates quantized tensors in favour of torchao, whose CPU int8 path
+            # is twice as slow here (see the table above); fbgemm's prepack still takes one.
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            weight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+        self._packed = torch.ops.quantized.linear_prepack(weight, None)  # fbgemm's layout
+        # Added after the row scale (a bias packed with the weight would be scaled by it).
+        self.register_buffer("bias", None if bias is None else bias.clone())
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        shape = x.shape
+        rows = x.reshape(-1, self.in_features).float()  # (M, in)
+        scale = (rows.abs().amax(dim=1, keepdim=True) / QMAX).clamp_min(torch.finfo(torch.float32).tiny)  # (M, 1)
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows / scale, 1.0, ZERO_POINT, self._packed)
+        y = y * scale  # (M, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int8Embedding(nn.Module):
+    """An embedding looked up from int8 rows (the tied LM head's, when the model ties them)."""
+
+    def __init__(self, q: Tensor, scale: Tensor, padding_idx: int | None) -> None:
+        super().__init__()
+        self.register_buffer("q", q)  # (V, H) int8
+        self.register_buffer("scale", scale)  # (V,)
+        self.padding_idx = padding_idx
+        self.num_embeddings, self.embedding_dim = q.shape
+
+    def forward(self, ids: Tensor) -> Tensor:  # (...) -> (..., H)
+        return self.q[ids].float() * self.scale[ids].unsqueeze(-1)
+
+
+def quantize_model(model: nn.Module) -> int:
+    """Replaces every nn.Linear of a transformers causal LM (LM head included) by an
+    Int8Linear, and its input embedding by an Int8Embedding; returns the linears replaced.
+
+    A model that ties its embedding to its LM head gets the same int8 rows in both (they are
+    quantized from the one fp32 matrix the two shared)."""
+    from services.torch_runtime import replace_linears
+
+    embedding = model.get_input_embeddings()
+    q, scale = quantize_rows(embedding.weight.detach())
+    model.set_input_embeddings(Int8Embedding(q, scale, embedding.padding_idx))
+    return replace_linears(model, Int8Linear)
+
+
+# -- attention that computes every query row alone ------------------------------------------
+
+ROWWISE = "specd_rowwise"  # the name it is registered under with transformers
+
+
+def rowwise_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """Scaled dot-product attention with each query row computed by itself, over exactly the
+    keys it may see, by the same kernel call a one-token pass makes.
+
+    Why: SDPA over several query rows blocks and reduces differently than over one, so a
+    verify pass over k+1 tokens would round differently than k+1 one-token passes. With the
+    int8 linears (exact per row) and per-row norms, this makes every row of any pass bitwise
+    what decoding that token alone gives: the runtime's greedy output does not depend on how
+    tokens are batched. Costs one small kernel call per row and layer.
+
+    query (B, H, T, D); key, value (B, KV, S, D); attention_mask None (causal: row i sees keys
+    [0, S - T + i]) or (B, 1, T, S), bool (True = attend) or additive (0 = attend). Returns
+    (B, T, H, D), as transformers' attention functions do.
+    """
+    b, heads, t, d = query.shape
+    kv_heads, s = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    out = query.new_empty(b, t, heads, d)
+    for i in range(t):
+        if attention_mask is None:
+            keys, values = key[:, :, : s - t + i + 1], value[:, :, : s - t + i + 1]
+        else:
+            row = attention_mask[0, 0, i]
+            allowed = row if row.dtype == torch.bool else row == 0  # (S,)
+            seen = int(allowed.sum())
+            if bool(allowed[:seen].all()):  # a prefix: a view, no copy
+                keys, values = key[:, :, :seen], value[:, :, :seen]
+            else:
+                index = allowed.nonzero().squeeze(1)
+                keys, values = key.index_select(2, index), value.index_select(2, index)
+        q = query[:, :, i].reshape(b, kv_heads, groups, d)  # the query heads that share a key head
+        o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, scale=scaling)  # (B, KV, G, D)
+        out[:, i] = o.reshape(b, heads, d)
+    return out, None
+
+
+def use_rowwise_attention(model: nn.Module) -> None:
+    """Makes a transformers model attend with rowwise_attention (registered once with
+    transformers' attention and mask interfaces, its documented extension point)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ROWWISE, rowwise_attention)
+    AttentionMaskInterface.register(ROWWISE, sdpa_mask)
+    model.set_attn_implementation(ROWWISE)
+
+
+# -- a cache of the quantized model ----------------------------------------------------------
+
+CACHE_NAME = "int8.safetensors"  # written next to the model's weights
+CACHE_FORMAT = "specd-int8-1"
+
+
+def save_quantized(model: nn.Module, path: Path, source: str) -> None:
+    """Writes a quantized model's tensors (int8 rows and scales, and its fp32 norms, biases and
+    buffers) to path, tagged with `source` (what they were quantized from)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):
+            weight, _ = torch.ops.quantized.linear_unpack(module._packed)
+            tensors[f"{name}.q"] = weight.int_repr().contiguous()
+            tensors[f"{name}.scale"] = weight.q_per_channel_scales().float().contiguous()
+            if module.bias is not None:
+                tensors[f"{name}.bias"] = module.bias.contiguous()
+        elif not list(module.children()) or isinstance(module, Int8Embedding):
+            for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if tensor is not None:
+                    tensors[f"{name}.{key}" if name else key] = tensor.detach().contiguous()
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata={"format": CACHE_FORMAT, "source": source})
+    partial.replace(path)
+
+
+def load_quantized(folder: Path, path: Path, source: str) -> nn.Module | None:
+    """The quantized model saved at path for this folder's config and `source`; None when
+    there is none, it was made from something else, or it does not fit the architecture."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != CACHE_FORMAT or meta.get("source") != source:
+            return None
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and f"{name}.q" in tensors:
+            _set_module(model, name, Int8Linear.from_quantized(tensors.pop(f"{name}.q"), tensors.pop(f"{name}.scale"), tensors.pop(f"{name}.bias", None)))
+        elif isinstance(module, nn.Embedding) and f"{name}.q" in tensors:
+            _set_module(model, name, Int8Embedding(tensors.pop(f"{name}.q"), tensors.pop(f"{name}.scale"), module.padding_idx))
+    for key, tensor in tensors.items():
+        owner, _, attr = key.rpartition(".")
+        module = model.get_submodule(owner)
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            module._buffers[attr] = tensor
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        return None  # the file lacks some tensor of this architecture: quantize anew
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    except OSError:
+        pass
+    return model.eval()
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, attr, module)

@@ -1,0 +1,421 @@
+"""The `llama` runtime: llama.cpp through llama-cpp-python's low-level API, for GGUF files.
+
+The contract is services/runtime.py's; here is how llama.cpp keeps it.
+
+One llama.cpp context serves every session. Its KV cache is unified: cells belong to
+sequence ids, and a token attends to the cells of its (first) sequence at positions up to
+its own. Each cached session owns one sequence id (`Slot.seq`), least recently used evicted;
+the cache holds the session's `tokens` at positions 0..len-1 of that sequence. Every pass
+is one `llama_decode` over the tokens past the longest common prefix (`llama_memory_seq_rm`
+drops the rest first: that is the rollback), with logits asked only where they are needed.
+
+A tree pass gives every leaf of the tree a temporary sequence that holds the context and
+the leaf's root-to-leaf path: the context's cells get the leaf sequences by
+`llama_memory_seq_cp` (a tag, not a copy, in a unified cache), and a tree node fed in the
+batch carries the sequence of every leaf below it. A node then attends to exactly the
+context, its ancestors and itself, at position len(context) + depth - 1 (services/tree.py).
+Worked example, context of 10 tokens at positions 0..9 in the session's sequence s, tree
+(7, 8, 5, 6, 9) with parents (-1, -1, 0, 0, 2): the leaves are nodes 1, 3 and 4, given
+temporary sequences a, b and c; the context's cells are tagged s, a, b, c, and the batch is
+
+    node   token  position  sequences   sees
+    0      7      10        b, c        context, 0
+    1      8      10        a           context, 1
+    2      5      11        c           context, 0, 2
+    3      6      11        b           context, 0, 3
+    4      9      12        c           context, 0, 2, 4
+
+`keep_path` tags the path's cells with s (`seq_cp` from a sequence that runs through the
+path's last node) and drops the temporary sequences, which frees the other nodes' cells. A
+drafter growing its tree depth by depth feeds only the new nodes: a new leaf below a cached
+leaf takes over that leaf's sequence, any other gets a fresh one tagged on the cells of its
+cached ancestors.
+
+Temporary sequences come from a shared pool; when it runs dry, other sessions' cached trees
+(a drafter's tree at rest between rounds) are dropped first, which costs them a re-feed of
+at most a tree's depth of tokens. When the KV cache itself is full, least recently used
+sessions are evicted until the batch fits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from services.context import common_prefix_len
+from services.errors import BadRequest
+from services.lru import Lru
+from services.runtime import ModelInfo, eos_token_ids, gguf_file, tokenizer_fingerprint
+from services.torch_runtime import TREE_PREFILL, _check_n_last, _check_path, continued_path
+from services.tree import ROOT, Tree
+
+log = logging.getLogger(__name__)
+
+LLAMA_MAX_SEQ = 256  # llama.cpp's bound on sequence ids in one context
+N_BATCH = 512  # tokens per llama_decode; a longer prefill is fed in chunks
+
+
+@dataclass
+class Slot:
+    """One session's part of the KV cache."""
+
+    seq: int  # its sequence id
+    tokens: list[int] = field(default_factory=list)  # cached at positions 0..len-1 of seq
+    tree: Tree | None = None  # nodes cached after tokens by the last tree pass
+    leaf_seqs: dict[int, int] = field(default_factory=dict)  # tree leaf -> its temporary sequence
+
+
+class LlamaRuntime:
+    """One GGUF model in one llama.cpp context, and the KV cache of every session. Not
+    thread-safe: call from one thread."""
+
+    def __init__(
+        self, lib, model, context, info: ModelInfo, tokenizer, *, max_sessions: int, n_seq_max: int, n_batch: int
+    ) -> None:
+        self._lib = lib  # the llama_cpp module
+        self._model = model
+        self._ctx = context
+        self._mem = lib.llama_get_memory(context)
+        self.info = info
+        self.tokenizer = tokenizer
+        self.n_batch = n_batch
+        self._free_session_seqs = list(range(max_sessions - 1, -1, -1))
+        self._free_tree_seqs = list(range(n_seq_max - 1, max_sessions - 1, -1))
+        self._slots: Lru[str, Slot] = Lru(max_sessions, on_evict=self._free_slot, what="KV cache of session")
+        self._batch = lib.llama_batch_init(n_batch, 0, n_seq_max)
+        self._n_vocab = info.vocab_size
+
+    def close(self) -> None:
+        """Frees the context, the model and the batch (also done when the process ends)."""
+        if self._ctx is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self._ctx)
+            self._lib.llama_model_free(self._model)
+            self._ctx = None
+
+    # -- sessions ---------------------------------------------------------------------
+
+    def _slot(self, session_id: str) -> Slot:
+        slot = self._slots.get(session_id)
+        if slot is None:
+            if not self._free_session_seqs:
+                self._slots.evict_oldest()
+            slot = Slot(self._free_session_seqs.pop())
+            self._slots[session_id] = slot
+        return slot
+
+    def _free_slot(self, session_id: str, slot: Slot) -> None:
+        self._drop_tree(slot)
+        self._lib.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
+        self._free_session_seqs.append(slot.seq)
+
+    def cached(self, session_id: str) -> tuple[list[int], int]:
+        slot = self._slots.peek(session_id)
+        if slot is None:
+            return [], 0
+        return list(slot.tokens), 0 if slot.tree is None else len(slot.tree)
+
+    def release(self, session_id: str) -> bool:
+        slot = self._slots.pop(session_id)
+        if slot is not None:
+            self._free_slot(session_id, slot)
+        return slot is not None
+
+    @property
+    def session_count(self) -> int:
+        return len(self._slots)
+
+    # -- forward ----------------------------------------------------------------------
+
+    def logits(self, session_id: str, seq: Sequence[int], n_last: int) -> torch.Tensor:
+        _check_n_last(n_last, len(seq))
+        seq = list(seq)
+        slot = self._slot(session_id)
+        self._settle(slot, seq)
+        keep = min(common_prefix_len(slot.tokens, seq), len(seq) - n_last)
+        self._truncate(slot, keep)
+        rows: list[torch.Tensor] = []
+        while len(slot.tokens) < len(seq):  # chunks of n_batch; the last n_last get logits
+            start = len(slot.tokens)
+            chunk = seq[start : start + self.n_batch]
+            wanted = max(0, len(chunk) - (len(seq) - n_last - start))
+            entries = [(token, start + i, (slot.seq,)) for i, token in enumerate(chunk)]
+            rows.append(self._decode(entries, wanted, keep_session=session_id))
+            slot.tokens += chunk
+        return torch.cat(rows)  # (n_last, V)
+
+    def tree_logits(self, session_id: str, context: Sequence[int], tree: Tree, n_last: int) -> torch.Tensor:
+        n = len(tree)
+        if not context:
+            raise ValueError("a tree pass needs a context")
+        _check_n_last(n_last, n + 1)
+        context = list(context)
+        slot = self._slot(session_id)
+        held = slot.tree
+        growing = held is not None and slot.tokens == context and held.prefix_of(tree) and n_last == n - len(held)
+        if growing:
+            first_new, tail = len(held), []
+        else:
+            self._settle(slot, context)
+            self._drop_tree(slot)
+            # The context's last token is fed with the tree when the row after it is asked for.
+            wanted = len(context) - 1 if n_last == n + 1 else len(context)
+            keep = min(common_prefix_len(slot.tokens, context), wanted)
+            if wanted - keep > TREE_PREFILL:
+                self.logits(session_id, context[:wanted], 1)
+                keep = wanted
+            self._truncate(slot, keep)
+            first_new, tail = 0, context[keep:]
+        leaf_seqs = self._assign_leaves(session_id, slot, tree, first_new)
+        below = _leaves_below(tree, leaf_seqs)  # node -> sequences of the leaves below it
+        every_leaf = tuple(leaf_seqs.values())
+        base = len(slot.tokens)
+        entries = [(token, base + i, (slot.seq, *every_leaf)) for i, token in enumerate(tail)]
+        depths = tree.depths()
+        entries += [(tree.tokens[j], len(context) - 1 + depths[j], below[j]) for j in range(first_new, n)]
+        rows = self._decode(entries, n_last, keep_session=session_id)
+        slot.tokens = context
+        slot.tree, slot.leaf_seqs = (tree if n else None), leaf_seqs
+        return rows
+
+    def keep_path(self, session_id: str, path: Sequence[int]) -> None:
+        self._keep_path(self._slot(session_id), list(path))
+
+    def settle(self, session_id: str, seq: Sequence[int]) -> None:
+        self._settle(self._slot(session_id), list(seq))
+
+    def _settle(self, slot: Slot, seq: list[int]) -> None:
+        if slot.tree is not None:
+            self._keep_path(slot, continued_path(slot.tree, slot.tokens, seq))
+
+    def _keep_path(self, slot: Slot, path: list[int]) -> None:
+        if slot.tree is None and not path:
+            return
+        tree = _check_path(slot.tree, path)
+        if path:
+            end = path[-1]
+            through = _leaves_below(tree, slot.leaf_seqs)[end][0]  # a sequence that runs through end
+            base = len(slot.tokens)
+            self._lib.llama_memory_seq_cp(self._mem, through, slot.seq, base, base + len(path))
+            slot.tokens = slot.tokens + [tree.tokens[node] for node in path]
+        self._drop_tree(slot)
+
+    # -- bookkeeping ------------------------------------------------------------------
+
+    def _truncate(self, slot: Slot, keep: int) -> None:
+        if keep < len(slot.tokens):
+            self._lib.llama_memory_seq_rm(self._mem, slot.seq, keep, -1)
+            slot.tokens = slot.tokens[:keep]
+
+    def _drop_tree(self, slot: Slot) -> None:
+        """Frees the temporary sequences of a slot's cached tree, and with them its nodes' cells."""
+        for seq in slot.leaf_seqs.values():
+            self._lib.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            self._free_tree_seqs.append(seq)
+        slot.tree, slot.leaf_seqs = None, {}
+
+    def _take_tree_seq(self, session_id: str) -> int:
+        """A free temporary sequence; other sessions' cached trees are dropped when none is left."""
+        if not self._free_tree_seqs:
+            for other in list(self._slots):
+                slot = self._slots.peek(other)
+                if other != session_id and slot.tree is not None:
+                    self._drop_tree(slot)
+                    break
+        if not self._free_tree_seqs:
+            raise BadRequest(f"a tree with more leaves than this runtime's {LLAMA_MAX_SEQ} sequences allow")
+        return self._free_tree_seqs.pop()
+
+    def _assign_leaves(self, session_id: str, slot: Slot, tree: Tree, first_new: int) -> dict[int, int]:
+        """A temporary sequence for every leaf of `tree`, whose first `first_new` nodes are cached.
+
+        A cached leaf keeps its sequence, or hands it to the first new leaf below it; every
+        other new leaf gets a fresh sequence, tagged on the cells of the context and of its
+        cached ancestors, so it holds everything its path attends to but the new nodes."""
+        cached_below = _leaves_below(tree.prefix(first_new), slot.leaf_seqs) if first_new else {}
+        position = len(slot.tokens) - 1  # of the context's last token; a node's is position + depth
+        depths = tree.depths()
+        assigned: dict[int, int] = {}
+        for leaf in tree.leaves():
+            if leaf < first_new:
+                assigned[leaf] = slot.leaf_seqs[leaf]
+                continue
+            anchor = leaf
+            while anchor != ROOT and anchor >= first_new:
+                anchor = tree.parents[anchor]
+            if anchor != ROOT and anchor in slot.leaf_seqs and slot.leaf_seqs[anchor] not in assigned.values():
+                assigned[leaf] = slot.leaf_seqs[anchor]
+                continue
+            seq = self._take_tree_seq(session_id)
+            if anchor == ROOT:
+                self._lib.llama_memory_seq_cp(self._mem, slot.seq, seq, -1, -1)
+            else:
+                self._lib.llama_memory_seq_cp(self._mem, cached_below[anchor][0], seq, -1, position + depths[anchor] + 1)
+            assigned[leaf] = seq
+        # Cached leaves that got children hand their sequence on; one that did not is a leaf still.
+        return assigned
+
+    def _decode(self, entries: list[tuple[int, int, tuple[int, ...]]], n_outputs: int, keep_session: str) -> torch.Tensor:
+        """One llama_decode over (token, position, sequences) entries; the logits (n_outputs, V)
+        of the last n_outputs entries. A full KV cache evicts other sessions until it fits."""
+        b = self._batch
+        n = len(entries)
+        if n > self.n_batch:
+            raise ValueError(f"a batch of {n} tokens is above this runtime's {self.n_batch}")
+        b.n_tokens = n
+        for i, (token, pos, seqs) in enumerate(entries):
+            b.token[i] = token
+            b.pos[i] = pos
+            b.n_seq_id[i] = len(seqs)
+            row = b.seq_id[i]
+            for j, seq in enumerate(seqs):
+                row[j] = seq
+            b.logits[i] = int(i >= n - n_outputs)
+        while True:
+            code = self._lib.llama_decode(self._ctx, b)
+            if code == 0:
+                break
+            if code == 1 and self._evict_other(keep_session):
+                continue
+            if code == 1:
+                raise BadRequest(f"the KV cache ({self.info.max_context} tokens) cannot hold this session's context")
+            raise RuntimeError(f"llama_decode failed with code {code}")
+        if n_outputs == 0:
+            return torch.empty(0, self._n_vocab)
+        out = self._lib.llama_get_logits(self._ctx)
+        rows = np.ctypeslib.as_array(out, shape=(n_outputs * self._n_vocab,))
+        return torch.from_numpy(rows.reshape(n_outputs, self._n_vocab).copy())  # (n_outputs, V)
+
+    def _evict_other(self, keep_session: str) -> bool:
+        for other in list(self._slots):
+            if other != keep_session:
+                self._free_slot(other, self._slots.pop(other))
+                log.info("evicted session %s: the KV cache is full", other)
+                return True
+        return False
+
+
+def _leaves_below(tree: Tree, leaf_seqs: dict[int, int]) -> dict[int, tuple[int, ...]]:
+    """node -> the sequences of the leaves in its subtree (the leaf's own first)."""
+    below: dict[int, list[int]] = {node: [] for node in range(len(tree))}
+    for leaf, seq in leaf_seqs.items():
+        node = leaf
+        while node != ROOT:
+            below[node].append(seq)
+            node = tree.parents[node]
+    return {node: tuple(seqs) for node, seqs in below.items()}
+
+
+def load_llama(
+    path: Path,
+    *,
+    max_sessions: int,
+    max_draft: int,
+    threads: int = 0,
+    kv_tokens: int = 0,
+    tokenizer_dir: Path | None = None,
+) -> LlamaRuntime:
+    """Loads a GGUF file (or a folder holding one) into a LlamaRuntime.
+
+    max_draft: the most tree nodes one call may carry (each may be a leaf with its own
+    temporary sequence). kv_tokens: cells of the KV cache shared by every session (0: the
+    model's training context). The tokenizer is read from tokenizer_dir (default: the GGUF's
+    folder when it holds tokenizer files, else from the GGUF itself).
+    """
+    import llama_cpp
+
+    from services.roles import Stopwatch
+
+    folder, file = (path, gguf_file(path)) if path.is_dir() else (path.parent, path)
+    if file is None or not file.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    n_seq_max = min(LLAMA_MAX_SEQ, max_sessions + max_draft + 1)
+    if max_sessions + 2 > n_seq_max:
+        raise ValueError(
+            f"the llama runtime holds at most {LLAMA_MAX_SEQ - max_draft - 1} sessions with SPECD_MAX_DRAFT={max_draft}; "
+            f"lower SPECD_MAX_SESSIONS ({max_sessions})"
+        )
+    watch = Stopwatch()
+    llama_cpp.llama_log_set(_log_callback(), ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(str(file).encode(), llama_cpp.llama_model_default_params())
+    if not model:
+        raise OSError(f"llama.cpp could not load {file}")
+    n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = kv_tokens or n_ctx_train
+    params.n_batch = params.n_ubatch = N_BATCH
+    params.n_seq_max = n_seq_max
+    params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
+    params.kv_unified = True  # one pool of cells: sequences share it, and seq_cp tags instead of copying
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.no_perf = True
+    context = llama_cpp.llama_init_from_model(model, params)
+    if not context:
+        llama_cpp.llama_model_free(model)
+        raise OSError(f"llama.cpp could not create a context for {file} ({params.n_ctx} KV cells)")
+    tokenizer = _tokenizer(tokenizer_dir or folder, file)
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    desc = ctypes.create_string_buffer(256)
+    llama_cpp.llama_model_desc(model, desc, len(desc))
+    info = ModelInfo(
+        model=str(path),
+        vocab_size=n_vocab,
+        max_context=min(n_ctx_train, llama_cpp.llama_n_ctx(context)),
+        eos_token_ids=eos_token_ids(folder, tokenizer) if tokenizer is not None else (),
+        dtype=desc.value.decode(errors="replace").rsplit(" ", 1)[-1] if desc.value else "gguf",
+        device="cpu",
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer) if tokenizer is not None else "",
+        runtime="llama",
+    )
+    log.info(
+        "loaded %s with llama.cpp in %.1fs (%s, vocab %d, %d KV cells, %d threads, %d sequences)",
+        file, watch.seconds, desc.value.decode(errors="replace"), n_vocab, llama_cpp.llama_n_ctx(context),
+        params.n_threads, n_seq_max,
+    )
+    return LlamaRuntime(
+        llama_cpp, model, context, info, tokenizer, max_sessions=max_sessions, n_seq_max=n_seq_max, n_batch=N_BATCH
+    )
+
+
+# ggml's log levels (ggml.h): 1 debug, 2 info, 3 warn, 4 error, 5 the continuation of the last line.
+GGML_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+llama_log = logging.getLogger("llama.cpp")
+
+
+@functools.cache
+def _log_callback():
+    """llama.cpp's log, forwarded to the `llama.cpp` logger: its load report (hundreds of
+    lines a model) at debug, warnings and errors as such. Made once and kept for the life of
+    the process: llama.cpp holds the pointer."""
+    import llama_cpp
+
+    last = [logging.DEBUG]
+
+    @llama_cpp.llama_log_callback
+    def forward(level: int, text: bytes, user_data) -> None:
+        if level != 5:
+            last[0] = GGML_LEVELS.get(level, logging.DEBUG)
+        line = text.decode("utf-8", errors="replace").rstrip("\n")
+        if line and llama_log.isEnabledFor(last[0]):
+            llama_log.log(last[0], "%s", line)
+
+    return forward
+
+
+def _tokenizer(folder: Path, file: Path):
+    """The model's Hugging Face tokenizer: from the folder's tokenizer files, else from the GGUF."""
+    from transformers import AutoTokenizer
+
+    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)

@@ -1,0 +1,105 @@
+"""What a drafter or verifier call returns, wherever it ran: the typed results that the
+model services' cores produce and the orchestrator's strategies consume.
+
+The same dataclasses come back from a core called in this process (tests, the bench's
+in-process path) and from the gRPC clients (orchestrator/backends.py), so a strategy never
+knows which one it talks to.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from services.sampling import SparseDist
+from services.slrs import StringProposal
+from services.tree import Tree
+
+
+@dataclass(frozen=True)
+class CallCost:
+    """Where one call's time went, for the per-round time split."""
+
+    compute_seconds: float  # inside the model service
+    wall_seconds: float  # as seen by the caller
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    @property
+    def network_seconds(self) -> float:
+        """Transport, serialisation and queueing: what the caller waited beyond the compute."""
+        return max(0.0, self.wall_seconds - self.compute_seconds)
+
+
+def total_cost(costs: Iterable[CallCost]) -> CallCost | None:
+    """The sum of several calls' costs (a cascade's drafting); None for no calls.
+
+    network_seconds of the sum is computed from the summed times; calls run one after the
+    other, so the sum of each call's own network time is never more than that.
+    """
+    costs = list(costs)
+    if not costs:
+        return None
+    return CallCost(
+        compute_seconds=sum(c.compute_seconds for c in costs),
+        wall_seconds=sum(c.wall_seconds for c in costs),
+        bytes_sent=sum(c.bytes_sent for c in costs),
+        bytes_received=sum(c.bytes_received for c in costs),
+    )
+
+
+class Stopwatch:
+    """Seconds since it was made: the one timer of a call (`Stopwatch().seconds`)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def local_cost(self) -> CallCost:
+        """The cost of a call that ran in this process: its wall time is its compute time."""
+        elapsed = self.seconds
+        return CallCost(elapsed, elapsed)
+
+
+@dataclass(frozen=True)
+class Draft:
+    tokens: tuple[int, ...]  # d_1..d_k
+    q: tuple[SparseDist, ...]  # empty = point masses
+    cost: CallCost
+
+
+@dataclass(frozen=True)
+class Reviewed:
+    """A middle level's review of a smaller level's draft (drafter_svc/draft.review)."""
+
+    accepted: int  # n
+    tokens: tuple[int, ...]  # d_1..d_n + recovered or bonus token
+    q: tuple[SparseDist, ...]  # one per token when sampling: the reviewer's own distribution; empty = point masses
+    cost: CallCost
+
+
+@dataclass(frozen=True)
+class TreeDraft:
+    tree: Tree
+    q: tuple[SparseDist | None, ...]  # N+1 entries (root first) when sampling; empty = deterministic children
+    forwards: int  # drafter passes it cost
+    cost: CallCost
+
+
+@dataclass(frozen=True)
+class StringsDraft:
+    proposals: tuple[StringProposal, ...]
+    cost: CallCost
+
+
+@dataclass(frozen=True)
+class Verified:
+    accepted: int  # n
+    tokens: tuple[int, ...]  # d_1..d_n + recovered or bonus token
+    cost: CallCost
+    verified: int = -1  # verify_strings: drafted strings checked (-1: the whole draft)
+    tree_nodes: int = 0  # verify_strings: nodes of the tree pass

@@ -1,0 +1,340 @@
+"""The `torch` runtime: a transformers causal LM and the KV caches of its sessions.
+
+The contract is services/runtime.py's. Here a session's cache is a transformers
+DynamicCache over `tokens`, then the nodes of the last tree pass (`tree`); cropping the
+cache is how a shorter common prefix rolls back, and `keep_path` index-selects the
+accepted path out of the tree's entries.
+
+Kernels on CPU: fp32 linears run through oneDNN (OneDNNLinear), or int8 ones
+(services/int8.py, SPECD_DTYPE=int8); both keep a pass over a few tokens close to the cost of
+a pass over one, which is what a verifier needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from services.context import common_prefix_len
+from services.lru import Lru
+from services.runtime import ModelInfo, eos_token_ids, tokenizer_fingerprint
+from services.tree import ROOT, Tree, attention_bias
+
+log = logging.getLogger(__name__)
+
+# Uncached context tokens above which a tree pass prefills them causally first (see tree_logits).
+TREE_PREFILL = 64
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class KvState:
+    """One session's cache: a transformers Cache over `tokens`, then `tree`'s nodes."""
+
+    cache: object | None = None
+    tokens: list[int] = field(default_factory=list)
+    tree: Tree | None = None  # nodes cached after `tokens` by the last tree pass
+
+
+class TorchRuntime:
+    """Owns one transformers model and its per-session caches. Not thread-safe: call from one thread."""
+
+    def __init__(self, model: torch.nn.Module, info: ModelInfo, *, max_sessions: int, tokenizer=None) -> None:
+        self.model = model
+        self.info = info
+        self.tokenizer = tokenizer  # the model's own, when loaded from a folder (text-level drafting needs it)
+        self._caches: Lru[str, KvState] = Lru(max_sessions, what="KV cache of session")
+        self.device = next(model.parameters()).device
+
+    def _state(self, session_id: str) -> KvState:
+        return self._caches.get_or_create(session_id, KvState)
+
+    def cached(self, session_id: str) -> tuple[list[int], int]:
+        state = self._caches.peek(session_id)
+        if state is None:
+            return [], 0
+        return list(state.tokens), 0 if state.tree is None else len(state.tree)
+
+    def release(self, session_id: str) -> bool:
+        return self._caches.pop(session_id) is not None
+
+    @property
+    def session_count(self) -> int:
+        return len(self._caches)
+
+    # -- forward ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def logits(self, session_id: str, seq: Sequence[int], n_last: int) -> torch.Tensor:
+        _check_n_last(n_last, len(seq))
+        seq = list(seq)
+        state = self._state(session_id)
+        self._settle(state, seq)
+        # Reuse the cache up to the common prefix, but always feed the positions whose
+        # logits are asked for.
+        keep = min(common_prefix_len(state.tokens, seq), len(seq) - n_last)
+        if state.cache is None or keep == 0:
+            state.cache = _new_cache(self.model)
+            keep = 0
+        elif keep < len(state.tokens):
+            state.cache.crop(keep - len(state.tokens))  # a negative count drops that many
+        fed = torch.tensor([list(seq[keep:])], dtype=torch.long, device=self.device)  # (1, T)
+        out = self.model(input_ids=fed, past_key_values=state.cache, use_cache=True, logits_to_keep=n_last)
+        state.cache = out.past_key_values
+        state.tokens = seq
+        return _float_rows(out.logits[0, -n_last:])  # (n_last, V)
+
+    @torch.inference_mode()
+    def tree_logits(self, session_id: str, context: Sequence[int], tree: Tree, n_last: int) -> torch.Tensor:
+        """See services/runtime.py. One pass with a tree attention mask and depth-based
+        position ids (services/tree.py). A long uncached stretch of context (a new session's
+        prompt) is first prefilled by an ordinary causal pass, so the tree pass and its mask
+        stay small; a short one (the tokens the last round committed) rides along in the tree
+        pass, which saves a pass per round."""
+        n = len(tree)
+        if not context:
+            raise ValueError("a tree pass needs a context")
+        _check_n_last(n_last, n + 1)
+        context = list(context)
+        state = self._state(session_id)
+        cached_nodes = 0
+        reusable = state.tree is not None and state.tokens == context and state.tree.prefix_of(tree)
+        if reusable and n_last <= n:
+            cached_nodes = min(len(state.tree), n - n_last)
+        else:
+            self._settle(state, context)
+        cached_context = len(context) if cached_nodes else common_prefix_len(state.tokens, context)
+        # The context's last token is fed with the tree when the row after it is asked for.
+        wanted = len(context) - 1 if n_last == n + 1 else len(context)
+        if wanted - cached_context > TREE_PREFILL:
+            self.logits(session_id, context[:wanted], 1)
+            cached_context = wanted
+        cached_context = min(cached_context, wanted)
+        if state.cache is None or cached_context == 0:
+            state.cache, cached_context = _new_cache(self.model), 0
+        else:
+            held = state.cache.get_seq_length()
+            if held > cached_context + cached_nodes:
+                state.cache.crop(cached_context + cached_nodes - held)
+        bias, positions = attention_bias(tree, len(context), cached_context, cached_nodes, self.model.dtype)
+        fed = torch.tensor([context[cached_context:] + list(tree.tokens[cached_nodes:])], device=self.device)  # (1, T)
+        out = self.model(
+            input_ids=fed,
+            attention_mask=bias.to(self.device),  # (1, 1, T, S)
+            position_ids=positions.to(self.device),  # (1, T)
+            past_key_values=state.cache,
+            use_cache=True,
+            logits_to_keep=n_last,
+        )
+        state.cache = out.past_key_values
+        state.tokens, state.tree = context, (tree if n else None)
+        return _float_rows(out.logits[0, -n_last:])  # (n_last, V)
+
+    def keep_path(self, session_id: str, path: Sequence[int]) -> None:
+        self._keep_path(self._state(session_id), list(path))
+
+    def _keep_path(self, state: KvState, path: list[int]) -> None:
+        if state.tree is None and not path:
+            return  # an empty tree was passed: the cache holds just the context
+        tree = _check_path(state.tree, path)
+        keep = len(state.tokens)
+        index = torch.tensor([*range(keep), *(keep + node for node in path)], device=self.device)  # (keep + n,)
+        for layer in state.cache.layers:
+            layer.keys = layer.keys.index_select(-2, index)  # (B, H, keep + n, D)
+            layer.values = layer.values.index_select(-2, index)
+        state.tokens = state.tokens + [tree.tokens[node] for node in path]
+        state.tree = None
+
+    def settle(self, session_id: str, seq: Sequence[int]) -> None:
+        self._settle(self._state(session_id), list(seq))
+
+    def _settle(self, state: KvState, seq: list[int]) -> None:
+        """Before a pass over seq: keep the cached nodes that continue seq as a path, drop the rest."""
+        if state.tree is not None:
+            self._keep_path(state, continued_path(state.tree, state.tokens, seq))
+
+
+def continued_path(tree: Tree, base: list[int], seq: list[int]) -> list[int]:
+    """The longest root-to-node path of `tree` (cached after `base`) that seq runs through."""
+    path: list[int] = []
+    if seq[: len(base)] == base:
+        for token in seq[len(base) :]:
+            below = path[-1] if path else ROOT
+            child = next((c for c in tree.children(below) if tree.tokens[c] == token), None)
+            if child is None:
+                break
+            path.append(child)
+    return path
+
+
+def _check_path(tree: Tree | None, path: list[int]) -> Tree:
+    if tree is None:
+        raise ValueError("no tree is cached, so there is no path to keep")
+    if list(path) != tree.path(path[-1] if path else ROOT):
+        raise ValueError(f"{list(path)} is not a path from the root of the cached tree")
+    return tree
+
+
+def _check_n_last(n_last: int, most: int) -> None:
+    if not 1 <= n_last <= most:
+        raise ValueError(f"need 1 <= n_last <= {most}, got {n_last}")
+
+
+def _float_rows(rows: torch.Tensor) -> torch.Tensor:
+    return rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+
+
+def _new_cache(model: torch.nn.Module) -> object:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+class OneDNNLinear(torch.nn.Module):
+    """nn.Linear on CPU through oneDNN, with the weight prepacked once.
+
+    Why: on CPU, MKL's fp32 GEMM over 2-8 rows (a verify pass over a short draft) costs
+    3-4x a one-row pass, which eats most of a speculative speedup; oneDNN runs the same
+    5 rows for about 1.5x a one-row pass (measured on the 1.5B target, 2 threads).
+    Results agree with nn.Linear to float rounding.
+    """
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach().to_mkldnn())  # (out, in), oneDNN layout
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to_mkldnn())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        return torch.ops.aten.mkldnn_linear(x.contiguous().to_mkldnn(), self.weight, self.bias).to_dense()
+
+
+def replace_linears(module: torch.nn.Module, make) -> int:
+    """Replaces every nn.Linear below module by make(linear); returns how many."""
+    swapped = 0
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Linear):
+            setattr(module, name, make(child))
+            swapped += 1
+        else:
+            swapped += replace_linears(child, make)
+    return swapped
+
+
+def use_onednn_linears(module: torch.nn.Module) -> int:
+    """Replaces every nn.Linear below module by a OneDNNLinear; returns how many."""
+    return replace_linears(module, OneDNNLinear)
+
+
+def load_torch(
+    path: Path, *, dtype: str, device: str, max_sessions: int, threads: int = 0, onednn: bool = True
+) -> TorchRuntime:
+    """Loads a Hugging Face model folder into a TorchRuntime.
+
+    dtype int8 (CPU only): the weights quantized at the first load (services/int8.py) and kept
+    next to them (int8.safetensors), so later loads read int8 tensors only; a prepared folder
+    without safetensors weights is quantized from its GGUF, dequantized in memory, and never
+    written out in fp32. onednn: on CPU in float32, run the linear layers through oneDNN
+    (see use_onednn_linears).
+    """
+    from transformers import AutoTokenizer
+
+    from services.roles import Stopwatch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    watch = Stopwatch()
+    if dtype == "int8":
+        model, kernels = _load_int8(path), "int8 (fbgemm), row-wise attention"
+    else:
+        model = _from_pretrained(path, DTYPES[dtype]).to(device).eval()
+        kernels = "torch"
+        if onednn and device == "cpu" and dtype == "float32" and torch.backends.mkldnn.is_available():
+            use_onednn_linears(model)
+            _release_checkpoint(model)
+            kernels = "oneDNN"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    info = ModelInfo(
+        model=str(path),
+        vocab_size=model.get_output_embeddings().out_features,
+        max_context=int(getattr(model.config, "max_position_embeddings", 0) or 0),
+        eos_token_ids=eos_token_ids(path, tokenizer),
+        dtype=dtype,
+        device=device,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        runtime="torch",
+    )
+    log.info(
+        "loaded %s in %.1fs (vocab %d, context %d, %s on %s, %s linears, %d threads)",
+        path, watch.seconds, info.vocab_size, info.max_context, dtype, device, kernels, torch.get_num_threads(),
+    )
+    return TorchRuntime(model, info, max_sessions=max_sessions, tokenizer=tokenizer)
+
+
+def _from_pretrained(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The folder's model: its safetensors weights, else its GGUF dequantized in memory."""
+    from transformers import AutoModelForCausalLM
+
+    from services.runtime import gguf_file, has_torch_weights
+
+    if has_torch_weights(path) or gguf_file(path) is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    log.info("reading %s's weights from its GGUF (dequantized in memory: a minute or two)", path)
+    return AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file(path).name, dtype=dtype)
+
+
+def _load_int8(path: Path) -> torch.nn.Module:
+    """The int8 model of a folder: from its cache when that was made from these weights,
+    else quantized now and cached (when the folder is writable)."""
+    from services.int8 import CACHE_NAME, load_quantized, quantize_model, save_quantized, use_rowwise_attention
+
+    source = _weights_id(path)
+    cache = path / CACHE_NAME
+    model = load_quantized(path, cache, source)
+    if model is None:
+        model = _from_pretrained(path, torch.float32).eval()
+        quantize_model(model)
+        _release_checkpoint(model)
+        try:
+            save_quantized(model, cache, source)
+            log.info("cached the int8 weights in %s", cache)
+        except OSError as err:
+            log.warning("could not cache the int8 weights in %s (%s): the next start quantizes again", cache, err)
+    use_rowwise_attention(model)
+    return model
+
+
+def _weights_id(path: Path) -> str:
+    """What a folder's weights are, to tell a stale int8 cache: the GGUF's sha256 for a prepared
+    catalog folder, else the size and time of its weight files."""
+    marker = path / ".complete"
+    if marker.is_file():
+        return "sha256:" + marker.read_text(encoding="utf-8").strip()
+    files = sorted([*path.glob("model*.safetensors"), *path.glob("*.gguf")])
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
+def _release_checkpoint(model: torch.nn.Module) -> None:
+    """After the linears got weights of their own (int8, oneDNN layout): lets the loaded fp32
+    checkpoint go. What kept its tensors (norms, biases) may be views of the checkpoint's
+    memory map, which would keep the whole file mapped; they get copies of their own, and
+    the freed heap memory goes back to the OS (glibc would keep it otherwise)."""
+    import ctypes
+    import gc
+
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None and not buffer.is_mkldnn:
+                    setattr(module, name, buffer.clone())
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass  # not glibc: its allocator decides

@@ -1,0 +1,122 @@
+"""The verifier's core: the target's runtime, the committed context of each session, and
+every call a verifier answers, with typed arguments and results.
+
+The same object serves the gRPC servicer (verifier_svc/server.py, which only converts
+messages) and callers in this process (tests, `specd bench`'s in-process path), where it is
+the Verifier the strategies call. Each call resolves its context once, checks its input
+(raising services.errors types), runs on the core's one worker thread, and records the
+context extended by the returned tokens: what the caller commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+
+from services import slrs
+from services.calls import PENDING, run_call
+from services.errors import BadRequest, Unsupported, check_chain, check_draft_length, check_token_ids
+from services.roles import Verified
+from services.runtime import ModelInfo, Runtime
+from services.sampling import SamplingParams, SparseDist
+from services.sessions import Context, SessionContexts
+from services.tree import Tree
+from services.worker import Worker
+from verifier_svc.verify import string_index, verify, verify_strings, verify_tree
+
+R = TypeVar("R")
+
+
+class VerifierCore:
+    def __init__(self, runtime: Runtime, *, max_draft: int = 64, max_sessions: int = 16) -> None:
+        self.runtime = runtime
+        self.max_draft = max_draft  # longest draft, most tree nodes, and the slrs tree budget
+        self._contexts = SessionContexts(max_sessions)
+        self._strings: slrs.PrefixIndex | None = None  # the target vocabulary as bytes, built on first use
+        self._worker = Worker("verifier")
+
+    async def info(self) -> ModelInfo:
+        return self.runtime.info
+
+    async def release(self, session_id: str) -> bool:
+        return await self._worker.run(self._release, session_id)
+
+    def _release(self, session_id: str) -> bool:
+        had = self._contexts.release(session_id)
+        return self.runtime.release(session_id) or had
+
+    async def verify(
+        self,
+        session_id: str,
+        context: Context,
+        draft: Sequence[int],
+        q: Sequence[SparseDist],
+        params: SamplingParams,
+        seed: int,
+    ) -> Verified:
+        """d_1..d_k checked in one target pass: n accepted tokens plus one (an empty draft: `ar`)."""
+        vocab = self.runtime.info.vocab_size
+        check_chain(draft, q, vocab, self.max_draft)
+
+        def work(full: list[int], generator: torch.Generator) -> Verified:
+            v = verify(self.runtime, session_id, full, list(draft), list(q), params, generator)
+            self._contexts.commit(session_id, [*full, *v.tokens])
+            return Verified(v.accepted, v.tokens, PENDING)
+
+        return await self._call(session_id, context, seed, work)
+
+    async def verify_tree(
+        self,
+        session_id: str,
+        context: Context,
+        tree: Tree,
+        q: Sequence[SparseDist | None],
+        params: SamplingParams,
+        seed: int,
+    ) -> Verified:
+        """A draft tree checked in one pass with a tree attention mask (staged)."""
+        vocab = self.runtime.info.vocab_size
+        check_token_ids(tree.tokens, vocab, "tree.tokens")
+        check_draft_length(len(tree), self.max_draft, "a tree")
+        if q and len(q) != len(tree) + 1:
+            raise BadRequest(f"tree q has {len(q)} entries; send N+1 = {len(tree) + 1} (root first) or none")
+        for i, q_i in enumerate(q):
+            if q_i is not None:
+                check_token_ids(q_i.ids.tolist(), vocab, f"tree q[{i}].ids")
+
+        def work(full: list[int], generator: torch.Generator) -> Verified:
+            v = verify_tree(self.runtime, session_id, full, tree, list(q), params, generator)
+            self._contexts.commit(session_id, [*full, *v.tokens])
+            return Verified(v.accepted, v.tokens, PENDING)
+
+        return await self._call(session_id, context, seed, work)
+
+    async def verify_strings(
+        self,
+        session_id: str,
+        context: Context,
+        proposals: Sequence[slrs.StringProposal],
+        params: SamplingParams,
+        seed: int,
+    ) -> Verified:
+        """Drafted text checked by string-level rejection sampling (slrs)."""
+        check_draft_length(len(proposals), self.max_draft, "a draft of strings")
+        if self.runtime.tokenizer is None:
+            raise Unsupported("this verifier was loaded without a tokenizer, so it cannot check drafted text")
+
+        def work(full: list[int], generator: torch.Generator) -> Verified:
+            if self._strings is None:
+                self._strings = string_index(self.runtime.tokenizer, self.runtime.info.vocab_size)
+            r = verify_strings(
+                self.runtime, self._strings, session_id, full, list(proposals), params, generator, self.max_draft
+            )
+            self._contexts.commit(session_id, [*full, *r.verdict.tokens])
+            return Verified(r.verdict.accepted, r.verdict.tokens, PENDING, r.verified, r.tree_nodes)
+
+        return await self._call(session_id, context, seed, work)
+
+    async def _call(self, session_id: str, context: Context, seed: int, work: Callable[[list[int], torch.Generator], R]) -> R:
+        return await run_call(self._worker, self._contexts, self.runtime.info.vocab_size, session_id, context, seed, work)
+
