@@ -45,6 +45,7 @@ class DrafterCore:
         max_draft: int = 64,
         max_sessions: int = 16,
         translation: Translation | None = None,
+        worker: Worker | None = None,
     ) -> None:
         self.runtime = runtime
         self.q_top = q_top  # entries of the truncated q sent when sampling
@@ -56,7 +57,7 @@ class DrafterCore:
         self.wire_vocab = translation.target_rows if translation is not None else runtime.info.vocab_size
         self._contexts = SessionContexts(max_sessions)
         self._own_bytes: list[bytes | None] | None = None
-        self._worker = Worker("drafter")
+        self._worker = worker or Worker("drafter")  # the thread the runtime was loaded on, in a service
 
     async def info(self) -> ModelInfo:
         return self._info

@@ -30,6 +30,7 @@ from services.wire import (
     tree_to_pb,
     vocab_from_pb,
 )
+from services.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,13 @@ class DrafterServicer(ModelServicer, pb_grpc.DrafterServicer):
         )
 
 
-def build_core(config: ModelServiceConfig) -> DrafterCore | MaxGramDrafter:
+def build_core(config: ModelServiceConfig, worker: Worker) -> DrafterCore | MaxGramDrafter:
     if config.model == maxgram.NAME:
         return MaxGramDrafter(max_sessions=config.max_sessions, max_draft=config.max_draft)
     runtime = load_runtime(config, "drafter")
     return DrafterCore(
         runtime, q_top=config.q_top, second_stage=config.second_stage, max_draft=config.max_draft,
-        max_sessions=config.max_sessions, translation=translation_for(runtime, config),
+        max_sessions=config.max_sessions, translation=translation_for(runtime, config), worker=worker,
     )  # fmt: skip
 
 

@@ -28,6 +28,7 @@ from services.errors import BadRequest, ContextMiss, Unsupported
 from services.pb import specd_pb2 as pb
 from services.runtime import ModelInfo
 from services.wire import info_to_pb
+from services.worker import Worker
 
 log = logging.getLogger(__name__)
 Reply = TypeVar("Reply")
@@ -80,11 +81,12 @@ def run_model_service(
     *,
     name: str,
     default_listen: str,
-    build_core: Callable[[ModelServiceConfig], Core],
+    build_core: Callable[[ModelServiceConfig, Worker], Core],
     make_servicer: Callable[[Core], object],
     add_to_server: Callable[[object, grpc.aio.Server], None],
 ) -> int:
-    """The `main` of a model service: read the config, build the core, serve until stopped."""
+    """The `main` of a model service: read the config, build the core (its model loaded on
+    the worker thread that will serve it), serve until stopped."""
     from services.config import ConfigError
     from services.models import ModelNotFound
     from services.server import serve, setup_logging
@@ -92,7 +94,8 @@ def run_model_service(
     setup_logging(os.environ.get("SPECD_LOG_LEVEL", "INFO"))
     try:
         config = ModelServiceConfig.from_env(os.environ, default_listen)
-        core = build_core(config)
+        worker = Worker(name)
+        core = worker.call(build_core, config, worker)
     except (ConfigError, ModelNotFound, OSError, ValueError) as err:
         log.error("%s: %s", name, err)
         return 2

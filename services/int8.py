@@ -217,7 +217,9 @@ def load_quantized(folder: Path, path: Path, source: str) -> nn.Module | None:
         meta = f.metadata() or {}
         if meta.get("format") != CACHE_FORMAT or meta.get("source") != source:
             return None
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        # Copies: a tensor read from the file may be a view of its memory map, which would
+        # keep the whole file resident next to the packed weights.
+        tensors = {key: f.get_tensor(key).clone() for key in f.keys()}
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
     for name, module in list(model.named_modules()):

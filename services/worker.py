@@ -3,6 +3,11 @@
 A model and its caches are used from one thread only: a forward pass already uses every
 core through the runtime's own threads, and one thread serialises the sessions' calls
 without locks. The event loop stays free for health checks and new calls meanwhile.
+
+A service also loads its model on that thread (`call`): torch and llama.cpp keep an OpenMP
+thread team per calling thread, and a second team, left over from a load on the main
+thread, competes for the cores with the one that serves (measured: one-token passes of the
+int8 target ~25% slower).
 """
 
 from __future__ import annotations
@@ -21,3 +26,7 @@ class Worker:
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def call(self, fn: Callable[..., T], *args: object) -> T:
+        """fn(*args) on the worker's thread, waited for (outside an event loop: a service's start)."""
+        return self._executor.submit(fn, *args).result()

@@ -30,12 +30,14 @@ R = TypeVar("R")
 
 
 class VerifierCore:
-    def __init__(self, runtime: Runtime, *, max_draft: int = 64, max_sessions: int = 16) -> None:
+    def __init__(
+        self, runtime: Runtime, *, max_draft: int = 64, max_sessions: int = 16, worker: Worker | None = None
+    ) -> None:
         self.runtime = runtime
         self.max_draft = max_draft  # longest draft, most tree nodes, and the slrs tree budget
         self._contexts = SessionContexts(max_sessions)
         self._strings: slrs.PrefixIndex | None = None  # the target vocabulary as bytes, built on first use
-        self._worker = Worker("verifier")
+        self._worker = worker or Worker("verifier")  # the thread the runtime was loaded on, in a service
 
     async def info(self) -> ModelInfo:
         return self.runtime.info

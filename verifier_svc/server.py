@@ -14,6 +14,7 @@ from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
 from services.runtime import load_runtime
 from services.wire import delta_from_pb, dists_from_pb, sampling_from_pb, strings_from_pb, tree_from_pb
+from services.worker import Worker
 from verifier_svc.core import VerifierCore
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -51,8 +52,9 @@ class VerifierServicer(ModelServicer, pb_grpc.VerifierServicer):
         )  # fmt: skip
 
 
-def build_core(config: ModelServiceConfig) -> VerifierCore:
-    return VerifierCore(load_runtime(config, "verifier"), max_draft=config.max_draft, max_sessions=config.max_sessions)
+def build_core(config: ModelServiceConfig, worker: Worker) -> VerifierCore:
+    runtime = load_runtime(config, "verifier")
+    return VerifierCore(runtime, max_draft=config.max_draft, max_sessions=config.max_sessions, worker=worker)
 
 
 def main() -> int:
