@@ -10,25 +10,23 @@ work on the core's one worker thread, and records what the caller now believes i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
 
 import torch
 
 from drafter_svc.draft import propose, propose_tree, review
 from drafter_svc.foreign import Translation, propose_slem, propose_strings, propose_tli
-from services.calls import PENDING, run_call
+from services.calls import PENDING, ModelCalls
 from services.errors import BadRequest, Unsupported, check_chain, check_draft_length
 from services.ngram import NgramIndex
 from services.roles import Draft, Reviewed, StringsDraft, TreeDraft
 from services.runtime import ModelInfo, Runtime
 from services.sampling import SamplingParams, SparseDist
-from services.sessions import Context, SessionContexts
+from services.sessions import Context
 from services.tree import TreeShape
 from services.vocab import token_bytes
 from services.worker import Worker
 
-R = TypeVar("R")
 VOCAB_MODES = ("native", "slem", "tli")
 
 
@@ -55,19 +53,16 @@ class DrafterCore:
         self._info = runtime.info if translation is None else translation.wire_info(runtime.info)
         # The range of ids calls carry: the target's when translating.
         self.wire_vocab = translation.target_rows if translation is not None else runtime.info.vocab_size
-        self._contexts = SessionContexts(max_sessions)
+        # worker: the thread the runtime was loaded on, in a service
+        self._calls = ModelCalls(runtime, max_sessions, self.wire_vocab, worker or Worker("drafter"))
+        self._contexts = self._calls.contexts
         self._own_bytes: list[bytes | None] | None = None
-        self._worker = worker or Worker("drafter")  # the thread the runtime was loaded on, in a service
 
     async def info(self) -> ModelInfo:
         return self._info
 
     async def release(self, session_id: str) -> bool:
-        return await self._worker.run(self._release, session_id)
-
-    def _release(self, session_id: str) -> bool:
-        had = self._contexts.release(session_id)
-        return self.runtime.release(session_id) or had
+        return await self._calls.release(session_id)
 
     # -- the calls ------------------------------------------------------------------------
 
@@ -91,7 +86,7 @@ class DrafterCore:
             self._contexts.commit(session_id, full)
             return Draft(p.tokens, p.q, PENDING)
 
-        return await self._call(session_id, context, seed, work)
+        return await self._calls.run(session_id, context, seed, work)
 
     async def propose_strings(
         self, session_id: str, context: Context, k: int, params: SamplingParams, seed: int
@@ -108,7 +103,7 @@ class DrafterCore:
             self._contexts.commit(session_id, full)
             return StringsDraft(tuple(proposals), PENDING)
 
-        return await self._call(session_id, context, seed, work)
+        return await self._calls.run(session_id, context, seed, work)
 
     async def review(
         self,
@@ -128,7 +123,7 @@ class DrafterCore:
             self._contexts.commit(session_id, [*full, *r.verdict.tokens])
             return Reviewed(r.verdict.accepted, r.verdict.tokens, r.q, PENDING)
 
-        return await self._call(session_id, context, seed, work)
+        return await self._calls.run(session_id, context, seed, work)
 
     async def propose_tree(
         self, session_id: str, context: Context, shape: TreeShape, params: SamplingParams, seed: int
@@ -149,7 +144,7 @@ class DrafterCore:
             self._contexts.commit(session_id, full)
             return TreeDraft(p.tree, p.q, p.forwards, PENDING)
 
-        return await self._call(session_id, context, seed, work)
+        return await self._calls.run(session_id, context, seed, work)
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -169,6 +164,3 @@ class DrafterCore:
                 f"this drafter ({self._info.model}) has another vocabulary than the target's, so it cannot {what}; "
                 "use the strategies slem, tli or slrs with it"
             )
-
-    async def _call(self, session_id: str, context: Context, seed: int, work: Callable[[list[int], torch.Generator], R]) -> R:
-        return await run_call(self._worker, self._contexts, self.wire_vocab, session_id, context, seed, work)

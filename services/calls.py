@@ -12,31 +12,45 @@ from typing import TypeVar
 import torch
 
 from services.roles import CallCost, Stopwatch
+from services.runtime import Runtime
 from services.sampling import seeded_generator
 from services.sessions import Context, SessionContexts
 from services.worker import Worker
 
 R = TypeVar("R")
 
-PENDING = CallCost(0.0, 0.0)  # the cost a result is built with, replaced by the measured one in `run_call`
+PENDING = CallCost(0.0, 0.0)  # the cost a result is built with, replaced by the measured one in ModelCalls.run
 
 
-async def run_call(
-    worker: Worker,
-    contexts: SessionContexts,
-    vocab_size: int,
-    session_id: str,
-    context: Context,
-    seed: int,
-    work: Callable[[list[int], torch.Generator], R],
-) -> R:
-    """work(full context, generator seeded by `seed`) on the worker thread; its result, whose
-    `cost` is the time the call took there. Raises ContextMiss when a delta misses."""
+class ModelCalls:
+    """What a model service's core runs its calls through: its runtime, the committed context
+    of each session, and the one worker thread that touches both."""
 
-    def run() -> R:
-        watch = Stopwatch()
-        full = contexts.resolve(session_id, context, vocab_size)
-        result = work(full, seeded_generator(seed))
-        return dataclasses.replace(result, cost=watch.local_cost())
+    def __init__(self, runtime: Runtime, max_sessions: int, vocab_size: int, worker: Worker) -> None:
+        self.runtime = runtime
+        self.contexts = SessionContexts(max_sessions)
+        self.vocab_size = vocab_size  # the ids calls carry are checked against it
+        self.worker = worker
 
-    return await worker.run(run)
+    async def run(
+        self, session_id: str, context: Context, seed: int, work: Callable[[list[int], torch.Generator], R]
+    ) -> R:
+        """work(full context, generator seeded by `seed`) on the worker thread; its result, whose
+        `cost` is the time the call took there. Raises ContextMiss when a delta misses."""
+
+        def run() -> R:
+            watch = Stopwatch()
+            full = self.contexts.resolve(session_id, context, self.vocab_size)
+            result = work(full, seeded_generator(seed))
+            return dataclasses.replace(result, cost=watch.local_cost())
+
+        return await self.worker.run(run)
+
+    async def release(self, session_id: str) -> bool:
+        """Forgets a session's context and frees its KV cache; whether either was held."""
+
+        def release() -> bool:
+            had = self.contexts.release(session_id)
+            return self.runtime.release(session_id) or had
+
+        return await self.worker.run(release)

@@ -54,11 +54,20 @@ def _model(name: str) -> Path:
 @pytest.fixture(scope="module", params=list(DEPLOYMENTS))
 def deployment(request, redis_server, tmp_path_factory):
     """One stack (orchestrator: the 0.5B drafter; orchestrator2 and 3: SmolLM2 and Gemma) and
-    the target as the verifier runs it, in this process, for the reference."""
+    the target as the verifier runs it, in this process, for the reference. What the services
+    load is made first, here (int8 weights, fp32 safetensors), so that no service spends its
+    start-up deadline converting."""
+    from services.models import torch_folder
     from services.torch_runtime import load_torch
 
     dtype, drafter_runtime, near_tie = DEPLOYMENTS[request.param]
     foreign = {name: _model(model) for name, model in FOREIGN.items()}
+    if dtype != "auto":
+        for folder in (_model(TARGET), _model(DRAFTER), *foreign.values()):
+            torch_folder(folder)
+    target = load_torch(
+        _model(TARGET), dtype="int8" if dtype == "auto" else dtype, device="cpu", max_sessions=2, threads=2
+    )
 
     def extra_env(s: ServiceStack, name: str) -> dict[str, str]:
         if name in ("drafter2", "drafter3"):
@@ -75,9 +84,6 @@ def deployment(request, redis_server, tmp_path_factory):
         extra_env=extra_env,
     )  # fmt: skip
     s.up()
-    target = load_torch(
-        _model(TARGET), dtype="int8" if dtype == "auto" else dtype, device="cpu", max_sessions=2, threads=2
-    )
     yield s, target, near_tie, {}
     s.down()
 

@@ -10,23 +10,20 @@ context extended by the returned tokens: what the caller commits.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
 
 import torch
 
 from services import slrs
-from services.calls import PENDING, run_call
+from services.calls import PENDING, ModelCalls
 from services.errors import BadRequest, Unsupported, check_chain, check_draft_length, check_token_ids
 from services.roles import Verified
 from services.runtime import ModelInfo, Runtime
 from services.sampling import SamplingParams, SparseDist
-from services.sessions import Context, SessionContexts
+from services.sessions import Context
 from services.tree import Tree
 from services.worker import Worker
 from verifier_svc.verify import string_index, verify, verify_strings, verify_tree
-
-R = TypeVar("R")
 
 
 class VerifierCore:
@@ -35,19 +32,16 @@ class VerifierCore:
     ) -> None:
         self.runtime = runtime
         self.max_draft = max_draft  # longest draft, most tree nodes, and the slrs tree budget
-        self._contexts = SessionContexts(max_sessions)
+        # worker: the thread the runtime was loaded on, in a service
+        self._calls = ModelCalls(runtime, max_sessions, runtime.info.vocab_size, worker or Worker("verifier"))
+        self._contexts = self._calls.contexts
         self._strings: slrs.PrefixIndex | None = None  # the target vocabulary as bytes, built on first use
-        self._worker = worker or Worker("verifier")  # the thread the runtime was loaded on, in a service
 
     async def info(self) -> ModelInfo:
         return self.runtime.info
 
     async def release(self, session_id: str) -> bool:
-        return await self._worker.run(self._release, session_id)
-
-    def _release(self, session_id: str) -> bool:
-        had = self._contexts.release(session_id)
-        return self.runtime.release(session_id) or had
+        return await self._calls.release(session_id)
 
     async def verify(
         self,
@@ -67,7 +61,7 @@ class VerifierCore:
             self._contexts.commit(session_id, [*full, *v.tokens])
             return Verified(v.accepted, v.tokens, PENDING)
 
-        return await self._call(session_id, context, seed, work)
+        return await self._calls.run(session_id, context, seed, work)
 
     async def verify_tree(
         self,
@@ -93,7 +87,7 @@ class VerifierCore:
             self._contexts.commit(session_id, [*full, *v.tokens])
             return Verified(v.accepted, v.tokens, PENDING)
 
-        return await self._call(session_id, context, seed, work)
+        return await self._calls.run(session_id, context, seed, work)
 
     async def verify_strings(
         self,
@@ -117,8 +111,4 @@ class VerifierCore:
             self._contexts.commit(session_id, [*full, *r.verdict.tokens])
             return Verified(r.verdict.accepted, r.verdict.tokens, PENDING, r.verified, r.tree_nodes)
 
-        return await self._call(session_id, context, seed, work)
-
-    async def _call(self, session_id: str, context: Context, seed: int, work: Callable[[list[int], torch.Generator], R]) -> R:
-        return await run_call(self._worker, self._contexts, self.runtime.info.vocab_size, session_id, context, seed, work)
-
+        return await self._calls.run(session_id, context, seed, work)
