@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,7 @@ HF_PEERS = ("hf-generate", "hf-assisted")
 LLAMA_PEERS = ("llama-greedy", "llama-lookup")
 PEERS = HF_PEERS + LLAMA_PEERS
 LOOKUP_TOKENS = 10  # LlamaPromptLookupDecoding's default draft length
+LLAMA_PEER_CONTEXT = 4096  # the peers' n_ctx: prompt and answer fit (llama-cpp-python's default is 512)
 WARMUP_TOKENS = 2  # enough to load every code path once (prefill, a round, a commit)
 
 
@@ -355,11 +357,16 @@ class PeerRunner:
 
 class LlamaPeerRunner:
     """llama-cpp-python's own generation of the target's GGUF, as a CPU user runs it: greedy,
-    and with its prompt-lookup speculative decoding. Same prompts, same threads as the
-    services (llama-cpp-python's defaults otherwise: one sequence, n_batch 512)."""
+    and with its prompt-lookup speculative decoding. Same prompts and threads as the services;
+    otherwise llama-cpp-python's defaults (one sequence, n_batch 512), with room for the
+    longest prompt and answer. Prompt lookup needs every position's logits (logits_all), which
+    plain greedy decoding does not pay for: each gets its own Llama."""
+
+    names = LLAMA_PEERS
 
     def __init__(self, models: LocalModels, config: BenchConfig, threads: int) -> None:
         from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         gguf = gguf_file(models.target_dir)
         if gguf is None:
@@ -367,28 +374,26 @@ class LlamaPeerRunner:
         if not config.greedy:
             raise BenchError("the llama-cpp-python peers run greedy only (their sampling is not specd's)")
         self.models = models
-        self.config = config
         self.eos = models.target.info.eos_token_ids
-        # logits_all: prompt lookup verifies its drafts from every position's logits.
-        self.llama = Llama(
-            model_path=str(gguf), n_ctx=min(8192, models.target.info.max_context), n_threads=threads or None,
-            n_threads_batch=threads or None,
-            logits_all=True, verbose=False,
+        threads = threads or os.cpu_count() or 1  # llama-cpp-python's own default is half the cores
+        common = dict(
+            model_path=str(gguf), n_ctx=min(LLAMA_PEER_CONTEXT, models.target.info.max_context), n_threads=threads,
+            n_threads_batch=threads, verbose=False,
         )  # fmt: skip
-
-    names = LLAMA_PEERS
+        self.llamas = {
+            "llama-greedy": Llama(**common),
+            "llama-lookup": Llama(**common, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=LOOKUP_TOKENS)),
+        }
 
     def run(self, prompt: Prompt, peer: str, max_new_tokens: int, seed: int) -> RunRecord:
-        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-
         if peer not in self.names:
             raise BenchError(f"unknown peer {peer!r}")
+        llama = self.llamas[peer]
         prompt_ids = self.models.prompt_ids(prompt)
-        self.llama.draft_model = LlamaPromptLookupDecoding(num_pred_tokens=LOOKUP_TOKENS) if peer == "llama-lookup" else None
-        self.llama.reset()
+        llama.reset()
         ids: list[int] = []
         watch = Stopwatch()
-        for token in self.llama.generate(prompt_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        for token in llama.generate(prompt_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
             ids.append(int(token))
             if token in self.eos or len(ids) >= max_new_tokens:
                 break
