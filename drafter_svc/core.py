@@ -55,7 +55,7 @@ class DrafterCore:
         self.wire_vocab = translation.target_rows if translation is not None else runtime.info.vocab_size
         # worker: the thread the runtime was loaded on, in a service
         self._calls = ModelCalls(runtime, max_sessions, self.wire_vocab, worker or Worker("drafter"))
-        self._contexts = self._calls.contexts
+        self.contexts = self._calls.contexts
         self._own_bytes: list[bytes | None] | None = None
 
     async def info(self) -> ModelInfo:
@@ -83,7 +83,7 @@ class DrafterCore:
             else:
                 translate = propose_slem if vocab == "slem" else propose_tli
                 p = translate(self.runtime, self.translation, session_id, full, k, params, self.q_top, generator)
-            self._contexts.commit(session_id, full)
+            self.contexts.commit(session_id, full)
             return Draft(p.tokens, p.q, PENDING)
 
         return await self._calls.run(session_id, context, seed, work)
@@ -100,7 +100,7 @@ class DrafterCore:
             proposals = propose_strings(
                 self.runtime, self.translation, self.own_bytes(), session_id, full, k, params, self.q_top, generator
             )
-            self._contexts.commit(session_id, full)
+            self.contexts.commit(session_id, full)
             return StringsDraft(tuple(proposals), PENDING)
 
         return await self._calls.run(session_id, context, seed, work)
@@ -120,7 +120,7 @@ class DrafterCore:
 
         def work(full: list[int], generator: torch.Generator) -> Reviewed:
             r = review(self.runtime, session_id, full, list(draft), list(q), params, self.q_top, generator)
-            self._contexts.commit(session_id, [*full, *r.verdict.tokens])
+            self.contexts.commit(session_id, [*full, *r.verdict.tokens])
             return Reviewed(r.verdict.accepted, r.verdict.tokens, r.q, PENDING)
 
         return await self._calls.run(session_id, context, seed, work)
@@ -135,13 +135,13 @@ class DrafterCore:
             raise BadRequest("; ".join(problems))
 
         def work(full: list[int], generator: torch.Generator) -> TreeDraft:
-            state = self._contexts.state(session_id)
+            state = self.contexts.state(session_id)
             if self.second_stage and state.ngram is None:
                 state.ngram = NgramIndex()
             p = propose_tree(
                 self.runtime, session_id, full, shape, params, self.q_top, state.ngram, self.second_stage, generator
             )
-            self._contexts.commit(session_id, full)
+            self.contexts.commit(session_id, full)
             return TreeDraft(p.tree, p.q, p.forwards, PENDING)
 
         return await self._calls.run(session_id, context, seed, work)

@@ -6,15 +6,18 @@ maps the exceptions below to status codes.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from orchestrator.backends import Translated
-from orchestrator.store import ChatMessage, Session, SessionStore, Totals
+from orchestrator.pool import NoReplica
+from orchestrator.store import ChatMessage, Session, SessionStore, Totals, Turn, TurnInProgress
 from orchestrator.strategies import (
     STRATEGIES,
     Backends,
@@ -23,6 +26,7 @@ from orchestrator.strategies import (
     RoundResult,
     default_k_matrix,
     k_matrix_problems,
+    sd_round,
 )
 from orchestrator.text import TextStream
 from services.roles import CallCost
@@ -58,6 +62,47 @@ class GenerationRequest:
     k: int = 0  # 0 = default
     k_matrix: tuple[tuple[int, ...], ...] = ()  # `cascade`; empty = default
     tree: TreeShape | None = None  # `staged`; None = default
+    request_id: str = ""  # names the turn, so that a call after a broken stream resumes it
+    resume_from: int = 0  # the turn's tokens the caller already holds
+
+
+def request_fingerprint(req: GenerationRequest) -> str:
+    """What a request asks for, whatever session, request id and resume point it names."""
+    what = replace(req, session_id="", request_id="", resume_from=0)
+    return hashlib.blake2b(repr(what).encode(), digest_size=12).hexdigest()
+
+
+@dataclass(frozen=True)
+class TurnStarted:
+    """The first event of a turn: where it lives, for a caller to resume it."""
+
+    session_id: str
+    request_id: str
+    resumed_from: int
+
+
+class TurnOutput:
+    """The text stream of a turn that skips what the caller already holds (`skip` tokens):
+    those are decoded (the text after them depends on them) but not sent again."""
+
+    def __init__(self, stream: TextStream, skip: int) -> None:
+        self.stream = stream
+        self.skip = skip
+        self.seen = 0
+
+    def push(self, tokens: list[int]) -> tuple[str, tuple[int, ...]]:
+        """The text and tokens to send for the next committed tokens."""
+        held = max(0, min(len(tokens), self.skip - self.seen))
+        self.seen += len(tokens)
+        if held:
+            self.stream.push(tokens[:held])
+        shown = tuple(tokens[held:])
+        return (self.stream.push(shown) if shown else ""), shown
+
+    def finish(self) -> str:
+        """The held-back tail, unless the caller holds every token (it got the tail with them)."""
+        tail = self.stream.finish()
+        return tail if self.seen > self.skip else ""
 
 
 @dataclass(frozen=True)
@@ -97,6 +142,9 @@ class Stats:
     redis_seconds: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
+    failovers: int = 0  # calls redone on another replica
+    fallback_rounds: int = 0  # rounds drafted by max-gram because no drafter was reachable
+    replicas: list[str] = field(default_factory=list)  # the model service replicas that served the turn
 
     @property
     def mean_accepted_length(self) -> float:
@@ -131,6 +179,8 @@ class Stats:
         self.network_seconds += sum(c.network_seconds for c in costs)
         self.bytes_sent += sum(c.bytes_sent for c in costs)
         self.bytes_received += sum(c.bytes_received for c in costs)
+        self.failovers += sum(c.failovers for c in costs)
+        self.replicas.extend(a for c in costs for a in c.replicas if a not in self.replicas)
 
 
 class Engine:
@@ -143,6 +193,8 @@ class Engine:
         self.limits = limits
         self._target: ModelInfo | None = None
         self._infos: dict[int, ModelInfo] = {}  # id(drafter) -> its Info, asked once like the target's
+        self.owner = uuid.uuid4().hex  # this engine, as the owner of the turns it runs
+        self.in_flight = 0  # turns streaming now (a stopping server waits for them)
 
     # -- checks -------------------------------------------------------------------------
 
@@ -244,40 +296,72 @@ class Engine:
 
     # -- the turn -----------------------------------------------------------------------
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TextChunk | Stats]:
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TurnStarted | TextChunk | Stats]:
+        """One turn: TurnStarted first, then the text as it is committed, Stats last. A
+        request naming the session and request id of a turn that broke off continues it."""
         started = time.perf_counter()
         strategy, max_new, k = self._validate(req)
         k_matrix = self.k_matrix(req)
-        session, redis_seconds = await self._open_session(req, strategy, k)
-        stats = Stats(session_id=session.id, strategy=strategy, redis_seconds=redis_seconds)
         target = await self.target_info()
         spec = STRATEGIES[strategy]
-        round_fn = spec.run
+        drafter_down = False
         if spec.needs_drafter:
-            await self._check_drafter(target, strategy, spec.same_vocab)
+            try:
+                await self._check_drafter(target, strategy, spec.same_vocab)
+            except NoReplica as err:
+                if err.role != "drafter":
+                    raise
+                log.warning("%s: this turn drafts with max-gram", err)
+                drafter_down = True
+        t0 = time.perf_counter()
+        session, resumed = await self._open_turn(req, strategy, k, target)
+        turn = session.turn
+        stats = Stats(**turn.stats) if resumed and turn.stats else Stats(session_id=session.id, strategy=strategy)
+        stats.prompt_tokens = turn.prompt_end
+        stats.redis_seconds += time.perf_counter() - t0
+        yield TurnStarted(session.id, turn.request_id, req.resume_from)
+        self.in_flight += 1
+        try:
+            async for event in self._rounds(req, session, stats, target, (max_new, k, k_matrix), drafter_down):
+                yield event
+        except BaseException:  # an error, or the caller went away: the turn can be resumed or rolled back
+            if not turn.done:
+                await self._release(session)
+            raise
+        finally:
+            self.in_flight -= 1
+        stats.wall_seconds += time.perf_counter() - started
+        log.info(
+            "session %s: %d tokens in %.2fs (%.2f tok/s), τ %.2f, acceptance %.2f, finish %s%s",
+            session.id, stats.new_tokens, stats.wall_seconds, stats.tokens_per_second, stats.mean_accepted_length,
+            stats.acceptance_rate, stats.finish_reason, f", {stats.failovers} failovers" if stats.failovers else "",
+        )  # fmt: skip
+        yield stats
 
-        session.tokens = self._turn_context(session, req)
-        stats.prompt_tokens = len(session.tokens)
-        if len(session.tokens) >= target.max_context:
-            raise InvalidInput(
-                f"the prompt is {len(session.tokens)} tokens; the target's context is {target.max_context} tokens"
-            )
-        await self._timed(stats, self.store.save(session))
-        log.info("session %s: %s, %d prompt tokens, up to %d new", session.id, strategy, len(session.tokens), max_new)
-
-        stream = TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), req.stop)
-        eos = set(target.eos_token_ids)
-        while not stats.finish_reason:
+    async def _rounds(self, req, session, stats, target, shape, drafter_down) -> AsyncIterator[TextChunk]:
+        """The turn's rounds from where its committed tokens end, then its end."""
+        max_new, k, k_matrix = shape
+        turn = session.turn
+        round_fn = STRATEGIES[stats.strategy].run
+        out = TurnOutput(TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), req.stop),
+                         req.resume_from)  # fmt: skip
+        text, shown = out.push(session.tokens[turn.prompt_end :])
+        reason = stats.finish_reason if turn.done else self._finish_reason(session, stats, target, out, max_new)
+        while True:
+            if reason:
+                text += out.finish()
+            if text or shown:
+                yield TextChunk(text, shown)
+            if reason:
+                break
             room = min(max_new - stats.new_tokens, target.max_context - len(session.tokens))
-            result = await round_fn(
-                self.backends,
-                RoundInput(
-                    session.id, session.tokens, session.sampling, session.seed, session.step, min(k, room - 1),
-                    max_draft=room - 1, k_matrix=k_matrix, tree=req.tree or self.limits.default_tree,
-                ),
-            )
+            r = RoundInput(
+                session.id, session.tokens, session.sampling, session.seed, session.step, min(k, room - 1),
+                max_draft=room - 1, k_matrix=k_matrix, tree=req.tree or self.limits.default_tree,
+            )  # fmt: skip
+            result = await self._round(round_fn, r, stats, drafter_down)
             tokens = list(result.tokens[:room])
-            eos_at = next((i for i, t in enumerate(tokens) if t in eos), None)
+            eos_at = next((i for i, t in enumerate(tokens) if t in target.eos_token_ids), None)
             if eos_at is not None:
                 tokens = tokens[: eos_at + 1]
             session.tokens.extend(tokens)
@@ -285,51 +369,100 @@ class Engine:
             stats.add_round(result)
             stats.new_tokens += len(tokens)
             _add_totals(session.totals, result, len(tokens))
+            text, shown = out.push(tokens)
+            reason = self._finish_reason(session, stats, target, out, max_new)
+            turn.stats = asdict(stats)
             await self._timed(stats, self.store.commit(session, tokens))
-            text = stream.push(tokens)
-            if eos_at is not None:
-                stats.finish_reason = "stop"
-            elif stream.stopped:
-                stats.finish_reason = "stop_string"
-            elif stats.new_tokens >= max_new:
-                stats.finish_reason = "length"
-            elif len(session.tokens) >= target.max_context:
-                stats.finish_reason = "context"
-            if stats.finish_reason:
-                text += stream.finish()
-            if text or tokens:
-                yield TextChunk(text, tuple(tokens))
+        if not turn.done:
+            stats.finish_reason = reason
+            if session.mode == "chat":
+                session.messages.append(ChatMessage("assistant", out.stream.text))
+            turn.stats = asdict(stats)
+            await self._timed(stats, self.store.finish(session))
 
-        if session.mode == "chat":
-            session.messages.append(ChatMessage("assistant", stream.text))
-            await self._timed(stats, self.store.save_messages(session))
-        stats.wall_seconds = time.perf_counter() - started
-        log.info(
-            "session %s: %d tokens in %.2fs (%.2f tok/s), τ %.2f, acceptance %.2f, finish %s",
-            session.id, stats.new_tokens, stats.wall_seconds, stats.tokens_per_second,
-            stats.mean_accepted_length, stats.acceptance_rate, stats.finish_reason,
-        )
-        yield stats
+    async def _round(self, round_fn, r: RoundInput, stats: Stats, drafter_down: bool) -> RoundResult:
+        """One round of the strategy; with no drafter reachable, one drafted by max-gram."""
+        if not drafter_down:
+            try:
+                return await round_fn(self.backends, r)
+            except NoReplica as err:
+                if err.role != "drafter":
+                    raise
+                log.warning("session %s: %s; this round drafts with max-gram", r.session_id, err)
+        stats.fallback_rounds += 1
+        fallback = Backends(verifier=self.backends.verifier, drafter=self.backends.maxgram)
+        return await sd_round(fallback, r)
 
-    async def _open_session(self, req: GenerationRequest, strategy: str, k: int) -> tuple[Session, float]:
-        """Loads the session to continue, or starts one; returns it and the Redis time."""
-        t0 = time.perf_counter()
+    @staticmethod
+    def _finish_reason(session: Session, stats: Stats, target: ModelInfo, out: TurnOutput, max_new: int) -> str:
+        if stats.new_tokens and session.tokens[-1] in target.eos_token_ids:
+            return "stop"
+        if out.stream.stopped:
+            return "stop_string"
+        if stats.new_tokens >= max_new:
+            return "length"
+        if len(session.tokens) >= target.max_context:
+            return "context"
+        return ""
+
+    async def _release(self, session: Session) -> None:
+        """Leaves a broken-off turn to be resumed (or rolled back by the next); never raises."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self.store.release(session)), timeout=2.0)
+        except Exception as err:  # noqa: BLE001 - Redis may be why the turn broke off; the lease runs out then
+            log.warning("session %s: could not release the turn: %s", session.id, err)
+
+    async def _open_turn(
+        self, req: GenerationRequest, strategy: str, k: int, target: ModelInfo
+    ) -> tuple[Session, bool]:
+        """The session with its turn begun, or the turn the request resumes (True)."""
+        fingerprint = request_fingerprint(req)
         mode = "raw" if req.messages is None else "chat"
         if not req.session_id:
             seed = secrets.randbits(63) if req.seed is None else req.seed
             session = Session(uuid.uuid4().hex, mode, [], [], self._requested_sampling(req), seed, 0, strategy, k)
-            return session, 0.0
-        session = await self.store.load(req.session_id)
-        elapsed = time.perf_counter() - t0
+        else:
+            session = await self._load(req.session_id)
+            turn = session.turn
+            if req.request_id and turn is not None and turn.request_id == req.request_id:
+                if turn.fingerprint != fingerprint:
+                    raise InvalidInput(
+                        f"request_id {req.request_id!r} named another request of session {session.id}; "
+                        "give a new request id for a new request"
+                    )
+                if not turn.done:
+                    await self.store.take_over(session, self.owner)
+                return session, True
+            if session.open_turn is not None:
+                if session.lease > time.time():
+                    raise TurnInProgress(
+                        f"session {session.id} has a turn in progress (request {session.open_turn.request_id}); "
+                        "wait for it to end, or resume it with its request_id"
+                    )
+                await self.store.rollback(session.id)
+                session = await self._load(req.session_id)
+            if session.mode == "raw" and mode == "chat":
+                raise InvalidInput(f"session {session.id} holds raw text; continue it with a prompt, not messages")
+            session.sampling = self._requested_sampling(req, base=session.sampling)
+            if req.seed is not None:
+                session.seed = req.seed
+            session.strategy, session.k = strategy, k
+        session.tokens = self._turn_context(session, req)
+        if len(session.tokens) >= target.max_context:
+            raise InvalidInput(
+                f"the prompt is {len(session.tokens)} tokens; the target's context is {target.max_context} tokens"
+            )
+        session.turn = Turn(req.request_id or uuid.uuid4().hex, fingerprint, len(session.tokens))
+        await self.store.begin(session, self.owner)
+        log.info("session %s: %s, %d prompt tokens, request %s", session.id, strategy, len(session.tokens),
+                 session.turn.request_id)  # fmt: skip
+        return session, False
+
+    async def _load(self, session_id: str) -> Session:
+        session = await self.store.load(session_id)
         if session is None:
-            raise SessionNotFound(f"session {req.session_id!r} does not exist or has expired")
-        if session.mode == "raw" and mode == "chat":
-            raise InvalidInput(f"session {session.id} holds raw text; continue it with a prompt, not messages")
-        session.sampling = self._requested_sampling(req, base=session.sampling)
-        if req.seed is not None:
-            session.seed = req.seed
-        session.strategy, session.k = strategy, k
-        return session, elapsed
+            raise SessionNotFound(f"session {session_id!r} does not exist or has expired")
+        return session
 
     def _turn_context(self, session: Session, req: GenerationRequest) -> list[int]:
         """The token ids this turn generates after."""

@@ -11,14 +11,10 @@ from collections.abc import AsyncIterator
 import grpc
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
-from orchestrator.backends import (
-    RemoteDrafter,
-    RemoteVerifier,
-    ServiceError,
-    ServiceUnavailable,
-    Translated,
-)
+from orchestrator.backends import ServiceError, ServiceUnavailable, Translated
 from orchestrator.generate import (
     Engine,
     GenerationRequest,
@@ -28,8 +24,10 @@ from orchestrator.generate import (
     SessionNotFound,
     Stats,
     TextChunk,
+    TurnStarted,
 )
-from orchestrator.store import ChatMessage, SessionStore
+from orchestrator.pool import DrafterPool, drafter_pool, verifier_pool
+from orchestrator.store import ChatMessage, SessionStore, TurnInProgress, TurnLost
 from orchestrator.strategies import Backends, k_matrix_problems
 from services.config import ConfigError, OrchestratorConfig
 from services.errors import BadRequest, Unsupported
@@ -37,10 +35,14 @@ from services.maxgram import MaxGramDrafter
 from services.models import ModelNotFound, resolve
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
-from services.server import channel_options, serve, setup_logging
+from services.server import serve, setup_logging
+from services.wire import FINAL_KEY
 from services.tree import TreeShape
 
 log = logging.getLogger("orchestrator")
+# Every status the orchestrator sends is marked, so a client can tell it from a stream the
+# transport cut (which it resumes: specd/client.py).
+FINAL = ((FINAL_KEY, "1"),)
 DEFAULT_LISTEN = "127.0.0.1:50050"
 
 
@@ -62,6 +64,8 @@ def request_from_pb(msg: pb.GenerateRequest) -> GenerationRequest:
         tree=TreeShape(tuple(msg.options.tree.branching), msg.options.tree.budget)
         if msg.options.HasField("tree")
         else None,
+        request_id=msg.request_id,
+        resume_from=msg.resume_from,
     )
 
 
@@ -86,6 +90,9 @@ def stats_to_pb(s: Stats) -> pb.GenerationStats:
         redis_seconds=s.redis_seconds,
         bytes_sent=s.bytes_sent,
         bytes_received=s.bytes_received,
+        failovers=s.failovers,
+        fallback_rounds=s.fallback_rounds,
+        replicas=s.replicas,
     )
 
 
@@ -99,13 +106,17 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             async for event in self.engine.generate(request_from_pb(request)):
-                if isinstance(event, TextChunk):
+                if isinstance(event, TurnStarted):
+                    yield pb.GenerateResponse(started=pb.TurnStarted(
+                        session_id=event.session_id, request_id=event.request_id, resumed_from=event.resumed_from
+                    ))  # fmt: skip
+                elif isinstance(event, TextChunk):
                     yield pb.GenerateResponse(delta=pb.TextDelta(text=event.text, token_ids=event.token_ids))
                 else:
                     yield pb.GenerateResponse(stats=stats_to_pb(event))
         except Exception as err:  # noqa: BLE001 - every failure becomes a status; see _status
             code, message = self._status(err)
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_metadata=FINAL)
 
     async def DeleteSession(
         self, request: pb.DeleteSessionRequest, context: grpc.aio.ServicerContext
@@ -114,7 +125,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             return pb.DeleteSessionResponse(deleted=await self.engine.delete_session(request.session_id))
         except Exception as err:  # noqa: BLE001
             code, message = self._status(err)
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_metadata=FINAL)
 
     def _status(self, err: Exception) -> tuple[grpc.StatusCode, str]:
         if isinstance(err, InvalidInput):
@@ -127,7 +138,11 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             return grpc.StatusCode.INVALID_ARGUMENT, str(err)
         if isinstance(err, (ServiceUnavailable, ServiceError)):
             return err.code, str(err)
-        if isinstance(err, redis.exceptions.ConnectionError):
+        if isinstance(err, TurnLost):
+            return grpc.StatusCode.ABORTED, f"{err}: the turn continues in the call that resumed it"
+        if isinstance(err, TurnInProgress):
+            return grpc.StatusCode.ABORTED, str(err)
+        if isinstance(err, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
             return grpc.StatusCode.UNAVAILABLE, f"redis at {self.redis_url} is unavailable: {err}"
         log.exception("generation failed")
         return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
@@ -154,24 +169,34 @@ def main() -> int:
 
 
 async def _serve(config: OrchestratorConfig, tokenizer) -> None:
-    verifier_channel = grpc.aio.insecure_channel(config.verifier, options=channel_options())
-    verifier = RemoteVerifier(config.verifier, verifier_channel, config.rpc_timeout_seconds)
-    drafters: dict[str, RemoteDrafter] = {}  # address -> client: one channel per drafter service
+    verifier_targets, drafter_targets, cascade_levels = config.pools()
+    options = dict(health_interval=config.health_interval_seconds, load_factor=config.load_factor)
+    verifier = verifier_pool(
+        verifier_targets, config.rpc_timeout_seconds, wait_seconds=config.verifier_wait_seconds, **options
+    )
+    drafters: dict[tuple[str, ...], DrafterPool] = {}  # one pool per set of targets, shared by levels
 
-    def remote_drafter(address: str) -> RemoteDrafter:
-        if address not in drafters:
-            channel = grpc.aio.insecure_channel(address, options=channel_options())
-            drafters[address] = RemoteDrafter(address, channel, config.rpc_timeout_seconds)
-        return drafters[address]
+    def drafters_at(targets: tuple[str, ...]) -> DrafterPool:
+        if targets not in drafters:
+            drafters[targets] = drafter_pool(targets, config.rpc_timeout_seconds, **options)
+        return drafters[targets]
 
-    drafter = remote_drafter(config.drafter) if config.drafter else None
+    def level(mode: str, targets: tuple[str, ...]):
+        if mode == "maxgram":
+            return maxgram
+        return drafters_at(targets) if mode == "native" else Translated(drafters_at(targets), mode)
+
+    drafter = drafters_at(drafter_targets) if drafter_targets else None
     maxgram = MaxGramDrafter()
-    cascade = tuple(_cascade_level(level, maxgram, remote_drafter) for level in config.cascade)
+    cascade = tuple(level(mode, targets) for mode, targets in cascade_levels)
+    pools = [verifier.pool, *(d.pool for d in drafters.values())]
+    for pool in pools:
+        await pool.start()
     backends = Backends(verifier=verifier, drafter=drafter, cascade=cascade, maxgram=maxgram)
-    redis_client = aioredis.from_url(config.redis_url, socket_timeout=config.rpc_timeout_seconds)
+    redis_client = redis_from_url(config.redis_url, config.redis_timeout_seconds)
     engine = Engine(
         tokenizer=tokenizer,
-        store=SessionStore(redis_client, config.session_ttl_seconds),
+        store=SessionStore(redis_client, config.session_ttl_seconds, config.turn_lease_seconds),
         backends=backends,
         limits=Limits(
             default_strategy=config.default_strategy,
@@ -192,19 +217,23 @@ async def _serve(config: OrchestratorConfig, tokenizer) -> None:
         pb_grpc.add_GeneratorServicer_to_server(servicer, server)
         return [pb.DESCRIPTOR.services_by_name["Generator"].full_name]
 
-    await serve(name="orchestrator", listen=config.listen, register=register, grace_seconds=config.grace_seconds)
+    await serve(
+        name="orchestrator", listen=config.listen, register=register, grace_seconds=config.grace_seconds,
+        in_flight=lambda: engine.in_flight,
+    )  # fmt: skip
+    for pool in pools:
+        await pool.close()
     await redis_client.aclose()
 
 
-def _cascade_level(level: str, maxgram: MaxGramDrafter, remote_drafter) -> object:
-    """One SPECD_CASCADE entry: `maxgram`, HOST:PORT, or tli:HOST:PORT / slem:HOST:PORT for a
-    drafter of another vocabulary (it proposes through that translation, never reviews)."""
-    if level == "maxgram":
-        return maxgram
-    mode, _, address = level.partition(":")
-    if mode in ("tli", "slem") and address:
-        return Translated(remote_drafter(address), mode)
-    return remote_drafter(level)
+def redis_from_url(url: str, timeout_seconds: float) -> aioredis.Redis:
+    """A client that retries a call on a stale or dropped connection (a Redis restart) a few
+    times with backoff, and gives up after `timeout_seconds` on a Redis that does not answer."""
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3)
+    return aioredis.from_url(
+        url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds, retry=retry,
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError], health_check_interval=30,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from drafter_svc.core import DrafterCore
-from orchestrator.generate import Engine, GenerationRequest, Limits, Stats
+from orchestrator.generate import Engine, GenerationRequest, Limits, Stats, TextChunk
 from orchestrator.store import ChatMessage
 from orchestrator.strategies import Backends
 from services.config import ModelServiceConfig, default_home
@@ -68,7 +68,7 @@ async def run(engine: Engine, request: GenerationRequest) -> tuple[list[int], St
     async for event in engine.generate(request):
         if isinstance(event, Stats):
             stats = event
-        else:
+        elif isinstance(event, TextChunk):
             ids.extend(event.token_ids)
     wall = time.perf_counter() - started
     await engine.delete_session(stats.session_id)

@@ -114,6 +114,31 @@ class ModelServiceConfig:
         )
 
 
+DNS = "dns:///"
+
+
+def parse_targets(text: str, separator: str = ",") -> tuple[str, ...]:
+    """The replicas of a pool: `host:port` and `dns:///name:port` entries (a name re-resolved
+    periodically, every address a replica), separated by `separator`."""
+    targets = tuple(t.strip() for t in text.split(separator) if t.strip())
+    for target in targets:
+        host, _, port = target.removeprefix(DNS).rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"{target!r} is not host:port or dns:///name:port")
+    return targets
+
+
+def cascade_level(level: str) -> tuple[str, tuple[str, ...]]:
+    """One SPECD_CASCADE level: ("maxgram", ()), or its vocabulary mode ("native", "tli",
+    "slem") and its pool's targets, joined by '+' ("tli:d1:50052+d2:50052")."""
+    if level == "maxgram":
+        return "maxgram", ()
+    mode, _, rest = level.partition(":")
+    if mode in ("tli", "slem") and rest:
+        return mode, parse_targets(rest, "+")
+    return "native", parse_targets(level, "+")
+
+
 def _int_list(name: str, text: str, minimum: int = 0) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -148,8 +173,10 @@ class OrchestratorConfig:
     """Configuration of the orchestrator (the public Generator service)."""
 
     listen: str  # SPECD_LISTEN
-    verifier: str  # SPECD_VERIFIER: host:port of the verifier
-    drafter: str  # SPECD_DRAFTER: host:port of the drafter ('' = none; only `ar` then)
+    # SPECD_VERIFIER: the verifier's replicas, comma-separated host:port and dns:///name:port
+    # entries (a name is re-resolved periodically, each of its addresses a replica)
+    verifier: str
+    drafter: str  # SPECD_DRAFTER: the drafter's replicas, as SPECD_VERIFIER ('' = none; only `ar` then)
     redis_url: str  # REDIS_URL: session store
     tokenizer: str  # SPECD_TOKENIZER: the target's tokenizer (catalog name or folder)
     home: Path  # SPECD_HOME
@@ -161,13 +188,27 @@ class OrchestratorConfig:
     rpc_timeout_seconds: float = 120.0  # SPECD_RPC_TIMEOUT: deadline of every internal call
     grace_seconds: float = 5.0  # SPECD_GRACE_SECONDS
     # SPECD_CASCADE: the cascade's drafters below the target, largest first, comma-separated:
-    # host:port of a drafter service, `maxgram` (in-process), or tli:host:port / slem:host:port for a
-    # drafter of another vocabulary (it proposes, never reviews). '' = SPECD_DRAFTER, then maxgram.
+    # host:port of a drafter service (replicas of one level joined by '+', dns:///name:port too),
+    # `maxgram` (in-process), or tli:host:port / slem:host:port for a drafter of another
+    # vocabulary (it proposes, never reviews). '' = SPECD_DRAFTER, then maxgram.
     cascade: tuple[str, ...] = ()
     # SPECD_K_MATRIX: the cascade's default k-matrix ("4,2;0,3"); '' = the built-in default.
     k_matrix: tuple[tuple[int, ...], ...] = ()
     # SPECD_TREE: staged's default tree, "branching:budget" ("3,2,1,1,1:8"); '' = the built-in default.
     tree: TreeShape | None = None
+    health_interval_seconds: float = 1.0  # SPECD_HEALTH_INTERVAL: how often each replica's health is checked
+    # SPECD_VERIFIER_WAIT: how long a round waits for a verifier replica to come back before
+    # the request fails with UNAVAILABLE (drafters never wait: the round drafts without them)
+    verifier_wait_seconds: float = 10.0
+    # SPECD_LOAD_FACTOR: a replica holding more than this times its share of the active
+    # sessions takes no new ones (bounded-load rendezvous routing, orchestrator/pool.py)
+    load_factor: float = 1.25
+    redis_timeout_seconds: float = 2.0  # SPECD_REDIS_TIMEOUT: a Redis call slower than this fails as UNAVAILABLE
+    turn_lease_seconds: float = 30.0  # SPECD_TURN_LEASE: a turn not advanced for this long may be taken over
+
+    def pools(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, tuple[str, ...]], ...]]:
+        """The verifier's targets, the drafter's, and each cascade level's (mode, targets)."""
+        return parse_targets(self.verifier), parse_targets(self.drafter), tuple(map(cascade_level, self.cascade))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], default_listen: str) -> OrchestratorConfig:
@@ -176,7 +217,7 @@ class OrchestratorConfig:
         missing = [name for name, value in (("SPECD_VERIFIER", verifier), ("SPECD_TOKENIZER", tokenizer)) if not value]
         if missing:
             raise ConfigError(f"{' and '.join(missing)} must be set for the orchestrator")
-        return cls(
+        config = cls(
             listen=_get(env, "SPECD_LISTEN", default_listen),
             verifier=verifier,
             drafter=_get(env, "SPECD_DRAFTER", ""),
@@ -193,4 +234,13 @@ class OrchestratorConfig:
             cascade=tuple(level.strip() for level in _get(env, "SPECD_CASCADE", "").split(",") if level.strip()),
             k_matrix=_k_matrix(env, "SPECD_K_MATRIX"),
             tree=_tree(env, "SPECD_TREE"),
+            health_interval_seconds=_float(env, "SPECD_HEALTH_INTERVAL", 1.0),
+            verifier_wait_seconds=_float(env, "SPECD_VERIFIER_WAIT", 10.0),
+            load_factor=_float(env, "SPECD_LOAD_FACTOR", 1.25),
+            redis_timeout_seconds=_float(env, "SPECD_REDIS_TIMEOUT", 2.0),
+            turn_lease_seconds=_float(env, "SPECD_TURN_LEASE", 30.0),
         )
+        config.pools()  # every address well formed, or a ConfigError naming the bad one
+        if config.load_factor < 1:
+            raise ConfigError(f"SPECD_LOAD_FACTOR must be >= 1, got {config.load_factor}")
+        return config

@@ -18,6 +18,7 @@ import asyncio
 import functools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
@@ -27,6 +28,7 @@ from services.config import ModelServiceConfig
 from services.errors import BadRequest, ContextMiss, Unsupported
 from services.pb import specd_pb2 as pb
 from services.runtime import ModelInfo
+from services.sessions import SessionContexts
 from services.wire import info_to_pb
 from services.worker import Worker
 
@@ -35,6 +37,8 @@ Reply = TypeVar("Reply")
 
 
 class Core(Protocol):
+    contexts: SessionContexts  # the committed context of each session it serves
+
     async def info(self) -> ModelInfo: ...
 
     async def release(self, session_id: str) -> bool: ...
@@ -69,12 +73,31 @@ class ModelServicer:
 
     def __init__(self, core: Core) -> None:
         self.core = core
+        self.started = time.monotonic()
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return info_to_pb(await self.core.info())
 
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
         return pb.ReleaseResponse(released=await self.core.release(request.session_id))
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.ServiceStatus:
+        info = await self.core.info()
+        counts = self.core.contexts.counts
+        return pb.ServiceStatus(
+            model=info.model, runtime=info.runtime, pid=os.getpid(), uptime_seconds=time.monotonic() - self.started,
+            rss_bytes=rss_bytes(), sessions=len(self.core.contexts), calls=counts.calls, context_hits=counts.hits,
+            context_misses=counts.misses, full_contexts=counts.full,
+        )  # fmt: skip
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (Linux; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def run_model_service(

@@ -31,7 +31,7 @@ class MaxGramDrafter:
     def __init__(self, max_n: int = 4, max_sessions: int = 1024, max_draft: int = 1 << 30) -> None:
         self.max_n = max_n
         self.max_draft = max_draft
-        self._contexts = SessionContexts(max_sessions)
+        self.contexts = SessionContexts(max_sessions)
         self._indexes: Lru[str, NgramIndex] = Lru(max_sessions, what="max-gram index of session")
 
     async def propose(
@@ -39,8 +39,8 @@ class MaxGramDrafter:
     ) -> Draft:
         watch = Stopwatch()
         check_draft_length(k, self.max_draft, "k")
-        full = self._contexts.resolve(session_id, context, ANY_ID)
-        self._contexts.commit(session_id, full)
+        full = self.contexts.resolve(session_id, context, ANY_ID)
+        self.contexts.commit(session_id, full)
         index = self._indexes.get_or_create(session_id, lambda: NgramIndex(self.max_n))
         index.sync(full)
         return Draft(tuple(index.propose(k)), (), watch.local_cost())
@@ -59,4 +59,4 @@ class MaxGramDrafter:
 
     async def release(self, session_id: str) -> bool:
         had = self._indexes.pop(session_id) is not None
-        return self._contexts.release(session_id) or had
+        return self.contexts.release(session_id) or had

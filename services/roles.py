@@ -25,6 +25,8 @@ class CallCost:
     wall_seconds: float  # as seen by the caller
     bytes_sent: int = 0
     bytes_received: int = 0
+    replicas: tuple[str, ...] = ()  # the service replica(s) that answered (orchestrator/pool.py)
+    failovers: int = 0  # replicas that failed before one answered
 
     @property
     def network_seconds(self) -> float:
@@ -46,6 +48,8 @@ def total_cost(costs: Iterable[CallCost]) -> CallCost | None:
         wall_seconds=sum(c.wall_seconds for c in costs),
         bytes_sent=sum(c.bytes_sent for c in costs),
         bytes_received=sum(c.bytes_received for c in costs),
+        replicas=tuple(dict.fromkeys(r for c in costs for r in c.replicas)),
+        failovers=sum(c.failovers for c in costs),
     )
 
 

@@ -28,12 +28,27 @@ class SessionState:
     ngram: NgramIndex | None = None  # a drafter's max-gram index of the context (its second stage)
 
 
+@dataclass
+class ContextCounts:
+    """How the calls a service resolved named their context (`specd status`): session
+    affinity shows as hits, a caller that switched replicas as misses and full contexts."""
+
+    calls: int = 0
+    hits: int = 0  # a delta that matched the prefix held
+    misses: int = 0  # a delta that did not: the caller resends the whole context
+    full: int = 0  # the whole context: a session's first call here, or a resend
+
+
 class SessionContexts:
     """The committed context of every session a model service serves (least recently used
     evicted): what context deltas are resolved against, in exactly one place."""
 
     def __init__(self, max_sessions: int) -> None:
         self._states: Lru[str, SessionState] = Lru(max_sessions, what="context of session")
+        self.counts = ContextCounts()
+
+    def __len__(self) -> int:
+        return len(self._states)
 
     def state(self, session_id: str) -> SessionState:
         return self._states.get_or_create(session_id, SessionState)
@@ -41,12 +56,19 @@ class SessionContexts:
     def resolve(self, session_id: str, context: Context, vocab_size: int) -> list[int]:
         """The full context a call is about; raises ContextMiss when a delta does not match
         what this service holds, BadRequest for ids outside the vocabulary or no context."""
-        if isinstance(context, ContextDelta):
+        self.counts.calls += 1
+        if isinstance(context, ContextDelta) and context.base_len:
             check_token_ids(context.tokens, vocab_size, "context.tokens")
             held = self._states.get(session_id)
             full = resolve_delta(None if held is None else held.context, context)
             if full is None:
+                self.counts.misses += 1
                 raise ContextMiss(f"session {session_id}: no cached prefix of {context.base_len} tokens matches")
+            self.counts.hits += 1
+        elif isinstance(context, ContextDelta):
+            self.counts.full += 1
+            full = list(context.tokens)
+            check_token_ids(full, vocab_size, "context.tokens")
         else:
             full = list(context)
             check_token_ids(full, vocab_size, "context")

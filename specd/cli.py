@@ -130,32 +130,34 @@ def format_stats(s: pb.GenerationStats) -> str:
         f"[{s.strategy}] {s.new_tokens} tokens in {s.wall_seconds:.2f}s = {s.tokens_per_second:.2f} tok/s | "
         f"target forwards {s.target_forwards} | τ {s.mean_accepted_length:.2f} | "
         f"acceptance {s.acceptance_rate:.0%} | finish {s.finish_reason} | session {s.session_id}"
+        + (f" | failovers {s.failovers}" if s.failovers else "")
+        + (f" | rounds without a drafter {s.fallback_rounds}" if s.fallback_rounds else "")
     )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """One turn; a stream broken by an orchestrator that stopped is resumed (specd/client.py)."""
+    from specd.client import generate
+
     request = build_request(args)
-    text: list[str] = []
-    ids: list[int] = []
-    stats = None
+    shown: list[str] = []
+
+    def show(text: str) -> None:
+        shown.append(text)
+        if not args.json:
+            print(text, end="", flush=True)
+
     try:
-        with grpc.insecure_channel(args.address) as channel:
-            for reply in pb_grpc.GeneratorStub(channel).Generate(request, timeout=args.timeout):
-                if reply.HasField("delta"):
-                    text.append(reply.delta.text)
-                    ids.extend(reply.delta.token_ids)
-                    if not args.json:
-                        print(reply.delta.text, end="", flush=True)
-                else:
-                    stats = reply.stats
+        result = generate(args.address, request, timeout=args.timeout, on_text=show)
     except grpc.RpcError as err:
-        if not args.json and text:
+        if not args.json and shown:
             print()
         hint = ""
         if err.code() == grpc.StatusCode.UNAVAILABLE and "orchestrator" not in (err.details() or ""):
             hint = " (is the stack running? start it with `specd up`)"
         print(f"specd generate: {err.code().name}: {err.details()}{hint}", file=sys.stderr)
         return 1
+    text, ids, stats = [result.text], result.token_ids, result.stats
     if args.json:
         from google.protobuf.json_format import MessageToDict
 

@@ -13,37 +13,22 @@ from procs import free_port, start_process, stop_process
 
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
+from specd import client
+from specd.client import Result  # noqa: F401 (for tests)
 from specd.stack import wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@dataclass
-class Result:
-    token_ids: list[int]
-    text: str
-    stats: pb.GenerationStats
-
-
 def generate(address: str, prompt: str | None = None, messages=None, **fields) -> Result:
-    """Runs one Generate call to completion; raises grpc.RpcError on a failed status."""
+    """Runs one turn to completion with the Python client (resuming a broken stream);
+    raises grpc.RpcError on a failed status."""
     request = pb.GenerateRequest(**fields)
     if messages is not None:
         request.chat.messages.extend(pb.ChatMessage(role=r, content=c) for r, c in messages)
     else:
         request.prompt = prompt
-    ids: list[int] = []
-    text: list[str] = []
-    stats = None
-    with grpc.insecure_channel(address) as channel:
-        for reply in pb_grpc.GeneratorStub(channel).Generate(request, timeout=300):
-            if reply.HasField("delta"):
-                ids.extend(reply.delta.token_ids)
-                text.append(reply.delta.text)
-            else:
-                stats = reply.stats
-    assert stats is not None, "the stream ended without statistics"
-    return Result(ids, "".join(text), stats)
+    return client.generate(address, request, timeout=300)
 
 
 MODULES = {"verifier": "verifier_svc", "drafter": "drafter_svc", "orchestrator": "orchestrator"}
@@ -96,6 +81,7 @@ class ServiceStack:
                 "REDIS_URL": self.redis_url,
                 "SPECD_MAX_NEW_TOKENS_LIMIT": "256",
                 "SPECD_RPC_TIMEOUT": "60",
+                "SPECD_VERIFIER_WAIT": "2",
             }
         else:
             verifier = self.kind(name) == "verifier"

@@ -4,6 +4,8 @@ models built by the tests. Greedy output of every strategy must equal the target
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 import torch
@@ -84,6 +86,7 @@ def _two_turns(stack, restart: str | None) -> tuple[list[int], list[int]]:
     first = generate(address, PROMPTS[0], seed=11, **sampling)
     if restart:
         stack.restart(restart)
+        time.sleep(1.5)  # a drafter is used again at the orchestrator's next health check (every second)
     second = generate(address, "\n\ndef sub(a, b):", session_id=first.stats.session_id, **sampling)
     return first.token_ids, second.token_ids
 
@@ -143,20 +146,42 @@ def test_bad_input_loses_nothing(stack):
     assert again.stats.prompt_tokens > first.stats.prompt_tokens + len(first.token_ids) - 1
 
 
-def test_a_model_service_down_is_unavailable_and_named(stack):
+def test_without_a_drafter_rounds_draft_with_maxgram_and_the_output_is_the_same(stack):
     address = stack.address("orchestrator")
+    expected = generate(address, PROMPTS[2], strategy="ar", max_new_tokens=24).token_ids
     stack.stop("drafter")
     try:
-        with pytest.raises(grpc.RpcError) as err:
-            generate(address, "hello", strategy="sd", max_new_tokens=8)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "drafter" in err.value.details() and stack.address("drafter") in err.value.details()
-        # ar does not need the drafter.
-        assert generate(address, "hello", strategy="ar", max_new_tokens=4).stats.new_tokens == 4
+        for strategy in ("sd", "cascade", "staged"):
+            result = generate(address, PROMPTS[2], strategy=strategy, max_new_tokens=24)
+            assert result.token_ids == expected, strategy
+            # every round that drafts (the last, with room for one token, does not)
+            assert result.stats.target_forwards - 1 <= result.stats.fallback_rounds > 0, strategy
     finally:
         stack.start("drafter")
         stack.wait("drafter")
+    time.sleep(1.5)  # the orchestrator checks each replica's health every second
+    back = generate(address, PROMPTS[2], strategy="sd", max_new_tokens=24)
+    assert back.token_ids == expected
+    assert back.stats.fallback_rounds == 0 and back.stats.replicas == [stack.address("drafter"), stack.address("verifier")]
+
+
+def test_a_verifier_down_is_unavailable_and_named_after_a_bounded_wait(stack):
+    address = stack.address("orchestrator")
+    stack.stop("verifier")
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            generate(address, "hello", strategy="ar", max_new_tokens=8)
+        waited = time.monotonic() - started
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "verifier" in err.value.details() and stack.address("verifier") in err.value.details()
+        assert 1.5 < waited < 15, waited  # SPECD_VERIFIER_WAIT is 2 s in these stacks
+    finally:
+        stack.start("verifier")
+        stack.wait("verifier")
+    started = time.monotonic()
     assert generate(address, "hello", strategy="sd", max_new_tokens=4).stats.new_tokens == 4
+    assert time.monotonic() - started < 5
 
 
 def test_stop_strings_cut_the_text_and_end_the_turn(stack):

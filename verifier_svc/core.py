@@ -34,7 +34,7 @@ class VerifierCore:
         self.max_draft = max_draft  # longest draft, most tree nodes, and the slrs tree budget
         # worker: the thread the runtime was loaded on, in a service
         self._calls = ModelCalls(runtime, max_sessions, runtime.info.vocab_size, worker or Worker("verifier"))
-        self._contexts = self._calls.contexts
+        self.contexts = self._calls.contexts
         self._strings: slrs.PrefixIndex | None = None  # the target vocabulary as bytes, built on first use
 
     async def info(self) -> ModelInfo:
@@ -58,7 +58,7 @@ class VerifierCore:
 
         def work(full: list[int], generator: torch.Generator) -> Verified:
             v = verify(self.runtime, session_id, full, list(draft), list(q), params, generator)
-            self._contexts.commit(session_id, [*full, *v.tokens])
+            self.contexts.commit(session_id, [*full, *v.tokens])
             return Verified(v.accepted, v.tokens, PENDING)
 
         return await self._calls.run(session_id, context, seed, work)
@@ -84,7 +84,7 @@ class VerifierCore:
 
         def work(full: list[int], generator: torch.Generator) -> Verified:
             v = verify_tree(self.runtime, session_id, full, tree, list(q), params, generator)
-            self._contexts.commit(session_id, [*full, *v.tokens])
+            self.contexts.commit(session_id, [*full, *v.tokens])
             return Verified(v.accepted, v.tokens, PENDING)
 
         return await self._calls.run(session_id, context, seed, work)
@@ -108,7 +108,7 @@ class VerifierCore:
             r = verify_strings(
                 self.runtime, self._strings, session_id, full, list(proposals), params, generator, self.max_draft
             )
-            self._contexts.commit(session_id, [*full, *r.verdict.tokens])
+            self.contexts.commit(session_id, [*full, *r.verdict.tokens])
             return Verified(r.verdict.accepted, r.verdict.tokens, PENDING, r.verified, r.tree_nodes)
 
         return await self._calls.run(session_id, context, seed, work)

@@ -49,6 +49,11 @@ class DrafterStub:
                 request_serializer=services_dot_pb_dot_specd__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=services_dot_pb_dot_specd__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/specd.v1.Drafter/Status',
+                request_serializer=services_dot_pb_dot_specd__pb2.StatusRequest.SerializeToString,
+                response_deserializer=services_dot_pb_dot_specd__pb2.ServiceStatus.FromString,
+                _registered_method=True)
         self.Review = channel.unary_unary(
                 '/specd.v1.Drafter/Review',
                 request_serializer=services_dot_pb_dot_specd__pb2.ReviewRequest.SerializeToString,
@@ -82,6 +87,12 @@ class DrafterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,6 +133,11 @@ def add_DrafterServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=services_dot_pb_dot_specd__pb2.ReleaseRequest.FromString,
                     response_serializer=services_dot_pb_dot_specd__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=services_dot_pb_dot_specd__pb2.StatusRequest.FromString,
+                    response_serializer=services_dot_pb_dot_specd__pb2.ServiceStatus.SerializeToString,
             ),
             'Review': grpc.unary_unary_rpc_method_handler(
                     servicer.Review,
@@ -220,6 +236,33 @@ class Drafter:
             '/specd.v1.Drafter/Release',
             services_dot_pb_dot_specd__pb2.ReleaseRequest.SerializeToString,
             services_dot_pb_dot_specd__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specd.v1.Drafter/Status',
+            services_dot_pb_dot_specd__pb2.StatusRequest.SerializeToString,
+            services_dot_pb_dot_specd__pb2.ServiceStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -336,6 +379,11 @@ class VerifierStub:
                 request_serializer=services_dot_pb_dot_specd__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=services_dot_pb_dot_specd__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/specd.v1.Verifier/Status',
+                request_serializer=services_dot_pb_dot_specd__pb2.StatusRequest.SerializeToString,
+                response_deserializer=services_dot_pb_dot_specd__pb2.ServiceStatus.FromString,
+                _registered_method=True)
         self.VerifyTree = channel.unary_unary(
                 '/specd.v1.Verifier/VerifyTree',
                 request_serializer=services_dot_pb_dot_specd__pb2.VerifyTreeRequest.SerializeToString,
@@ -364,6 +412,12 @@ class VerifierServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -398,6 +452,11 @@ def add_VerifierServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=services_dot_pb_dot_specd__pb2.ReleaseRequest.FromString,
                     response_serializer=services_dot_pb_dot_specd__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=services_dot_pb_dot_specd__pb2.StatusRequest.FromString,
+                    response_serializer=services_dot_pb_dot_specd__pb2.ServiceStatus.SerializeToString,
             ),
             'VerifyTree': grpc.unary_unary_rpc_method_handler(
                     servicer.VerifyTree,
@@ -491,6 +550,33 @@ class Verifier:
             '/specd.v1.Verifier/Release',
             services_dot_pb_dot_specd__pb2.ReleaseRequest.SerializeToString,
             services_dot_pb_dot_specd__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specd.v1.Verifier/Status',
+            services_dot_pb_dot_specd__pb2.StatusRequest.SerializeToString,
+            services_dot_pb_dot_specd__pb2.ServiceStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,6 +19,7 @@ system always runs right after a particular other one.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import logging
 import os
@@ -32,7 +33,7 @@ import torch
 
 from drafter_svc.core import DrafterCore
 from drafter_svc.foreign import Translation
-from orchestrator.generate import Engine, GenerationRequest, Limits, NotServable, Stats
+from orchestrator.generate import Engine, GenerationRequest, Limits, NotServable, Stats, TextChunk
 from orchestrator.store import ChatMessage, Session
 from orchestrator.strategies import STRATEGIES, Backends
 from services.config import ModelServiceConfig
@@ -141,7 +142,7 @@ class ServicesClient:
         for reply in self.stub.Generate(request, timeout=self.config.timeout_seconds):
             if reply.HasField("delta"):
                 ids.extend(reply.delta.token_ids)
-            else:
+            elif reply.HasField("stats"):
                 stats = reply.stats
         wall = watch.seconds
         if stats is None:
@@ -163,24 +164,44 @@ class ServicesClient:
 
 
 class MemoryStore:
-    """SessionStore's five methods on a dict: the in-process path measures no Redis at all."""
+    """SessionStore's methods on a dict: the in-process path measures no Redis at all. A
+    turn works on a copy of what was stored (as it does on what it read from Redis), so the
+    stored session is the undo of a turn until the turn begins."""
 
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
+        self.undo: dict[str, Session | None] = {}
 
     async def load(self, session_id: str) -> Session | None:
-        return self.sessions.get(session_id)
+        return copy.deepcopy(self.sessions.get(session_id))
 
-    async def save(self, session: Session) -> None:
+    async def begin(self, session: Session, owner: str) -> None:
+        self.undo[session.id] = self.sessions.get(session.id)
+        session.owner = owner
         self.sessions[session.id] = session
 
     async def commit(self, session: Session, new_tokens: list[int]) -> None:
         self.sessions[session.id] = session
 
-    async def save_messages(self, session: Session) -> None:
-        self.sessions[session.id] = session
+    async def finish(self, session: Session) -> None:
+        session.turn.done, session.owner = True, ""
+        self.undo.pop(session.id, None)
+
+    async def release(self, session: Session) -> None:
+        self.sessions[session.id].lease = 0.0
+
+    async def take_over(self, session: Session, owner: str) -> None:
+        session.owner = self.sessions[session.id].owner = owner
+
+    async def rollback(self, session_id: str) -> None:
+        previous = self.undo.pop(session_id, None)
+        if previous is None:
+            self.sessions.pop(session_id, None)
+        else:
+            self.sessions[session_id] = previous
 
     async def delete(self, session_id: str) -> bool:
+        self.undo.pop(session_id, None)
         return self.sessions.pop(session_id, None) is not None
 
 
@@ -279,7 +300,7 @@ class InProcessRunner:
         async for event in self.engine.generate(request):
             if isinstance(event, Stats):
                 stats = event
-            else:
+            elif isinstance(event, TextChunk):
                 ids.extend(event.token_ids)
         wall = watch.seconds
         if stats is None:
