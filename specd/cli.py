@@ -38,14 +38,16 @@ def _spec(args: argparse.Namespace):
         drafter="" if args.drafter == "none" else args.drafter,
         host=args.host,
         orchestrator_port=args.port,
-        verifier_port=args.port + 1,
-        drafter_port=args.port + 2,
         redis_port=args.redis_port,
         redis_url=os.environ.get("REDIS_URL", ""),
         dtype=args.dtype,
         default_k=args.k,
         verifier_runtime=args.verifier_runtime,
         drafter_runtime=args.drafter_runtime,
+        verifier_replicas=args.verifier_replicas,
+        drafter_replicas=args.drafter_replicas,
+        verifier_port=args.port + 1,
+        drafter_port=args.port + 1 + args.verifier_replicas,
     )
 
 
@@ -94,6 +96,31 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         down(spec.home)
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from specd.stack import status
+
+    procs = status(_home(args))
+    if args.json:
+        print(json.dumps([asdict(p) for p in procs], indent=2))
+        return 0 if procs else 1
+    if not procs:
+        print("no running stack (start one with `specd up`)")
+        return 1
+
+    def count(v: int | None) -> str:
+        return "-" if v is None else str(v)
+
+    print(f"{'name':<14} {'address':<22} {'pid':>7} {'state':<9} {'RSS MB':>7} {'sessions':>8} {'calls':>7} "
+          f"{'hits':>6} {'misses':>6} {'full':>6}")  # fmt: skip
+    for p in procs:
+        state = "healthy" if p.healthy else "running" if p.alive else "dead"
+        print(f"{p.name:<14} {p.address:<22} {p.pid:>7} {state:<9} {p.rss_bytes / 1e6:>7.0f} {count(p.sessions):>8} "
+              f"{count(p.calls):>7} {count(p.context_hits):>6} {count(p.context_misses):>6} {count(p.full_contexts):>6}")  # fmt: skip
+    return 0 if all(p.healthy for p in procs) else 1
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -173,6 +200,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- load -----------------------------------------------------------------------------------
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from specd.load import format_report, run_load
+    from specd.stack import read_state
+
+    home = _home(args)
+
+    def progress(report) -> None:
+        if not args.json:
+            print(f"\r{report.requests}/{args.requests} requests, {len(report.errors)} errors", end="", file=sys.stderr)
+
+    report = run_load(
+        args.address, streams=args.streams, requests=args.requests, duration=args.duration,
+        max_new_tokens=args.max_new_tokens, strategy=args.strategy or "",
+        home=home if read_state(home) else None, progress=progress,
+    )  # fmt: skip
+    summary = report.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(file=sys.stderr)
+        print(format_report(summary))
+    return 1 if report.errors else 0
+
+
 # -- demo -----------------------------------------------------------------------------------
 
 
@@ -203,16 +257,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- parser ---------------------------------------------------------------------------------
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_stack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"target model: catalog name or folder (default {DEFAULT_TARGET})")
     p.add_argument("--drafter", default=DEFAULT_DRAFTER, help=f"drafter model, or 'none' (default {DEFAULT_DRAFTER})")
     p.add_argument("--host", default="127.0.0.1", help="address to bind every service to (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50050, help="orchestrator port; verifier and drafter use the next two (default 50050)")
+    p.add_argument("--port", type=int, default=50050, help="orchestrator port; the verifiers and drafters use the next ones (default 50050)")
     p.add_argument("--redis-port", type=int, default=6399, help="port of the redis-server started when REDIS_URL is unset (default 6399)")
     p.add_argument("--verifier-runtime", default="auto", choices=["auto", "llama", "torch"], help="the verifier's runtime (default auto: torch in int8 on CPU, its multi-token pass is the cheapest)")
     p.add_argument("--drafter-runtime", default="auto", choices=["auto", "llama", "torch"], help="the drafter's runtime (default auto: llama on CPU, its one-token pass is the cheapest)")
     p.add_argument("--dtype", default="auto", choices=["auto", "int8", "float32", "bfloat16", "float16", "float64"], help="weights of a model on the torch runtime (default auto: int8 on CPU, bfloat16 on CUDA)")
     p.add_argument("-k", type=int, default=4, help="default draft length of sd (default 4)")
+    p.add_argument("--verifier-replicas", type=_at_least_one, default=1, help="verifier processes, on the ports after the orchestrator's (default 1)")
+    p.add_argument("--drafter-replicas", type=_at_least_one, default=1, help="drafter processes, on the ports after the verifiers' (default 1)")
     p.add_argument("--home", help="models and run state (default $SPECD_HOME or ~/.cache/specd)")
 
 
@@ -257,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="return once healthy; stop later with `specd down`")
     p.set_defaults(func=cmd_up)
 
+    p = sub.add_parser("status", help="list the running stack's processes: health, memory, sessions, context hits")
+    p.add_argument("--home", help="as given to `specd up`")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("down", help="stop the stack started by `specd up --detach`")
     p.add_argument("--home", help="as given to `specd up`")
     p.set_defaults(func=cmd_down)
@@ -264,6 +332,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate from a prompt on a running stack, streaming the text")
     _add_generate_options(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("load", help="concurrent streams against a running stack: latency percentiles, errors, memory")
+    p.add_argument("--address", default=os.environ.get("SPECD_ADDRESS", DEFAULT_ADDRESS), help=f"orchestrator host:port, or several comma-separated (default $SPECD_ADDRESS or {DEFAULT_ADDRESS})")
+    p.add_argument("--streams", type=_at_least_one, default=32, help="concurrent streams (default 32)")
+    p.add_argument("--requests", type=_at_least_one, default=64, help="turns in all (default 64)")
+    p.add_argument("--duration", type=float, default=180.0, help="stop issuing turns after this many seconds (default 180)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per turn (default 64)")
+    p.add_argument("--strategy", help="the strategy of every turn (default: the server's)")
+    p.add_argument("--home", help="the local stack's home, for each process's memory (default as `specd up`)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.set_defaults(func=cmd_load)
 
     p = sub.add_parser("demo", help="prepare models, start the stack, answer a prompt with ar and sd, stop")
     _add_stack_options(p)

@@ -51,6 +51,7 @@ def generate(
     resumes: int = 5,
     backoff_seconds: float = 0.25,
     on_text: Callable[[str], None] | None = None,
+    on_delta: Callable[[pb.TextDelta], None] | None = None,
 ) -> Result:
     """Runs one turn to its end at `address` (one host:port, or several comma-separated: the
     orchestrator replicas, tried in turn); resumes a broken stream up to `resumes` times,
@@ -79,6 +80,8 @@ def generate(
                         result.chunks.append(reply.delta.text)
                         if on_text is not None:
                             on_text(reply.delta.text)
+                        if on_delta is not None:
+                            on_delta(reply.delta)
                     elif event == "stats":
                         stats = reply.stats
             if stats is None:  # cut off without a status

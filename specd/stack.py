@@ -33,8 +33,10 @@ class StackSpec:
     host: str = "127.0.0.1"
     orchestrator_port: int = 50050
     verifier_port: int = 50051
-    drafter_port: int = 50052
+    drafter_port: int = 50052  # the first drafter's; replicas take the ports after it
     redis_port: int = 6399
+    verifier_replicas: int = 1  # the verifiers take verifier_port, verifier_port + 1, ...
+    drafter_replicas: int = 1
     redis_url: str = ""  # an existing Redis; "" starts redis-server
     dtype: str = "auto"  # SPECD_DTYPE of the model services (torch runtime)
     verifier_runtime: str = "auto"  # SPECD_RUNTIME of the verifier
@@ -44,6 +46,31 @@ class StackSpec:
 
     def address(self, port: int) -> str:
         return f"{self.host}:{port}"
+
+    def model_services(self) -> list[tuple[str, str, str, int, str]]:
+        """(name, module, model, port, runtime) of every verifier and drafter replica."""
+        services = [
+            (_replica("verifier", i), "verifier_svc", self.target, self.verifier_port + i, self.verifier_runtime)
+            for i in range(self.verifier_replicas)
+        ]
+        if self.drafter:
+            services += [
+                (_replica("drafter", i), "drafter_svc", self.drafter, self.drafter_port + i, self.drafter_runtime)
+                for i in range(self.drafter_replicas)
+            ]
+        return services
+
+    def pool(self, role: str) -> str:
+        """SPECD_VERIFIER or SPECD_DRAFTER for the orchestrator: every replica's address."""
+        return ",".join(self.address(port) for name, _, _, port, _ in self.model_services() if _role(name) == role)
+
+
+def _replica(role: str, i: int) -> str:
+    return role if i == 0 else f"{role}{i + 1}"
+
+
+def _role(name: str) -> str:
+    return name.rstrip("0123456789")
 
 
 @dataclass
@@ -138,7 +165,7 @@ def up(spec: StackSpec, say=print) -> list[Proc]:
     """Starts the stack and returns its processes, all healthy."""
     if state_file(spec.home).exists() and any(_alive(p.pid) for p in read_state(spec.home)):
         raise StackError(f"a stack is already running (see {state_file(spec.home)}); stop it with `specd down`")
-    ports = [spec.orchestrator_port, spec.verifier_port] + ([spec.drafter_port] if spec.drafter else [])
+    ports = [spec.orchestrator_port] + [port for _, _, _, port, _ in spec.model_services()]
     if not spec.redis_url:
         ports.append(spec.redis_port)
     busy = [p for p in ports if not _port_free(spec.host, p)]
@@ -158,22 +185,21 @@ def up(spec: StackSpec, say=print) -> list[Proc]:
             data = run_dir(spec.home) / "redis"
             data.mkdir(parents=True, exist_ok=True)
             log_path = logs / "redis.log"
-            args = [server, "--port", str(spec.redis_port), "--bind", spec.host, "--save", "", "--appendonly", "no", "--dir", str(data)]
+            # Append-only file, fsynced every second: sessions survive a Redis restart.
+            args = [server, "--port", str(spec.redis_port), "--bind", spec.host, "--save", "", "--appendonly", "yes",
+                    "--appendfsync", "everysec", "--dir", str(data)]  # fmt: skip
             proc = _spawn("redis", args, base_env, log_path)
             started.append(proc)
             _wait_redis(proc, spec.host, spec.redis_port, log_path, deadline)
             redis_url = f"redis://{spec.host}:{spec.redis_port}/0"
             procs.append(Proc("redis", proc.pid, redis_url, str(log_path)))
             say(f"redis        {redis_url}")
-        services = [("verifier", "verifier_svc", spec.target, spec.verifier_port, spec.verifier_runtime)]
-        if spec.drafter:
-            services.append(("drafter", "drafter_svc", spec.drafter, spec.drafter_port, spec.drafter_runtime))
-        for name, module, model, port, runtime in services:
+        for name, module, model, port, runtime in spec.model_services():
             env = {
                 **base_env, "SPECD_MODEL": model, "SPECD_LISTEN": spec.address(port), "SPECD_DTYPE": spec.dtype,
                 "SPECD_RUNTIME": runtime,
             }  # fmt: skip
-            if name == "drafter":
+            if _role(name) == "drafter":
                 env["SPECD_TARGET_TOKENIZER"] = spec.target  # translates if its vocabulary differs
             proc = _spawn(name, [sys.executable, "-m", module], env, logs / f"{name}.log")
             started.append(proc)
@@ -181,8 +207,8 @@ def up(spec: StackSpec, say=print) -> list[Proc]:
         orch_env = {
             **base_env,
             "SPECD_LISTEN": spec.address(spec.orchestrator_port),
-            "SPECD_VERIFIER": spec.address(spec.verifier_port),
-            "SPECD_DRAFTER": spec.address(spec.drafter_port) if spec.drafter else "",
+            "SPECD_VERIFIER": spec.pool("verifier"),
+            "SPECD_DRAFTER": spec.pool("drafter"),
             "SPECD_TOKENIZER": spec.target,
             "SPECD_STRATEGY": default_strategy(spec),
             "SPECD_K": str(spec.default_k),
@@ -257,3 +283,74 @@ def down(home: Path, say=print) -> int:
             stopped += 1
     state_file(home).unlink(missing_ok=True)
     return stopped
+
+
+@dataclass
+class ProcStatus:
+    """One process of the running stack, as `specd status` shows it."""
+
+    name: str
+    role: str
+    address: str
+    pid: int
+    alive: bool
+    healthy: bool
+    rss_bytes: int = 0
+    sessions: int | None = None  # model services: what their Status RPC reports
+    calls: int | None = None
+    context_hits: int | None = None
+    context_misses: int | None = None
+    full_contexts: int | None = None
+
+
+def _rss(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _healthy(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _model_status(role: str, address: str):
+    from services.pb import specd_pb2 as pb
+    from services.pb import specd_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.DrafterStub(channel) if role == "drafter" else pb_grpc.VerifierStub(channel)
+        try:
+            return stub.Status(pb.StatusRequest(), timeout=2)
+        except grpc.RpcError:
+            return None
+
+
+def status(home: Path) -> list[ProcStatus]:
+    """Every process of the stack: alive, healthy, memory, and what each model service served."""
+    out = []
+    for p in read_state(home):
+        role = _role(p.name)
+        alive = _alive(p.pid)
+        entry = ProcStatus(p.name, role, p.address, p.pid, alive, False, _rss(p.pid) if alive else 0)
+        if alive and role == "redis":
+            import redis
+
+            try:
+                entry.healthy = bool(redis.Redis.from_url(p.address, socket_timeout=2).ping())
+            except redis.exceptions.RedisError:
+                pass
+        elif alive:
+            entry.healthy = _healthy(p.address)
+            reply = _model_status(role, p.address) if role in ("verifier", "drafter") else None
+            if reply is not None:
+                entry.sessions, entry.calls = reply.sessions, reply.calls
+                entry.context_hits, entry.context_misses = reply.context_hits, reply.context_misses
+                entry.full_contexts = reply.full_contexts
+        out.append(entry)
+    return out

@@ -144,7 +144,7 @@ def k8s_env(container: dict[str, Any], configmaps: dict[str, dict[str, Any]]) ->
 
 
 def host_port(address: str) -> tuple[str, int]:
-    host, port = address.rsplit(":", 1)
+    host, port = address.removeprefix("dns:///").rsplit(":", 1)
     return host, int(port)
 
 
@@ -527,3 +527,33 @@ def test_dockerfile_copies_every_package() -> None:
                 copied.add(source.rstrip("/"))
     include = pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
     assert {p.rstrip("*") for p in include} <= copied
+
+
+def test_k8s_model_services_are_pools_that_survive_a_drain() -> None:
+    """The orchestrator resolves headless Services (every ready pod a replica), each
+    replicated component spreads over nodes and keeps a disruption budget, and the session
+    store keeps its append-only file on a volume that outlives the pod."""
+    objects = base_objects()
+    services, budgets = of_kind(objects, "Service"), of_kind(objects, "PodDisruptionBudget")
+    deployments = of_kind(objects, "Deployment")
+    config = service_config("orchestrator", k8s_env(specd_deployments()["orchestrator"][1], of_kind(objects, "ConfigMap")))
+    for address, name in ((config.verifier, "verifier"), (config.drafter, "drafter")):
+        assert address.startswith("dns:///"), address
+        assert services[name]["spec"]["clusterIP"] == "None", name
+    for name in ("verifier", "drafter", "orchestrator"):
+        labels = deployments[name]["spec"]["selector"]["matchLabels"]
+        assert budgets[name]["spec"]["selector"]["matchLabels"] == labels, name
+        spread = deployments[name]["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        assert spread[0]["labelSelector"]["matchLabels"] == labels, name
+    redis = deployments["redis"]["spec"]["template"]["spec"]
+    assert "--appendonly" in redis["containers"][0]["args"]
+    claim = next(v for v in redis["volumes"] if v["name"] == "data")["persistentVolumeClaim"]["claimName"]
+    assert claim in of_kind(objects, "PersistentVolumeClaim")
+
+
+def test_compose_orchestrator_resolves_every_replica() -> None:
+    services = compose()["services"]
+    env = compose_env(services["orchestrator"])
+    for name, peer in (("SPECD_VERIFIER", "verifier"), ("SPECD_DRAFTER", "drafter")):
+        assert env[name].startswith(f"dns:///{peer}:"), env[name]
+        assert "container_name" not in services[peer] and "ports" not in services[peer], peer

@@ -209,3 +209,48 @@ def test_a_second_turn_while_one_runs_is_aborted(stack):
             generate(stack.address("orchestrator2"), "\n", session_id=first.stats.session_id, max_new_tokens=4)
         assert err.value.code() == grpc.StatusCode.ABORTED and "in progress" in err.value.details()
         assert running.result().stats.finish_reason in ("length", "stop", "context")
+
+
+def test_a_load_run_reports_latency_and_no_errors(stack):
+    from specd.load import format_report, run_load
+
+    report = run_load(stack.address("orchestrator"), streams=8, requests=16, max_new_tokens=24, strategy="sd")
+    summary = report.summary()
+    assert summary["requests"] == 16 and summary["errors"] == 0, summary["error_messages"]
+    assert 0 < summary["ttft_p50_ms"] <= summary["ttft_p99_ms"] and 0 < summary["itl_p50_ms"] <= summary["itl_p99_ms"]
+    assert summary["tokens"] > 16
+    assert "time to first token" in format_report(summary)
+
+
+def test_a_redis_restart_loses_no_session_and_fails_no_request(tiny_pair, tmp_path):
+    """Redis with its append-only file, restarted between two turns: the first request after
+    the restart succeeds (the stale pooled connection is retried) and the session is there."""
+    import shutil
+
+    from procs import free_port, start_process, stop_process, wait_for_port
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server not found on PATH")
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+            "--appendfsync", "always", "--dir", str(tmp_path)]  # fmt: skip
+
+    def start_redis():
+        proc = start_process(args, {}, tmp_path / "redis.log", cwd=tmp_path)
+        wait_for_port(port, 10, proc, tmp_path / "redis.log")
+        return proc
+
+    redis_proc = start_redis()
+    s = ServiceStack(tiny_pair.target_dir, tiny_pair.drafter_dir, f"redis://127.0.0.1:{port}/0", tmp_path / "stack")
+    try:
+        s.up()
+        address = s.address("orchestrator")
+        first = generate(address, PROMPTS[4], strategy="sd", max_new_tokens=8)
+        stop_process(redis_proc)
+        redis_proc = start_redis()
+        second = generate(address, "\n# next", session_id=first.stats.session_id, strategy="sd", max_new_tokens=8)
+        assert second.stats.prompt_tokens > first.stats.prompt_tokens + len(first.token_ids)
+    finally:
+        s.down()
+        stop_process(redis_proc)

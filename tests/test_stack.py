@@ -23,16 +23,17 @@ def test_up_generate_down(tiny_pair, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"} | {"SPECD_THREADS": "1"}
     home = str(tmp_path / "home")
     port, redis_port = free_port(), free_port()
-    while port + 2 >= redis_port >= port:
+    while port + 3 >= redis_port >= port:
         redis_port = free_port()
     up = specd(
         "up", "--detach", "--home", home, "--target", str(tiny_pair.target_dir), "--drafter", str(tiny_pair.drafter_dir),
-        "--port", str(port), "--redis-port", str(redis_port), "--dtype", "float64", env=env,
+        "--port", str(port), "--redis-port", str(redis_port), "--dtype", "float64", "--drafter-replicas", "2", env=env,
     )  # fmt: skip
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert f"127.0.0.1:{port}" in up.stdout and "healthy" in up.stdout
-        assert {p.name for p in read_state(tmp_path / "home")} == {"redis", "verifier", "drafter", "orchestrator"}
+        names = {"redis", "verifier", "drafter", "drafter2", "orchestrator"}
+        assert {p.name for p in read_state(tmp_path / "home")} == names
 
         out = specd("generate", "def f(", "--raw", "--max-new-tokens", "12", "--address", f"127.0.0.1:{port}", "--json", env=env)
         assert out.returncode == 0, out.stderr
@@ -43,6 +44,15 @@ def test_up_generate_down(tiny_pair, tmp_path):
         shown = specd("generate", "def f(", "--raw", "--max-new-tokens", "12", "--address", f"127.0.0.1:{port}", env=env)
         assert shown.stdout == result["text"] + "\n"  # streamed text, statistics on stderr
         assert "tok/s" in shown.stderr and "τ" in shown.stderr
+
+        listed = specd("status", "--home", home, "--json", env=env)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        procs = {p["name"]: p for p in json.loads(listed.stdout)}
+        assert set(procs) == names and all(p["healthy"] and p["rss_bytes"] > 0 for p in procs.values())
+        assert procs["drafter2"]["address"] == f"127.0.0.1:{port + 3}"  # verifier port + 1, drafter + 2, + 3
+        assert sum(procs[d]["calls"] for d in ("drafter", "drafter2")) > 0 and procs["orchestrator"]["calls"] is None
+        table = specd("status", "--home", home, env=env)
+        assert table.returncode == 0 and "drafter2" in table.stdout and "healthy" in table.stdout
     finally:
         down = specd("down", "--home", home, env=env)
     assert down.returncode == 0 and "stopped orchestrator" in down.stdout
