@@ -216,7 +216,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     report = run_load(
         args.address, streams=args.streams, requests=args.requests, duration=args.duration,
         max_new_tokens=args.max_new_tokens, strategy=args.strategy or "",
-        home=home if read_state(home) else None, progress=progress,
+        home=home if read_state(home) else None, progress=progress, timeout=args.timeout,
     )  # fmt: skip
     summary = report.summary()
     if args.json:
@@ -341,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per turn (default 64)")
     p.add_argument("--strategy", help="the strategy of every turn (default: the server's)")
     p.add_argument("--home", help="the local stack's home, for each process's memory (default as `specd up`)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds one turn may take before it counts as failed (default 600)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.set_defaults(func=cmd_load)
 

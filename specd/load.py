@@ -88,6 +88,7 @@ def run_load(
     strategy: str = "",
     home: Path | None = None,
     progress=None,
+    timeout: float = 600.0,
 ) -> LoadReport:
     """Runs the load (see the module's doc) and returns what it measured."""
     report = LoadReport(rss_before=_rss(home))
@@ -111,7 +112,7 @@ def run_load(
         arrivals: list[tuple[float, int]] = []
         try:
             result = client.generate(
-                address, request, timeout=max(60.0, duration),
+                address, request, timeout=timeout,
                 on_delta=lambda d: arrivals.append((time.monotonic(), len(d.token_ids))),
             )  # fmt: skip
         except (grpc.RpcError, RuntimeError) as err:
