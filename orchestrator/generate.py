@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field, replace
 
 from orchestrator.backends import Translated
+from orchestrator.languages import LanguagePools, detect_language
 from orchestrator.pool import NoReplica
 from orchestrator.store import ChatMessage, Session, SessionStore, Totals, Turn, TurnInProgress
 from orchestrator.strategies import (
@@ -145,6 +146,8 @@ class Stats:
     failovers: int = 0  # calls redone on another replica
     fallback_rounds: int = 0  # rounds drafted by max-gram because no drafter was reachable
     replicas: list[str] = field(default_factory=list)  # the model service replicas that served the turn
+    language: str = ""  # the session's language, when drafter pools are by language
+    drafter_pool: str = ""  # the language of the drafter pool it drafted on ("" = the default pool)
 
     @property
     def mean_accepted_length(self) -> float:
@@ -317,6 +320,8 @@ class Engine:
         session, resumed = await self._open_turn(req, strategy, k, target)
         turn = session.turn
         stats = Stats(**turn.stats) if resumed and turn.stats else Stats(session_id=session.id, strategy=strategy)
+        if isinstance(self.backends.drafter, LanguagePools):
+            stats.language, stats.drafter_pool = session.language, self.backends.drafter.assign(session.id, session.language)
         stats.prompt_tokens = turn.prompt_end
         stats.redis_seconds += time.perf_counter() - t0
         yield TurnStarted(session.id, turn.request_id, req.resume_from)
@@ -421,6 +426,8 @@ class Engine:
         if not req.session_id:
             seed = secrets.randbits(63) if req.seed is None else req.seed
             session = Session(uuid.uuid4().hex, mode, [], [], self._requested_sampling(req), seed, 0, strategy, k)
+            if isinstance(self.backends.drafter, LanguagePools):
+                session.language = detect_language(_prompt_text(req))
         else:
             session = await self._load(req.session_id)
             turn = session.turn
@@ -487,6 +494,14 @@ class Engine:
 
     async def delete_session(self, session_id: str) -> bool:
         return await self.store.delete(session_id)
+
+
+def _prompt_text(req: GenerationRequest) -> str:
+    """What the request says: its prompt, or its last user message (else its last message)."""
+    if req.messages is None:
+        return req.prompt or ""
+    users = [m.content for m in req.messages if m.role == "user"]
+    return users[-1] if users else req.messages[-1].content
 
 
 def _same_vocab(info: ModelInfo, target: ModelInfo) -> bool:

@@ -26,6 +26,7 @@ from orchestrator.generate import (
     TextChunk,
     TurnStarted,
 )
+from orchestrator.languages import LanguagePools
 from orchestrator.pool import DrafterPool, drafter_pool, verifier_pool
 from orchestrator.store import ChatMessage, SessionStore, TurnInProgress, TurnLost
 from orchestrator.strategies import Backends, k_matrix_problems
@@ -93,6 +94,8 @@ def stats_to_pb(s: Stats) -> pb.GenerationStats:
         failovers=s.failovers,
         fallback_rounds=s.fallback_rounds,
         replicas=s.replicas,
+        language=s.language,
+        drafter_pool=s.drafter_pool,
     )
 
 
@@ -186,7 +189,11 @@ async def _serve(config: OrchestratorConfig, tokenizer) -> None:
             return maxgram
         return drafters_at(targets) if mode == "native" else Translated(drafters_at(targets), mode)
 
-    drafter = drafters_at(drafter_targets) if drafter_targets else None
+    drafter = None
+    if drafter_targets:
+        default = drafters_at(drafter_targets[""])
+        by_language = {label: drafters_at(t) for label, t in drafter_targets.items() if label}
+        drafter = LanguagePools(default, by_language) if by_language else default
     maxgram = MaxGramDrafter()
     cascade = tuple(level(mode, targets) for mode, targets in cascade_levels)
     pools = [verifier.pool, *(d.pool for d in drafters.values())]

@@ -83,6 +83,7 @@ class Session:
     turn: Turn | None = None
     owner: str = ""  # the orchestrator advancing the open turn ("" when none is)
     lease: float = 0.0  # unix time until which the owner holds the open turn
+    language: str = ""  # of its first prompt, when drafter pools are by language ("" = unknown)
 
     @property
     def open_turn(self) -> Turn | None:
@@ -128,6 +129,7 @@ def _meta(session: Session) -> dict[str, str | float | int]:
         "turn": json.dumps(asdict(session.turn)) if session.turn else "",
         "owner": session.owner,
         "lease": session.lease,
+        "language": session.language,
         "created": session.created,
         "updated": time.time(),
     }
@@ -170,6 +172,7 @@ class SessionStore:
             turn=Turn(**json.loads(meta["turn"])) if meta.get("turn") else None,
             owner=meta.get("owner", ""),
             lease=float(meta.get("lease", 0.0)),
+            language=meta.get("language", ""),
         )
 
     async def begin(self, session: Session, owner: str) -> None:

@@ -128,6 +128,23 @@ def parse_targets(text: str, separator: str = ",") -> tuple[str, ...]:
     return targets
 
 
+def labelled_targets(text: str) -> dict[str, tuple[str, ...]]:
+    """SPECD_DRAFTER's pools: unlabelled entries form the default pool (""), `fr=host:port`
+    entries the pool of prompts in that language (an ISO 639 code, as language
+    identification reports it)."""
+    pools: dict[str, list[str]] = {}
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
+        label, sep, target = entry.partition("=")
+        if not sep:
+            label, target = "", entry
+        elif not (label.isalpha() and label.islower() and 2 <= len(label) <= 3):
+            raise ConfigError(f"{entry!r}: a drafter pool's label is a language code such as fr or de, got {label!r}")
+        pools.setdefault(label, []).extend(parse_targets(target))
+    if pools and "" not in pools:
+        raise ConfigError(f"SPECD_DRAFTER={text!r} has no unlabelled entry: give the default pool too")
+    return {label: tuple(targets) for label, targets in pools.items()}
+
+
 def cascade_level(level: str) -> tuple[str, tuple[str, ...]]:
     """One SPECD_CASCADE level: ("maxgram", ()), or its vocabulary mode ("native", "tli",
     "slem") and its pool's targets, joined by '+' ("tli:d1:50052+d2:50052")."""
@@ -176,7 +193,9 @@ class OrchestratorConfig:
     # SPECD_VERIFIER: the verifier's replicas, comma-separated host:port and dns:///name:port
     # entries (a name is re-resolved periodically, each of its addresses a replica)
     verifier: str
-    drafter: str  # SPECD_DRAFTER: the drafter's replicas, as SPECD_VERIFIER ('' = none; only `ar` then)
+    # SPECD_DRAFTER: the drafter's replicas, as SPECD_VERIFIER ('' = none; only `ar` then);
+    # `fr=host:port` entries form the pool of prompts in that language
+    drafter: str
     redis_url: str  # REDIS_URL: session store
     tokenizer: str  # SPECD_TOKENIZER: the target's tokenizer (catalog name or folder)
     home: Path  # SPECD_HOME
@@ -206,9 +225,10 @@ class OrchestratorConfig:
     redis_timeout_seconds: float = 2.0  # SPECD_REDIS_TIMEOUT: a Redis call slower than this fails as UNAVAILABLE
     turn_lease_seconds: float = 30.0  # SPECD_TURN_LEASE: a turn not advanced for this long may be taken over
 
-    def pools(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, tuple[str, ...]], ...]]:
-        """The verifier's targets, the drafter's, and each cascade level's (mode, targets)."""
-        return parse_targets(self.verifier), parse_targets(self.drafter), tuple(map(cascade_level, self.cascade))
+    def pools(self) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]], tuple[tuple[str, tuple[str, ...]], ...]]:
+        """The verifier's targets, the drafter's by language ("" = the default pool), and each
+        cascade level's (mode, targets)."""
+        return parse_targets(self.verifier), labelled_targets(self.drafter), tuple(map(cascade_level, self.cascade))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], default_listen: str) -> OrchestratorConfig:

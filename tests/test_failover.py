@@ -254,3 +254,34 @@ def test_a_redis_restart_loses_no_session_and_fails_no_request(tiny_pair, tmp_pa
     finally:
         s.down()
         stop_process(redis_proc)
+
+
+def test_a_session_drafts_on_the_pool_of_its_language(tiny_pair, redis_url, tmp_path):
+    def extra_env(s: ServiceStack, name: str) -> dict[str, str]:
+        if name == "orchestrator":
+            return {"SPECD_DRAFTER": f"{s.address('drafter')},fr={s.address('drafter2')}"}
+        return {}
+
+    s = ServiceStack(
+        tiny_pair.target_dir, tiny_pair.drafter_dir, redis_url, tmp_path,
+        services=("verifier", "drafter", "drafter2", "orchestrator"), extra_env=extra_env,
+    )  # fmt: skip
+    french, english = "Bonjour, écris une fonction qui inverse une chaîne de caractères.", "Write a function that reverses a string."
+    try:
+        s.up()
+        address = s.address("orchestrator")
+        for text, language, drafter in ((french, "fr", "drafter2"), (english, "en", "drafter")):
+            expected = generate(address, text, strategy="ar", max_new_tokens=16).token_ids
+            result = generate(address, text, strategy="sd", max_new_tokens=16)
+            assert result.token_ids == expected
+            assert result.stats.language == language and result.stats.drafter_pool == (language if language == "fr" else "")
+            assert s.address(drafter) in result.stats.replicas
+            again = generate(address, "\n", session_id=result.stats.session_id, strategy="sd", max_new_tokens=4)
+            assert again.stats.language == language  # kept with the session
+        kill(s, "drafter2")
+        time.sleep(1.5)
+        result = generate(address, french, strategy="sd", max_new_tokens=16)
+        assert result.token_ids == generate(address, french, strategy="ar", max_new_tokens=16).token_ids
+        assert result.stats.language == "fr" and s.address("drafter") in result.stats.replicas
+    finally:
+        s.down()

@@ -94,11 +94,12 @@ def test_targets_and_cascade_levels_parse_and_bad_ones_are_named():
     assert cascade_level("d1:1+dns:///d:2") == ("native", ("d1:1", "dns:///d:2"))
     assert cascade_level("maxgram") == ("maxgram", ())
     base = {"SPECD_VERIFIER": "v:1,v2:1", "SPECD_TOKENIZER": "t"}
-    assert OrchestratorConfig.from_env(base | {"SPECD_DRAFTER": "d:1,dns:///d:2"}, "").pools()[:2] == (
-        ("v:1", "v2:1"), ("d:1", "dns:///d:2"),
+    assert OrchestratorConfig.from_env(base | {"SPECD_DRAFTER": "d:1,dns:///d:2,fr=f:1,fr=f:2"}, "").pools()[:2] == (
+        ("v:1", "v2:1"), {"": ("d:1", "dns:///d:2"), "fr": ("f:1", "f:2")},
     )  # fmt: skip
-    for bad in ("drafter", "d:port", "dns:///:5"):
-        with pytest.raises(ConfigError, match="not host:port"):
+    for bad, words in (("drafter", "not host:port"), ("d:port", "not host:port"), ("dns:///:5", "not host:port"),
+                       ("d:1,FR=f:1", "language code"), ("fr=f:1", "default pool")):  # fmt: skip
+        with pytest.raises(ConfigError, match=words):
             OrchestratorConfig.from_env(base | {"SPECD_DRAFTER": bad}, "")
 
 

@@ -397,7 +397,7 @@ class TextDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("session_id", "strategy", "finish_reason", "prompt_tokens", "new_tokens", "target_forwards", "drafted", "accepted", "mean_accepted_length", "acceptance_rate", "acceptance_by_position", "wall_seconds", "tokens_per_second", "draft_seconds", "verify_seconds", "network_seconds", "redis_seconds", "bytes_sent", "bytes_received", "failovers", "fallback_rounds", "replicas")
+    __slots__ = ("session_id", "strategy", "finish_reason", "prompt_tokens", "new_tokens", "target_forwards", "drafted", "accepted", "mean_accepted_length", "acceptance_rate", "acceptance_by_position", "wall_seconds", "tokens_per_second", "draft_seconds", "verify_seconds", "network_seconds", "redis_seconds", "bytes_sent", "bytes_received", "failovers", "fallback_rounds", "replicas", "language", "drafter_pool")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -420,6 +420,8 @@ class GenerationStats(_message.Message):
     FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_POOL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     strategy: str
     finish_reason: str
@@ -442,7 +444,9 @@ class GenerationStats(_message.Message):
     failovers: int
     fallback_rounds: int
     replicas: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., strategy: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., target_forwards: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., acceptance_by_position: _Optional[_Iterable[float]] = ..., wall_seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., draft_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., network_seconds: _Optional[float] = ..., redis_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., failovers: _Optional[int] = ..., fallback_rounds: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ...) -> None: ...
+    language: str
+    drafter_pool: str
+    def __init__(self, session_id: _Optional[str] = ..., strategy: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., target_forwards: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., acceptance_by_position: _Optional[_Iterable[float]] = ..., wall_seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., draft_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., network_seconds: _Optional[float] = ..., redis_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., failovers: _Optional[int] = ..., fallback_rounds: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., language: _Optional[str] = ..., drafter_pool: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "stats", "started")
