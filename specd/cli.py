@@ -46,6 +46,7 @@ def _spec(args: argparse.Namespace):
         drafter_runtime=args.drafter_runtime,
         verifier_replicas=args.verifier_replicas,
         drafter_replicas=args.drafter_replicas,
+        threads=args.threads,
         verifier_port=args.port + 1,
         drafter_port=args.port + 1 + args.verifier_replicas,
     )
@@ -276,6 +277,11 @@ def _add_stack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", type=int, default=4, help="default draft length of sd (default 4)")
     p.add_argument("--verifier-replicas", type=_at_least_one, default=1, help="verifier processes, on the ports after the orchestrator's (default 1)")
     p.add_argument("--drafter-replicas", type=_at_least_one, default=1, help="drafter processes, on the ports after the verifiers' (default 1)")
+    p.add_argument(
+        "--threads", type=int, default=0,
+        help="threads of each model service's passes (default $SPECD_THREADS, else every core: fastest for one "
+        "stream at a time; with concurrent streams, cores / model processes avoids oversubscription, docs/scale-out.md)",
+    )  # fmt: skip
     p.add_argument("--home", help="models and run state (default $SPECD_HOME or ~/.cache/specd)")
 
 

@@ -37,6 +37,7 @@ class StackSpec:
     redis_port: int = 6399
     verifier_replicas: int = 1  # the verifiers take verifier_port, verifier_port + 1, ...
     drafter_replicas: int = 1
+    threads: int = 0  # SPECD_THREADS of each model service; 0 = $SPECD_THREADS, else every core
     redis_url: str = ""  # an existing Redis; "" starts redis-server
     dtype: str = "auto"  # SPECD_DTYPE of the model services (torch runtime)
     verifier_runtime: str = "auto"  # SPECD_RUNTIME of the verifier
@@ -199,6 +200,8 @@ def up(spec: StackSpec, say=print) -> list[Proc]:
                 **base_env, "SPECD_MODEL": model, "SPECD_LISTEN": spec.address(port), "SPECD_DTYPE": spec.dtype,
                 "SPECD_RUNTIME": runtime,
             }  # fmt: skip
+            if spec.threads:
+                env["SPECD_THREADS"] = str(spec.threads)
             if _role(name) == "drafter":
                 env["SPECD_TARGET_TOKENIZER"] = spec.target  # translates if its vocabulary differs
             proc = _spawn(name, [sys.executable, "-m", module], env, logs / f"{name}.log")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from procs import free_port
 
@@ -20,20 +21,22 @@ def specd(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.C
 
 
 def test_up_generate_down(tiny_pair, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"} | {"SPECD_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "SPECD_THREADS")}
     home = str(tmp_path / "home")
     port, redis_port = free_port(), free_port()
     while port + 3 >= redis_port >= port:
         redis_port = free_port()
     up = specd(
         "up", "--detach", "--home", home, "--target", str(tiny_pair.target_dir), "--drafter", str(tiny_pair.drafter_dir),
-        "--port", str(port), "--redis-port", str(redis_port), "--dtype", "float64", "--drafter-replicas", "2", env=env,
+        "--port", str(port), "--redis-port", str(redis_port), "--dtype", "float64", "--drafter-replicas", "2", "--threads", "1", env=env,
     )  # fmt: skip
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert f"127.0.0.1:{port}" in up.stdout and "healthy" in up.stdout
         names = {"redis", "verifier", "drafter", "drafter2", "orchestrator"}
         assert {p.name for p in read_state(tmp_path / "home")} == names
+        logs = {p.name: Path(p.log).read_text() for p in read_state(tmp_path / "home")}
+        assert all(" 1 threads" in logs[name] for name in ("verifier", "drafter", "drafter2")), "--threads 1 not applied"
 
         out = specd("generate", "def f(", "--raw", "--max-new-tokens", "12", "--address", f"127.0.0.1:{port}", "--json", env=env)
         assert out.returncode == 0, out.stderr
