@@ -36,8 +36,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator.backends import RemoteDrafter, RemoteVerifier, ServiceUnavailable
-from services.config import DNS
-from services.pb import specd_pb2 as pb
+from services.config import DNS, split_target
 from services.runtime import ModelInfo
 from services.server import channel_options
 
@@ -77,8 +76,6 @@ class Replica(Generic[Client]):
     address: str
     client: Client
     healthy: bool = True  # until a check or a call says otherwise
-    served: int = 0  # calls it answered
-    failures: int = 0  # calls that failed over from it
     active: dict[str, float] = field(default_factory=dict)  # session id -> last call (monotonic)
     placed: dict[str, float] = field(default_factory=dict)  # session id -> when it came here
     joined: float = 0.0  # when it last turned healthy (monotonic; 0 = from the start)
@@ -123,7 +120,6 @@ class ReplicaPool(Generic[Client]):
         self.wait_seconds = wait_seconds  # how long a call waits for a replica to come back
         self.replicas: dict[str, Replica[Client]] = {}
         self._resolved: dict[str, set[str]] = {}  # dns:/// target -> the addresses it resolved to
-        self.failovers = 0
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()  # set when a replica turns healthy
         for target in self.targets:  # static entries are replicas from the start
@@ -155,7 +151,7 @@ class ReplicaPool(Generic[Client]):
             if not target.startswith(DNS):
                 found.add(target)
                 continue
-            host, _, port = target.removeprefix(DNS).rpartition(":")
+            host, port = split_target(target)
             try:
                 infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
             except OSError as err:
@@ -268,16 +264,13 @@ class ReplicaPool(Generic[Client]):
                     reply = await fn(replica.client)
                 except ServiceUnavailable as err:
                     replica.healthy = False
-                    replica.failures += 1
                     replica.forget(session_id)
-                    self.failovers += 1
                     errors.append(str(err))
                     log.warning("%s: %s; failing over", self, err)
                     continue
-                replica.served += 1
-                now = time.monotonic()
                 if not place:
                     return reply, replica.address, len(errors)
+                now = time.monotonic()
                 if session_id not in replica.active:
                     for other in self.replicas.values():
                         other.forget(session_id)
@@ -310,29 +303,12 @@ def verifier_pool(targets: Sequence[str], timeout_seconds: float, **options) -> 
 class _Pooled(Generic[Client]):
     def __init__(self, pool: ReplicaPool[Client]) -> None:
         self.pool = pool
-        self._info: ModelInfo | None = None
-
-    @property
-    def address(self) -> str:
-        return self.pool.name
 
     async def info(self) -> ModelInfo:
-        """The model of the pool (its replicas serve the same one), from any replica."""
-        if self._info is None:
-            self._info, _, _ = await self.pool.attempt("", lambda client: client.info(), place=False)
-        return self._info
-
-    async def status(self) -> list[tuple[Replica[Client], pb.ServiceStatus | None]]:
-        """Each replica with its own report (None where it did not answer)."""
-
-        async def one(replica: Replica[Client]) -> pb.ServiceStatus | None:
-            try:
-                return await replica.client.stub.Status(pb.StatusRequest(), timeout=2.0)
-            except grpc.aio.AioRpcError:
-                return None
-
-        replicas = list(self.pool.replicas.values())
-        return list(zip(replicas, await asyncio.gather(*(one(r) for r in replicas))))
+        """The model of the pool (its replicas serve the same one), from any replica; the
+        Engine asks once and keeps it."""
+        info, _, _ = await self.pool.attempt("", lambda client: client.info(), place=False)
+        return info
 
 
 class DrafterPool(_Pooled[RemoteDrafter]):

@@ -29,6 +29,7 @@ def measure(model: str, runtime: str, threads: int, repeats: int) -> dict:
 
     from services.config import ModelServiceConfig, default_home
     from services.runtime import load_runtime
+    from services.server import rss_bytes
 
     name, dtype = RUNTIMES[runtime]
     config = ModelServiceConfig(
@@ -48,7 +49,7 @@ def measure(model: str, runtime: str, threads: int, repeats: int) -> dict:
             started = time.perf_counter()
             rt.logits("s", seq, n)
             best[n] = min(best[n], time.perf_counter() - started)
-    rss = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+    rss = rss_bytes()
     return {"ms": {n: round(best[n] * 1000, 1) for n in TOKENS}, "rss_gb": round(rss / 1e9, 2)}
 
 

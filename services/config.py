@@ -117,12 +117,18 @@ class ModelServiceConfig:
 DNS = "dns:///"
 
 
+def split_target(target: str) -> tuple[str, str]:
+    """The host (or DNS name) and port of a `host:port` or `dns:///name:port` target."""
+    host, _, port = target.removeprefix(DNS).rpartition(":")
+    return host, port
+
+
 def parse_targets(text: str, separator: str = ",") -> tuple[str, ...]:
     """The replicas of a pool: `host:port` and `dns:///name:port` entries (a name re-resolved
     periodically, every address a replica), separated by `separator`."""
     targets = tuple(t.strip() for t in text.split(separator) if t.strip())
     for target in targets:
-        host, _, port = target.removeprefix(DNS).rpartition(":")
+        host, port = split_target(target)
         if not host or not port.isdigit():
             raise ConfigError(f"{target!r} is not host:port or dns:///name:port")
     return targets

@@ -28,6 +28,7 @@ from services.config import ModelServiceConfig
 from services.errors import BadRequest, ContextMiss, Unsupported
 from services.pb import specd_pb2 as pb
 from services.runtime import ModelInfo
+from services.server import rss_bytes
 from services.sessions import SessionContexts
 from services.wire import info_to_pb
 from services.worker import Worker
@@ -89,15 +90,6 @@ class ModelServicer:
             rss_bytes=rss_bytes(), sessions=len(self.core.contexts), calls=counts.calls, context_hits=counts.hits,
             context_misses=counts.misses, full_contexts=counts.full,
         )  # fmt: skip
-
-
-def rss_bytes() -> int:
-    """This process's resident memory (Linux; 0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def run_model_service(

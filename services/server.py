@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable, Iterable
 
@@ -18,6 +19,15 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a full-context resend of a long prompt m
 # How long a stopping model service keeps answering after it reports NOT_SERVING: callers
 # check health every second (SPECD_HEALTH_INTERVAL) and move their sessions on meanwhile.
 DRAIN_SECONDS = 2.0
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """A process's resident memory (Linux; 0 where /proc has no such process)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -57,18 +57,17 @@ class SessionContexts:
         """The full context a call is about; raises ContextMiss when a delta does not match
         what this service holds, BadRequest for ids outside the vocabulary or no context."""
         self.counts.calls += 1
-        if isinstance(context, ContextDelta) and context.base_len:
+        if isinstance(context, ContextDelta):
             check_token_ids(context.tokens, vocab_size, "context.tokens")
             held = self._states.get(session_id)
             full = resolve_delta(None if held is None else held.context, context)
             if full is None:
                 self.counts.misses += 1
                 raise ContextMiss(f"session {session_id}: no cached prefix of {context.base_len} tokens matches")
-            self.counts.hits += 1
-        elif isinstance(context, ContextDelta):
-            self.counts.full += 1
-            full = list(context.tokens)
-            check_token_ids(full, vocab_size, "context.tokens")
+            if context.base_len:
+                self.counts.hits += 1
+            else:
+                self.counts.full += 1
         else:
             full = list(context)
             check_token_ids(full, vocab_size, "context")

@@ -176,7 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(text, end="", flush=True)
 
     try:
-        result = generate(args.address, request, timeout=args.timeout, on_text=show)
+        result = generate(args.address, request, timeout=args.timeout, on_delta=lambda delta: show(delta.text))
     except grpc.RpcError as err:
         if not args.json and shown:
             print()

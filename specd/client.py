@@ -50,7 +50,6 @@ def generate(
     timeout: float = 300.0,
     resumes: int = 5,
     backoff_seconds: float = 0.25,
-    on_text: Callable[[str], None] | None = None,
     on_delta: Callable[[pb.TextDelta], None] | None = None,
 ) -> Result:
     """Runs one turn to its end at `address` (one host:port, or several comma-separated: the
@@ -78,8 +77,6 @@ def generate(
                     elif event == "delta":
                         result.token_ids.extend(reply.delta.token_ids)
                         result.chunks.append(reply.delta.text)
-                        if on_text is not None:
-                            on_text(reply.delta.text)
                         if on_delta is not None:
                             on_delta(reply.delta)
                     elif event == "stats":

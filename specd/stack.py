@@ -306,22 +306,6 @@ class ProcStatus:
     full_contexts: int | None = None
 
 
-def _rss(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _healthy(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
 def _model_status(role: str, address: str):
     from services.pb import specd_pb2 as pb
     from services.pb import specd_pb2_grpc as pb_grpc
@@ -336,11 +320,14 @@ def _model_status(role: str, address: str):
 
 def status(home: Path) -> list[ProcStatus]:
     """Every process of the stack: alive, healthy, memory, and what each model service served."""
+    from services.healthcheck import check
+    from services.server import rss_bytes
+
     out = []
     for p in read_state(home):
         role = _role(p.name)
         alive = _alive(p.pid)
-        entry = ProcStatus(p.name, role, p.address, p.pid, alive, False, _rss(p.pid) if alive else 0)
+        entry = ProcStatus(p.name, role, p.address, p.pid, alive, False, rss_bytes(p.pid) if alive else 0)
         if alive and role == "redis":
             import redis
 
@@ -349,7 +336,7 @@ def status(home: Path) -> list[ProcStatus]:
             except redis.exceptions.RedisError:
                 pass
         elif alive:
-            entry.healthy = _healthy(p.address)
+            entry.healthy, _ = check(p.address)
             reply = _model_status(role, p.address) if role in ("verifier", "drafter") else None
             if reply is not None:
                 entry.sessions, entry.calls = reply.sessions, reply.calls

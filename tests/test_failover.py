@@ -66,7 +66,7 @@ def run_streams(stack, strategy: str, when_streaming=None, orchestrators: str | 
 
     def one(prompt: str) -> client.Result:
         return client.generate(
-            address, pb.GenerateRequest(prompt=prompt, **request), timeout=120, on_text=lambda _: first_text.set()
+            address, pb.GenerateRequest(prompt=prompt, **request), timeout=120, on_delta=lambda _: first_text.set()
         )
 
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
@@ -203,7 +203,7 @@ def test_a_second_turn_while_one_runs_is_aborted(stack):
     started = threading.Event()
     request = pb.GenerateRequest(prompt="\n", session_id=first.stats.session_id, strategy="ar", max_new_tokens=250)
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(client.generate, address, request, on_text=lambda _: started.set())
+        running = pool.submit(client.generate, address, request, on_delta=lambda _: started.set())
         assert started.wait(60)
         with pytest.raises(grpc.RpcError) as err:
             generate(stack.address("orchestrator2"), "\n", session_id=first.stats.session_id, max_new_tokens=4)
