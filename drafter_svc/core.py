@@ -10,6 +10,9 @@ work on the core's one worker thread, and records what the caller now believes i
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 from collections.abc import Sequence
 
 import torch
@@ -44,8 +47,10 @@ class DrafterCore:
         max_sessions: int = 16,
         translation: Translation | None = None,
         worker: Worker | None = None,
+        min_confidence: float = 0.0,
     ) -> None:
         self.runtime = runtime
+        self.min_confidence = min_confidence  # propose stops before a less confident position
         self.q_top = q_top  # entries of the truncated q sent when sampling
         self.second_stage = second_stage  # max-gram lookahead while growing trees (0 = off)
         self.max_draft = max_draft
@@ -77,16 +82,25 @@ class DrafterCore:
         if self.translation is not None and vocab == "native":
             self._refuse_foreign("propose target tokens directly (vocab mode native)")
 
+        # A caller that cancels (a pipelined strategy's discarded speculative draft) frees the
+        # worker after the drafter pass under way: the draft stops between tokens.
+        cancelled = threading.Event()
+
         def work(full: list[int], generator: torch.Generator) -> Draft:
             if self.translation is None:
-                p = propose(self.runtime, session_id, full, k, params, self.q_top, generator)
+                p = propose(self.runtime, session_id, full, k, params, self.q_top, generator, self.min_confidence,
+                            stop=cancelled.is_set)  # fmt: skip
             else:
                 translate = propose_slem if vocab == "slem" else propose_tli
                 p = translate(self.runtime, self.translation, session_id, full, k, params, self.q_top, generator)
             self.contexts.commit(session_id, full)
             return Draft(p.tokens, p.q, PENDING)
 
-        return await self._calls.run(session_id, context, seed, work)
+        try:
+            return await self._calls.run(session_id, context, seed, work)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
     async def propose_strings(
         self, session_id: str, context: Context, k: int, params: SamplingParams, seed: int

@@ -6,7 +6,7 @@ drafter's core (drafter_svc/core.py) resolves context deltas, seeds and times th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +32,8 @@ def propose(
     params: SamplingParams,
     q_top: int,
     generator: torch.Generator,
+    min_confidence: float = 0.0,
+    stop: Callable[[], bool] = lambda: False,
 ) -> Proposal:
     """Drafts k tokens autoregressively after the context.
 
@@ -39,12 +41,25 @@ def propose(
     entries and renormalised, and that truncated q is what is returned: the verifier's
     rejection rule then uses exactly the distribution the token came from, which keeps it
     lossless, while the payload stays q_top pairs per token.
+
+    With min_confidence > 0 the draft ends before a position where the drafter's top
+    probability (of its warped distribution; of its plain softmax when greedy) is below it
+    (llama.cpp's draft p-min). Lossless: whether position i is drafted at all depends on the
+    tokens before it and the drafter's own distribution there, never on the token it would
+    draw, so a drafted token is still distributed as its q, and an undrafted position is
+    the verifier's bonus token, drawn from p.
+
+    `stop()` true ends the draft before the next pass: its caller has gone away.
     """
     seq = list(context)
     tokens: list[int] = []
     qs: list[SparseDist] = []
     for _ in range(k):
+        if stop():
+            break
         logits = runtime.logits(session_id, seq, 1)[0]  # (V,)
+        if min_confidence > 0 and _confidence(logits, params) < min_confidence:
+            break
         if params.greedy:
             token = int(torch.argmax(logits))
         else:
@@ -54,6 +69,12 @@ def propose(
         tokens.append(token)
         seq.append(token)
     return Proposal(tuple(tokens), tuple(qs))
+
+
+def _confidence(logits: torch.Tensor, params: SamplingParams) -> float:
+    """The drafter's top probability at a position: of the distribution it draws from."""
+    probs = torch.softmax(logits.double(), dim=-1) if params.greedy else target_probs(logits, params)
+    return float(probs.max())
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field, replace
 
+from orchestrator.adaptive import FIXED_K, DraftLength
 from orchestrator.backends import Translated
 from orchestrator.languages import LanguagePools, detect_language
 from orchestrator.pool import NoReplica
@@ -23,14 +24,16 @@ from orchestrator.strategies import (
     STRATEGIES,
     Backends,
     NotServable,
+    Lookahead,
     RoundInput,
     RoundResult,
     default_k_matrix,
     k_matrix_problems,
     sd_round,
+    sized,
 )
 from orchestrator.text import TextStream
-from services.roles import CallCost
+from services.roles import CallCost, Stopwatch
 from services.runtime import ModelInfo
 from services.sampling import SamplingParams
 from services.tree import TreeShape
@@ -60,7 +63,7 @@ class GenerationRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     strategy: str = ""
-    k: int = 0  # 0 = default
+    k: int = 0  # 0 = the server's default (Limits.default_k; 0 there = adaptive)
     k_matrix: tuple[tuple[int, ...], ...] = ()  # `cascade`; empty = default
     tree: TreeShape | None = None  # `staged`; None = default
     request_id: str = ""  # names the turn, so that a call after a broken stream resumes it
@@ -148,6 +151,16 @@ class Stats:
     replicas: list[str] = field(default_factory=list)  # the model service replicas that served the turn
     language: str = ""  # the session's language, when drafter pools are by language
     drafter_pool: str = ""  # the language of the drafter pool it drafted on ("" = the default pool)
+    adaptive: bool = False  # each round's draft length chosen by measured acceptance and cost
+    ar_rounds: int = 0  # rounds that drafted nothing
+    draft_asked: int = 0  # draft tokens asked for, over all rounds
+    speculative_drafts: int = 0  # pipelined: next-round drafts begun during a verify
+    speculative_hits: int = 0  # of those, used as the next round's draft
+    speculative_ready: int = 0  # of those, finished before the verify answered
+
+    @property
+    def mean_draft_length(self) -> float:
+        return self.draft_asked / self.target_forwards if self.target_forwards else 0.0
 
     @property
     def mean_accepted_length(self) -> float:
@@ -166,8 +179,10 @@ class Stats:
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.wall_seconds if self.wall_seconds else 0.0
 
-    def add_round(self, r: RoundResult) -> None:
+    def add_round(self, r: RoundResult, asked: int) -> None:
         self.target_forwards += 1
+        self.draft_asked += asked
+        self.ar_rounds += r.drafted == 0
         self.drafted += r.drafted
         self.accepted += r.accepted
         for i in range(r.drafted):
@@ -198,6 +213,7 @@ class Engine:
         self._infos: dict[int, ModelInfo] = {}  # id(drafter) -> its Info, asked once like the target's
         self.owner = uuid.uuid4().hex  # this engine, as the owner of the turns it runs
         self.in_flight = 0  # turns streaming now (a stopping server waits for them)
+        self.draft_lengths: dict[str, DraftLength] = {}  # per strategy: what adaptive rounds measured
 
     # -- checks -------------------------------------------------------------------------
 
@@ -343,41 +359,75 @@ class Engine:
         )  # fmt: skip
         yield stats
 
+    def _draft_length(self, req: GenerationRequest, session: Session, strategy: str, k: int) -> DraftLength | None:
+        """What chooses the turn's draft lengths: None when the turn's k is fixed - the
+        request's or the server's k, a cascade's k-matrix or a staged tree the request gives -
+        or when the turn samples with a seed the request gives: a seeded stream replays, and
+        adaptive choices follow measured timings that no seed fixes (greedy output is the
+        same whatever k, so greedy turns adapt)."""
+        fixed = k or (strategy == "cascade" and req.k_matrix) or (strategy == "staged" and req.tree)
+        replayed = req.seed is not None and not session.sampling.greedy
+        if fixed or replayed or strategy == "ar":
+            return None
+        return self.draft_lengths.setdefault(strategy, DraftLength())
+
     async def _rounds(self, req, session, stats, target, shape, drafter_down) -> AsyncIterator[TextChunk]:
         """The turn's rounds from where its committed tokens end, then its end."""
         max_new, k, k_matrix = shape
         turn = session.turn
         round_fn = STRATEGIES[stats.strategy].run
+        adaptive = self._draft_length(req, session, stats.strategy, k)
+        stats.adaptive = adaptive is not None
+        k = k or FIXED_K  # the draft length of a turn that does not adapt, when none is given
+        lookahead = Lookahead()  # a pipelined strategy's next draft, begun during a verify
         out = TurnOutput(TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), req.stop),
                          req.resume_from)  # fmt: skip
         text, shown = out.push(session.tokens[turn.prompt_end :])
         reason = stats.finish_reason if turn.done else self._finish_reason(session, stats, target, out, max_new)
-        while True:
-            if reason:
-                text += out.finish()
-            if text or shown:
-                yield TextChunk(text, shown)
-            if reason:
-                break
-            room = min(max_new - stats.new_tokens, target.max_context - len(session.tokens))
-            r = RoundInput(
-                session.id, session.tokens, session.sampling, session.seed, session.step, min(k, room - 1),
-                max_draft=room - 1, k_matrix=k_matrix, tree=req.tree or self.limits.default_tree,
-            )  # fmt: skip
-            result = await self._round(round_fn, r, stats, drafter_down)
-            tokens = list(result.tokens[:room])
-            eos_at = next((i for i, t in enumerate(tokens) if t in target.eos_token_ids), None)
-            if eos_at is not None:
-                tokens = tokens[: eos_at + 1]
-            session.tokens.extend(tokens)
-            session.step += 1
-            stats.add_round(result)
-            stats.new_tokens += len(tokens)
-            _add_totals(session.totals, result, len(tokens))
-            text, shown = out.push(tokens)
-            reason = self._finish_reason(session, stats, target, out, max_new)
-            turn.stats = asdict(stats)
-            await self._timed(stats, self.store.commit(session, tokens))
+        try:
+            while True:
+                if reason:
+                    text += out.finish()
+                if text or shown:
+                    yield TextChunk(text, shown)
+                if reason:
+                    break
+                room = min(max_new - stats.new_tokens, target.max_context - len(session.tokens))
+                watch = Stopwatch()
+                r = RoundInput(
+                    session.id, session.tokens, session.sampling, session.seed, session.step, min(k, room - 1),
+                    max_draft=room - 1, k_matrix=k_matrix, tree=req.tree or self.limits.default_tree,
+                    lookahead=lookahead,
+                )  # fmt: skip
+                if adaptive is not None:
+                    choice = adaptive.choose(session.acceptance, session.step, room - 1, session.ar_streak)
+                    r = sized(stats.strategy, r, choice.k)
+                fallbacks = stats.fallback_rounds
+                result = await self._round(round_fn, r, stats, drafter_down)
+                tokens = list(result.tokens[:room])
+                eos_at = next((i for i, t in enumerate(tokens) if t in target.eos_token_ids), None)
+                if eos_at is not None:
+                    tokens = tokens[: eos_at + 1]
+                session.tokens.extend(tokens)
+                session.step += 1
+                session.ar_streak = 0 if r.k else session.ar_streak + 1
+                stats.add_round(result, r.k)
+                stats.new_tokens += len(tokens)
+                _add_totals(session.totals, result, len(tokens))
+                text, shown = out.push(tokens)
+                reason = self._finish_reason(session, stats, target, out, max_new)
+                turn.stats = asdict(stats)
+                await self._timed(stats, self.store.commit(session, tokens))
+                if adaptive is not None and stats.fallback_rounds == fallbacks:
+                    # The round's whole cost, its commit included: what a longer draft amortises.
+                    # A turn's first round also prefills what the turn added: not a round's cost.
+                    seconds = watch.seconds if stats.target_forwards > 1 else None
+                    adaptive.observe(session.acceptance, r.k, result.drafted, result.accepted, seconds)
+        finally:
+            await lookahead.close()
+            stats.speculative_drafts += lookahead.started
+            stats.speculative_hits += lookahead.hits
+            stats.speculative_ready += lookahead.ready
         if not turn.done:
             stats.finish_reason = reason
             if session.mode == "chat":

@@ -96,6 +96,12 @@ def stats_to_pb(s: Stats) -> pb.GenerationStats:
         replicas=s.replicas,
         language=s.language,
         drafter_pool=s.drafter_pool,
+        adaptive=s.adaptive,
+        ar_rounds=s.ar_rounds,
+        mean_draft_length=s.mean_draft_length,
+        speculative_drafts=s.speculative_drafts,
+        speculative_hits=s.speculative_hits,
+        speculative_ready=s.speculative_ready,
     )
 
 

@@ -3,7 +3,7 @@
 Layout, per session id S (every key expires after the session's idle TTL):
 
     specd:session:S              hash: mode, messages, sampling, seed, step, strategy, k, totals,
-                                 turn, owner, lease, created, updated
+                                 drafting, turn, owner, lease, created, updated
     specd:session:S:tokens       list: the committed token ids, prompt included
     specd:session:S:undo         the hash as it was before the open turn began (absent for a
     specd:session:S:undo:tokens  new session), and the list
@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import redis.asyncio as aioredis
 
+from orchestrator.adaptive import Acceptance
 from services.sampling import SamplingParams
 
 PREFIX = "specd:session:"
@@ -84,6 +85,10 @@ class Session:
     owner: str = ""  # the orchestrator advancing the open turn ("" when none is)
     lease: float = 0.0  # unix time until which the owner holds the open turn
     language: str = ""  # of its first prompt, when drafter pools are by language ("" = unknown)
+    # Adaptive draft length: the session's measured acceptance by position, and its rounds in
+    # a row that drafted nothing (orchestrator/adaptive.py).
+    acceptance: Acceptance = field(default_factory=Acceptance)
+    ar_streak: int = 0
 
     @property
     def open_turn(self) -> Turn | None:
@@ -126,6 +131,7 @@ def _meta(session: Session) -> dict[str, str | float | int]:
         "strategy": session.strategy,
         "k": session.k,
         "totals": json.dumps(asdict(session.totals)),
+        "drafting": _drafting(session),
         "turn": json.dumps(asdict(session.turn)) if session.turn else "",
         "owner": session.owner,
         "lease": session.lease,
@@ -133,6 +139,10 @@ def _meta(session: Session) -> dict[str, str | float | int]:
         "created": session.created,
         "updated": time.time(),
     }
+
+
+def _drafting(session: Session) -> str:
+    return json.dumps({"acceptance": session.acceptance.to_json(), "ar_streak": session.ar_streak})
 
 
 class SessionStore:
@@ -157,6 +167,7 @@ class SessionStore:
         if not meta:
             return None
         meta = {k.decode(): v.decode() for k, v in meta.items()}
+        drafting = json.loads(meta.get("drafting") or "{}")
         return Session(
             id=session_id,
             mode=meta["mode"],
@@ -173,6 +184,8 @@ class SessionStore:
             owner=meta.get("owner", ""),
             lease=float(meta.get("lease", 0.0)),
             language=meta.get("language", ""),
+            acceptance=Acceptance.from_json(drafting.get("acceptance")),
+            ar_streak=int(drafting.get("ar_streak", 0)),
         )
 
     async def begin(self, session: Session, owner: str) -> None:
@@ -197,7 +210,8 @@ class SessionStore:
         the lease; raises TurnLost if another orchestrator has taken the turn over."""
         session.lease = time.time() + self.lease_seconds
         fields = {"step": session.step, "totals": json.dumps(asdict(session.totals)), "lease": session.lease,
-                  "turn": json.dumps(asdict(session.turn)), "updated": time.time()}  # fmt: skip
+                  "drafting": _drafting(session), "turn": json.dumps(asdict(session.turn)),
+                  "updated": time.time()}  # fmt: skip
         await self._run_owned(session, fields, new_tokens)
 
     async def finish(self, session: Session) -> None:

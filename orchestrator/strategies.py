@@ -7,8 +7,10 @@ output follows the target's distribution (the acceptance rule in services/accept
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar, cast
 
 from orchestrator.backends import (
@@ -21,7 +23,7 @@ from orchestrator.backends import (
     Verifier,
 )
 from services.maxgram import MaxGramDrafter
-from services.roles import CallCost, total_cost
+from services.roles import CallCost, Draft, total_cost
 from services.sampling import SamplingParams, SparseDist, round_seed
 from services.tree import TreeShape
 
@@ -65,6 +67,7 @@ class RoundInput:
     max_draft: int = 1 << 30  # the most draft tokens the round may send (its n + 1 must fit the room left)
     k_matrix: tuple[tuple[int, ...], ...] = ()  # `cascade`; empty = default_k_matrix
     tree: TreeShape | None = None  # `staged`; None = DEFAULT_TREE
+    lookahead: Lookahead | None = None  # the turn's speculative next draft (pipelined strategies)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,25 @@ class RoundResult:
     accepted: int  # n
     draft_cost: CallCost | None
     verify_cost: CallCost
+
+
+def sized(strategy: str, r: RoundInput, k: int) -> RoundInput:
+    """The round with draft length k, in the strategy's own terms: `sd` and the foreign
+    vocabularies draft k tokens; `cascade` gives its top drafter k tokens of the target's
+    draft (row 0 of the k-matrix: k = 0 leaves only the statistical levels' tokens, nearly
+    free); `staged` grows its tree k deep (extra depths single paths)."""
+    k = min(k, r.max_draft)
+    if strategy == "cascade":
+        levels = r.k_matrix or ()
+        if levels:
+            top = (k, *levels[0][1:])
+            return replace(r, k=k, k_matrix=(top, *levels[1:]))
+        return replace(r, k=k)
+    if strategy == "staged":
+        shape = r.tree or DEFAULT_TREE
+        extra = max(0, k - len(shape.branching))
+        return replace(r, k=k, tree=TreeShape((*shape.branching[:k], *(1,) * extra), shape.budget + extra))
+    return replace(r, k=k)
 
 
 async def ar_round(backends: Backends, r: RoundInput) -> RoundResult:
@@ -94,6 +116,112 @@ async def sd_round(backends: Backends, r: RoundInput) -> RoundResult:
     v = await backends.verifier.verify(
         r.session_id, r.context, d.tokens, d.q, r.params, round_seed(r.seed, r.step, "verify")
     )
+    return RoundResult(v.tokens, len(d.tokens), v.accepted, d.cost, v.cost)
+
+
+# -- pipelined ----------------------------------------------------------------------------
+
+
+@dataclass
+class Lookahead:
+    """One turn's speculative draft of its next round, drafted while the verifier checks the
+    current one (pipelined `sd`), and what became of such drafts.
+
+    The draft runs after `assumed`: the current context with the current draft all
+    accepted. Its first token is the drafter's guess g of the verifier's bonus token, the
+    rest the next round's draft; it is used when the next round starts from assumed + g,
+    and discarded on any other outcome."""
+
+    task: asyncio.Task | None = None
+    assumed: list[int] | None = None
+    arrived_ready: bool = False  # the draft was done when the verify answer arrived
+    started: int = 0  # speculative drafts begun
+    hits: int = 0  # used as the next round's draft
+    ready: int = 0  # used, and done before the verify answered: no drafting wait at all
+
+    def start(self, assumed: list[int], draft: Awaitable[Draft]) -> None:
+        self.discard()
+        self.task = asyncio.ensure_future(draft)
+        self.assumed = assumed
+        self.arrived_ready = False
+
+    async def take(self, context: Sequence[int], k: int) -> Draft | None:
+        """The next round's draft (at most k tokens) if the speculation held for this context;
+        None otherwise, the speculative draft discarded."""
+        task, assumed = self.task, self.assumed
+        self.task = self.assumed = None
+        if task is None or assumed is None:
+            return None
+        n = len(assumed)
+        if len(context) != n + 1 or list(context[:n]) != assumed:
+            _cancel(task)
+            return None
+        try:
+            d = await task
+        except Exception:  # noqa: BLE001 - a failed speculative draft costs only itself; the round drafts afresh
+            return None
+        if not d.tokens or d.tokens[0] != context[-1] or len(d.tokens) < 2:
+            return None
+        self.hits += 1
+        self.ready += self.arrived_ready
+        return replace(d, tokens=d.tokens[1 : k + 1], q=d.q[1 : k + 1] if d.q else ())
+
+    def discard(self) -> None:
+        if self.task is not None:
+            _cancel(self.task)
+        self.task = self.assumed = None
+
+    async def close(self) -> None:
+        """Ends the turn's speculation: a draft still running is cancelled and awaited, so no
+        call outlives the turn. A cancelled call leaves the drafter's cache consistent: the
+        caller's record of what a service holds is only ever a prefix claim, checked by the
+        service (services/context.py), so the next call resends what is missing."""
+        task = self.task
+        self.discard()
+        if task is not None:
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def _cancel(task: asyncio.Task) -> None:
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()  # retrieved: a discarded draft that failed is not an error to log
+
+
+async def pipelined_sd_round(backends: Backends, r: RoundInput) -> RoundResult:
+    """Speculative decoding with drafting overlapped with verification (as in PipeSpec and
+    SpecEdge): while the verifier checks round r's draft d_1..d_k, the drafter already drafts
+    round r+1 after the context it will have if all of d is accepted - its own guess g of the
+    bonus token first, then k more. When the verifier commits exactly d + g, round r+1's
+    draft is that continuation, often finished before the answer arrived; otherwise it is
+    discarded and round r+1 drafts afresh, as `sd` does.
+
+    Lossless: a speculative draft is drawn from the drafter's q after its assumed context,
+    with its own seed, independently of the verifier's coins; it is used only when the
+    committed context equals that assumed context - an event that depends on d, g and the
+    verifier's coins, never on the tokens drafted after g. So a used draft is distributed as
+    q given the context it is verified after, which is all the verifier's rejection rule
+    needs, and greedy output is the target's argmax as always.
+    """
+    if r.k == 0:
+        return await ar_round(backends, r)
+    drafter = needs(backends.drafter, Drafter, "sd")
+    ahead = r.lookahead if r.lookahead is not None else Lookahead()
+    d = await ahead.take(r.context, r.k)
+    if d is None:
+        d = await drafter.propose(r.session_id, r.context, r.k, r.params, round_seed(r.seed, r.step, "draft"))
+    assumed = [*r.context, *d.tokens]
+    if r.max_draft > len(d.tokens) + 1:  # room for another round after this one
+        # g and round r+1's draft, seeded for round r+1 (a label of its own: `sd`'s draws differ).
+        seed = round_seed(r.seed, r.step + 1, "lookahead")
+        ahead.start(assumed, drafter.propose(r.session_id, assumed, r.k + 1, r.params, seed))
+        ahead.started += 1
+    v = await backends.verifier.verify(
+        r.session_id, r.context, d.tokens, d.q, r.params, round_seed(r.seed, r.step, "verify")
+    )
+    ahead.arrived_ready = ahead.task is not None and ahead.task.done()
     return RoundResult(v.tokens, len(d.tokens), v.accepted, d.cost, v.cost)
 
 
@@ -232,6 +360,8 @@ async def cascade_round(backends: Backends, r: RoundInput) -> RoundResult:
     """
     levels = backends.cascade_levels()
     k_matrix = r.k_matrix or default_k_matrix(len(levels))
+    if not any(k_matrix[0]) and r.k == 0:  # an adaptive round that chose no draft at all
+        return await ar_round(backends, r)
     problems = k_matrix_problems(k_matrix, len(levels))
     if problems:
         raise ValueError("; ".join(problems))
@@ -329,6 +459,7 @@ class StrategySpec:
 STRATEGIES: dict[str, StrategySpec] = {
     "ar": StrategySpec(ar_round, needs_drafter=False),
     "sd": StrategySpec(sd_round, needs_drafter=True),
+    "sd-pipe": StrategySpec(pipelined_sd_round, needs_drafter=True),
     "cascade": StrategySpec(cascade_round, needs_drafter=True),
     "staged": StrategySpec(staged_round, needs_drafter=True),
     "slem": StrategySpec(slem_round, needs_drafter=True, same_vocab=False),

@@ -6,6 +6,8 @@ manifests. `describe()` lists them for help texts and the README.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,14 +48,17 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     return raw in ("1", "true", "yes")
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, low: float = 0.0, high: float = math.inf,
+           zero: bool = False) -> float:  # fmt: skip
+    """A number > low (>= low with `zero`) and <= high."""
     raw = _get(env, name, str(default))
     try:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if not value > 0:
-        raise ConfigError(f"{name} must be > 0, got {value}")
+    if not (low <= value if zero else low < value) or not value <= high:
+        upper = f" and <= {high:g}" if math.isfinite(high) else ""
+        raise ConfigError(f"{name} must be {'>=' if zero else '>'} {low:g}{upper}, got {value}")
     return value
 
 
@@ -80,6 +85,9 @@ class ModelServiceConfig:
     # SPECD_SECOND_STAGE: max-gram tokens a drafter feeds ahead of need while growing a tree
     # (staged's second stage; saves drafter passes where the max-gram model guesses right); 0 = off
     second_stage: int = 4
+    # SPECD_DRAFT_MIN_CONFIDENCE (drafters): a draft stops before a position where the
+    # drafter's own top probability is below this (0 = never stops early)
+    draft_min_confidence: float = 0.0
     # SPECD_TARGET_TOKENIZER (drafters): the target's tokenizer, a catalog name or folder. A
     # drafter whose vocabulary differs from it translates (strategies slem, tli, slrs); '' = none.
     target_tokenizer: str = ""
@@ -110,6 +118,7 @@ class ModelServiceConfig:
             max_draft=_int(env, "SPECD_MAX_DRAFT", 64, minimum=1),
             grace_seconds=_float(env, "SPECD_GRACE_SECONDS", 5.0),
             second_stage=_int(env, "SPECD_SECOND_STAGE", 4),
+            draft_min_confidence=_float(env, "SPECD_DRAFT_MIN_CONFIDENCE", 0.0, high=1.0, zero=True),
             target_tokenizer=_get(env, "SPECD_TARGET_TOKENIZER", ""),
         )
 
@@ -206,7 +215,8 @@ class OrchestratorConfig:
     tokenizer: str  # SPECD_TOKENIZER: the target's tokenizer (catalog name or folder)
     home: Path  # SPECD_HOME
     default_strategy: str = "sd"  # SPECD_STRATEGY
-    default_k: int = 4  # SPECD_K: draft length when a request gives none
+    # SPECD_K: draft length when a request gives none; 0 = adaptive (orchestrator/adaptive.py)
+    default_k: int = 0
     default_max_new_tokens: int = 128  # SPECD_MAX_NEW_TOKENS
     max_new_tokens_limit: int = 4096  # SPECD_MAX_NEW_TOKENS_LIMIT: larger requests are refused
     session_ttl_seconds: int = 86400  # SPECD_SESSION_TTL: idle sessions expire from Redis
@@ -251,7 +261,7 @@ class OrchestratorConfig:
             tokenizer=tokenizer,
             home=Path(_get(env, "SPECD_HOME", str(default_home()))),
             default_strategy=_get(env, "SPECD_STRATEGY", "sd"),
-            default_k=_int(env, "SPECD_K", 4, minimum=0),
+            default_k=_int(env, "SPECD_K", 0, minimum=0),
             default_max_new_tokens=_int(env, "SPECD_MAX_NEW_TOKENS", 128, minimum=1),
             max_new_tokens_limit=_int(env, "SPECD_MAX_NEW_TOKENS_LIMIT", 4096, minimum=1),
             session_ttl_seconds=_int(env, "SPECD_SESSION_TTL", 86400, minimum=1),

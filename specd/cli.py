@@ -157,7 +157,10 @@ def format_stats(s: pb.GenerationStats) -> str:
     return (
         f"[{s.strategy}] {s.new_tokens} tokens in {s.wall_seconds:.2f}s = {s.tokens_per_second:.2f} tok/s | "
         f"target forwards {s.target_forwards} | τ {s.mean_accepted_length:.2f} | "
-        f"acceptance {s.acceptance_rate:.0%} | finish {s.finish_reason} | session {s.session_id}"
+        f"acceptance {s.acceptance_rate:.0%} | "
+        + (f"draft length {s.mean_draft_length:.1f} adaptive ({s.ar_rounds} rounds without a draft) | " if s.adaptive else "")
+        + (f"next drafts ready {s.speculative_ready}/{s.target_forwards} | " if s.speculative_drafts else "")
+        + f"finish {s.finish_reason} | session {s.session_id}"
         + (f" | failovers {s.failovers}" if s.failovers else "")
         + (f" | rounds without a drafter {s.fallback_rounds}" if s.fallback_rounds else "")
     )
@@ -274,7 +277,7 @@ def _add_stack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verifier-runtime", default="auto", choices=["auto", "llama", "torch"], help="the verifier's runtime (default auto: torch in int8 on CPU, its multi-token pass is the cheapest)")
     p.add_argument("--drafter-runtime", default="auto", choices=["auto", "llama", "torch"], help="the drafter's runtime (default auto: llama on CPU, its one-token pass is the cheapest)")
     p.add_argument("--dtype", default="auto", choices=["auto", "int8", "float32", "bfloat16", "float16", "float64"], help="weights of a model on the torch runtime (default auto: int8 on CPU, bfloat16 on CUDA)")
-    p.add_argument("-k", type=int, default=4, help="default draft length of sd (default 4)")
+    p.add_argument("-k", type=int, default=0, help="default draft length (default 0: adaptive, chosen each round)")
     p.add_argument("--verifier-replicas", type=_at_least_one, default=1, help="verifier processes, on the ports after the orchestrator's (default 1)")
     p.add_argument("--drafter-replicas", type=_at_least_one, default=1, help="drafter processes, on the ports after the verifiers' (default 1)")
     p.add_argument(
@@ -293,7 +296,7 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
         help="ar (plain decoding), sd, cascade, staged (a drafter of the target's vocabulary), or slem, tli, slrs "
         "(a drafter of any vocabulary); default: the server's",
     )
-    p.add_argument("-k", type=int, help="draft length for sd (default: the server's, 4)")
+    p.add_argument("-k", type=int, help="draft length (default: the server's; adaptive unless it fixes one)")
     p.add_argument("--max-new-tokens", type=int, help="most tokens to generate (default: the server's, 128)")
     p.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only (0 = off)")

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
@@ -42,7 +42,12 @@ class StackSpec:
     dtype: str = "auto"  # SPECD_DTYPE of the model services (torch runtime)
     verifier_runtime: str = "auto"  # SPECD_RUNTIME of the verifier
     drafter_runtime: str = "auto"  # SPECD_RUNTIME of the drafter
-    default_k: int = 4
+    default_k: int = 0  # 0 = adaptive
+    # Each model service on a core of its own with one thread (verifier on core 0, drafters on
+    # the next): parallel like separate machines, rather than competing for every core.
+    pin: bool = False
+    # The address the orchestrator calls for a role instead of its replicas' (a proxy in front).
+    routes: dict[str, str] = field(default_factory=dict)
     start_timeout: float = 600.0  # model loading on a slow disk can take minutes
 
     def address(self, port: int) -> str:
@@ -63,6 +68,8 @@ class StackSpec:
 
     def pool(self, role: str) -> str:
         """SPECD_VERIFIER or SPECD_DRAFTER for the orchestrator: every replica's address."""
+        if role in self.routes:
+            return self.routes[role]
         return ",".join(self.address(port) for name, _, _, port, _ in self.model_services() if _role(name) == role)
 
 
@@ -95,12 +102,21 @@ def _port_free(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) != 0
 
 
-def _spawn(name: str, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+def _spawn(name: str, args: list[str], env: dict[str, str], log_path: Path, cpus: set[int] | None = None) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
     with open(log_path, "ab") as log:
         # A new session: Ctrl-C in the terminal reaches `specd up`, which stops the
         # children in order, instead of killing them all at once.
-        return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=pin
+        )
+
+
+def pinned_cpus(index: int) -> set[int]:
+    """The core of the index-th model service of a pinned stack (round robin over this machine's)."""
+    cores = sorted(os.sched_getaffinity(0))
+    return {cores[index % len(cores)]}
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -195,16 +211,19 @@ def up(spec: StackSpec, say=print) -> list[Proc]:
             redis_url = f"redis://{spec.host}:{spec.redis_port}/0"
             procs.append(Proc("redis", proc.pid, redis_url, str(log_path)))
             say(f"redis        {redis_url}")
-        for name, module, model, port, runtime in spec.model_services():
+        for index, (name, module, model, port, runtime) in enumerate(spec.model_services()):
             env = {
                 **base_env, "SPECD_MODEL": model, "SPECD_LISTEN": spec.address(port), "SPECD_DTYPE": spec.dtype,
                 "SPECD_RUNTIME": runtime,
             }  # fmt: skip
-            if spec.threads:
-                env["SPECD_THREADS"] = str(spec.threads)
+            if spec.threads or spec.pin:
+                env["SPECD_THREADS"] = "1" if spec.pin else str(spec.threads)
             if _role(name) == "drafter":
                 env["SPECD_TARGET_TOKENIZER"] = spec.target  # translates if its vocabulary differs
-            proc = _spawn(name, [sys.executable, "-m", module], env, logs / f"{name}.log")
+            cpus = pinned_cpus(index) if spec.pin else None
+            proc = _spawn(name, [sys.executable, "-m", module], env, logs / f"{name}.log", cpus)
+            if cpus is not None:
+                say(f"{name:<12} pinned to CPU {min(cpus)}, one thread")
             started.append(proc)
             procs.append(Proc(name, proc.pid, spec.address(port), str(logs / f"{name}.log")))
         orch_env = {

@@ -139,3 +139,70 @@ def test_the_maxgram_service_proposes_but_does_not_review(stack):
         generate(stack.address("orchestrator2"), "hi", strategy="cascade", max_new_tokens=4, options=options)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "max-gram drafter has no distribution to review" in err.value.details()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_adaptive_and_pipelined_sd_equal_ar(stack, prompt):
+    """The stack's default k is adaptive; sd-pipe drafts the next round during each verify."""
+    address = stack.address("orchestrator")
+    expected = generate(address, prompt, strategy="ar", max_new_tokens=NEW).token_ids
+    for what, fields in {
+        "sd, adaptive": dict(strategy="sd"),
+        "sd-pipe, adaptive": dict(strategy="sd-pipe"),
+        "sd-pipe, k 3": dict(strategy="sd-pipe", options=pb.StrategyOptions(k=3)),
+        "tli, adaptive": dict(strategy="tli"),
+    }.items():
+        result = generate(address, prompt, max_new_tokens=NEW, **fields)
+        assert result.token_ids == expected, what
+        assert result.stats.adaptive == ("k 3" not in what), what
+        assert result.stats.mean_draft_length > 0, what
+        if "sd-pipe" in what:
+            assert result.stats.speculative_drafts > 0, what
+            assert result.stats.speculative_hits <= result.stats.speculative_drafts, what
+
+
+def test_pipelined_sampling_replays_with_its_seed(stack):
+    address = stack.address("orchestrator")
+    kwargs = dict(strategy="sd-pipe", max_new_tokens=24, temperature=1.0, top_k=20)
+    first = generate(address, PROMPTS[1], seed=3, **kwargs)
+    assert generate(address, PROMPTS[1], seed=3, **kwargs).token_ids == first.token_ids
+    assert generate(address, PROMPTS[1], seed=4, **kwargs).token_ids != first.token_ids
+
+
+def test_a_discarded_speculative_draft_leaves_the_drafter_consistent(stack):
+    """A speculative Propose that is cancelled in flight, or finishes and is thrown away, leaves
+    the drafter's caches such that the next Propose of the session drafts exactly what a
+    fresh session drafts after the same context."""
+    import asyncio
+
+    from orchestrator.backends import RemoteDrafter
+    from orchestrator.strategies import Lookahead
+    from services.sampling import SamplingParams
+    from services.server import channel_options
+
+    context = [5, 17, 9, 33, 12, 40, 7, 21]
+    params = SamplingParams(temperature=0.8)
+
+    async def run() -> tuple[list, list]:
+        async with grpc.aio.insecure_channel(stack.address("drafter"), options=channel_options()) as channel:
+            drafter = RemoteDrafter(stack.address("drafter"), channel, 60.0)
+            got, fresh = [], []
+            for n, cancel_after in enumerate((0.0, 0.005, None)):  # at once, mid-call, after it finished
+                session = f"spec-{n}"
+                await drafter.propose(session, context, 4, params, 1)
+                ahead = Lookahead()
+                assumed = [*context, 3, 3, 3]
+                ahead.start(assumed, drafter.propose(session, assumed, 6, params, 2))
+                if cancel_after is None:
+                    await ahead.task
+                else:
+                    await asyncio.sleep(cancel_after)
+                assert await ahead.take([*context, 8], 4) is None  # the verifier took another path
+                await ahead.close()
+                truth = [*context, 8, 11]
+                got.append((await drafter.propose(session, truth, 5, params, 9)).tokens)
+                fresh.append((await drafter.propose(f"fresh-{n}", truth, 5, params, 9)).tokens)
+            return got, fresh
+
+    got, fresh = asyncio.run(run())
+    assert got == fresh

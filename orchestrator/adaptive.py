@@ -1,0 +1,206 @@
+"""Adaptive draft length: each round drafts the k that maximises expected tokens per second.
+
+Leviathan et al. 2023 ("Fast Inference from Transformers via Speculative Decoding", section
+3.3) choose k from the acceptance rate α and the cost ratio c of a draft token to a target
+pass: expected tokens per round (1 - α^(k+1)) / (1 - α), cost k·c + 1. specd measures both
+sides instead of assuming them:
+
+- acceptance per draft position, as conditional rates α_i = P(position i accepted |
+  positions before it accepted), from decayed counts per session (`Acceptance`, kept in the
+  session in Redis), with the strategy's rates over every session of this orchestrator as
+  the prior of a new session;
+- the wall time of a round as a function of its draft length (`RoundCosts`: drafting,
+  verifying, the network and the orchestrator's own work, per strategy, shared by every
+  session of this orchestrator, so it also sees load);
+
+and pick k in [0, k_max] maximising E(k) / T(k), with E(k) = 1 + Σ_{j<=k} Π_{i<=j} α_i.
+k = 0 is plain decoding (`ar`): chosen when no draft pays for itself, with a probe round
+every PROBE_EVERY rounds so that a session whose text turns predictable drafts again.
+
+Why this is lossless, greedy and sampled: the choice uses only what is already committed
+(earlier rounds' acceptance) and timings, never the current round's draws. Given the
+committed prefix, the round's draft length is fixed before the drafter draws and before
+the verifier's coins, so every emitted token is still distributed as the target's p given
+its prefix (the standard speculative-sampling argument holds for any k chosen that way),
+and greedy output is the target's argmax at every position whatever k is.
+
+What adaptive gives up: a sampled stream's exact tokens depend on the draft lengths, and
+those follow timings, so a sampled turn whose request gives a seed (a stream meant to replay)
+drafts a fixed k instead (FIXED_K, or the request's or the server's).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+DECAY = 0.9  # per observation: a session's rates follow roughly its last ten rounds
+PRIOR_WEIGHT = 3.0  # observations the orchestrator-wide rates are worth in a session's estimate
+DEFAULT_ALPHA = 0.6  # a position nothing has been measured for yet
+POSITION_FALLOFF = 0.9  # an unmeasured position past the last measured one: its rate times this
+COST_DECAY = 0.8  # per observation of a draft length: recent load and caches count most
+K_MAX = 12  # the longest draft adaptive chooses
+FIXED_K = 4  # the draft length of a turn that cannot adapt (a seeded sampled turn) and gives none
+PROBE_EVERY = 8  # after this many `ar` rounds, one round drafts again to re-measure acceptance
+EXPLORE_EVERY = 10  # every this many rounds, one round drafts one token more than the best
+START = (4, 2)  # draft lengths of the first rounds, until two lengths have been timed
+
+
+@dataclass
+class Acceptance:
+    """Decayed counts per draft position: rounds that reached it (every earlier position
+    accepted) and rounds that accepted it."""
+
+    reached: list[float] = field(default_factory=list)
+    accepted: list[float] = field(default_factory=list)
+
+    def observe(self, drafted: int, accepted: int, decay: float = DECAY) -> None:
+        """One round that drafted `drafted` tokens and accepted the first `accepted`."""
+        for i in range(min(drafted, accepted + 1)):
+            if i == len(self.reached):
+                self.reached.append(0.0)
+                self.accepted.append(0.0)
+            self.reached[i] = decay * self.reached[i] + 1.0
+            self.accepted[i] = decay * self.accepted[i] + (1.0 if i < accepted else 0.0)
+
+    def rates(self, positions: int, prior: Acceptance | None = None) -> list[float]:
+        """α_1..α_positions: this estimate, shrunk towards the prior's rates."""
+        base = prior.rates(positions) if prior is not None else _fallback(positions)
+        out = []
+        for i in range(positions):
+            n = self.reached[i] if i < len(self.reached) else 0.0
+            a = self.accepted[i] if i < len(self.accepted) else 0.0
+            out.append((a + PRIOR_WEIGHT * base[i]) / (n + PRIOR_WEIGHT))
+        return out
+
+    def to_json(self) -> list[list[float]]:
+        return [[round(x, 4) for x in self.reached], [round(x, 4) for x in self.accepted]]
+
+    @classmethod
+    def from_json(cls, data: Sequence[Sequence[float]] | None) -> Acceptance:
+        if not data:
+            return cls()
+        reached, accepted = data
+        return cls([float(x) for x in reached], [float(x) for x in accepted])
+
+
+def _fallback(positions: int) -> list[float]:
+    return [DEFAULT_ALPHA * POSITION_FALLOFF**i for i in range(positions)]
+
+
+class PooledAcceptance(Acceptance):
+    """The orchestrator-wide rates of one strategy: the prior of every session. Positions
+    not measured yet extend the last measured rate, falling off."""
+
+    def rates(self, positions: int, prior: Acceptance | None = None) -> list[float]:
+        out = []
+        last = DEFAULT_ALPHA
+        for i in range(positions):
+            n = self.reached[i] if i < len(self.reached) else 0.0
+            if n >= 1.0:
+                last = (self.accepted[i] + 1.0 * last) / (n + 1.0)
+                out.append(last)
+            else:
+                last *= POSITION_FALLOFF
+                out.append(last)
+        return out
+
+
+def expected_tokens(rates: Sequence[float], k: int) -> float:
+    """E(k): tokens a round commits when it drafts k, 1 + Σ_{j<=k} Π_{i<=j} α_i."""
+    total, run = 1.0, 1.0
+    for alpha in rates[:k]:
+        run *= alpha
+        total += run
+    return total
+
+
+class RoundCosts:
+    """Wall seconds of a round by draft length: a decayed mean per length measured, linear
+    between measured lengths, and a least-squares line beyond them."""
+
+    def __init__(self) -> None:
+        self.mean: dict[int, float] = {}
+        self.weight: dict[int, float] = {}
+
+    def observe(self, k: int, seconds: float) -> None:
+        w = self.weight.get(k, 0.0)
+        self.mean[k] = (COST_DECAY * w * self.mean.get(k, 0.0) + seconds) / (COST_DECAY * w + 1.0)
+        self.weight[k] = COST_DECAY * w + 1.0
+
+    @property
+    def measured(self) -> list[int]:
+        return sorted(self.mean)
+
+    def seconds(self, k: int) -> float:
+        """T(k); needs at least two measured lengths."""
+        known = self.measured
+        if k in self.mean:
+            return self.mean[k]
+        below = [x for x in known if x < k]
+        above = [x for x in known if x > k]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            return self.mean[lo] + (self.mean[hi] - self.mean[lo]) * (k - lo) / (hi - lo)
+        slope, intercept = self._line()
+        edge = below[-1] if below else above[0]
+        # Beyond the measured lengths: the line's slope from the nearest measured point, and
+        # never less than the cheapest round measured (a round cannot cost less than a verify).
+        return max(self.mean[edge] + slope * (k - edge), min(self.mean.values()) * 0.5)
+
+    def _line(self) -> tuple[float, float]:
+        xs = self.measured
+        ws = [self.weight[x] for x in xs]
+        ys = [self.mean[x] for x in xs]
+        sw = sum(ws)
+        mx = sum(w * x for w, x in zip(ws, xs)) / sw
+        my = sum(w * y for w, y in zip(ws, ys)) / sw
+        var = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs))
+        slope = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys)) / var if var else 0.0
+        return max(slope, 0.0), my - max(slope, 0.0) * mx
+
+
+@dataclass(frozen=True)
+class Choice:
+    k: int
+    expected_tokens: float
+    seconds: float  # the round's predicted wall time; 0 while the costs are still being measured
+
+
+class DraftLength:
+    """Chooses each round's draft length for one strategy of one orchestrator."""
+
+    def __init__(self, k_max: int = K_MAX) -> None:
+        self.k_max = k_max
+        self.pooled = PooledAcceptance()
+        self.costs = RoundCosts()
+
+    def choose(self, session: Acceptance, step: int, limit: int, ar_streak: int = 0) -> Choice:
+        """The k for a session's round `step`, at most `limit` (the room left);
+        `ar_streak`: the session's rounds in a row that drafted nothing."""
+        limit = max(0, min(limit, self.k_max))
+        if limit == 0:
+            return Choice(0, 1.0, 0.0)
+        measured = self.costs.measured
+        if len(measured) < 2:  # time two lengths first: START, else shorter where the room is short
+            for k in (*START, 1, 0):
+                if min(k, limit) not in measured:
+                    return Choice(min(k, limit), 0.0, 0.0)
+        rates = session.rates(limit, self.pooled)
+        best = max(range(limit + 1), key=lambda k: (expected_tokens(rates, k) / self.costs.seconds(k), -k))
+        if best == 0 and ar_streak >= PROBE_EVERY:
+            best = max(range(1, limit + 1), key=lambda k: expected_tokens(rates, k) / self.costs.seconds(k))
+        elif best and step % EXPLORE_EVERY == EXPLORE_EVERY - 1 and best < limit:
+            best += 1
+        return Choice(best, expected_tokens(rates, best), self.costs.seconds(best))
+
+    def observe(self, session: Acceptance, k: int, drafted: int, accepted: int, seconds: float | None) -> None:
+        """A round's outcome: `k` asked, `drafted` drafted (a drafter may stop early),
+        `accepted` accepted, in `seconds` of wall time (None: not a sample of a round's cost,
+        e.g. a turn's first round, which also prefills the prompt)."""
+        if drafted:
+            session.observe(drafted, accepted)
+            self.pooled.observe(drafted, accepted, decay=0.98)
+        if seconds is not None and math.isfinite(seconds) and seconds >= 0:
+            self.costs.observe(k, seconds)

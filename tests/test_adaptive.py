@@ -1,0 +1,288 @@
+"""Adaptive draft length (orchestrator/adaptive.py) and pipelined `sd` (orchestrator/strategies.py)
+in this process: the choice of k from measured acceptance and cost, and statistical tests that
+sampled output stays distributed exactly as the target's p when k changes with what earlier
+rounds measured and when drafts are begun speculatively during a verify.
+
+Greedy equality with `ar` over real processes is in tests/test_strategies_services.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from collections import Counter
+
+import pytest
+import torch
+from tables import TableRuntime
+from test_acceptance import PASS, chi_square_pvalue, random_dist
+
+from drafter_svc.core import DrafterCore
+from orchestrator.adaptive import (
+    EXPLORE_EVERY,
+    PROBE_EVERY,
+    START,
+    Acceptance,
+    DraftLength,
+    PooledAcceptance,
+    RoundCosts,
+    expected_tokens,
+)
+from orchestrator.strategies import DEFAULT_TREE, STRATEGIES, Backends, Lookahead, RoundInput, sized
+from services.sampling import SamplingParams
+from services.tree import TreeShape
+from verifier_svc.core import VerifierCore
+
+# ---------------------------------------------------------------- the estimates
+
+
+def test_expected_tokens_is_leviathans_formula_for_a_constant_rate() -> None:
+    alpha, k = 0.7, 5
+    assert expected_tokens([alpha] * k, k) == pytest.approx((1 - alpha ** (k + 1)) / (1 - alpha))
+    assert expected_tokens([0.9, 0.5], 0) == 1.0
+    assert expected_tokens([0.9, 0.5], 2) == pytest.approx(1 + 0.9 + 0.45)
+
+
+def test_acceptance_counts_only_the_positions_a_round_reached() -> None:
+    a = Acceptance()
+    a.observe(drafted=4, accepted=1, decay=1.0)  # position 1 accepted, 2 rejected, 3 and 4 never judged
+    a.observe(drafted=2, accepted=2, decay=1.0)
+    assert a.reached == [2.0, 2.0] and a.accepted == [2.0, 1.0]
+    assert Acceptance.from_json(a.to_json()) == a
+    assert Acceptance.from_json(None) == Acceptance()
+
+
+def test_a_sessions_rates_move_from_the_prior_to_what_it_measured() -> None:
+    prior = PooledAcceptance()
+    session = Acceptance()
+    assert session.rates(2, prior)[0] == pytest.approx(prior.rates(1)[0])
+    for _ in range(30):
+        session.observe(drafted=1, accepted=1)
+    assert session.rates(1, prior)[0] > 0.85  # about ten rounds of memory against the prior's three
+
+
+def test_pooled_rates_fall_off_past_the_last_measured_position() -> None:
+    pooled = PooledAcceptance()
+    for _ in range(20):
+        pooled.observe(drafted=2, accepted=2)
+    rates = pooled.rates(5)
+    assert rates[0] > 0.9 and rates[1] > 0.9
+    assert rates[2] < rates[1] and rates[3] < rates[2]
+
+
+def test_round_costs_interpolate_and_extrapolate_by_the_measured_slope() -> None:
+    costs = RoundCosts()
+    costs.observe(2, 1.2)
+    costs.observe(4, 1.4)
+    assert costs.seconds(3) == pytest.approx(1.3)
+    assert costs.seconds(8) == pytest.approx(1.8)
+    assert costs.seconds(0) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- the choice
+
+
+def measured(per_token: float, verify: float = 1.0, alpha: float | None = None, k_max: int = 12) -> DraftLength:
+    """A DraftLength that has timed every length (a round costs verify + per_token * k) and,
+    given alpha, seen drafts accepted at that rate."""
+    lengths = DraftLength(k_max)
+    for _ in range(3):
+        for k in range(k_max + 1):
+            lengths.costs.observe(k, verify + per_token * k)
+    if alpha is not None:
+        lengths.pooled = PooledAcceptance([100.0] * k_max, [100.0 * alpha] * k_max)
+    return lengths
+
+
+def test_the_first_rounds_time_two_lengths() -> None:
+    lengths = DraftLength()
+    first = lengths.choose(Acceptance(), step=0, limit=20)
+    assert first.k == START[0]
+    lengths.observe(Acceptance(), first.k, first.k, 2, 1.0)
+    assert lengths.choose(Acceptance(), step=1, limit=20).k == START[1]
+    assert lengths.choose(Acceptance(), step=0, limit=1).k == 1  # never past the room left
+
+
+def test_plain_decoding_when_no_draft_pays_for_itself() -> None:
+    lengths = measured(per_token=0.5, alpha=0.2)
+    assert lengths.choose(Acceptance(), step=0, limit=20).k == 0
+
+
+def test_long_drafts_when_the_drafter_is_cheap_and_right() -> None:
+    lengths = measured(per_token=0.02, alpha=0.95)
+    assert lengths.choose(Acceptance(), step=0, limit=20).k >= 8
+    assert lengths.choose(Acceptance(), step=0, limit=3).k == 3
+
+
+def test_the_choice_follows_the_sessions_own_acceptance() -> None:
+    lengths = measured(per_token=0.2, alpha=0.6)
+    predictable, hard = Acceptance(), Acceptance()
+    for _ in range(30):
+        predictable.observe(drafted=8, accepted=8)
+        hard.observe(drafted=2, accepted=0)
+    assert lengths.choose(predictable, step=0, limit=20).k > lengths.choose(hard, step=0, limit=20).k == 0
+
+
+def test_a_session_decoding_plainly_probes_again() -> None:
+    lengths = measured(per_token=0.5, alpha=0.2)
+    assert lengths.choose(Acceptance(), step=0, limit=20, ar_streak=PROBE_EVERY - 1).k == 0
+    assert lengths.choose(Acceptance(), step=0, limit=20, ar_streak=PROBE_EVERY).k >= 1
+
+
+def test_every_tenth_round_explores_one_token_longer() -> None:
+    lengths = measured(per_token=0.1, alpha=0.6)
+    best = lengths.choose(Acceptance(), step=0, limit=20).k
+    assert best >= 1
+    assert lengths.choose(Acceptance(), step=EXPLORE_EVERY - 1, limit=20).k == best + 1
+
+
+def test_observe_keys_the_cost_by_the_length_asked() -> None:
+    lengths = DraftLength()
+    session = Acceptance()
+    lengths.observe(session, k=6, drafted=3, accepted=3, seconds=2.0)  # the drafter stopped early
+    assert lengths.costs.measured == [6]
+    assert session.reached == [1.0, 1.0, 1.0]
+
+
+def test_sized_sets_each_strategys_own_draft_length() -> None:
+    r = RoundInput("s", [1, 2], SamplingParams(), 0, 0, 4, k_matrix=((4, 2), (0, 3)))
+    assert sized("sd", r, 7).k == 7
+    assert sized("cascade", r, 6).k_matrix == ((6, 2), (0, 3))
+    assert sized("staged", r, 2).tree == TreeShape(DEFAULT_TREE.branching[:2], DEFAULT_TREE.budget)
+    deep = sized("staged", r, 7).tree
+    assert deep.branching == (*DEFAULT_TREE.branching, 1, 1) and deep.budget == DEFAULT_TREE.budget + 2
+    assert sized("sd", RoundInput("s", [1], SamplingParams(), 0, 0, 4, max_draft=3), 9).k == 3
+
+
+# ---------------------------------------------------------------- statistics
+
+V = 5
+CONTEXT = [0, 1, 2, 3, 0, 1]
+PARAMS = SamplingParams(temperature=1.0)
+N_RUNS = 3000
+
+
+def table(seed: int, length: int = 40) -> torch.Tensor:
+    return torch.stack([random_dist(seed * 100 + t, V).log() for t in range(length)])  # (L, V)
+
+
+async def decode(backends: Backends, strategy: str, n: int, seed: int, lengths: DraftLength | None,
+                 lookahead: Lookahead, chosen: set[int]) -> list[int]:  # fmt: skip
+    """Rounds as the Engine runs them: with `lengths`, each round's k chosen from earlier rounds
+    (a round's cost made up as 1 + 0.4 k seconds, so the choice moves with acceptance)."""
+    round_fn = STRATEGIES[strategy].run
+    session = Acceptance()
+    out: list[int] = []
+    step = streak = 0
+    try:
+        while len(out) < n:
+            # Short drafts, so that the first tokens often come from a round after a speculative draft.
+            r = RoundInput("s", CONTEXT + out, PARAMS, seed, step, 1, lookahead=lookahead)
+            if lengths is not None:
+                r = sized(strategy, r, lengths.choose(session, step, lengths.k_max, streak).k)
+            chosen.add(r.k)
+            result = await round_fn(backends, r)
+            if lengths is not None:
+                lengths.observe(session, r.k, result.drafted, result.accepted, 1.0 + 0.4 * r.k)
+            streak = 0 if r.k else streak + 1
+            out += result.tokens
+            step += 1
+    finally:
+        await lookahead.close()
+    return out[:n]
+
+
+def pvalue(strategy: str, n_out: int, k_max: int | None) -> tuple[float, set[int], Lookahead]:
+    """How likely the first n_out tokens of N_RUNS runs are under p_1 x ... x p_n_out (adaptive
+    up to k_max, else k = 1); the draft lengths the runs chose; what the pipelined runs'
+    speculation did."""
+    target = table(1)
+    drafter = table(2)
+    drafter = 0.3 * drafter + 0.7 * target  # a drafter that is often right: long drafts pay
+    backends = Backends(VerifierCore(TableRuntime(target)), DrafterCore(TableRuntime(drafter), q_top=V))
+    lengths = DraftLength(k_max) if k_max else None
+    seen: set[int] = set()
+    spec = Lookahead()
+
+    async def runs() -> Counter:
+        counts = Counter()
+        for s in range(N_RUNS):
+            ahead = Lookahead()
+            counts[tuple(await decode(backends, strategy, n_out, s, lengths, ahead, seen))] += 1
+            spec.started, spec.hits = spec.started + ahead.started, spec.hits + ahead.hits
+        return counts
+
+    counts = asyncio.run(runs())
+    p = target[len(CONTEXT) - 1 :].softmax(-1)  # (.., V): p of output token i is row i
+    expected = {
+        cell: math.prod(float(p[i, t]) for i, t in enumerate(cell)) for cell in itertools.product(range(V), repeat=n_out)
+    }
+    return chi_square_pvalue(counts, expected, N_RUNS), seen, spec
+
+
+def test_adaptive_sd_samples_the_targets_distribution() -> None:
+    value, seen, _ = pvalue("sd", n_out=3, k_max=2)
+    assert value > PASS
+    assert len(seen) > 1  # the draft length did change from run to run
+
+
+@pytest.mark.parametrize("k_max", [None, 1], ids=["k 1", "adaptive"])
+def test_pipelined_sd_samples_the_targets_distribution(k_max: int | None) -> None:
+    # Drafts of one token: the third token is often drafted speculatively, during round 1's verify.
+    value, _, spec = pvalue("sd-pipe", n_out=3, k_max=k_max)
+    assert value > PASS
+    assert spec.hits > 0  # speculative drafts were used, so the test covers them
+
+
+def test_pipelined_sd_uses_a_speculative_draft_only_after_its_assumed_context() -> None:
+    """A round whose context is not the one the speculative draft assumed drafts afresh."""
+    target = table(1)
+    backends = Backends(VerifierCore(TableRuntime(target)), DrafterCore(TableRuntime(target), q_top=V))
+    ahead = Lookahead()
+
+    async def run() -> tuple[object, object]:
+        drafter = backends.drafter
+        ahead.start([*CONTEXT, 4], drafter.propose("s", [*CONTEXT, 4], 3, PARAMS, 7))
+        miss = await ahead.take([*CONTEXT, 3, 2], 2)  # not assumed + one token
+        ahead.start([*CONTEXT, 4], drafter.propose("s", [*CONTEXT, 4], 3, PARAMS, 7))
+        draft = await ahead.task
+        hit = await ahead.take([*CONTEXT, 4, draft.tokens[0]], 2)
+        return miss, (draft, hit)
+
+    miss, (draft, hit) = asyncio.run(run())
+    assert miss is None
+    assert hit.tokens == draft.tokens[1:3] and hit.q == draft.q[1:3]
+    assert ahead.hits == 1
+
+
+class SlowTable(TableRuntime):
+    """A table runtime whose passes take 20 ms each, counted."""
+
+    passes = 0
+
+    def logits(self, session_id, seq, n_last):
+        import time
+
+        self.passes += 1
+        time.sleep(0.02)
+        return super().logits(session_id, seq, n_last)
+
+
+def test_a_cancelled_propose_frees_the_drafter_after_the_pass_under_way() -> None:
+    """A discarded speculative draft does not make the next call wait for all of its k passes."""
+    runtime = SlowTable(table(3))
+    drafter = DrafterCore(runtime, q_top=V, max_draft=64)
+
+    async def run() -> tuple[int, object]:
+        speculative = asyncio.ensure_future(drafter.propose("s", CONTEXT, 40, PARAMS, 1))
+        await asyncio.sleep(0.07)
+        speculative.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await speculative
+        after = await drafter.propose("s", [*CONTEXT, 2], 3, PARAMS, 2)
+        return runtime.passes, after
+
+    passes, after = asyncio.run(run())
+    assert len(after.tokens) == 3
+    assert passes <= 3 + 6  # the next call's 3, and the few of the cancelled one before it stopped
