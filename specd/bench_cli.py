@@ -4,6 +4,9 @@
     specd bench --quick                  # 1 prompt per category, 32 tokens: a smoke run of every path
     specd bench --address HOST:PORT      # measure a running stack instead of starting one
     specd bench --prompts mine.jsonl     # {"prompt": ..., "category": ...} per line
+    specd bench --pin --rtt-ms 0,2,10,30 --strategies sd,sd-pipe,cascade
+                                         # as separate machines: drafter and verifier on a core
+                                         # each, the network's round trip added by proxies
 
 Writes results.json, results.md and three PNG plots into --out, and prints the tables.
 Exit status: 0; 1 when a greedy output parted from ar's where it is not a near-tie (a
@@ -20,9 +23,13 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from specd.cli import DEFAULT_DRAFTER, DEFAULT_TARGET
 from specd.stack import StackSpec
+
+if TYPE_CHECKING:
+    from specd.bench.netem import DelayProxies
 
 log = logging.getLogger("specd.bench")
 
@@ -83,7 +90,11 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     )
 
     what = p.add_argument_group("what to run")
-    what.add_argument("--strategies", help="comma-separated (default: every registered strategy); ar is always run")
+    what.add_argument(
+        "--strategies",
+        help="comma-separated, STRATEGY or STRATEGY:kN for a fixed draft length (default: every registered "
+        "strategy, adaptive, and sd:k4); ar is always run",
+    )
     what.add_argument(
         "--categories",
         help="comma-separated: humaneval, mt-bench, gsm8k, gpqa (default the first three), or those of --prompts",
@@ -99,7 +110,9 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help=f"tokens per answer (default {FULL['max_new_tokens']}; --quick {QUICK['max_new_tokens']})",
     )
-    what.add_argument("-k", "--k", type=int, default=4, help="draft length (default 4)")
+    what.add_argument(
+        "-k", "--k", type=int, default=0, help="draft length of the strategies named without :kN (default 0: adaptive)"
+    )
     what.add_argument(
         "--temperature",
         type=float,
@@ -118,6 +131,16 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
         "--no-peers",
         action="store_true",
         help="skip the peers: llama-cpp-python's greedy and prompt lookup, transformers' generate and assisted generation",
+    )
+    what.add_argument(
+        "--pin",
+        action="store_true",
+        help="the started stack's verifier and drafter each on a core of its own, one thread: parallel like two machines",
+    )
+    what.add_argument(
+        "--rtt-ms",
+        help="comma-separated round trips (ms) a proxy in front of each model service adds; every strategy runs at "
+        "each (default: none, no proxies). Needs the stack the bench starts",
     )
     what.add_argument(
         "--quick", action="store_true", help="a small subset that finishes in minutes (explicit options still win)"
@@ -151,6 +174,10 @@ def sizes(args: argparse.Namespace) -> Sizes:
     return Sizes(**pick)
 
 
+def _rtts(args: argparse.Namespace) -> list[float]:
+    return [float(x) for x in _split(args.rtt_ms) or []]
+
+
 def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -178,12 +205,33 @@ def _model_dir(name: str, home: Path) -> Path:
     return prepare(name, home) if name in catalog() else resolve(name, home)
 
 
-def _problems(args: argparse.Namespace, s: Sizes, strategies: list[str], known: tuple[str, ...]) -> list[str]:
-    found = [f"unknown strategy {x!r}; registered: {', '.join(known)}" for x in strategies if x not in known]
+def _problems(args: argparse.Namespace, s: Sizes, systems: list[str], known: tuple[str, ...]) -> list[str]:
+    from specd.bench.runner import BenchError, parse_system
+
+    found = []
+    for system in systems:
+        try:
+            strategy, _ = parse_system(system)
+        except BenchError as err:
+            found.append(str(err))
+            continue
+        if strategy not in known:
+            found.append(f"unknown strategy {strategy!r}; registered: {', '.join(known)}")
     if s.limit < 1 or s.max_new_tokens < 1 or s.in_process_limit < 0:
         found.append("--limit and --max-new-tokens must be >= 1, --in-process-limit >= 0")
-    if args.k < 1:
-        found.append("-k must be >= 1")
+    if args.k < 0:
+        found.append("-k must be >= 0 (0: adaptive)")
+    try:
+        rtts = _rtts(args)
+    except ValueError:
+        found.append(f"--rtt-ms must be comma-separated numbers of milliseconds >= 0, got {args.rtt_ms!r}")
+    else:
+        if any(r < 0 for r in rtts):
+            found.append("--rtt-ms values must be >= 0")
+        if args.rtt_ms and args.address:
+            found.append("--rtt-ms needs the stack the bench starts (its proxies sit between orchestrator and models)")
+    if args.pin and args.address:
+        found.append("--pin applies to the stack the bench starts, not one given with --address")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         found.append("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
     return found
@@ -196,12 +244,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from services.config import default_home
     from services.models import ModelNotFound, ModelPrepareError
     from specd.bench.prompts import PromptError, load_prompts
-    from specd.bench.runner import BenchConfig, BenchError, registered_strategies
+    from specd.bench.runner import BenchConfig, BenchError, default_systems, registered_strategies
 
     home = Path(args.home or os.environ.get("SPECD_HOME") or default_home())
     s = sizes(args)
     known = registered_strategies()
-    wanted = _split(args.strategies) or list(known)
+    wanted = _split(args.strategies) or list(default_systems())
     problems = _problems(args, s, wanted, known)
     if problems:
         print("specd bench: " + "; ".join(problems), file=sys.stderr)
@@ -210,6 +258,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         strategies=tuple(dict.fromkeys(["ar", *wanted])), max_new_tokens=s.max_new_tokens, k=args.k,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         in_process_limit=s.in_process_limit, peers=not args.no_peers, timeout_seconds=args.timeout,
+        rtts_ms=tuple(_rtts(args)) or (0.0,), pin=args.pin,
     )  # fmt: skip
     try:
         prompts = load_prompts(home=home, categories=_split(args.categories), limit=s.limit, prompt_file=args.prompts)
@@ -223,9 +272,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _start_stack(
     args: argparse.Namespace, home: Path, target_dir: Path, drafter_dir: Path | None, k: int
-) -> tuple[StackSpec, str]:
+) -> tuple[StackSpec, str, DelayProxies | None]:
     """A private stack for this run: free ports, and its own run folder under home/bench so a
-    `specd up` stack (which owns home/run) neither blocks it nor is stopped by it."""
+    `specd up` stack (which owns home/run) neither blocks it nor is stopped by it. With
+    --rtt-ms, the orchestrator calls the model services through delay proxies."""
+    from specd.bench.netem import DelayProxies
     from specd.stack import up
 
     orchestrator_port, verifier_port, drafter_port, redis_port = _free_ports(4)
@@ -233,10 +284,21 @@ def _start_stack(
         home=home / "bench", target=str(target_dir), drafter=str(drafter_dir or ""),
         orchestrator_port=orchestrator_port, verifier_port=verifier_port, drafter_port=drafter_port,
         redis_port=redis_port, redis_url=args.redis_url, dtype=args.dtype, default_k=k,
-        verifier_runtime=args.verifier_runtime, drafter_runtime=args.drafter_runtime,
+        verifier_runtime=args.verifier_runtime, drafter_runtime=args.drafter_runtime, pin=args.pin,
     )  # fmt: skip
-    procs = up(spec, say=lambda line: log.info("stack: %s", line))
-    return spec, next(p.address for p in procs if p.name == "orchestrator")
+    proxies = None
+    if args.rtt_ms:
+        roles = ["verifier", "drafter"] if drafter_dir else ["verifier"]
+        proxies = DelayProxies({role: spec.pool(role) for role in roles})
+        spec = dataclasses.replace(spec, routes={role: proxies.address(role) for role in roles})
+        log.info("delay proxies: %s", ", ".join(f"{r} via {proxies.address(r)}" for r in roles))
+    try:
+        procs = up(spec, say=lambda line: log.info("stack: %s", line))
+    except BaseException:
+        if proxies is not None:
+            proxies.close()
+        raise
+    return spec, next(p.address for p in procs if p.name == "orchestrator"), proxies
 
 
 def _header(config, models, machine, prompts: int) -> list[str]:
@@ -246,8 +308,10 @@ def _header(config, models, machine, prompts: int) -> list[str]:
         "",
         f"`{' '.join(['specd', *sys.argv[1:]])}`",
         "",
-        f"{mode}, k = {config.k}, up to {config.max_new_tokens} new tokens, {prompts} prompts; "
-        f"target {models.target} ({models.target_runtime}), drafter {models.drafter} ({models.drafter_runtime}); "
+        f"{mode}, k = {config.k or 'adaptive'}, up to {config.max_new_tokens} new tokens, {prompts} prompts; "
+        + ("verifier and drafter pinned to a core each, one thread each; " if config.pin else "")
+        + (f"round trips added: {', '.join(f'{r:g}' for r in config.rtts_ms)} ms; " if len(config.rtts_ms) > 1 else "")
+        + f"target {models.target} ({models.target_runtime}), drafter {models.drafter} ({models.drafter_runtime}); "
         f"{machine.cpu}, {machine.logical_cpus} CPUs, {machine.memory_gib} GiB, torch {machine.torch} "
         f"({machine.torch_threads} threads), transformers {machine.transformers}; "
         f"load average at start {machine.load_average[0]}",
@@ -261,10 +325,10 @@ def _bench(args, config, prompts, home: Path, target_dir: Path, drafter_dir: Pat
     from specd.stack import StackError, down
 
     machine = report.describe_machine()  # before the bench adds its own load
-    spec, address = None, args.address
+    spec, address, proxies = None, args.address, None
     if address is None:
         try:
-            spec, address = _start_stack(args, home, target_dir, drafter_dir, config.k)
+            spec, address, proxies = _start_stack(args, home, target_dir, drafter_dir, config.k)
         except StackError as err:
             print(f"specd bench: could not start the stack: {err}", file=sys.stderr)
             return 2
@@ -306,6 +370,7 @@ def _bench(args, config, prompts, home: Path, target_dir: Path, drafter_dir: Pat
             if local is not None and config.in_process_limit > 0
             else None,
             peers,
+            proxies,
         )
         # Written after every prompt: a long run that is stopped keeps what it measured.
         run = run_bench(
@@ -317,12 +382,14 @@ def _bench(args, config, prompts, home: Path, target_dir: Path, drafter_dir: Pat
         client.close()
         if spec is not None:
             down(spec.home, say=lambda line: log.info("stack: %s", line))
+        if proxies is not None:
+            proxies.close()
     summaries = metrics.summarize_all(run.records, run.checks)
     report.write_json(document(run), out / "results.json")
     plots = report.write_plots(summaries, out)
     text = report.render_markdown(
         summaries, metrics.overheads(run.records), run.checks, header=_header(config, models, machine, len(prompts)),
-        greedy=config.greedy, skipped=run.skipped, errors=run.errors,
+        greedy=config.greedy, skipped=run.skipped, errors=run.errors, rtts_ms=config.rtts_ms,
     )  # fmt: skip
     (out / "results.md").write_text(text + "\n", encoding="utf-8")
     print(text)

@@ -4,6 +4,7 @@ check's verdicts, table rendering, prompt loading) on hand-made data, then the w
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 from dataclasses import fields
@@ -315,12 +316,14 @@ def test_quick_bench_on_tiny_models(tiny_pair, redis_url, tmp_path, monkeypatch,
     assert doc["models"]["target_dir"] == str(tiny_pair.target_dir)
     assert doc["errors"] == []
 
-    # every registered strategy (others are added over time), through the services and in-process
+    # every registered strategy (others are added over time) and sd at a fixed k, through the
+    # services and in-process
     from orchestrator.strategies import STRATEGIES
 
-    assert set(doc["config"]["strategies"]) == set(STRATEGIES) and doc["config"]["strategies"][0] == "ar"
+    ours = {*STRATEGIES, "sd:k4"}
+    assert set(doc["config"]["strategies"]) == ours and doc["config"]["strategies"][0] == "ar"
     peers = {"hf-generate", "hf-assisted", "llama-greedy", "llama-lookup"}
-    systems = {*STRATEGIES, *(s + "@local" for s in STRATEGIES), *peers} - set(doc["skipped"])
+    systems = {*ours, *(s + "@local" for s in ours), *peers} - set(doc["skipped"])
     assert {"ar", "sd", "ar@local", "sd@local"} <= systems
     summary_fields = {f.name for f in fields(metrics.Summary)}
     summaries = {(s["system"], s["category"]): s for s in doc["summaries"]}
@@ -402,3 +405,120 @@ def test_quick_bench_with_a_drafter_of_another_vocabulary(
     systems = {r["system"] for r in doc["records"]}
     assert {"ar", "slem", "tli", "slrs", "slem@local", "tli@local", "slrs@local", "hf-assisted"} <= systems
     assert all(c["status"] == "match" for c in doc["checks"]), doc["checks"]
+
+
+# -- systems, the delay proxy, the network table ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"), [("sd", ("sd", None)), ("sd:k4", ("sd", 4)), ("cascade:k12", ("cascade", 12))]
+)
+def test_a_system_names_a_strategy_and_optionally_a_fixed_k(name, expected):
+    from specd.bench.runner import parse_system
+
+    assert parse_system(name) == expected
+
+
+@pytest.mark.parametrize("name", ["sd:4", "sd:k0", "sd:kx", "sd:depth3"])
+def test_a_bad_system_name_says_how_to_write_one(name):
+    from specd.bench.runner import BenchError, parse_system
+
+    with pytest.raises(BenchError, match="STRATEGY:kN"):
+        parse_system(name)
+
+
+def test_the_delay_proxy_delays_each_direction_by_half_the_rtt_and_overlaps_calls():
+    """An echo server behind the proxy: one exchange takes the RTT; two sent back to back come
+    back together, one RTT later (a delay line, not one call at a time); bytes unchanged."""
+    import asyncio
+    import time
+
+    from specd.bench.netem import DelayProxy
+
+    async def echo(reader, writer):
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def exchange(proxy: DelayProxy, rtt_ms: float, messages: list[bytes]) -> tuple[float, bytes]:
+        proxy.set_rtt_ms(rtt_ms)
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        started = time.perf_counter()
+        for m in messages:
+            writer.write(m)
+        await writer.drain()
+        want = sum(map(len, messages))
+        got = b""
+        while len(got) < want:
+            got += await reader.read(1 << 16)
+        elapsed = time.perf_counter() - started
+        writer.close()
+        return elapsed, got
+
+    async def run():
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        proxy = DelayProxy(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        await proxy.start()
+        try:
+            fast = await exchange(proxy, 0, [b"ping"])
+            slow = await exchange(proxy, 80, [b"ping"])
+            both = await exchange(proxy, 80, [b"a" * 100, b"b" * 70_000])
+        finally:
+            await proxy.stop()
+            server.close()
+        return fast, slow, both
+
+    fast, slow, both = asyncio.run(run())
+    assert fast[1] == slow[1] == b"ping" and both[1] == b"a" * 100 + b"b" * 70_000
+    assert fast[0] < 0.03
+    assert 0.08 <= slow[0] < 0.2
+    assert 0.08 <= both[0] < 0.2  # not 2 x 80 ms
+
+
+def test_the_network_table_shows_speed_and_the_round_trips_share():
+    rows = []
+    for system, rtt, wall in [("sd", 0, 1.0), ("sd", 10, 2.0), ("sd-pipe", 0, 0.8), ("sd-pipe", 10, 1.0)]:
+        name = system if not rtt else f"{system}@rtt{rtt}ms"
+        extra = dict(target_forwards=10, rtt_ms=rtt)
+        if system == "sd-pipe":
+            extra |= dict(speculative_drafts=10, speculative_ready=4)
+        rows.append(dataclasses.replace(record("p1", name, 10, wall, **extra), path=metrics.SERVICES, strategy=system))
+    summaries = metrics.summarize_all(rows, [])
+    table = report.rtt_table(summaries, [0.0, 10.0])
+    assert "| sd | 10.00 tok/s | 5.00 tok/s, network 50% |" in table
+    assert "| sd-pipe | 12.50 tok/s, ready 40% | 10.00 tok/s, network 20%, ready 40% |" in table
+    assert "| sd-pipe / sd | 1.25x | 2.00x |" in table
+    assert report.rtt_table(summaries, [0.0]) == ""
+
+
+def test_a_pinned_bench_behind_delay_proxies(tiny_pair, redis_url, tmp_path, monkeypatch, capsys):
+    """--pin --rtt-ms on tiny models: every system at every round trip, greedy outputs equal
+    to ar's, the network table printed, and the added round trip measured in the runs."""
+    from specd.cli import main
+
+    for name, value in {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def add(a, b):\n    return", "category": "code"}) + "\n", encoding="utf-8")
+    out = tmp_path / "results"
+    code = main([
+        "bench", "--prompts", str(prompts), "--target", str(tiny_pair.target_dir), "--drafter",
+        str(tiny_pair.drafter_dir), "--dtype", "float64", "--redis-url", redis_url, "--home", str(tmp_path / "home"),
+        "--out", str(out), "--no-progress", "--strategies", "sd,sd-pipe,sd:k3", "--max-new-tokens", "16",
+        "--in-process-limit", "0", "--no-peers", "--pin", "--rtt-ms", "0,20",
+    ])  # fmt: skip
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stdout + stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["errors"] == [] and doc["skipped"] == {}
+    records = {r["system"]: r for r in doc["records"]}
+    for system in ("ar", "sd", "sd-pipe", "sd:k3"):
+        assert records[system]["rtt_ms"] == 0 and records[f"{system}@rtt20ms"]["rtt_ms"] == 20
+        # Every round calls the verifier through its proxy: at least one round trip each.
+        slow = records[f"{system}@rtt20ms"]
+        assert slow["wall_seconds"] >= slow["target_forwards"] * 0.02
+    assert records["sd-pipe"]["speculative_drafts"] > 0
+    assert all(c["status"] == "match" for c in doc["checks"]) and len(doc["checks"]) == 7
+    assert "Against the network's round trip" in stdout and "| sd-pipe / sd |" in stdout
+    assert doc["config"]["pin"] and doc["config"]["rtts_ms"] == [0, 20] and "pinned to a core each" in stdout

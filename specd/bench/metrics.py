@@ -56,6 +56,10 @@ class RunRecord:
     redis_seconds: float | None = None
     bytes_sent: int | None = None
     bytes_received: int | None = None
+    rtt_ms: float = 0.0  # the round trip the bench's proxies added to every model service call
+    draft_asked: int | None = None  # draft tokens asked for over the turn's rounds (adaptive: chosen)
+    speculative_drafts: int = 0  # pipelined: next-round drafts begun during a verify
+    speculative_ready: int = 0  # of those, used and done before the verify answered
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,8 @@ class Summary:
     other_ms_per_round: float | None  # the rest of the wall time: orchestration, tokenizing, client
     bytes_sent_per_round: float | None
     bytes_received_per_round: float | None
+    draft_length: float | None  # draft tokens asked per round
+    ready_fraction: float | None  # pipelined: rounds whose draft was ready when the verify answered
     near_ties: int
     divergences: int
     unverified: int
@@ -214,6 +220,7 @@ def summarize(
     parts += [per_round_ms(getattr(r, f) for r in records) for f in ("network_seconds", "redis_seconds")]
     other = None if None in parts or not forwards else wall / forwards * 1000 - sum(parts)
     sent, received = _sum_or_none(r.bytes_sent for r in records), _sum_or_none(r.bytes_received for r in records)
+    asked = _sum_or_none(r.draft_asked for r in records)
     return Summary(
         system=first.system,
         path=first.path,
@@ -236,6 +243,9 @@ def summarize(
         other_ms_per_round=other,
         bytes_sent_per_round=None if sent is None or not forwards else sent / forwards,
         bytes_received_per_round=None if received is None or not forwards else received / forwards,
+        draft_length=None if asked is None or not forwards else asked / forwards,
+        ready_fraction=_ratio(sum(r.speculative_ready for r in records), forwards or 0)
+        if any(r.speculative_drafts for r in records) else None,
         near_ties=sum(c.status == "near-tie" for c in mine),
         divergences=sum(c.status == "diverged" for c in mine),
         unverified=sum(c.status == "unverified" for c in mine),

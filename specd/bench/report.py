@@ -116,7 +116,7 @@ def _ordered(summaries: Sequence[Summary]) -> list[Summary]:
 def summary_table(summaries: Sequence[Summary]) -> str:
     """The main table: speed, acceptance, where a round's time goes, bytes, lossless flags."""
     head = (
-        "| category | system | prompts | tokens | wall s | tok/s | speedup | τ | accept | fwd/token "
+        "| category | system | prompts | tokens | wall s | tok/s | speedup | τ | accept | k | ready | fwd/token "
         "| draft ms | verify ms | net ms | redis ms | other ms | B sent/round | B recv/round | flags |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -126,10 +126,54 @@ def summary_table(summaries: Sequence[Summary]) -> str:
         lines.append(
             f"| {s.category} | {s.system} | {s.prompts} | {s.new_tokens} | {_f(s.wall_seconds, 1)} "
             f"| {_f(s.tokens_per_second)} | {speedup} | {_f(s.mean_accepted_length)} | {accept} "
-            f"| {_f(s.forwards_per_token)} | {_f(s.draft_ms_per_round, 1)} | {_f(s.verify_ms_per_round, 1)} "
+            f"| {_f(s.draft_length, 1)} | {_pct(s.ready_fraction)} | {_f(s.forwards_per_token)} | {_f(s.draft_ms_per_round, 1)} | {_f(s.verify_ms_per_round, 1)} "
             f"| {_f(s.network_ms_per_round, 1)} | {_f(s.redis_ms_per_round, 1)} | {_f(s.other_ms_per_round, 1)} "
             f"| {_f(s.bytes_sent_per_round, 0)} | {_f(s.bytes_received_per_round, 0)} | {_flags(s)} |"
         )
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
+def rtt_table(summaries: Sequence[Summary], rtts_ms: Sequence[float]) -> str:
+    """Speed against the network's round trip (all categories): tokens/s of each strategy at
+    each RTT, the share of its wall time the round trip costs (1 - tok/s at RTT / tok/s at 0),
+    pipelined `sd` against `sd` at the same RTT, and how often a pipelined draft was ready."""
+    if len(rtts_ms) < 2:
+        return ""
+    by_name = {s.system: s for s in summaries if s.category == ALL and s.path == SERVICES}
+    bases = [name for name in by_name if "@rtt" not in name]
+    head = "| system | " + " | ".join(f"{r:g} ms" for r in rtts_ms) + " |"
+    lines = [head, "|" + "---|" * (len(rtts_ms) + 1)]
+
+    def at(base: str, rtt: float) -> Summary | None:
+        return by_name.get(base if not rtt else f"{base}@rtt{rtt:g}ms")
+
+    for base in bases:
+        cells = []
+        zero = at(base, 0.0)
+        for rtt in rtts_ms:
+            s = at(base, rtt)
+            if s is None:
+                cells.append("–")
+                continue
+            share = 1 - s.tokens_per_second / zero.tokens_per_second if zero and zero.tokens_per_second and rtt else None
+            cell = f"{s.tokens_per_second:.2f} tok/s"
+            if share is not None:
+                cell += f", network {share:.0%}"
+            if s.ready_fraction is not None:
+                cell += f", ready {s.ready_fraction:.0%}"
+            cells.append(cell)
+        lines.append(f"| {base} | " + " | ".join(cells) + " |")
+    for fast, slow in (("sd-pipe", "sd"),):
+        ratios = []
+        for rtt in rtts_ms:
+            a, b = at(fast, rtt), at(slow, rtt)
+            ratios.append(f"{a.tokens_per_second / b.tokens_per_second:.2f}x" if a and b and b.tokens_per_second else "–")
+        if any(r != "–" for r in ratios):
+            lines.append(f"| {fast} / {slow} | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
 
 
@@ -180,9 +224,13 @@ def render_markdown(
     greedy: bool,
     skipped: dict[str, str],
     errors: Sequence[RunError],
+    rtts_ms: Sequence[float] = (),
 ) -> str:
     """The whole report a person reads: header, tables, and every flag explained."""
     out = [*header, "", summary_table(summaries)]
+    rtt = rtt_table(summaries, rtts_ms)
+    if rtt:
+        out += ["", "Against the network's round trip (delay proxies in front of each model service):", "", rtt]
     acceptance = acceptance_table(summaries)
     if acceptance:
         out += ["", "Acceptance rate by draft position:", "", acceptance]

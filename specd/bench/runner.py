@@ -54,6 +54,7 @@ from specd.bench.metrics import (
     classify,
     first_divergence,
 )
+from specd.bench.netem import DelayProxies
 from specd.bench.prompts import Prompt
 from verifier_svc.core import VerifierCore
 
@@ -72,6 +73,22 @@ class BenchError(RuntimeError):
     """The bench cannot go on; the message says why."""
 
 
+def parse_system(name: str) -> tuple[str, int | None]:
+    """A bench system of the services: a strategy, with its draft length fixed by `:kN`
+    ("sd:k4"); without, the bench's -k (0: adaptive)."""
+    strategy, _, option = name.partition(":")
+    if not option:
+        return strategy, None
+    if not (option.startswith("k") and option[1:].isdigit() and int(option[1:]) >= 1):
+        raise BenchError(f"system {name!r}: write a fixed draft length as STRATEGY:kN with N >= 1, e.g. sd:k4")
+    return strategy, int(option[1:])
+
+
+def rtt_system(system: str, rtt_ms: float) -> str:
+    """The name of a system measured behind the bench's delay proxies."""
+    return system if not rtt_ms else f"{system}@rtt{rtt_ms:g}ms"
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     strategies: tuple[str, ...]  # `ar` first: it is the reference of every speedup
@@ -84,6 +101,8 @@ class BenchConfig:
     in_process_limit: int  # prompts per category also run in-process (0: none)
     peers: bool  # run hf-generate and hf-assisted
     timeout_seconds: float  # per generation through the services
+    rtts_ms: tuple[float, ...] = (0.0,)  # round trips added by the bench's proxies, each its own systems
+    pin: bool = False  # the stack's verifier and drafter on a core each, one thread each
 
     @property
     def greedy(self) -> bool:
@@ -125,17 +144,19 @@ class ServicesClient:
     def close(self) -> None:
         self.channel.close()
 
-    def request(self, prompt: Prompt, strategy: str, max_new_tokens: int, seed: int) -> pb.GenerateRequest:
+    def request(self, prompt: Prompt, system: str, max_new_tokens: int, seed: int) -> pb.GenerateRequest:
         c = self.config
+        strategy, k = parse_system(system)
         request = pb.GenerateRequest(
             strategy=strategy, max_new_tokens=max_new_tokens, temperature=c.temperature, top_k=c.top_k,
-            top_p=c.top_p, seed=seed, options=pb.StrategyOptions(k=c.k),
+            top_p=c.top_p, seed=seed, options=pb.StrategyOptions(k=c.k if k is None else k),
         )  # fmt: skip
         request.chat.messages.append(pb.ChatMessage(role="user", content=prompt.text))
         return request
 
-    def run(self, prompt: Prompt, strategy: str, max_new_tokens: int, seed: int) -> RunRecord:
-        request = self.request(prompt, strategy, max_new_tokens, seed)
+    def run(self, prompt: Prompt, system: str, max_new_tokens: int, seed: int, rtt_ms: float = 0.0) -> RunRecord:
+        request = self.request(prompt, system, max_new_tokens, seed)
+        strategy = request.strategy
         ids: list[int] = []
         stats = None
         watch = Stopwatch()
@@ -150,13 +171,15 @@ class ServicesClient:
         # Not part of the measurement; keeps the bench from filling Redis with sessions.
         self.stub.DeleteSession(pb.DeleteSessionRequest(session_id=stats.session_id), timeout=30)
         return RunRecord(
-            prompt_id=prompt.id, category=prompt.category, system=strategy, path=SERVICES, strategy=strategy,
+            prompt_id=prompt.id, category=prompt.category, system=rtt_system(system, rtt_ms), path=SERVICES, strategy=strategy,
             prompt_tokens=stats.prompt_tokens, new_tokens=stats.new_tokens, wall_seconds=wall, token_ids=tuple(ids),
             finish_reason=stats.finish_reason, engine_wall_seconds=stats.wall_seconds,
             target_forwards=stats.target_forwards, drafted=stats.drafted, accepted=stats.accepted,
             acceptance_by_position=tuple(stats.acceptance_by_position), draft_seconds=stats.draft_seconds,
             verify_seconds=stats.verify_seconds, network_seconds=stats.network_seconds,
             redis_seconds=stats.redis_seconds, bytes_sent=stats.bytes_sent, bytes_received=stats.bytes_received,
+            rtt_ms=rtt_ms, draft_asked=round(stats.mean_draft_length * stats.target_forwards),
+            speculative_drafts=stats.speculative_drafts, speculative_ready=stats.speculative_ready,
         )  # fmt: skip
 
 
@@ -272,18 +295,19 @@ class InProcessRunner:
             ),
         )  # fmt: skip
 
-    def run(self, prompt: Prompt, strategy: str, max_new_tokens: int, seed: int) -> RunRecord:
+    def run(self, prompt: Prompt, system: str, max_new_tokens: int, seed: int) -> RunRecord:
         c = self.config
+        strategy, k = parse_system(system)
         request = GenerationRequest(
             messages=(ChatMessage("user", prompt.text),), max_new_tokens=max_new_tokens,
             # The services receive the temperature as a proto float32; round it the same way
             # so a seeded sampled run draws the same tokens in both paths.
             temperature=float(np.float32(c.temperature)), top_k=c.top_k, top_p=float(np.float32(c.top_p)),
-            seed=seed, strategy=strategy, k=c.k,
+            seed=seed, strategy=strategy, k=c.k if k is None else k,
         )  # fmt: skip
         ids, stats, wall = asyncio.run(self._generate(request))
         return RunRecord(
-            prompt_id=prompt.id, category=prompt.category, system=strategy + LOCAL_SUFFIX, path=IN_PROCESS,
+            prompt_id=prompt.id, category=prompt.category, system=system + LOCAL_SUFFIX, path=IN_PROCESS,
             strategy=strategy, prompt_tokens=stats.prompt_tokens, new_tokens=stats.new_tokens, wall_seconds=wall,
             token_ids=tuple(ids), finish_reason=stats.finish_reason, engine_wall_seconds=stats.wall_seconds,
             target_forwards=stats.target_forwards, drafted=stats.drafted, accepted=stats.accepted,
@@ -291,6 +315,8 @@ class InProcessRunner:
             drafted_by_position=tuple(stats.drafted_by_position), draft_seconds=stats.draft_seconds,
             verify_seconds=stats.verify_seconds, network_seconds=stats.network_seconds,
             redis_seconds=stats.redis_seconds, bytes_sent=stats.bytes_sent, bytes_received=stats.bytes_received,
+            draft_asked=stats.draft_asked, speculative_drafts=stats.speculative_drafts,
+            speculative_ready=stats.speculative_ready,
         )  # fmt: skip
 
     async def _generate(self, request: GenerationRequest) -> tuple[list[int], Stats, float]:
@@ -497,11 +523,25 @@ def build_tasks(
     services: ServicesClient,
     in_process: InProcessRunner | None,
     peers: Sequence[PeerRunner | LlamaPeerRunner] = (),
+    proxies: DelayProxies | None = None,
 ) -> list[Task]:
-    tasks = [Task(s, SERVICES, s, lambda p, n, seed, s=s: services.run(p, s, n, seed)) for s in config.strategies]
+    """Every system to run: each strategy through the services (at each round trip the
+    proxies add, when there are proxies), in-process, and the peers."""
+
+    def through_services(p: Prompt, n: int, seed: int, system: str, rtt_ms: float) -> RunRecord:
+        if proxies is not None:
+            proxies.set_rtt_ms(rtt_ms)
+        return services.run(p, system, n, seed, rtt_ms)
+
+    tasks = [
+        Task(rtt_system(s, rtt), SERVICES, parse_system(s)[0],
+             lambda p, n, seed, s=s, rtt=rtt: through_services(p, n, seed, s, rtt))  # fmt: skip
+        for rtt in (config.rtts_ms if proxies is not None else (0.0,))
+        for s in config.strategies
+    ]
     if in_process is not None:
         tasks += [
-            Task(s + LOCAL_SUFFIX, IN_PROCESS, s, lambda p, n, seed, s=s: in_process.run(p, s, n, seed))
+            Task(s + LOCAL_SUFFIX, IN_PROCESS, parse_system(s)[0], lambda p, n, seed, s=s: in_process.run(p, s, n, seed))
             for s in config.strategies
         ]
     for runner in peers:
@@ -586,3 +626,9 @@ def run_bench(
 def registered_strategies() -> tuple[str, ...]:
     """Every strategy in the registry, `ar` first (strategies added later are picked up)."""
     return (REFERENCE, *[s for s in STRATEGIES if s != REFERENCE])
+
+
+def default_systems() -> tuple[str, ...]:
+    """What the bench runs when told nothing: every strategy (adaptive where it drafts), and
+    `sd` with the fixed draft length it had before adaptive, as the reference adaptive must beat."""
+    return (*registered_strategies(), "sd:k4")
