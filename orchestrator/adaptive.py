@@ -36,15 +36,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 DECAY = 0.9  # per observation: a session's rates follow roughly its last ten rounds
-PRIOR_WEIGHT = 3.0  # observations the orchestrator-wide rates are worth in a session's estimate
+# Observations the orchestrator-wide rates are worth in a session's estimate: one, since
+# texts differ (a chat session after a run of code sessions should soon stop expecting code's
+# acceptance)
+PRIOR_WEIGHT = 1.0
+POOLED_DECAY = 0.95  # per observation of the orchestrator-wide rates: about the last twenty rounds
 DEFAULT_ALPHA = 0.6  # a position nothing has been measured for yet
 POSITION_FALLOFF = 0.9  # an unmeasured position past the last measured one: its rate times this
 COST_DECAY = 0.8  # per observation of a draft length: recent load and caches count most
 K_MAX = 12  # the longest draft adaptive chooses
 FIXED_K = 4  # the draft length of a turn that cannot adapt (a seeded sampled turn) and gives none
 PROBE_EVERY = 8  # after this many `ar` rounds, one round drafts again to re-measure acceptance
-EXPLORE_EVERY = 10  # every this many rounds, one round drafts one token more than the best
-START = (4, 2)  # draft lengths of the first rounds, until two lengths have been timed
+EXPLORE_EVERY = 10  # every this many rounds, one round drafts one token more (or less) than the best
+# Draft lengths of the first rounds, until each has been timed: 0 among them, because
+# drafting at all costs more than its tokens (a drafter call, the drafter catching up on the
+# committed tokens), so T(0) extrapolated from longer drafts would make plain decoding look
+# dearer than it is.
+START = (4, 2, 0)
 
 
 @dataclass
@@ -183,16 +191,17 @@ class DraftLength:
         if limit == 0:
             return Choice(0, 1.0, 0.0)
         measured = self.costs.measured
-        if len(measured) < 2:  # time two lengths first: START, else shorter where the room is short
-            for k in (*START, 1, 0):
-                if min(k, limit) not in measured:
-                    return Choice(min(k, limit), 0.0, 0.0)
+        for k in START:  # time the START lengths first (capped by the room left)
+            if min(k, limit) not in measured:
+                return Choice(min(k, limit), 0.0, 0.0)
         rates = session.rates(limit, self.pooled)
         best = max(range(limit + 1), key=lambda k: (expected_tokens(rates, k) / self.costs.seconds(k), -k))
         if best == 0 and ar_streak >= PROBE_EVERY:
             best = max(range(1, limit + 1), key=lambda k: expected_tokens(rates, k) / self.costs.seconds(k))
-        elif best and step % EXPLORE_EVERY == EXPLORE_EVERY - 1 and best < limit:
-            best += 1
+        elif best and step % EXPLORE_EVERY == EXPLORE_EVERY - 1:
+            # Keep the neighbours' costs fresh: alternately one token more and one less.
+            up = (step // EXPLORE_EVERY) % 2 == 0
+            best = min(best + 1, limit) if up else best - 1
         return Choice(best, expected_tokens(rates, best), self.costs.seconds(best))
 
     def observe(self, session: Acceptance, k: int, drafted: int, accepted: int, seconds: float | None) -> None:
@@ -201,6 +210,6 @@ class DraftLength:
         e.g. a turn's first round, which also prefills the prompt)."""
         if drafted:
             session.observe(drafted, accepted)
-            self.pooled.observe(drafted, accepted, decay=0.98)
+            self.pooled.observe(drafted, accepted, decay=POOLED_DECAY)
         if seconds is not None and math.isfinite(seconds) and seconds >= 0:
             self.costs.observe(k, seconds)

@@ -353,9 +353,12 @@ class Engine:
             self.in_flight -= 1
         stats.wall_seconds += time.perf_counter() - started
         log.info(
-            "session %s: %d tokens in %.2fs (%.2f tok/s), τ %.2f, acceptance %.2f, finish %s%s",
-            session.id, stats.new_tokens, stats.wall_seconds, stats.tokens_per_second, stats.mean_accepted_length,
-            stats.acceptance_rate, stats.finish_reason, f", {stats.failovers} failovers" if stats.failovers else "",
+            "session %s: %s, %d tokens in %.2fs (%.2f tok/s), τ %.2f, acceptance %.2f, draft length %.1f%s, finish %s%s%s",
+            session.id, stats.strategy, stats.new_tokens, stats.wall_seconds, stats.tokens_per_second,
+            stats.mean_accepted_length, stats.acceptance_rate, stats.mean_draft_length,
+            " (adaptive)" if stats.adaptive else "", stats.finish_reason,
+            f", next drafts ready {stats.speculative_ready}/{stats.target_forwards}" if stats.speculative_drafts else "",
+            f", {stats.failovers} failovers" if stats.failovers else "",
         )  # fmt: skip
         yield stats
 
@@ -411,7 +414,7 @@ class Engine:
                 session.tokens.extend(tokens)
                 session.step += 1
                 session.ar_streak = 0 if r.k else session.ar_streak + 1
-                stats.add_round(result, r.k)
+                stats.add_round(result, r.k if STRATEGIES[stats.strategy].needs_drafter else 0)
                 stats.new_tokens += len(tokens)
                 _add_totals(session.totals, result, len(tokens))
                 text, shown = out.push(tokens)

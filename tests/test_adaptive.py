@@ -95,13 +95,23 @@ def measured(per_token: float, verify: float = 1.0, alpha: float | None = None, 
     return lengths
 
 
-def test_the_first_rounds_time_two_lengths() -> None:
+def test_the_first_rounds_time_each_start_length_plain_decoding_included() -> None:
     lengths = DraftLength()
-    first = lengths.choose(Acceptance(), step=0, limit=20)
-    assert first.k == START[0]
-    lengths.observe(Acceptance(), first.k, first.k, 2, 1.0)
-    assert lengths.choose(Acceptance(), step=1, limit=20).k == START[1]
+    chosen = []
+    for step in range(len(START)):
+        k = lengths.choose(Acceptance(), step=step, limit=20).k
+        chosen.append(k)
+        lengths.observe(Acceptance(), k, k, k, 1.0 + 0.1 * k)
+    assert chosen == list(START) and 0 in chosen
     assert lengths.choose(Acceptance(), step=0, limit=1).k == 1  # never past the room left
+    assert DraftLength().choose(Acceptance(), step=0, limit=1).k == 1
+
+
+def test_a_turn_with_a_first_round_untimed_times_it_again() -> None:
+    lengths = DraftLength()
+    lengths.observe(Acceptance(), START[0], START[0], 1, None)  # a first round: it prefilled
+    assert lengths.costs.measured == []
+    assert lengths.choose(Acceptance(), step=1, limit=20).k == START[0]
 
 
 def test_plain_decoding_when_no_draft_pays_for_itself() -> None:
@@ -130,11 +140,12 @@ def test_a_session_decoding_plainly_probes_again() -> None:
     assert lengths.choose(Acceptance(), step=0, limit=20, ar_streak=PROBE_EVERY).k >= 1
 
 
-def test_every_tenth_round_explores_one_token_longer() -> None:
+def test_every_tenth_round_explores_a_neighbour_longer_then_shorter() -> None:
     lengths = measured(per_token=0.1, alpha=0.6)
     best = lengths.choose(Acceptance(), step=0, limit=20).k
     assert best >= 1
     assert lengths.choose(Acceptance(), step=EXPLORE_EVERY - 1, limit=20).k == best + 1
+    assert lengths.choose(Acceptance(), step=2 * EXPLORE_EVERY - 1, limit=20).k == best - 1
 
 
 def test_observe_keys_the_cost_by_the_length_asked() -> None:
@@ -286,3 +297,15 @@ def test_a_cancelled_propose_frees_the_drafter_after_the_pass_under_way() -> Non
     passes, after = asyncio.run(run())
     assert len(after.tokens) == 3
     assert passes <= 3 + 6  # the next call's 3, and the few of the cancelled one before it stopped
+
+
+def test_an_adaptive_cascade_round_that_drafts_nothing_is_plain_decoding() -> None:
+    """k = 0 on a cascade whose only level below the target is its top one leaves row 0 empty."""
+    from services.maxgram import MaxGramDrafter
+
+    target = table(1)
+    maxgram = MaxGramDrafter()
+    backends = Backends(VerifierCore(TableRuntime(target)), None, cascade=(maxgram,), maxgram=maxgram)
+    r = sized("cascade", RoundInput("s", CONTEXT, SamplingParams(), 0, 0, 4, k_matrix=((4,),)), 0)
+    result = asyncio.run(STRATEGIES["cascade"].run(backends, r))
+    assert r.k_matrix == ((0,),) and result.drafted == 0 and len(result.tokens) == 1
