@@ -20,7 +20,7 @@ the greedy output would no longer be the model's own. Here each row is divided b
 scale first, so fbgemm's static per-tensor quantization (scale 1, zero point 128) is exactly
 per-row quantization; the integer products are exact and the row scale is applied after, in
 fp32. A row's result is bitwise the same whatever other rows share the pass
-(tests/test_int8.py) - the property speculative decoding needs of its verifier.
+(tests/test_runtime.py) - the property speculative decoding needs of its verifier.
 
 The quantized model is its own model: its greedy output is the reference every strategy on it
 reproduces (not the fp32 model's, from which it may part at close calls).
