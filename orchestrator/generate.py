@@ -378,7 +378,8 @@ class Engine:
         """The turn's rounds from where its committed tokens end, then its end."""
         max_new, k, k_matrix = shape
         turn = session.turn
-        round_fn = STRATEGIES[stats.strategy].run
+        spec = STRATEGIES[stats.strategy]
+        round_fn = spec.run
         adaptive = self._draft_length(req, session, stats.strategy, k)
         stats.adaptive = adaptive is not None
         k = k or FIXED_K  # the draft length of a turn that does not adapt, when none is given
@@ -414,7 +415,7 @@ class Engine:
                 session.tokens.extend(tokens)
                 session.step += 1
                 session.ar_streak = 0 if r.k else session.ar_streak + 1
-                stats.add_round(result, r.k if STRATEGIES[stats.strategy].needs_drafter else 0)
+                stats.add_round(result, r.k if spec.needs_drafter else 0)
                 stats.new_tokens += len(tokens)
                 _add_totals(session.totals, result, len(tokens))
                 text, shown = out.push(tokens)
