@@ -9,6 +9,8 @@ INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from client import ServiceStack, generate
@@ -105,6 +107,7 @@ def test_sessions_continue_the_same_after_a_drafter_restart(stack):
         firsts = {what: generate(address, PROMPTS[1], **sampling, **fields) for what, fields in runs.items()}
         if restart:
             stack.restart("drafter")
+            time.sleep(1.5)  # the orchestrator's next health check sees it back; till then rounds draft with max-gram
         return {
             what: (first.token_ids, generate(address, " jumps", session_id=first.stats.session_id, **sampling, **runs[what]).token_ids)
             for what, first in firsts.items()
