@@ -43,6 +43,7 @@ from services.roles import Stopwatch
 from services.runtime import Runtime, gguf_file, load_runtime, near_tie
 from services.server import channel_options
 from services.torch_runtime import TorchRuntime
+from services.worker import Worker
 from specd.bench.metrics import (
     IN_PROCESS,
     PEER,
@@ -231,13 +232,22 @@ class MemoryStore:
 @dataclass(frozen=True)
 class LocalModels:
     """The target and drafter loaded in the bench process on the runtimes the services use,
-    shared by the in-process runs, the peers and the near-tie check."""
+    shared by the in-process runs, the peers and the near-tie check.
+
+    Every model of the bench process - these two, and the peers' - is loaded and run on one
+    thread, `worker`, as a model service does (services/worker.py): torch and llama.cpp keep
+    an OpenMP thread team per calling thread, and once a library has more teams than there
+    are cores, its threads stop spinning between parallel regions and every pass pays for
+    waking them (measured: llama-cpp-python's greedy decoding of the target 30% slower after
+    the in-process drafter had run on a thread of its own). A peer measured that way would
+    look slower than it is for a user."""
 
     target: Runtime
     drafter: Runtime | None
     tokenizer: object  # the target's tokenizer
     target_dir: Path
     translation: Translation | None = None  # set when the drafter's vocabulary differs from the target's
+    worker: Worker = field(default_factory=lambda: Worker("bench-models"))
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """The prompt as the orchestrator tokenizes a chat turn (generate.py, _turn_context)."""
@@ -265,14 +275,19 @@ def load_local(
     kernels); a drafter of another vocabulary gets its translation (maps cached in vocab_cache)."""
     from transformers import AutoTokenizer
 
-    drafter = None if drafter_dir is None else load_runtime(service_config(base, drafter_dir, drafter_runtime), "drafter")
-    target = load_runtime(service_config(base, target_dir, verifier_runtime), "verifier")
+    worker = Worker("bench-models")
+    drafter = (
+        None
+        if drafter_dir is None
+        else worker.call(load_runtime, service_config(base, drafter_dir, drafter_runtime), "drafter")
+    )
+    target = worker.call(load_runtime, service_config(base, target_dir, verifier_runtime), "verifier")
     translation = None
     if drafter is not None and drafter.info.tokenizer_fingerprint != target.info.tokenizer_fingerprint:
         translation = Translation.build(
             drafter.tokenizer, target.tokenizer, drafter.info.vocab_size, target.info.vocab_size, vocab_cache
         )
-    return LocalModels(target, drafter, AutoTokenizer.from_pretrained(target_dir), target_dir, translation)
+    return LocalModels(target, drafter, AutoTokenizer.from_pretrained(target_dir), target_dir, translation, worker)
 
 
 class InProcessRunner:
@@ -281,9 +296,11 @@ class InProcessRunner:
     def __init__(self, models: LocalModels, config: BenchConfig, q_top: int = 32) -> None:
         self.models = models
         self.config = config
-        self.verifier = VerifierCore(models.target, max_sessions=4)
+        self.verifier = VerifierCore(models.target, max_sessions=4, worker=models.worker)
         self.drafter = (
-            None if models.drafter is None else DrafterCore(models.drafter, q_top=q_top, translation=models.translation)
+            None
+            if models.drafter is None
+            else DrafterCore(models.drafter, q_top=q_top, translation=models.translation, worker=models.worker)
         )
         self.engine = Engine(
             tokenizer=models.tokenizer,
@@ -374,10 +391,13 @@ class PeerRunner:
             return {"do_sample": False, **plain}
         return {"do_sample": True, "temperature": c.temperature, "top_k": c.top_k, "top_p": c.top_p, **plain}
 
-    @torch.inference_mode()
     def run(self, prompt: Prompt, peer: str, max_new_tokens: int, seed: int) -> RunRecord:
         if peer not in self.names:
             raise BenchError(f"unknown peer {peer!r}")
+        return self.models.worker.call(self._run, prompt, peer, max_new_tokens, seed)
+
+    @torch.inference_mode()
+    def _run(self, prompt: Prompt, peer: str, max_new_tokens: int, seed: int) -> RunRecord:
         info = self.target.info
         prompt_ids = self.models.prompt_ids(prompt)
         input_ids = torch.tensor([prompt_ids])  # (1, T)
@@ -427,14 +447,18 @@ class LlamaPeerRunner:
             model_path=str(gguf), n_ctx=min(LLAMA_PEER_CONTEXT, models.target.info.max_context), n_threads=threads,
             n_threads_batch=threads, verbose=False,
         )  # fmt: skip
+        lookup = LlamaPromptLookupDecoding(num_pred_tokens=LOOKUP_TOKENS)
         self.llamas = {
-            "llama-greedy": Llama(**common),
-            "llama-lookup": Llama(**common, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=LOOKUP_TOKENS)),
+            "llama-greedy": models.worker.call(lambda: Llama(**common)),
+            "llama-lookup": models.worker.call(lambda: Llama(**common, draft_model=lookup)),
         }
 
     def run(self, prompt: Prompt, peer: str, max_new_tokens: int, seed: int) -> RunRecord:
         if peer not in self.names:
             raise BenchError(f"unknown peer {peer!r}")
+        return self.models.worker.call(self._run, prompt, peer, max_new_tokens)
+
+    def _run(self, prompt: Prompt, peer: str, max_new_tokens: int) -> RunRecord:
         llama = self.llamas[peer]
         prompt_ids = self.models.prompt_ids(prompt)
         llama.reset()
@@ -464,7 +488,7 @@ def load_peers(
     if isinstance(models.target, TorchRuntime):
         assistant = models.drafter if isinstance(models.drafter, TorchRuntime) else None
         if assistant is None and drafter_dir is not None:
-            assistant = load_runtime(service_config(base, drafter_dir, "torch"), "drafter")
+            assistant = models.worker.call(load_runtime, service_config(base, drafter_dir, "torch"), "drafter")
         peers.append(PeerRunner(models, config, assistant))
     return peers
 
@@ -507,7 +531,8 @@ def check_prompt(
         at = first_divergence(r.token_ids, reference.token_ids)
         gap = None
         if at is not None and models is not None:
-            gap = top2_gap(models.target, models.prompt_ids(prompt) + list(reference.token_ids[:at]))
+            ids = models.prompt_ids(prompt) + list(reference.token_ids[:at])
+            gap = models.worker.call(top2_gap, models.target, ids)
         check = classify(prompt.id, r.system, at, gap, bound) if bound is not None else classify(prompt.id, r.system, at, gap)
         if check.flagged:
             log.warning("%s on %s: %s at new token %s (top-2 gap %s)", r.system, prompt.id, check.status, at, gap)
