@@ -78,6 +78,9 @@ class ModelServiceConfig:
     threads: int = 0  # SPECD_THREADS: threads of a forward pass; 0 = every core
     onednn: bool = True  # SPECD_ONEDNN: oneDNN linears on CPU fp32 (multi-token passes ~2x cheaper)
     kv_tokens: int = 0  # SPECD_KV_TOKENS (llama): KV cells shared by all sessions; 0 = the model's context
+    # SPECD_KV_RESIDENT (llama): KV cells other sessions may keep in the cache while one runs;
+    # the rest are parked in host memory (a pass attends over every cell held: services/llama_runtime.py)
+    kv_resident: int = 0
     max_sessions: int = 16  # SPECD_MAX_SESSIONS: KV caches kept (LRU); a miss costs a re-prefill
     q_top: int = 32  # SPECD_Q_TOP: entries of the truncated proposal distribution q a drafter sends
     max_draft: int = 64  # SPECD_MAX_DRAFT: the longest draft (or most tree nodes) accepted in one call
@@ -113,6 +116,7 @@ class ModelServiceConfig:
             threads=_int(env, "SPECD_THREADS", 0),
             onednn=_bool(env, "SPECD_ONEDNN", True),
             kv_tokens=_int(env, "SPECD_KV_TOKENS", 0),
+            kv_resident=_int(env, "SPECD_KV_RESIDENT", 0),
             max_sessions=_int(env, "SPECD_MAX_SESSIONS", 16, minimum=1),
             q_top=_int(env, "SPECD_Q_TOP", 32, minimum=1),
             max_draft=_int(env, "SPECD_MAX_DRAFT", 64, minimum=1),

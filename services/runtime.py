@@ -180,7 +180,7 @@ def load_runtime(config, role: str) -> Runtime:
 
         loaded: Runtime = load_llama(
             path, max_sessions=config.max_sessions, max_draft=config.max_draft, threads=config.threads,
-            kv_tokens=config.kv_tokens,
+            kv_tokens=config.kv_tokens, resident_cells=config.kv_resident,
         )  # fmt: skip
     else:
         from services.torch_runtime import load_torch

@@ -24,11 +24,15 @@ TREE = Tree(tokens=(7, 8, 5, 6, 9), parents=(-1, -1, 0, 0, 2))
 RUNTIMES = {"torch-float64": 1e-9, "torch-int8": 0.0, "llama": 1e-3}  # name -> tolerance
 
 
-def load(kind: str, folder, max_sessions: int = 4):
+def load(kind: str, folder, max_sessions: int = 4, resident_cells: int = 10**6):
+    """The contract suite keeps every llama.cpp session in the cache (the reference `fresh`
+    runs in a session of its own); parking is tested on its own, below."""
     if kind == "llama":
         from services.llama_runtime import load_llama
 
-        return load_llama(folder, max_sessions=max_sessions, max_draft=16, threads=1, kv_tokens=4096)
+        return load_llama(
+            folder, max_sessions=max_sessions, max_draft=16, threads=1, kv_tokens=4096, resident_cells=resident_cells
+        )
     from services.torch_runtime import load_torch
 
     return load_torch(folder, dtype=kind.split("-")[1], device="cpu", max_sessions=max_sessions, threads=1)
@@ -226,3 +230,53 @@ def test_onednn_linears_agree_with_torch(tiny_pair):
     a, b = stock(ids).logits, fast(ids).logits
     assert (a - b).abs().max() < 1e-4
     assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+# ---------------------------------------------------------------- llama.cpp: parked sessions
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_pair):
+    rt = load("llama", tiny_pair.target_dir, resident_cells=0)  # the default: park every other session
+    rt.tolerance = RUNTIMES["llama"]
+    yield rt
+    rt.close()
+
+
+def test_llama_parks_the_other_sessions_while_one_runs(llama):
+    """A pass attends over every cell of the cache, so the other sessions' cells are copied
+    out while one runs; a parked session continues where it was."""
+    a, b = list(range(10, 40)), list(range(60, 90))
+    llama.logits("a", a, 1)
+    parks, unparks = llama.parks, llama.unparks
+    llama.logits("b", b, 1)
+    assert llama.parks == parks + 1 and llama._slots.peek("a").cells == 0
+    assert llama.cached("a") == (a, 0)  # parked, not forgotten
+    assert close(llama, llama.logits("a", a + [5], 1)[0], fresh(llama, a + [5]))
+    assert llama.unparks == unparks + 1 and llama._slots.peek("b").cells == 0
+    assert close(llama, llama.logits("b", b + [6, 7], 2)[1], fresh(llama, b + [6, 7]))
+    llama.release("a")
+    llama.release("b")
+
+
+def test_llama_a_parked_drafter_tree_is_dropped_and_its_path_refed(llama):
+    llama.tree_logits("s", CONTEXT, TREE, len(TREE) + 1)
+    llama.logits("other", list(range(90, 100)), 1)  # parks s, whose tree goes
+    assert llama.cached("s") == (CONTEXT, 0)
+    seq = CONTEXT + [7, 5, 9]
+    assert close(llama, llama.logits("s", seq, 1)[0], fresh(llama, seq))
+    llama.release("s")
+    llama.release("other")
+
+
+def test_llama_a_full_cache_parks_rather_than_forgets(tiny_pair):
+    from services.llama_runtime import load_llama
+
+    rt = load_llama(tiny_pair.target_dir, max_sessions=4, max_draft=4, threads=1, kv_tokens=256, resident_cells=10**6)
+    rt.tolerance = RUNTIMES["llama"]
+    seqs = {sid: [start + i % 50 for i in range(100)] for sid, start in (("a", 10), ("b", 100), ("c", 200))}
+    for sid, seq in seqs.items():  # a and b fill 200 of 256 cells; c does not fit beside them
+        rt.logits(sid, seq, 1)
+    assert rt.parks >= 1 and rt._slots.peek("a").cells == 0 and rt.cached("a") == (seqs["a"], 0)
+    assert close(rt, rt.logits("a", seqs["a"] + [3], 1)[0], fresh(rt, seqs["a"] + [3]))
+    rt.close()
