@@ -415,7 +415,7 @@ class Engine:
                 session.tokens.extend(tokens)
                 session.step += 1
                 session.ar_streak = 0 if r.k else session.ar_streak + 1
-                stats.add_round(result, r.k if spec.needs_drafter else 0)
+                stats.add_round(result, r.k if spec.drafts else 0)
                 stats.new_tokens += len(tokens)
                 _add_totals(session.totals, result, len(tokens))
                 text, shown = out.push(tokens)

@@ -119,6 +119,16 @@ async def sd_round(backends: Backends, r: RoundInput) -> RoundResult:
     return RoundResult(v.tokens, len(d.tokens), v.accepted, d.cost, v.cost)
 
 
+async def lookup_round(backends: Backends, r: RoundInput) -> RoundResult:
+    """Prompt lookup decoding (Saxena 2023, "Prompt Lookup Decoding"; the max-gram model at the
+    bottom of Chen et al. 2024's cascade): the draft is what followed the latest earlier
+    occurrence of the context's longest recurring suffix, drafted in the orchestrator by its
+    max-gram model (services/ngram.py) - no drafter model and no drafter call - and verified
+    as in `sd`. Its tokens are deterministic, so q is a point mass: lossless for greedy and
+    sampling (a sampled draft token is accepted with probability p(token))."""
+    return await sd_round(replace(backends, drafter=backends.maxgram), r)
+
+
 # -- pipelined ----------------------------------------------------------------------------
 
 
@@ -450,14 +460,16 @@ Strategy = Callable[[Backends, RoundInput], Awaitable[RoundResult]]
 @dataclass(frozen=True)
 class StrategySpec:
     run: Strategy
-    needs_drafter: bool
+    needs_drafter: bool  # calls the drafter service (`lookup` drafts in the orchestrator)
     # The drafter must share the target's vocabulary; False: any drafter that translates to
     # the target's (SPECD_TARGET_TOKENIZER), or one of the target's own vocabulary.
     same_vocab: bool = True
+    drafts: bool = True  # a round's k is a draft length (`ar` verifies no draft)
 
 
 STRATEGIES: dict[str, StrategySpec] = {
-    "ar": StrategySpec(ar_round, needs_drafter=False),
+    "ar": StrategySpec(ar_round, needs_drafter=False, drafts=False),
+    "lookup": StrategySpec(lookup_round, needs_drafter=False),
     "sd": StrategySpec(sd_round, needs_drafter=True),
     "sd-pipe": StrategySpec(pipelined_sd_round, needs_drafter=True),
     "cascade": StrategySpec(cascade_round, needs_drafter=True),

@@ -293,8 +293,8 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=os.environ.get("SPECD_ADDRESS", DEFAULT_ADDRESS), help=f"orchestrator host:port (default $SPECD_ADDRESS or {DEFAULT_ADDRESS})")
     p.add_argument(
         "--strategy",
-        help="ar (plain decoding), sd, cascade, staged (a drafter of the target's vocabulary), or slem, tli, slrs "
-        "(a drafter of any vocabulary); default: the server's",
+        help="ar (plain decoding), lookup (drafts copied from the context, no drafter), sd, cascade, staged (a "
+        "drafter of the target's vocabulary), or slem, tli, slrs (a drafter of any vocabulary); default: the server's",
     )
     p.add_argument("-k", type=int, help="draft length (default: the server's; adaptive unless it fixes one)")
     p.add_argument("--max-new-tokens", type=int, help="most tokens to generate (default: the server's, 128)")

@@ -238,6 +238,13 @@ def test_adaptive_sd_samples_the_targets_distribution() -> None:
     assert len(seen) > 1  # the draft length did change from run to run
 
 
+def test_adaptive_lookup_samples_the_targets_distribution() -> None:
+    # The context repeats (0, 1, ...): max-gram drafts, and its point masses are accepted with probability p.
+    value, seen, _ = pvalue("lookup", n_out=3, k_max=2)
+    assert value > PASS
+    assert len(seen) > 1
+
+
 @pytest.mark.parametrize("k_max", [None, 1], ids=["k 1", "adaptive"])
 def test_pipelined_sd_samples_the_targets_distribution(k_max: int | None) -> None:
     # Drafts of one token: the third token is often drafted speculatively, during round 1's verify.

@@ -159,6 +159,11 @@ def test_without_a_drafter_rounds_draft_with_maxgram_and_the_output_is_the_same(
             assert result.token_ids == expected, strategy
             # every round that drafts (the last, with room for one token, does not)
             assert result.stats.target_forwards - 1 <= result.stats.fallback_rounds > 0, strategy
+        # lookup drafts in the orchestrator: it never needed the drafter
+        result = generate(address, PROMPTS[2], strategy="lookup", max_new_tokens=24, options=pb.StrategyOptions(k=4))
+        assert result.token_ids == expected
+        assert result.stats.fallback_rounds == 0 and result.stats.drafted > 0
+        assert result.stats.replicas == [stack.address("verifier")]
     finally:
         stack.start("drafter")
         stack.wait("drafter")

@@ -19,7 +19,7 @@ PROMPTS = [
     "The quick brown fox",
 ]
 NEW = 24
-SAME_VOCAB = ("sd", "cascade", "staged")
+SAME_VOCAB = ("lookup", "sd", "cascade", "staged")
 OTHER_VOCAB = ("slem", "tli", "slrs")
 VERIFIERS = {"llama": ("llama", "float64"), "torch-int8": ("torch", "int8")}  # name -> (SPECD_RUNTIME, SPECD_DTYPE)
 
