@@ -205,11 +205,16 @@ class DraftLength:
         return Choice(best, expected_tokens(rates, best), self.costs.seconds(best))
 
     def observe(self, session: Acceptance, k: int, drafted: int, accepted: int, seconds: float | None) -> None:
-        """A round's outcome: `k` asked, `drafted` drafted (a drafter may stop early),
-        `accepted` accepted, in `seconds` of wall time (None: not a sample of a round's cost,
-        e.g. a turn's first round, which also prefills the prompt)."""
+        """A round's outcome: `k` asked, `drafted` drafted, `accepted` accepted, in `seconds` of
+        wall time (None: not a sample of a round's cost, e.g. a turn's first round, which also
+        prefills the prompt).
+
+        The cost is a sample of T(min(k, drafted)): a drafter may draft less than asked (it
+        stopped at low confidence; `lookup` found no repeat), and then the round cost what a
+        round of that length costs (drafting nothing, a plain round). Drafting more than k is
+        a strategy's own terms (cascade's max-gram tail, slem's re-tokenized text): k then."""
         if drafted:
             session.observe(drafted, accepted)
             self.pooled.observe(drafted, accepted, decay=POOLED_DECAY)
         if seconds is not None and math.isfinite(seconds) and seconds >= 0:
-            self.costs.observe(k, seconds)
+            self.costs.observe(min(k, drafted), seconds)

@@ -42,6 +42,8 @@ class Backends:
     # also be a Reviewer. Empty: (drafter, maxgram), or (maxgram,) without a drafter.
     cascade: tuple[Drafter, ...] = ()
     maxgram: MaxGramDrafter = field(default_factory=MaxGramDrafter)  # the in-process statistical drafter
+    # `lookup`'s: the same model, drafting only where the context repeats itself
+    lookup: MaxGramDrafter = field(default_factory=lambda: MaxGramDrafter(matched_only=True))
 
     def cascade_levels(self) -> tuple[Drafter, ...]:
         if self.cascade:
@@ -124,9 +126,12 @@ async def lookup_round(backends: Backends, r: RoundInput) -> RoundResult:
     bottom of Chen et al. 2024's cascade): the draft is what followed the latest earlier
     occurrence of the context's longest recurring suffix, drafted in the orchestrator by its
     max-gram model (services/ngram.py) - no drafter model and no drafter call - and verified
-    as in `sd`. Its tokens are deterministic, so q is a point mass: lossless for greedy and
-    sampling (a sampled draft token is accepted with probability p(token))."""
-    return await sd_round(replace(backends, drafter=backends.maxgram), r)
+    as in `sd`. Where no suffix of two or more tokens recurs, the round drafts nothing (plain
+    decoding): the cascade's bigram guesses are accepted too rarely to pay for a longer verify.
+    Its tokens are deterministic, so q is a point mass; whether and how much it drafts depends
+    only on the context: lossless for greedy and sampling (a sampled draft token is accepted
+    with probability p(token))."""
+    return await sd_round(replace(backends, drafter=backends.lookup), r)
 
 
 # -- pipelined ----------------------------------------------------------------------------

@@ -26,11 +26,15 @@ ANY_ID = 2**31 - 1  # ids are checked against this instead of a vocabulary
 
 
 class MaxGramDrafter:
-    """Proposes up to k tokens that followed the context's longest recurring suffix."""
+    """Proposes up to k tokens that followed the context's longest recurring suffix;
+    matched_only: none where no suffix of length >= 2 recurs (no bigram-table guesses)."""
 
-    def __init__(self, max_n: int = 4, max_sessions: int = 1024, max_draft: int = 1 << 30) -> None:
+    def __init__(
+        self, max_n: int = 4, max_sessions: int = 1024, max_draft: int = 1 << 30, matched_only: bool = False
+    ) -> None:
         self.max_n = max_n
         self.max_draft = max_draft
+        self.matched_only = matched_only
         self.contexts = SessionContexts(max_sessions)
         self._indexes: Lru[str, NgramIndex] = Lru(max_sessions, what="max-gram index of session")
 
@@ -43,7 +47,7 @@ class MaxGramDrafter:
         self.contexts.commit(session_id, full)
         index = self._indexes.get_or_create(session_id, lambda: NgramIndex(self.max_n))
         index.sync(full)
-        return Draft(tuple(index.propose(k)), (), watch.local_cost())
+        return Draft(tuple(index.propose(k, self.matched_only)), (), watch.local_cost())
 
     async def review(self, session_id: str, context: Context, draft: Sequence[int], *args) -> Draft:
         raise Unsupported("the max-gram drafter has no distribution to review a draft by; it can only be a cascade's bottom level")

@@ -87,14 +87,15 @@ class NgramIndex:
                 if not counts:
                     del self._bigram[previous]
 
-    def _next(self, seq: Sequence[int]) -> tuple[int, int | None] | None:
-        """(next token, the position it was copied from or None for the bigram table) after seq."""
+    def _next(self, seq: Sequence[int], matched_only: bool = False) -> tuple[int, int | None] | None:
+        """(next token, the position it was copied from or None for the bigram table) after seq;
+        matched_only: None where only the bigram table has a follower."""
         for n in range(min(self.max_n, len(seq)), 1, -1):
             followers = self._followers.get(tuple(seq[-n:]))
             if followers:
                 position = followers[-1]  # the latest occurrence: the most local context
                 return self.tokens[position], position
-        counts = self._bigram.get(seq[-1]) if seq else None
+        counts = self._bigram.get(seq[-1]) if seq and not matched_only else None
         if not counts:
             return None
         # The most frequent follower; ties go to the one first seen latest (a Counter keeps
@@ -102,12 +103,14 @@ class NgramIndex:
         best = max(reversed(counts), key=counts.__getitem__)
         return best, None
 
-    def propose(self, k: int) -> list[int]:
+    def propose(self, k: int, matched_only: bool = False) -> list[int]:
         """Up to k tokens after the indexed sequence; fewer (maybe none) when nothing matches.
 
         Copies the continuation of the longest match while it lasts (which is what matching
         again after every token would find, up to ties, until the copy reaches the end of
         the sequence), then matches again on the sequence extended by the proposal so far.
+        matched_only: stop where no suffix of length >= 2 recurs, instead of guessing from the
+        bigram table (prompt lookup: no draft where the text does not repeat itself).
         """
         out: list[int] = []
         copy_from: int | None = None  # position in self.tokens of the next token to copy
@@ -116,7 +119,7 @@ class NgramIndex:
                 out.append(self.tokens[copy_from])
                 copy_from += 1
                 continue
-            found = self._next([*self.tokens[-self.max_n :], *out][-self.max_n :])
+            found = self._next([*self.tokens[-self.max_n :], *out][-self.max_n :], matched_only)
             if found is None:
                 break
             token, position = found

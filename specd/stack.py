@@ -160,9 +160,10 @@ def wait_healthy(name: str, proc: subprocess.Popen | None, address: str, log_pat
 
 def default_strategy(spec: StackSpec) -> str:
     """The orchestrator's default: sd with a drafter of the target's vocabulary, tli with one
-    of another (slem and slrs are there too, by request), ar without a drafter."""
+    of another (slem and slrs are there too, by request), lookup without a drafter (it drafts
+    in the orchestrator, and decodes plainly where the text does not repeat itself)."""
     if not spec.drafter:
-        return "ar"
+        return "lookup"
     from transformers import AutoTokenizer
 
     from services.models import ModelNotFound, resolve

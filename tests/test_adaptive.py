@@ -148,12 +148,15 @@ def test_every_tenth_round_explores_a_neighbour_longer_then_shorter() -> None:
     assert lengths.choose(Acceptance(), step=2 * EXPLORE_EVERY - 1, limit=20).k == best - 1
 
 
-def test_observe_keys_the_cost_by_the_length_asked() -> None:
+def test_observe_keys_the_cost_by_the_length_the_round_had() -> None:
     lengths = DraftLength()
     session = Acceptance()
     lengths.observe(session, k=6, drafted=3, accepted=3, seconds=2.0)  # the drafter stopped early
-    assert lengths.costs.measured == [6]
+    assert lengths.costs.measured == [3]
     assert session.reached == [1.0, 1.0, 1.0]
+    lengths.observe(session, k=5, drafted=0, accepted=0, seconds=1.0)  # lookup found no repeat: a plain round
+    lengths.observe(session, k=4, drafted=6, accepted=2, seconds=1.5)  # cascade: 4 of the drafter's, 2 max-gram
+    assert lengths.costs.measured == [0, 3, 4]
 
 
 def test_sized_sets_each_strategys_own_draft_length() -> None:

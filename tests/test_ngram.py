@@ -32,6 +32,22 @@ def test_proposals(context: list[int], k: int, expected: list[int]) -> None:
     assert maxgram_propose(context, k) == expected
 
 
+MATCHED_ONLY = {
+    # lookup's drafts: a match of two or more tokens, and nothing from the bigram table.
+    "a match is copied as before": ([5, 6, 7, 8, 9, 5, 6, 7], 4, [8, 9, 5, 6]),
+    "no draft where only the bigram table knows a follower": ([3, 4, 9, 3, 4, 1, 3], 3, []),
+    "the last token recurs, but no pair": ([4, 8, 4, 6, 9, 4], 2, []),
+    "a match's copy running past the context goes on matching": ([1, 2, 3, 1, 2], 5, [3, 1, 2, 3, 1]),
+}
+
+
+@pytest.mark.parametrize("context, k, expected", MATCHED_ONLY.values(), ids=MATCHED_ONLY.keys())
+def test_matched_only_proposals(context: list[int], k: int, expected: list[int]) -> None:
+    index = NgramIndex(4)
+    index.sync(context)
+    assert index.propose(k, matched_only=True) == expected
+
+
 def test_max_n_caps_the_match_length() -> None:
     # With max_n = 2 only (1, 2) is matched, and its latest occurrence is followed by 9.
     context = [0, 1, 2, 7, 3, 1, 2, 9, 0, 1, 2]

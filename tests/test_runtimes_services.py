@@ -69,7 +69,8 @@ def test_every_strategy_equals_ar_on_this_verifier_runtime(stack, prompt):
     for strategy in SAME_VOCAB:
         result = generate(main, prompt, strategy=strategy, max_new_tokens=NEW)
         assert result.token_ids == ar.token_ids, strategy
-        assert result.stats.drafted > 0, strategy
+        # lookup drafts only where the text repeats itself (the first prompt does at once)
+        assert result.stats.drafted > 0 or (strategy == "lookup" and prompt != PROMPTS[0]), strategy
     for strategy in OTHER_VOCAB:
         result = generate(foreign, prompt, strategy=strategy, max_new_tokens=NEW)
         assert result.token_ids == ar.token_ids, strategy
