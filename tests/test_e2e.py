@@ -10,9 +10,10 @@ README's test command runs first), on two deployments, one after the other:
   bits from a pass over one, so a divergence is accepted where the top-2 logit gap at that
   position is below 1e-3 (services.runtime.NEAR_TIE), and fails anywhere else.
 
-Greedy `sd`, `cascade` (target <- 0.5B <- max-gram), `staged` (tree drafts) and `ar` through
-the services; `slem`, `tli` and `slrs` with the drafters of other vocabularies (SmolLM2-135M,
-Gemma-3-270M).
+Greedy `ar`, `lookup`, `sd`, `cascade` (target <- 0.5B <- max-gram), `staged` (tree drafts)
+through the services; `slem`, `tli` and `slrs` with the drafters of other vocabularies
+(SmolLM2-135M; Gemma-3-270M on the default deployment). fp32 runs one prompt per strategy:
+the default deployment covers all three, and `make test` has to stay inside CI's time.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ PROMPTS = [
 ]
 # deployment -> (SPECD_DTYPE, SPECD_RUNTIME of the drafters, near-tie bound)
 DEPLOYMENTS = {"default": ("auto", "auto", NEAR_TIE["int8"]), "fp32": ("float32", "torch", NEAR_TIE["torch"])}
+FULL = "default"  # the deployment that runs every prompt, and the Gemma drafter
 
 
 def _model(name: str) -> Path:
@@ -61,7 +63,7 @@ def deployment(request, redis_server, tmp_path_factory):
     from services.torch_runtime import load_torch
 
     dtype, drafter_runtime, near_tie = DEPLOYMENTS[request.param]
-    foreign = {name: _model(model) for name, model in FOREIGN.items()}
+    foreign = {name: _model(model) for name, model in FOREIGN.items() if request.param == FULL or name != "gemma"}
     if dtype != "auto":
         for folder in (_model(TARGET), _model(DRAFTER), *foreign.values()):
             torch_folder(folder)
@@ -80,10 +82,12 @@ def deployment(request, redis_server, tmp_path_factory):
     s = ServiceStack(
         _model(TARGET), _model(DRAFTER), redis_server.url, tmp_path_factory.mktemp(f"e2e-{request.param}"),
         dtype=dtype, threads=2, drafter_runtime=drafter_runtime,
-        services=("verifier", "drafter", "drafter2", "drafter3", "orchestrator", "orchestrator2", "orchestrator3"),
+        services=("verifier", "drafter", "drafter2", "orchestrator", "orchestrator2")
+        + (("drafter3", "orchestrator3") if "gemma" in foreign else ()),
         extra_env=extra_env,
     )  # fmt: skip
     s.up()
+    s.deployment = request.param
     yield s, target, near_tie, {}
     s.down()
 
@@ -109,7 +113,7 @@ def reference(deployment, prompt: str) -> tuple[list[int], list[int]]:
 
 
 CASES = [
-    *((strategy, "orchestrator", prompt) for strategy in ("ar", "sd", "cascade", "staged") for prompt in PROMPTS),
+    *((strategy, "orchestrator", prompt) for strategy in ("ar", "lookup", "sd", "cascade", "staged") for prompt in PROMPTS),
     *((strategy, "orchestrator2", prompt) for strategy in ("slem", "tli", "slrs") for prompt in PROMPTS),  # SmolLM2
     *((strategy, "orchestrator3", PROMPTS[0]) for strategy in ("slem", "tli", "slrs")),  # Gemma 3
 ]
@@ -118,10 +122,13 @@ CASES = [
 @pytest.mark.parametrize("strategy, orchestrator, prompt", CASES)
 def test_greedy_strategy_equals_the_targets_own_generate(deployment, strategy, orchestrator, prompt):
     stack, target, near_tie, _ = deployment
+    if stack.deployment != FULL and (prompt != PROMPTS[0] or orchestrator == "orchestrator3"):
+        pytest.skip(f"{stack.deployment}: the first prompt only, no Gemma drafter (the {FULL} deployment runs them)")
     prompt_ids, expected = reference(deployment, prompt)
     result = generate(stack.address(orchestrator), messages=[("user", prompt)], strategy=strategy, max_new_tokens=NEW_TOKENS)
     assert result.stats.prompt_tokens == len(prompt_ids)
-    assert (result.stats.drafted > 0) == (strategy != "ar")
+    # lookup drafts where the answer repeats itself, which a short answer may never do
+    assert (result.stats.drafted > 0) == (strategy != "ar") or strategy == "lookup"
 
     at = first_divergence(result.token_ids, expected)
     if at is None:
