@@ -389,7 +389,7 @@ def _bench(args, config, prompts, home: Path, target_dir: Path, drafter_dir: Pat
     plots = report.write_plots(summaries, out)
     text = report.render_markdown(
         summaries, metrics.overheads(run.records), run.checks, header=_header(config, models, machine, len(prompts)),
-        greedy=config.greedy, skipped=run.skipped, errors=run.errors, rtts_ms=config.rtts_ms,
+        greedy=config.greedy, skipped=run.skipped, errors=run.errors, rtts_ms=config.rtts_ms, records=run.records,
     )  # fmt: skip
     (out / "results.md").write_text(text + "\n", encoding="utf-8")
     print(text)

@@ -171,6 +171,25 @@ def test_tables_show_the_figures_and_the_flags():
     text = report.render_markdown(summaries, [], checks, header=["# t"], greedy=True, skipped={"x": "why"}, errors=[])
     assert "a / sd: diverged at new token 7 (target top-2 logit gap 2.50e-01)" in text
     assert "skipped x: why" in text
+    assert "language" not in text  # no session was identified by language
+
+
+def test_acceptance_by_language_and_drafter_pool() -> None:
+    """A stack with drafters pooled by language: each session's language and pool, pooled per system."""
+    records = [
+        record("a", "sd", 50, 5.0, target_forwards=20, drafted=80, accepted=30, language="fr", drafter_pool="fr"),
+        record("b", "sd", 50, 5.0, target_forwards=10, drafted=40, accepted=40, language="fr", drafter_pool="fr"),
+        record("c", "sd", 50, 5.0, target_forwards=25, drafted=100, accepted=25, language="de", drafter_pool=""),
+        record("c", "ar", 50, 5.0, target_forwards=50, language="de"),  # drafted nothing: no row
+    ]
+    rows = metrics.by_language(records)
+    assert [(r.system, r.language, r.drafter_pool, r.prompts) for r in rows] == [("sd", "de", "", 1), ("sd", "fr", "fr", 2)]
+    fr = rows[1]
+    assert fr.acceptance_rate == pytest.approx(70 / 120) and fr.mean_accepted_length == pytest.approx(1 + 70 / 30)
+    table = report.language_table(rows)
+    assert "| sd | de | default | 1 | 100 | 25% | 2.00 |" in table and "| sd | fr | fr | 2 | 120 | 58% | 3.33 |" in table
+    text = report.render_markdown([], [], [], header=["# t"], greedy=False, skipped={}, errors=[], records=records)
+    assert table in text
 
 
 # -- prompts ---------------------------------------------------------------------------------------

@@ -18,6 +18,9 @@ from client import ServiceStack, generate
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
 from specd import client
+from specd.bench.metrics import by_language
+from specd.bench.prompts import Prompt
+from specd.bench.runner import BenchConfig, ServicesClient
 
 DRAFTERS = ("drafter", "drafter2", "drafter3")
 VERIFIERS = ("verifier", "verifier2")
@@ -278,6 +281,14 @@ def test_a_session_drafts_on_the_pool_of_its_language(tiny_pair, redis_url, tmp_
             assert s.address(drafter) in result.stats.replicas
             again = generate(address, "\n", session_id=result.stats.session_id, strategy="sd", max_new_tokens=4)
             assert again.stats.language == language  # kept with the session
+        # The bench pools acceptance by language and pool from what each turn reports.
+        bench = ServicesClient(address, BenchConfig(("ar", "sd"), 8, 4, 0.0, 0, 1.0, 0, 0, False, 60.0))
+        try:
+            record = bench.run(Prompt("mine/1", "mine", french), "sd", 8, 0)
+        finally:
+            bench.close()
+        assert (record.language, record.drafter_pool) == ("fr", "fr") and record.drafted > 0
+        assert [(row.language, row.drafter_pool) for row in by_language([record])] == [("fr", "fr")]
         kill(s, "drafter2")
         time.sleep(1.5)
         result = generate(address, french, strategy="sd", max_new_tokens=16)

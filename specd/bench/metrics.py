@@ -60,6 +60,8 @@ class RunRecord:
     draft_asked: int | None = None  # draft tokens asked for over the turn's rounds (adaptive: chosen)
     speculative_drafts: int = 0  # pipelined: next-round drafts begun during a verify
     speculative_ready: int = 0  # of those, used and done before the verify answered
+    language: str = ""  # the session's language, where the drafters are pooled by language
+    drafter_pool: str = ""  # the pool it drafted on ("" = the default pool)
 
 
 @dataclass(frozen=True)
@@ -266,6 +268,42 @@ def summarize_all(records: Sequence[RunRecord], checks: Sequence[Check]) -> list
             if chosen:
                 out.append(summarize(chosen, reference, checks, category))
     return out
+
+
+@dataclass(frozen=True)
+class LanguageRow:
+    """One system's sessions of one language on one drafter pool (drafters pooled by language)."""
+
+    system: str
+    language: str
+    drafter_pool: str  # "" = the default pool
+    prompts: int
+    drafted: int
+    accepted: int
+    target_forwards: int
+    acceptance_rate: float | None
+    mean_accepted_length: float | None  # τ
+
+
+def by_language(records: Sequence[RunRecord]) -> list[LanguageRow]:
+    """Acceptance per language and drafter pool, for the systems whose sessions were
+    identified by language (a stack whose drafters are pooled by language); empty otherwise."""
+    groups: dict[tuple[str, str, str], list[RunRecord]] = {}
+    for r in records:
+        if r.language and r.drafted:
+            groups.setdefault((r.system, r.language, r.drafter_pool), []).append(r)
+    rows = []
+    for (system, language, pool), group in groups.items():
+        drafted = sum(r.drafted for r in group)
+        accepted = sum(r.accepted for r in group)
+        forwards = sum(r.target_forwards or 0 for r in group)
+        rows.append(
+            LanguageRow(
+                system, language, pool, len(group), drafted, accepted, forwards, _ratio(accepted, drafted),
+                None if not forwards else 1 + accepted / forwards,
+            )  # fmt: skip
+        )
+    return sorted(rows, key=lambda row: (row.system, row.language, row.drafter_pool))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,18 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from specd.bench.metrics import ALL, REFERENCE, SERVICES, Check, Overhead, RunError, RunRecord, Summary
+from specd.bench.metrics import (
+    ALL,
+    REFERENCE,
+    SERVICES,
+    Check,
+    LanguageRow,
+    Overhead,
+    RunError,
+    RunRecord,
+    Summary,
+    by_language,
+)
 
 SCHEMA = 1  # bumped when a field of results.json changes meaning
 PARTS = ("draft", "verify", "network", "redis", "other")  # the time split of a round, in this order
@@ -191,6 +202,19 @@ def acceptance_table(summaries: Sequence[Summary]) -> str:
     return "\n".join(lines)
 
 
+def language_table(rows: Sequence[LanguageRow]) -> str:
+    """Acceptance per language and drafter pool (a stack whose drafters are pooled by language)."""
+    if not rows:
+        return ""
+    lines = ["| system | language | drafter pool | prompts | drafted | accept | τ |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row.system} | {row.language} | {row.drafter_pool or 'default'} | {row.prompts} | {row.drafted} "
+            f"| {_pct(row.acceptance_rate)} | {_f(row.mean_accepted_length)} |"
+        )
+    return "\n".join(lines)
+
+
 def overhead_table(overheads: Sequence[Overhead]) -> str:
     if not overheads:
         return ""
@@ -220,6 +244,7 @@ def render_markdown(
     overheads: Sequence[Overhead],
     checks: Sequence[Check],
     *,
+    records: Sequence[RunRecord] = (),
     header: Sequence[str],
     greedy: bool,
     skipped: dict[str, str],
@@ -234,6 +259,9 @@ def render_markdown(
     acceptance = acceptance_table(summaries)
     if acceptance:
         out += ["", "Acceptance rate by draft position:", "", acceptance]
+    languages = language_table(by_language(records))
+    if languages:
+        out += ["", "Acceptance by the session's language and the drafter pool it drafted on:", "", languages]
     overhead = overhead_table(overheads)
     if overhead:
         out += [
@@ -278,6 +306,7 @@ def results_document(
         "models": asdict(models),
         "prompts": [asdict(p) for p in prompts],
         "summaries": [asdict(s) for s in summaries],
+        "by_language": [asdict(row) for row in by_language(records)],
         "overheads": [asdict(o) for o in overheads],
         "checks": [asdict(c) for c in checks],
         "records": [asdict(r) for r in records],
