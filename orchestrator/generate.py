@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field, replace
 
 from orchestrator.adaptive import FIXED_K, DraftLength
@@ -214,6 +214,8 @@ class Engine:
         self.owner = uuid.uuid4().hex  # this engine, as the owner of the turns it runs
         self.in_flight = 0  # turns streaming now (a stopping server waits for them)
         self.draft_lengths: dict[str, DraftLength] = {}  # per strategy: what adaptive rounds measured
+        # Called after each round is committed: (strategy, result, round seconds, commit seconds)
+        self.on_round: Callable[[str, RoundResult, float, float], None] | None = None
 
     # -- checks -------------------------------------------------------------------------
 
@@ -421,7 +423,10 @@ class Engine:
                 text, shown = out.push(tokens)
                 reason = self._finish_reason(session, stats, target, out, max_new)
                 turn.stats = asdict(stats)
+                redis_before = stats.redis_seconds
                 await self._timed(stats, self.store.commit(session, tokens))
+                if self.on_round is not None:
+                    self.on_round(stats.strategy, result, watch.seconds, stats.redis_seconds - redis_before)
                 if adaptive is not None and stats.fallback_rounds == fallbacks:
                     # The round's whole cost, its commit included: what a longer draft amortises.
                     # A turn's first round also prefills what the turn added: not a round's cost.

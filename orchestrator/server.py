@@ -26,18 +26,20 @@ from orchestrator.generate import (
     TextChunk,
     TurnStarted,
 )
+from orchestrator import metrics
 from orchestrator.languages import LanguagePools
+from orchestrator.metrics import TurnTimer
 from orchestrator.pool import DrafterPool, drafter_pool, verifier_pool
 from orchestrator.store import ChatMessage, SessionStore, TurnInProgress, TurnLost
 from orchestrator.strategies import Backends, k_matrix_problems
 from services.config import ConfigError, OrchestratorConfig
 from services.errors import BadRequest, Unsupported
 from services.maxgram import MaxGramDrafter
+from services.metrics import serve_metrics
 from services.models import ModelNotFound, resolve
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
-from services.server import serve, setup_logging
-from services.wire import FINAL_KEY
+from services.server import FINAL_KEY, serve, setup_logging
 from services.tree import TreeShape
 
 log = logging.getLogger("orchestrator")
@@ -113,6 +115,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        timer = TurnTimer()
         try:
             async for event in self.engine.generate(request_from_pb(request)):
                 if isinstance(event, TurnStarted):
@@ -121,10 +124,16 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
                     ))  # fmt: skip
                 elif isinstance(event, TextChunk):
                     yield pb.GenerateResponse(delta=pb.TextDelta(text=event.text, token_ids=event.token_ids))
+                    timer.tokens_sent(len(event.token_ids))
                 else:
+                    timer.finished(event)
                     yield pb.GenerateResponse(stats=stats_to_pb(event))
+        except asyncio.CancelledError:
+            timer.failed(grpc.StatusCode.CANCELLED.name)  # the caller went away
+            raise
         except Exception as err:  # noqa: BLE001 - every failure becomes a status; see _status
             code, message = self._status(err)
+            timer.failed(code.name)
             await context.abort(code, message, trailing_metadata=FINAL)
 
     async def DeleteSession(
@@ -173,7 +182,11 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    asyncio.run(_serve(config, tokenizer))
+    try:
+        asyncio.run(_serve(config, tokenizer))
+    except OSError as err:  # a port to listen on is taken
+        log.error("orchestrator: %s", err)
+        return 2
     return 0
 
 
@@ -220,6 +233,10 @@ async def _serve(config: OrchestratorConfig, tokenizer) -> None:
             default_tree=config.tree,
         ),
     )
+    engine.on_round = metrics.observe_round
+    metrics.RUNNING.set_function(lambda: engine.in_flight)
+    if config.metrics_listen:
+        serve_metrics(config.metrics_listen, "orchestrator")
     servicer = GeneratorServicer(engine, config.redis_url)
     log.info(
         "verifier %s, drafter %s, cascade %s, redis %s", config.verifier, config.drafter or "(none)",

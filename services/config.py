@@ -11,8 +11,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from services.tree import TreeShape
+if TYPE_CHECKING:  # services.tree needs torch: a process that only reads its config does not
+    from services.tree import TreeShape
 
 DTYPES = ("auto", "int8", "float32", "bfloat16", "float16", "float64")
 
@@ -94,6 +96,7 @@ class ModelServiceConfig:
     # SPECD_TARGET_TOKENIZER (drafters): the target's tokenizer, a catalog name or folder. A
     # drafter whose vocabulary differs from it translates (strategies slem, tli, slrs); '' = none.
     target_tokenizer: str = ""
+    metrics_listen: str = ""  # SPECD_METRICS_LISTEN: host:port of the Prometheus endpoint; '' = none
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], default_listen: str) -> ModelServiceConfig:
@@ -124,6 +127,7 @@ class ModelServiceConfig:
             second_stage=_int(env, "SPECD_SECOND_STAGE", 4),
             draft_min_confidence=_float(env, "SPECD_DRAFT_MIN_CONFIDENCE", 0.0, high=1.0, zero=True),
             target_tokenizer=_get(env, "SPECD_TARGET_TOKENIZER", ""),
+            metrics_listen=_listen(env, "SPECD_METRICS_LISTEN"),
         )
 
 
@@ -134,6 +138,22 @@ def split_target(target: str) -> tuple[str, str]:
     """The host (or DNS name) and port of a `host:port` or `dns:///name:port` target."""
     host, _, port = target.removeprefix(DNS).rpartition(":")
     return host, port
+
+
+def split_host_port(address: str, name: str) -> tuple[str, int]:
+    """A listening address `host:port` (`[::1]:port` for IPv6); ConfigError naming `name`."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{name} must be host:port (e.g. 127.0.0.1:9100), got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def _listen(env: Mapping[str, str], name: str, default: str = "") -> str:
+    """An optional host:port to listen on ('' = off), checked now rather than at bind time."""
+    value = _get(env, name, default)
+    if value:
+        split_host_port(value, name)
+    return value
 
 
 def parse_targets(text: str, separator: str = ",") -> tuple[str, ...]:
@@ -193,6 +213,8 @@ def _k_matrix(env: Mapping[str, str], name: str) -> tuple[tuple[int, ...], ...]:
 
 def _tree(env: Mapping[str, str], name: str) -> TreeShape | None:
     """"branching:budget", e.g. "3,2,1,1,1:8"; '' = none (the strategy's default)."""
+    from services.tree import TreeShape
+
     raw = _get(env, name, "")
     if not raw:
         return None
@@ -244,6 +266,7 @@ class OrchestratorConfig:
     load_factor: float = 1.25
     redis_timeout_seconds: float = 2.0  # SPECD_REDIS_TIMEOUT: a Redis call slower than this fails as UNAVAILABLE
     turn_lease_seconds: float = 30.0  # SPECD_TURN_LEASE: a turn not advanced for this long may be taken over
+    metrics_listen: str = ""  # SPECD_METRICS_LISTEN: host:port of the Prometheus endpoint; '' = none
 
     def pools(self) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]], tuple[tuple[str, tuple[str, ...]], ...]]:
         """The verifier's targets, the drafter's by language ("" = the default pool), and each
@@ -279,8 +302,35 @@ class OrchestratorConfig:
             load_factor=_float(env, "SPECD_LOAD_FACTOR", 1.25),
             redis_timeout_seconds=_float(env, "SPECD_REDIS_TIMEOUT", 2.0),
             turn_lease_seconds=_float(env, "SPECD_TURN_LEASE", 30.0),
+            metrics_listen=_listen(env, "SPECD_METRICS_LISTEN"),
         )
         config.pools()  # every address well formed, or a ConfigError naming the bad one
         if config.load_factor < 1:
             raise ConfigError(f"SPECD_LOAD_FACTOR must be >= 1, got {config.load_factor}")
         return config
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Configuration of the OpenAI-compatible HTTP gateway (gateway/)."""
+
+    listen: str  # SPECD_HTTP_LISTEN: host:port of the HTTP API
+    # SPECD_ORCHESTRATOR: the orchestrator's replicas, comma-separated host:port (a stream that
+    # breaks is resumed at the next one)
+    orchestrator: str
+    model_name: str  # SPECD_MODEL_NAME: the model id clients name (`model`), and list at /v1/models
+    rpc_timeout_seconds: float = 300.0  # SPECD_RPC_TIMEOUT: the longest a turn may take
+    metrics_listen: str = ""  # SPECD_METRICS_LISTEN: host:port of the Prometheus endpoint; '' = none
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> GatewayConfig:
+        orchestrator = _get(env, "SPECD_ORCHESTRATOR", "127.0.0.1:50050")
+        for address in orchestrator.split(","):
+            split_host_port(address.strip(), "SPECD_ORCHESTRATOR")
+        return cls(
+            listen=_listen(env, "SPECD_HTTP_LISTEN", "127.0.0.1:8000"),
+            orchestrator=orchestrator,
+            model_name=_get(env, "SPECD_MODEL_NAME", "specd"),
+            rpc_timeout_seconds=_float(env, "SPECD_RPC_TIMEOUT", 300.0),
+            metrics_listen=_listen(env, "SPECD_METRICS_LISTEN"),
+        )

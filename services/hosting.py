@@ -10,6 +10,8 @@ arguments and the core's dataclass back into a reply; the decorator does the res
 | BadRequest               | INVALID_ARGUMENT, with the message                      |
 | Unsupported              | FAILED_PRECONDITION, with the message                   |
 | anything else            | INTERNAL, logged with its traceback                     |
+
+and times the call (`specd:rpc_duration_seconds` by method and status code, services/metrics.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import grpc
 
 from services.config import ModelServiceConfig
 from services.errors import BadRequest, ContextMiss, Unsupported
+from services.metrics import RPC_SECONDS, register_model_service, serve_metrics
 from services.pb import specd_pb2 as pb
 from services.runtime import ModelInfo
 from services.server import rss_bytes
@@ -52,17 +55,27 @@ def rpc(miss_reply: Callable[..., Reply]):
     def wrap(method: Callable[[object, object], Awaitable[Reply]]):
         @functools.wraps(method)
         async def handler(self, request, context: grpc.aio.ServicerContext) -> Reply:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK  # a context miss is an answer too
             try:
                 return await method(self, request)
             except ContextMiss:
                 return miss_reply(context_miss=True)
             except BadRequest as err:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+                code = grpc.StatusCode.INVALID_ARGUMENT
+                await context.abort(code, str(err))
             except Unsupported as err:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+                code = grpc.StatusCode.FAILED_PRECONDITION
+                await context.abort(code, str(err))
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
             except Exception as err:  # a bug: say so, with the traceback in the log
+                code = grpc.StatusCode.INTERNAL
                 log.exception("%s failed", method.__name__)
-                await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {type(err).__name__}: {err}")
+                await context.abort(code, f"{method.__name__} failed: {type(err).__name__}: {err}")
+            finally:
+                RPC_SECONDS.labels(method.__name__, code.name).observe(time.perf_counter() - start)
 
         return handler
 
@@ -115,6 +128,13 @@ def run_model_service(
         log.error("%s: %s", name, err)
         return 2
     servicer = make_servicer(core)
+    register_model_service(name, core.contexts, rss_bytes)
+    if config.metrics_listen:
+        try:
+            serve_metrics(config.metrics_listen, name)
+        except OSError as err:
+            log.error("%s: cannot serve metrics on %s: %s", name, config.metrics_listen, err)
+            return 2
     service_name = pb.DESCRIPTOR.services_by_name[name.capitalize()].full_name
 
     def register(server: grpc.aio.Server) -> list[str]:

@@ -19,6 +19,9 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a full-context resend of a long prompt m
 # How long a stopping model service keeps answering after it reports NOT_SERVING: callers
 # check health every second (SPECD_HEALTH_INTERVAL) and move their sessions on meanwhile.
 DRAIN_SECONDS = 2.0
+# Trailing metadata the orchestrator puts on every status it sends: a client resumes a turn
+# only after a status without it (the transport cut the stream: specd/client.py).
+FINAL_KEY = "specd-final"
 
 
 def rss_bytes(pid: int | str = "self") -> int:

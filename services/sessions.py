@@ -37,6 +37,7 @@ class ContextCounts:
     hits: int = 0  # a delta that matched the prefix held
     misses: int = 0  # a delta that did not: the caller resends the whole context
     full: int = 0  # the whole context: a session's first call here, or a resend
+    evictions: int = 0  # sessions dropped because more than max_sessions were held
 
 
 class SessionContexts:
@@ -44,8 +45,11 @@ class SessionContexts:
     evicted): what context deltas are resolved against, in exactly one place."""
 
     def __init__(self, max_sessions: int) -> None:
-        self._states: Lru[str, SessionState] = Lru(max_sessions, what="context of session")
         self.counts = ContextCounts()
+        self._states: Lru[str, SessionState] = Lru(max_sessions, on_evict=self._evicted, what="context of session")
+
+    def _evicted(self, session_id: str, state: SessionState) -> None:
+        self.counts.evictions += 1
 
     def __len__(self) -> int:
         return len(self._states)

@@ -179,8 +179,3 @@ def strings_from_pb(msgs: Sequence[pb.StringDraft], max_bytes: int = 256) -> tup
             raise BadRequest(f"draft[{i}]: probs must be a distribution (sum {total:.4f}) giving the text a positive probability")
         proposals.append(StringProposal(bytes(msg.text), q))
     return tuple(proposals)
-
-
-# Trailing metadata the orchestrator puts on every status it sends: a client resumes a turn
-# only after a status without it (the transport cut the stream: specd/client.py).
-FINAL_KEY = "specd-final"
