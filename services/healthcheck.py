@@ -1,10 +1,12 @@
 """A container health check: asks a server's standard gRPC health service whether it is SERVING.
 
     python -m services.healthcheck ADDRESS [SERVICE]
+    python -m services.healthcheck http://HOST:PORT/health
 
 exits 0 when the answer is SERVING and 1 otherwise (NOT_SERVING, an unknown service, a
 refused connection, no answer within the timeout), printing one line that says which.
-SERVICE defaults to "", the server as a whole.
+SERVICE defaults to "", the server as a whole. An http:// URL (the HTTP gateway's /health)
+is healthy when it answers 200.
 
 Why this exists: docker-compose has no native gRPC health check, and shipping the
 `grpc_health_probe` binary would mean downloading one at build time. The image already has
@@ -51,12 +53,26 @@ def check(address: str, service: str = "", timeout: float = TIMEOUT_SECONDS) -> 
     return reply.status == health_pb2.HealthCheckResponse.SERVING, f"{label}: {status}"
 
 
+def check_http(url: str, timeout: float = TIMEOUT_SECONDS) -> tuple[bool, str]:
+    """GETs `url` once; healthy on 200."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return reply.status == 200, f"{url}: {reply.status}"
+    except urllib.error.HTTPError as err:
+        return False, f"{url}: {err.code}"
+    except (urllib.error.URLError, OSError) as err:
+        return False, f"{url}: {getattr(err, 'reason', err)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m services.healthcheck",
         description="Exit 0 if the gRPC server at ADDRESS reports SERVICE as SERVING, 1 otherwise.",
     )
-    parser.add_argument("address", metavar="ADDRESS", help="host:port of the gRPC server")
+    parser.add_argument("address", metavar="ADDRESS", help="host:port of the gRPC server, or an http:// URL")
     parser.add_argument("service", metavar="SERVICE", nargs="?", default="", help='service name (default "": overall)')
     parser.add_argument(
         "--timeout",
@@ -65,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"seconds to wait for an answer (default {TIMEOUT_SECONDS:g})",
     )
     args = parser.parse_args(argv)
-    serving, line = check(args.address, args.service, args.timeout)
+    if args.address.startswith(("http://", "https://")):
+        serving, line = check_http(args.address, args.timeout)
+    else:
+        serving, line = check(args.address, args.service, args.timeout)
     print(line, file=sys.stdout if serving else sys.stderr, flush=True)
     return 0 if serving else 1
 

@@ -49,6 +49,8 @@ def _spec(args: argparse.Namespace):
         threads=args.threads,
         verifier_port=args.port + 1,
         drafter_port=args.port + 1 + args.verifier_replicas,
+        http_listen="" if getattr(args, "http_listen", "none") == "none" else args.http_listen,
+        metrics_port=getattr(args, "metrics_port", 0),
     )
 
 
@@ -85,6 +87,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if address is None:
         return 1
     print(f"\nspecd is up. Try:  specd generate --address {address} \"{DEMO_PROMPT}\"")
+    if spec.http_listen:
+        print(f"OpenAI-compatible API:  http://{spec.http_listen}/v1  (model {Path(spec.target).name})")
     if args.detach:
         print("Stop it with:  specd down")
         return 0
@@ -268,6 +272,17 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _listen_or_none(text: str) -> str:
+    from services.config import ConfigError, split_host_port
+
+    if text != "none":
+        try:
+            split_host_port(text, "--http-listen")
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def _add_stack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"target model: catalog name or folder (default {DEFAULT_TARGET})")
     p.add_argument("--drafter", default=DEFAULT_DRAFTER, help=f"drafter model, or 'none' (default {DEFAULT_DRAFTER})")
@@ -324,8 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_command(sub)
 
-    p = sub.add_parser("up", help="start redis, verifier, drafter and orchestrator on this machine")
+    p = sub.add_parser("up", help="start redis, verifier, drafter, orchestrator and the HTTP gateway on this machine")
     _add_stack_options(p)
+    p.add_argument(
+        "--http-listen", type=_listen_or_none, default=os.environ.get("SPECD_HTTP_LISTEN") or "127.0.0.1:8000",
+        help="host:port of the OpenAI-compatible HTTP API, or 'none' (default $SPECD_HTTP_LISTEN or 127.0.0.1:8000)",
+    )  # fmt: skip
+    p.add_argument(
+        "--metrics-port", type=int, default=9100,
+        help="port of the orchestrator's Prometheus /metrics; the model services and the gateway take the next "
+        "ones, as `specd status` lists them (default 9100; 0 = none)",
+    )  # fmt: skip
     p.add_argument("--detach", action="store_true", help="return once healthy; stop later with `specd down`")
     p.set_defaults(func=cmd_up)
 

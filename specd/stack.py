@@ -49,6 +49,11 @@ class StackSpec:
     # The address the orchestrator calls for a role instead of its replicas' (a proxy in front).
     routes: dict[str, str] = field(default_factory=dict)
     start_timeout: float = 600.0  # model loading on a slow disk can take minutes
+    # The OpenAI-compatible HTTP gateway's host:port ("" = none; gateway/)
+    http_listen: str = ""
+    # The first Prometheus endpoint's port: the orchestrator's, then each model service's and
+    # the gateway's, in the order `specd status` lists them (0 = none)
+    metrics_port: int = 0
 
     def address(self, port: int) -> str:
         return f"{self.host}:{port}"
@@ -87,6 +92,7 @@ class Proc:
     pid: int
     address: str
     log: str
+    metrics: str = ""  # the URL of its Prometheus endpoint, if it serves one
 
 
 def run_dir(home: Path) -> Path:
@@ -186,6 +192,10 @@ def up(spec: StackSpec, say=print) -> list[Proc]:
     ports = [spec.orchestrator_port] + [port for _, _, _, port, _ in spec.model_services()]
     if not spec.redis_url:
         ports.append(spec.redis_port)
+    metrics = _metrics_ports(spec)
+    ports += metrics.values()
+    if spec.http_listen:
+        ports.append(int(spec.http_listen.rpartition(":")[2]))
     busy = [p for p in ports if not _port_free(spec.host, p)]
     if busy:
         raise StackError(f"ports {busy} on {spec.host} are in use; stop what holds them or choose other ports")
@@ -221,12 +231,13 @@ def up(spec: StackSpec, say=print) -> list[Proc]:
                 env["SPECD_THREADS"] = "1" if spec.pin else str(spec.threads)
             if _role(name) == "drafter":
                 env["SPECD_TARGET_TOKENIZER"] = spec.target  # translates if its vocabulary differs
+            env |= _metrics_env(spec, metrics, name)
             cpus = pinned_cpus(index) if spec.pin else None
             proc = _spawn(name, [sys.executable, "-m", module], env, logs / f"{name}.log", cpus)
             if cpus is not None:
                 say(f"{name:<12} pinned to CPU {min(cpus)}, one thread")
             started.append(proc)
-            procs.append(Proc(name, proc.pid, spec.address(port), str(logs / f"{name}.log")))
+            procs.append(Proc(name, proc.pid, spec.address(port), str(logs / f"{name}.log"), _metrics_url(spec, metrics, name)))
         orch_env = {
             **base_env,
             "SPECD_LISTEN": spec.address(spec.orchestrator_port),
@@ -236,23 +247,65 @@ def up(spec: StackSpec, say=print) -> list[Proc]:
             "SPECD_STRATEGY": default_strategy(spec),
             "SPECD_K": str(spec.default_k),
             "REDIS_URL": redis_url,
+            **_metrics_env(spec, metrics, "orchestrator"),
         }
         log_path = logs / "orchestrator.log"
         proc = _spawn("orchestrator", [sys.executable, "-m", "orchestrator"], orch_env, log_path)
         started.append(proc)
-        procs.append(Proc("orchestrator", proc.pid, spec.address(spec.orchestrator_port), str(log_path)))
+        orchestrator = spec.address(spec.orchestrator_port)
+        procs.append(Proc("orchestrator", proc.pid, orchestrator, str(log_path), _metrics_url(spec, metrics, "orchestrator")))
+        if spec.http_listen:
+            gateway_env = {
+                **base_env, "SPECD_HTTP_LISTEN": spec.http_listen, "SPECD_ORCHESTRATOR": orchestrator,
+                "SPECD_MODEL_NAME": Path(spec.target).name, **_metrics_env(spec, metrics, "gateway"),
+            }  # fmt: skip
+            log_path = logs / "gateway.log"
+            proc = _spawn("gateway", [sys.executable, "-m", "gateway"], gateway_env, log_path)
+            started.append(proc)
+            procs.append(Proc("gateway", proc.pid, f"http://{spec.http_listen}/v1", str(log_path), _metrics_url(spec, metrics, "gateway")))
         write_state(spec.home, procs)
         for p, popen in zip(procs, started):
-            if p.name != "redis":
-                say(f"waiting for {p.name} at {p.address} (log: {p.log}) ...")
+            if p.name == "redis":
+                continue
+            say(f"waiting for {p.name} at {p.address} (log: {p.log}) ...")
+            if p.name == "gateway":
+                wait_http(p.name, popen, f"http://{spec.http_listen}/health", Path(p.log), deadline)
+            else:
                 wait_healthy(p.name, popen, p.address, Path(p.log), deadline)
-                say(f"{p.name:<12} {p.address}  healthy")
+            say(f"{p.name:<12} {p.address}  healthy")
     except BaseException:
         for proc in reversed(started):
             _terminate(proc.pid)
         state_file(spec.home).unlink(missing_ok=True)
         raise
     return procs
+
+
+def _metrics_ports(spec: StackSpec) -> dict[str, int]:
+    """The Prometheus port of each process (none when spec.metrics_port is 0)."""
+    if not spec.metrics_port:
+        return {}
+    names = ["orchestrator", *(name for name, *_ in spec.model_services())] + (["gateway"] if spec.http_listen else [])
+    return {name: spec.metrics_port + i for i, name in enumerate(names)}
+
+
+def _metrics_env(spec: StackSpec, ports: dict[str, int], name: str) -> dict[str, str]:
+    return {"SPECD_METRICS_LISTEN": spec.address(ports[name])} if name in ports else {}
+
+
+def _metrics_url(spec: StackSpec, ports: dict[str, int], name: str) -> str:
+    return f"http://{spec.address(ports[name])}/metrics" if name in ports else ""
+
+
+def wait_http(name: str, proc: subprocess.Popen, url: str, log_path: Path, deadline: float) -> None:
+    """Polls an HTTP health endpoint until it answers 200."""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"{name} exited with {proc.returncode}; last log lines ({log_path}):\n{_tail(log_path)}")
+        if _http_ok(url):
+            return
+        time.sleep(0.5)
+    raise StackError(f"{name} at {url} was not healthy in time; last log lines ({log_path}):\n{_tail(log_path)}")
 
 
 def write_state(home: Path, procs: list[Proc]) -> None:
@@ -319,6 +372,7 @@ class ProcStatus:
     alive: bool
     healthy: bool
     rss_bytes: int = 0
+    metrics: str = ""  # the URL of its Prometheus endpoint, if it serves one
     sessions: int | None = None  # model services: what their Status RPC reports
     calls: int | None = None
     context_hits: int | None = None
@@ -338,6 +392,17 @@ def _model_status(role: str, address: str):
             return None
 
 
+def _http_ok(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def status(home: Path) -> list[ProcStatus]:
     """Every process of the stack: alive, healthy, memory, and what each model service served."""
     from services.healthcheck import check
@@ -347,7 +412,7 @@ def status(home: Path) -> list[ProcStatus]:
     for p in read_state(home):
         role = _role(p.name)
         alive = _alive(p.pid)
-        entry = ProcStatus(p.name, role, p.address, p.pid, alive, False, rss_bytes(p.pid) if alive else 0)
+        entry = ProcStatus(p.name, role, p.address, p.pid, alive, False, rss_bytes(p.pid) if alive else 0, p.metrics)
         if alive and role == "redis":
             import redis
 
@@ -355,6 +420,8 @@ def status(home: Path) -> list[ProcStatus]:
                 entry.healthy = bool(redis.Redis.from_url(p.address, socket_timeout=2).ping())
             except redis.exceptions.RedisError:
                 pass
+        elif alive and role == "gateway":
+            entry.healthy = _http_ok(p.address.removesuffix("/v1") + "/health")
         elif alive:
             entry.healthy, _ = check(p.address)
             reply = _model_status(role, p.address) if role in ("verifier", "drafter") else None

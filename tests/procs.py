@@ -34,6 +34,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_port_run(n: int, attempts: int = 50) -> int:
+    """The first of n consecutive loopback ports that were all free a moment ago."""
+    for _ in range(attempts):
+        base = free_port()
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for port in range(base, base + n):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no run of {n} free ports found")
+
+
 def log_tail(log_path: Path, lines: int = LOG_TAIL_LINES) -> str:
     """The last `lines` lines of a log, for error messages; never raises."""
     try:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from services.config import ModelServiceConfig, OrchestratorConfig
+from services.config import GatewayConfig, ModelServiceConfig, OrchestratorConfig, split_host_port
 from services.models import catalog
 
 try:
@@ -101,7 +101,7 @@ def config_env_names() -> set[str]:
     the packages (SPECD_LOG_LEVEL is read in each service's main, before the config).
     """
     names = set(re.findall(r'"((?:SPECD|REDIS)_[A-Z0-9_]+)"', (REPO_ROOT / "services" / "config.py").read_text()))
-    for package in ("services", "drafter_svc", "verifier_svc", "orchestrator", "specd"):
+    for package in ("services", "drafter_svc", "verifier_svc", "orchestrator", "gateway", "specd"):
         for path in (REPO_ROOT / package).rglob("*.py"):
             names |= set(re.findall(r'environ(?:\.get\(|\[)\s*"([A-Z][A-Z0-9_]*)"', path.read_text()))
     return names
@@ -219,7 +219,7 @@ def test_kustomize_builds(folder: Path) -> None:
     done = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     deployments = of_kind(list(yaml.safe_load_all(done.stdout)), "Deployment")
-    assert set(deployments) == {"redis", "verifier", "drafter", "orchestrator"}
+    assert set(deployments) == {"redis", "verifier", "drafter", "orchestrator", "gateway"}
     verifier = deployments["verifier"]["spec"]["template"]["spec"]["containers"]
     assert len(verifier) == 1
     has_gpu = "nvidia.com/gpu" in verifier[0]["resources"]["limits"]
@@ -557,3 +557,73 @@ def test_compose_orchestrator_resolves_every_replica() -> None:
     for name, peer in (("SPECD_VERIFIER", "verifier"), ("SPECD_DRAFTER", "drafter")):
         assert env[name].startswith(f"dns:///{peer}:"), env[name]
         assert "container_name" not in services[peer] and "ports" not in services[peer], peer
+
+
+# -- the HTTP gateway and the metrics endpoints ----------------------------------------------
+
+
+def test_compose_gateway_reaches_the_orchestrator_and_is_published() -> None:
+    services = compose()["services"]
+    gateway = services["gateway"]
+    assert python_modules(gateway["command"]) == ["gateway"]
+    config = GatewayConfig.from_env(compose_env(gateway))
+    host, port = split_host_port(config.listen, "SPECD_HTTP_LISTEN")
+    assert not host.startswith(LOOPBACK) and gateway["ports"] == [f"{port}:{port}"]
+    assert gateway["healthcheck"]["test"][-1] == f"http://127.0.0.1:{port}/health"
+    peer, peer_port = host_port(config.orchestrator)
+    orchestrator = service_config("orchestrator", compose_env(services[peer]))
+    assert service_module(services[peer]["command"]) == "orchestrator" and host_port(orchestrator.listen)[1] == peer_port
+    assert config.model_name == compose_env(services[peer])["SPECD_TOKENIZER"]
+    assert gateway["depends_on"] == {"orchestrator": {"condition": "service_healthy"}}
+
+
+def test_k8s_gateway_reaches_the_orchestrator_and_probes_its_port() -> None:
+    objects = base_objects()
+    configmaps = of_kind(objects, "ConfigMap")
+    deployment = of_kind(objects, "Deployment")["gateway"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = k8s_env(container, configmaps)
+    config = GatewayConfig.from_env(env)
+    host, port = split_host_port(config.listen, "SPECD_HTTP_LISTEN")
+    assert not host.startswith(LOOPBACK) and [p["containerPort"] for p in container["ports"]] == [port]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    peer, peer_port = host_port(config.orchestrator)
+    assert peer_port in {p["port"] for p in of_kind(objects, "Service")[peer]["spec"]["ports"]}
+    assert config.model_name == env["SPECD_TOKENIZER"]
+
+
+def test_every_process_serves_metrics_where_prometheus_looks() -> None:
+    configmaps = of_kind(base_objects(), "ConfigMap")
+    for name, deployment in of_kind(base_objects(), "Deployment").items():
+        if name == "redis":
+            continue
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        _, port = split_host_port(k8s_env(container, configmaps)["SPECD_METRICS_LISTEN"], "SPECD_METRICS_LISTEN")
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == str(port), name
+    for name, service in compose()["services"].items():
+        if python_modules(service.get("command", [])) and name != "models":
+            assert compose_env(service)["SPECD_METRICS_LISTEN"].startswith("0.0.0.0:"), name
+
+
+def defined_metrics() -> set[str]:
+    """The metric names the code registers (with the suffixes Prometheus adds to them)."""
+    names = set()
+    for package in ("services", "orchestrator", "gateway"):
+        for path in (REPO_ROOT / package).rglob("*.py"):
+            names |= set(re.findall(r'"(specd:[a-z0-9_]+)"', path.read_text()))
+    return names
+
+
+def test_the_dashboard_queries_metrics_that_exist() -> None:
+    import json
+
+    dashboard = json.loads((REPO_ROOT / "deploy" / "grafana" / "specd.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(exprs) >= 15
+    defined = defined_metrics()
+    assert {"specd:spec_decode_num_drafts", "specd:rpc_duration_seconds", "specd:http_requests"} <= defined
+    for expr in exprs:
+        for name in re.findall(r"specd:[a-z0-9_]+", expr):
+            base = re.sub(r"_(total|bucket|count|sum)$", "", name)
+            assert name in defined or base in defined, f"the dashboard queries {name}, which nothing exports"

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP gateway of specd (`python -m gateway`)."""

@@ -1,0 +1,38 @@
+"""Process entry point of the gateway: `python -m gateway` (configured like every service by
+environment variables: SPECD_HTTP_LISTEN, SPECD_ORCHESTRATOR, SPECD_MODEL_NAME, ...)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from services.config import ConfigError, GatewayConfig, split_host_port
+from services.server import setup_logging
+
+log = logging.getLogger("gateway")
+
+
+def main() -> int:
+    setup_logging(os.environ.get("SPECD_LOG_LEVEL", "INFO"))
+    try:
+        config = GatewayConfig.from_env(os.environ)
+    except ConfigError as err:
+        log.error("gateway: %s", err)
+        return 2
+    import uvicorn
+
+    from gateway.app import create_app
+    from services.metrics import serve_metrics
+
+    try:
+        if config.metrics_listen:
+            serve_metrics(config.metrics_listen, "gateway")
+    except OSError as err:
+        log.error("gateway: cannot serve metrics on %s: %s", config.metrics_listen, err)
+        return 2
+    host, port = split_host_port(config.listen, "SPECD_HTTP_LISTEN")
+    log.info("OpenAI-compatible API at http://%s/v1 for model %s, orchestrator %s", config.listen,
+             config.model_name, config.orchestrator)  # fmt: skip
+    # uvicorn stops on SIGTERM/SIGINT, letting running responses finish
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0
