@@ -247,9 +247,19 @@ async def _serve(config: OrchestratorConfig, tokenizer) -> None:
         pb_grpc.add_GeneratorServicer_to_server(servicer, server)
         return [pb.DESCRIPTOR.services_by_name["Generator"].full_name]
 
+    async def readiness() -> str | None:
+        """Why a turn could not be served now (None: it could)."""
+        if not any(r.healthy for r in verifier.pool.replicas.values()):
+            return f"no verifier replica of {verifier.pool.name} is healthy"
+        try:
+            await redis_client.ping()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
+            return f"redis at {config.redis_url} does not answer: {err}"
+        return None
+
     await serve(
         name="orchestrator", listen=config.listen, register=register, grace_seconds=config.grace_seconds,
-        in_flight=lambda: engine.in_flight,
+        in_flight=lambda: engine.in_flight, readiness=readiness, readiness_interval=config.health_interval_seconds,
     )  # fmt: skip
     for pool in pools:
         await pool.close()

@@ -7,11 +7,11 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,8 @@ DRAIN_SECONDS = 2.0
 # Trailing metadata the orchestrator puts on every status it sends: a client resumes a turn
 # only after a status without it (the transport cut the stream: specd/client.py).
 FINAL_KEY = "specd-final"
+# The health entry a liveness probe asks: SERVING from start to stop, whatever the backends do.
+LIVENESS = "liveness"
 
 
 def rss_bytes(pid: int | str = "self") -> int:
@@ -52,6 +54,23 @@ def channel_options() -> list[tuple[str, int]]:
     ]
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def enable_reflection(service_names: list[str], server: grpc.aio.Server) -> None:
+    """Server reflection under both its names: v1alpha (grpcio-reflection's) and v1 (what
+    grpcurl and current clients ask first). The two protocols' messages are the same fields
+    under another package name, so one servicer answers both."""
+    servicer = reflection.aio.ReflectionServicer(service_names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),))
+
+
 async def serve(
     *,
     name: str,
@@ -59,6 +78,8 @@ async def serve(
     register: Callable[[grpc.aio.Server], Iterable[str]],
     grace_seconds: float,
     in_flight: Callable[[], int] | None = None,
+    readiness: Callable[[], Awaitable[str | None]] | None = None,
+    readiness_interval: float = 1.0,
 ) -> None:
     """Runs a gRPC server until SIGTERM or SIGINT, then drains and stops.
 
@@ -70,17 +91,33 @@ async def serve(
     interval or two, until its callers have seen it leave, then gives in-flight calls the
     rest of the grace. What is still running then is cancelled (a stream's caller resumes
     it elsewhere by its request id).
+
+    `readiness` (the orchestrator's) says every `readiness_interval` seconds why the server
+    cannot serve (None: it can); while it cannot, health reports NOT_SERVING, so probes and
+    load balancers see a server whose backends are gone. The `liveness` entry stays SERVING
+    until the stop: a probe of it restarts a process that is stuck, not one that waits for a
+    backend.
     """
     server = grpc.aio.server(options=channel_options())
     names = list(register(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    enable_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     if server.add_insecure_port(listen) == 0:
         raise OSError(f"{name}: cannot listen on {listen} (address in use?)")
     await server.start()
-    for service in ["", *names]:
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+
+    async def set_health(why: str | None) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if why is None else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ["", *names]:
+            await health_servicer.set(service, status)
+
+    watcher = None
+    if readiness is None:
+        await set_health(None)
+    else:
+        watcher = asyncio.create_task(_watch_readiness(name, readiness, readiness_interval, set_health))
     log.info("%s serving on %s", name, listen)
 
     stop = asyncio.Event()
@@ -89,6 +126,8 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     deadline = loop.time() + grace_seconds
+    if watcher is not None:
+        watcher.cancel()
     await health_servicer.enter_graceful_shutdown()
     if in_flight is None:
         log.info("%s draining: not serving, still answering for %.1fs", name, min(DRAIN_SECONDS, grace_seconds))
@@ -101,3 +140,22 @@ async def serve(
             log.warning("%s: %d streams still in flight after %.0fs; cancelling them", name, in_flight(), grace_seconds)
     await server.stop(max(0.1, deadline - loop.time()))
     log.info("%s stopped", name)
+
+
+async def _watch_readiness(
+    name: str, readiness: Callable[[], Awaitable[str | None]], interval: float, set_health: Callable
+) -> None:
+    serving: bool | None = None
+    while True:
+        try:
+            why = await readiness()
+        except Exception as err:  # noqa: BLE001 - a failing check means not ready, never a dead watcher
+            why = f"{type(err).__name__}: {err}"
+        if (why is None) != serving:
+            await set_health(why)
+            if why is None:
+                log.info("%s is ready%s", name, " again" if serving is False else "")
+            else:
+                log.warning("%s reports NOT_SERVING: %s", name, why)
+            serving = why is None
+        await asyncio.sleep(interval)

@@ -121,3 +121,63 @@ def test_module_entry_point_exit_codes() -> None:
     dead = run(f"127.0.0.1:{free_port()}")
     assert dead.returncode == 1
     assert dead.stderr.strip().startswith("127.0.0.1:")
+
+
+def test_health_follows_readiness_and_reflection_answers_v1_and_v1alpha() -> None:
+    """services.server.serve: NOT_SERVING while readiness names a missing backend (the
+    orchestrator's verifier or Redis), SERVING once it is back, `liveness` SERVING
+    throughout; reflection answers under grpc.reflection.v1 as well as v1alpha."""
+    import os
+    import signal
+
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    from services.server import LIVENESS, serve
+
+    missing = {"why": "no verifier replica is healthy"}
+
+    async def readiness() -> str | None:
+        return missing["why"]
+
+    async def status(stub, service: str = "") -> int:
+        return (await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)).status
+
+    async def until(stub, wanted: int) -> None:
+        deadline = time.monotonic() + 10
+        while await status(stub) != wanted:
+            assert time.monotonic() < deadline, f"health never became {wanted}"
+            await asyncio.sleep(0.05)
+
+    async def services(channel, method: str) -> set[str]:
+        call = channel.stream_stream(
+            method,
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        replies = [r async for r in call(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)]
+        return {s.name for s in replies[0].list_services_response.service}
+
+    async def run() -> None:
+        port = free_port()
+        server = asyncio.create_task(serve(
+            name="test", listen=f"127.0.0.1:{port}", register=lambda _: [], grace_seconds=0.1,
+            readiness=readiness, readiness_interval=0.05,
+        ))  # fmt: skip
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await channel.channel_ready()
+                stub = health_pb2_grpc.HealthStub(channel)
+                await until(stub, NOT_SERVING)
+                assert await status(stub, LIVENESS) == SERVING
+                missing["why"] = None
+                await until(stub, SERVING)
+                missing["why"] = "redis does not answer"
+                await until(stub, NOT_SERVING)
+                for version in ("v1", "v1alpha"):
+                    names = await services(channel, f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo")
+                    assert "grpc.health.v1.Health" in names, version
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # serve's own stop: drain and return
+            await asyncio.wait_for(server, 10)
+
+    asyncio.run(run())
