@@ -64,6 +64,7 @@ import numpy as np
 import torch
 
 from services.context import common_prefix_len
+from services.metrics import observe_pass
 from services.errors import BadRequest
 from services.lru import Lru
 from services.runtime import ModelInfo, eos_token_ids, gguf_file, tokenizer_fingerprint
@@ -209,6 +210,7 @@ class LlamaRuntime:
         self._settle(slot, seq)
         keep = min(common_prefix_len(slot.tokens, seq), len(seq) - n_last)
         self._truncate(slot, keep)
+        observe_pass(keep, len(seq) - keep)
         rows: list[torch.Tensor] = []
         while len(slot.tokens) < len(seq):  # chunks of n_batch; the last n_last get logits
             start = len(slot.tokens)
@@ -248,6 +250,7 @@ class LlamaRuntime:
         entries = [(token, base + i, (slot.seq, *every_leaf)) for i, token in enumerate(tail)]
         depths = tree.depths()
         entries += [(tree.tokens[j], len(context) - 1 + depths[j], below[j]) for j in range(first_new, n)]
+        observe_pass(base + first_new, len(entries))
         rows = self._decode(entries, n_last, keep_session=session_id)
         slot.tokens = context
         slot.tree, slot.leaf_seqs = (tree if n else None), leaf_seqs

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-from prometheus_client import REGISTRY, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -30,6 +30,26 @@ RPC_SECONDS = Histogram(
     ["method", "code"],
     buckets=RPC_BUCKETS,
 )
+
+
+FORWARD_TOKENS = Histogram(
+    "specd:forward_tokens",
+    "Tokens fed to one model pass (what the KV cache did not hold: a round's draft, or a prompt)",
+    buckets=(1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+)
+KV_LOOKUPS = Counter(
+    "specd:kv_cache_lookups",
+    "Model passes by whether the session's KV cache held a prefix of the sequence (hit) or not (miss)",
+    ["result"],
+)
+KV_REUSED_TOKENS = Counter("specd:kv_cache_reused_tokens", "Tokens a pass found in the KV cache instead of computing")
+
+
+def observe_pass(reused: int, fed: int) -> None:
+    """One model pass of a runtime: `reused` tokens came from the KV cache, `fed` were computed."""
+    FORWARD_TOKENS.observe(fed)
+    KV_LOOKUPS.labels("hit" if reused else "miss").inc()
+    KV_REUSED_TOKENS.inc(reused)
 
 
 def serve_metrics(listen: str, what: str) -> str:

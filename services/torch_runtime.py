@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from services.context import common_prefix_len
+from services.metrics import observe_pass
 from services.lru import Lru
 from services.runtime import ModelInfo, eos_token_ids, tokenizer_fingerprint
 from services.tree import ROOT, Tree, attention_bias
@@ -83,6 +84,7 @@ class TorchRuntime:
         elif keep < len(state.tokens):
             state.cache.crop(keep - len(state.tokens))  # a negative count drops that many
         fed = torch.tensor([list(seq[keep:])], dtype=torch.long, device=self.device)  # (1, T)
+        observe_pass(keep, len(seq) - keep)
         out = self.model(input_ids=fed, past_key_values=state.cache, use_cache=True, logits_to_keep=n_last)
         state.cache = out.past_key_values
         state.tokens = seq
@@ -122,6 +124,7 @@ class TorchRuntime:
                 state.cache.crop(cached_context + cached_nodes - held)
         bias, positions = attention_bias(tree, len(context), cached_context, cached_nodes, self.model.dtype)
         fed = torch.tensor([context[cached_context:] + list(tree.tokens[cached_nodes:])], device=self.device)  # (1, T)
+        observe_pass(cached_context + cached_nodes, fed.shape[1])
         out = self.model(
             input_ids=fed,
             attention_mask=bias.to(self.device),  # (1, 1, T, S)
