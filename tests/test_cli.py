@@ -34,3 +34,26 @@ def test_every_command_has_help(command, capsys):
         parse(command, "--help")
     assert exit_.value.code == 0
     assert "usage: specd " + command in capsys.readouterr().out
+
+
+def test_a_dash_reads_the_prompt_from_stdin():
+    import io
+
+    request = build_request(parse("generate", "-", "--raw"), stdin=io.StringIO("def main():\n"))
+    assert request.prompt == "def main():\n"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse("--version")
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("specd ")
+
+
+def test_the_command_line_starts_without_torch():
+    """`specd --help` and every parser must not pay for importing torch (seconds)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from specd.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"

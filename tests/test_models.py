@@ -262,6 +262,22 @@ def test_torch_folder_converts_a_prepared_gguf_once(tiny_pair, tmp_path):
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
+def test_prepare_says_what_it_converts_and_how_long_it_took_once(tiny_pair, tmp_path):
+    """`specd models prepare --torch --int8` tells of the slow steps (converting, quantizing)."""
+    import shutil
+
+    folder = model_dir(tmp_path, "fake")
+    shutil.copytree(tiny_pair.target_dir, folder, ignore=shutil.ignore_patterns("model.safetensors", "int8.safetensors"))
+    (folder / MARKER).write_text("0" * 64 + "\n")
+    lines: list[str] = []
+    assert prepare("fake", tmp_path, progress=False, torch=True, int8=True, known=_fake_catalog(), say=lines.append) == folder
+    assert [line.split(":")[1].split()[0] for line in lines] == ["converting", "converted", "quantizing", "int8"]
+    assert lines[1].endswith(" s") and lines[3].endswith(" s")
+    again: list[str] = []
+    prepare("fake", tmp_path, progress=False, torch=True, int8=True, known=_fake_catalog(), say=again.append)
+    assert again == []  # nothing left to do, nothing said
+
+
 def test_torch_folder_refuses_a_bare_gguf_file_and_an_empty_folder(tmp_path):
     from services.models import torch_folder
 

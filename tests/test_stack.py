@@ -45,6 +45,7 @@ def test_up_generate_down(tiny_pair, tmp_path):
         assert out.returncode == 0, out.stderr
         result = json.loads(out.stdout)
         assert len(result["token_ids"]) == result["stats"]["new_tokens"] > 0
+        assert isinstance(result["stats"]["bytes_sent"], int) and result["stats"]["bytes_sent"] > 0
         assert result["stats"]["strategy"] == "sd"
 
         shown = specd("generate", "def f(", "--raw", "--max-new-tokens", "12", "--address", f"127.0.0.1:{port}", env=env)
