@@ -127,7 +127,7 @@ class TextChunk:
 
 @dataclass
 class Stats:
-    """Statistics of one turn (definitions as in DESIGN.md, Metrics)."""
+    """Statistics of one turn (definitions in docs/architecture.md, Statistics)."""
 
     session_id: str
     strategy: str

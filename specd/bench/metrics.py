@@ -1,6 +1,6 @@
 """Pure bench arithmetic: per-prompt records -> per-category figures, and the lossless check.
 
-Definitions (DESIGN.md, Metrics), summed over prompts before dividing, so a long answer
+Definitions (docs/architecture.md, Statistics), summed over prompts before dividing, so a long answer
 weighs more than a short one, as it does on the machine:
 
     tokens/s            = Σ new tokens / Σ wall seconds
