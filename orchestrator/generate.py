@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
 from orchestrator.adaptive import FIXED_K, DraftLength
@@ -41,6 +43,23 @@ from services.tree import TreeShape
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
+# A session id is 128 random bits in hex, as the orchestrator makes them: checked before it
+# names a Redis key, so no id reaches another key.
+SESSION_ID = re.compile(r"[0-9a-f]{32}")
+MAX_REQUEST_ID = 128  # characters of a caller's request id
+# The largest prompt (all chat messages together) accepted before tokenizing: beyond any
+# context a packaged model has, and small enough that tokenizing it takes well under a second.
+MAX_PROMPT_BYTES = 1 << 20
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(16)
+
+
+def check_session_id(session_id: str) -> None:
+    if not SESSION_ID.fullmatch(session_id):
+        shown = session_id if len(session_id) <= 40 else session_id[:40] + "..."
+        raise InvalidInput(f"session_id must be 32 lowercase hex characters (as TurnStarted gave it), got {shown!r}")
 
 
 class InvalidInput(ValueError):
@@ -212,6 +231,7 @@ class Engine:
         self._target: ModelInfo | None = None
         self._infos: dict[int, ModelInfo] = {}  # id(drafter) -> its Info, asked once like the target's
         self.owner = uuid.uuid4().hex  # this engine, as the owner of the turns it runs
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # one thread: the tokenizer is shared
         self.in_flight = 0  # turns streaming now (a stopping server waits for them)
         self.draft_lengths: dict[str, DraftLength] = {}  # per strategy: what adaptive rounds measured
         # Called after each round is committed: (strategy, result, round seconds, commit seconds)
@@ -291,6 +311,15 @@ class Engine:
         if req.tree is not None and req.tree.problems():
             raise InvalidInput("tree: " + "; ".join(req.tree.problems()))
         k = req.k or self.limits.default_k
+        if req.session_id:
+            check_session_id(req.session_id)
+        if len(req.request_id) > MAX_REQUEST_ID or not req.request_id.isprintable():
+            raise InvalidInput(f"request_id must be at most {MAX_REQUEST_ID} printable characters")
+        if any(not s for s in req.stop):
+            raise InvalidInput("stop strings must not be empty")
+        size = len((req.prompt or "").encode()) + sum(len(m.content.encode()) for m in req.messages or ())
+        if size > MAX_PROMPT_BYTES:
+            raise InvalidInput(f"the prompt is {size} bytes; at most {MAX_PROMPT_BYTES} are accepted")
         if req.prompt is None and not req.messages:
             raise InvalidInput("the request has no input: give a prompt or chat messages")
         if req.prompt == "":
@@ -484,7 +513,7 @@ class Engine:
         mode = "raw" if req.messages is None else "chat"
         if not req.session_id:
             seed = secrets.randbits(63) if req.seed is None else req.seed
-            session = Session(uuid.uuid4().hex, mode, [], [], self._requested_sampling(req), seed, 0, strategy, k)
+            session = Session(new_session_id(), mode, [], [], self._requested_sampling(req), seed, 0, strategy, k)
             if isinstance(self.backends.drafter, LanguagePools):
                 session.language = detect_language(_prompt_text(req))
         else:
@@ -513,7 +542,9 @@ class Engine:
             if req.seed is not None:
                 session.seed = req.seed
             session.strategy, session.k = strategy, k
-        session.tokens = self._turn_context(session, req)
+        # Off the event loop: a long prompt takes a while to render and tokenize, and other
+        # turns' rounds must go on meanwhile.
+        session.tokens = await asyncio.get_running_loop().run_in_executor(self._tokenizing, self._turn_context, session, req)
         if len(session.tokens) >= target.max_context:
             raise InvalidInput(
                 f"the prompt is {len(session.tokens)} tokens; the target's context is {target.max_context} tokens"
@@ -552,6 +583,7 @@ class Engine:
         stats.redis_seconds += time.perf_counter() - t0
 
     async def delete_session(self, session_id: str) -> bool:
+        check_session_id(session_id)
         return await self.store.delete(session_id)
 
 

@@ -161,7 +161,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         if isinstance(err, TurnInProgress):
             return grpc.StatusCode.ABORTED, str(err)
         if isinstance(err, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
-            return grpc.StatusCode.UNAVAILABLE, f"redis at {self.redis_url} is unavailable: {err}"
+            return grpc.StatusCode.UNAVAILABLE, f"redis at {redacted(self.redis_url)} is unavailable: {err}"
         log.exception("generation failed")
         return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
 
@@ -240,7 +240,7 @@ async def _serve(config: OrchestratorConfig, tokenizer) -> None:
     servicer = GeneratorServicer(engine, config.redis_url)
     log.info(
         "verifier %s, drafter %s, cascade %s, redis %s", config.verifier, config.drafter or "(none)",
-        " <- ".join(config.cascade) or "(drafter <- maxgram)", config.redis_url,
+        " <- ".join(config.cascade) or "(drafter <- maxgram)", redacted(config.redis_url),
     )
 
     def register(server: grpc.aio.Server) -> list[str]:
@@ -254,7 +254,7 @@ async def _serve(config: OrchestratorConfig, tokenizer) -> None:
         try:
             await redis_client.ping()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
-            return f"redis at {config.redis_url} does not answer: {err}"
+            return f"redis at {redacted(config.redis_url)} does not answer: {err}"
         return None
 
     await serve(
@@ -264,6 +264,17 @@ async def _serve(config: OrchestratorConfig, tokenizer) -> None:
     for pool in pools:
         await pool.close()
     await redis_client.aclose()
+
+
+def redacted(url: str) -> str:
+    """A Redis URL without its password, to show in logs and errors."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def redis_from_url(url: str, timeout_seconds: float) -> aioredis.Redis:

@@ -13,6 +13,7 @@ from client import ServiceStack, generate
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.pb import specd_pb2 as pb
+from services.pb import specd_pb2_grpc as pb_grpc
 
 PROMPTS = [
     "def add(a, b):\n    return",
@@ -127,7 +128,11 @@ def test_context_deltas_keep_bytes_per_round_flat(stack):
         (dict(prompt="hi", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         (dict(prompt="hi", top_k=-1), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
         (dict(prompt="hi", strategy="warp"), grpc.StatusCode.INVALID_ARGUMENT, "unknown strategy"),
-        (dict(prompt="hi", session_id="no-such-session"), grpc.StatusCode.NOT_FOUND, "no-such-session"),
+        (dict(prompt="hi", session_id="no-such-session"), grpc.StatusCode.INVALID_ARGUMENT, "session_id"),
+        (dict(prompt="hi", session_id="0123456789abcdef" * 2), grpc.StatusCode.NOT_FOUND, "0123456789abcdef"),
+        (dict(prompt="hi", stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+        (dict(prompt="hi", request_id="x" * 200), grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
+        (dict(prompt="x" * (1 << 21)), grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
         (dict(prompt="word " * 3000), grpc.StatusCode.INVALID_ARGUMENT, "context"),
     ],
 )
@@ -204,3 +209,25 @@ def test_stop_strings_cut_the_text_and_end_the_turn(stack):
     assert result.text == full.text[:cut]
     assert result.stats.finish_reason == "stop_string"
     assert len(result.token_ids) < len(full.token_ids)
+
+
+def test_redis_passwords_never_reach_logs_or_clients():
+    from orchestrator.server import redacted
+
+    assert redacted("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert redacted("rediss://app:pw@cache.internal/1") == "rediss://app:***@cache.internal/1"
+    assert redacted("redis://127.0.0.1:6399/0") == "redis://127.0.0.1:6399/0"
+
+
+def test_a_session_id_that_is_not_one_deletes_nothing(stack):
+    """Ids are checked before they name a Redis key: another session's keys stay out of reach."""
+    address = stack.address("orchestrator")
+    kept = generate(address, "def f(", strategy="ar", max_new_tokens=4)
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GeneratorStub(channel)
+        for bad in (kept.stats.session_id + ":tokens", "*", kept.stats.session_id.upper(), ""):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.DeleteSession(pb.DeleteSessionRequest(session_id=bad), timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    again = generate(address, " return 1", session_id=kept.stats.session_id, strategy="ar", max_new_tokens=4)
+    assert again.stats.prompt_tokens > kept.stats.prompt_tokens
