@@ -33,6 +33,7 @@ from prometheus_client import Counter, Histogram
 
 from gateway import api
 from gateway.api import Answer, ApiError, Parsed
+from services.auth import ApiKeys, Unauthenticated
 from services.config import GatewayConfig
 from services.pb import specd_pb2 as pb
 from specd.client import AsyncClient
@@ -74,8 +75,18 @@ def sse(obj: dict | str) -> bytes:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
-def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> FastAPI:
+def bearer_key(request: Request) -> str | None:
+    """The key of an `Authorization: Bearer KEY` header, None without one."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+
+
+def create_app(config: GatewayConfig, client: AsyncClient | None = None, keys: ApiKeys | None = None) -> FastAPI:
+    """`keys`: the API keys the gateway checks itself (an open gateway when empty); either
+    way a caller's key is passed on to the orchestrator, which checks it again and keeps
+    each session to the key that created it."""
     client = client or AsyncClient(config.orchestrator, timeout=config.rpc_timeout_seconds)
+    keys = keys or ApiKeys(())
     started = int(time.time())
     cleanups: set[asyncio.Task] = set()  # session deletions still running
 
@@ -102,14 +113,22 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status)
 
-    def forget(parsed: Parsed, session_id: str) -> None:
+    def authenticate(request: Request) -> str | None:
+        """The caller's key, checked when the gateway has keys; raises ApiError 401."""
+        try:
+            keys.identify(request.headers.get("authorization"))
+        except Unauthenticated as err:
+            raise ApiError(401, str(err), None, "invalid_api_key") from None
+        return bearer_key(request)
+
+    def forget(parsed: Parsed, session_id: str, key: str | None) -> None:
         """Deletes a finished request's session unless the caller keeps it, in the background."""
         if parsed.keep_session or not session_id:
             return
 
         async def delete() -> None:
             try:
-                await client.delete_session(session_id)
+                await client.delete_session(session_id, api_key=key)
             except grpc.RpcError as err:  # it expires from Redis anyway (SPECD_SESSION_TTL)
                 log.warning("could not delete session %s: %s", session_id, err.details())
 
@@ -124,10 +143,11 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
             raise ApiError(400, f"the request body is not valid JSON: {err}") from None
 
     async def complete(request: Request, kind: str):
+        key = authenticate(request)
         parsed = api.parse(await body_of(request), kind, config.model_name)
         parsed.request.request_id = uuid.uuid4().hex
         answer = Answer(parsed, parsed.request.request_id)
-        replies = aiter(client.stream(parsed.request))
+        replies = aiter(client.stream(parsed.request, api_key=key))
         try:
             first = await anext(replies)  # TurnStarted: the request was accepted
         except grpc.RpcError as err:
@@ -136,7 +156,7 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
             raise ApiError(502, "the orchestrator ended the stream without an answer") from None
         session_id = first.started.session_id
         if parsed.stream:
-            return StreamingResponse(stream(parsed, answer, replies, session_id), media_type="text/event-stream",
+            return StreamingResponse(stream(parsed, answer, replies, session_id, key), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
         chunks: list[str] = []
         stats = None
@@ -149,12 +169,14 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
         except grpc.RpcError as err:
             raise from_grpc(err) from None
         finally:
-            forget(parsed, session_id)
+            forget(parsed, session_id, key)
         if stats is None:
             raise ApiError(502, "the orchestrator ended the stream without statistics")
         return answer.complete("".join(chunks), stats)
 
-    async def stream(parsed: Parsed, answer: Answer, replies: AsyncIterator[pb.GenerateResponse], session_id: str):
+    async def stream(
+        parsed: Parsed, answer: Answer, replies: AsyncIterator[pb.GenerateResponse], session_id: str, key: str | None
+    ):
         try:
             if parsed.kind == "chat":
                 yield sse(answer.chunk(first=True))
@@ -168,7 +190,7 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
         except grpc.RpcError as err:
             yield sse(from_grpc(err).body())
         finally:
-            forget(parsed, session_id)
+            forget(parsed, session_id, key)
         yield sse("[DONE]")
 
     @app.post("/v1/chat/completions")
@@ -180,7 +202,8 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None) -> Fast
         return await complete(request, "completion")
 
     @app.get("/v1/models")
-    async def models() -> dict:
+    async def models(request: Request) -> dict:
+        authenticate(request)
         ids = [config.model_name, *(f"{config.model_name}:{s}" for s in api.STRATEGY_NAMES)]
         return {"object": "list", "data": [{"id": i, "object": "model", "created": started, "owned_by": "specd"} for i in ids]}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 
+from services.auth import OPEN_WARNING, ApiKeys
 from services.config import ConfigError, GatewayConfig, split_host_port
 from services.server import setup_logging
 
@@ -16,6 +17,7 @@ def main() -> int:
     setup_logging(os.environ.get("SPECD_LOG_LEVEL", "INFO"))
     try:
         config = GatewayConfig.from_env(os.environ)
+        keys = ApiKeys.from_env(os.environ)
     except ConfigError as err:
         log.error("gateway: %s", err)
         return 2
@@ -34,5 +36,7 @@ def main() -> int:
     log.info("OpenAI-compatible API at http://%s/v1 for model %s, orchestrator %s", config.listen,
              config.model_name, config.orchestrator)  # fmt: skip
     # uvicorn stops on SIGTERM/SIGINT, letting running responses finish
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    if keys.open:
+        log.warning(OPEN_WARNING, config.listen)
+    uvicorn.run(create_app(config, keys=keys), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     return 0

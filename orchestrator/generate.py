@@ -87,6 +87,7 @@ class GenerationRequest:
     tree: TreeShape | None = None  # `staged`; None = default
     request_id: str = ""  # names the turn, so that a call after a broken stream resumes it
     resume_from: int = 0  # the turn's tokens the caller already holds
+    client: str = ""  # the caller's API key id (services/auth.py): a session is its creator's alone
 
 
 def request_fingerprint(req: GenerationRequest) -> str:
@@ -514,10 +515,11 @@ class Engine:
         if not req.session_id:
             seed = secrets.randbits(63) if req.seed is None else req.seed
             session = Session(new_session_id(), mode, [], [], self._requested_sampling(req), seed, 0, strategy, k)
+            session.client = req.client
             if isinstance(self.backends.drafter, LanguagePools):
                 session.language = detect_language(_prompt_text(req))
         else:
-            session = await self._load(req.session_id)
+            session = await self._load(req.session_id, req.client)
             turn = session.turn
             if req.request_id and turn is not None and turn.request_id == req.request_id:
                 if turn.fingerprint != fingerprint:
@@ -535,7 +537,7 @@ class Engine:
                         "wait for it to end, or resume it with its request_id"
                     )
                 await self.store.rollback(session.id)
-                session = await self._load(req.session_id)
+                session = await self._load(req.session_id, req.client)
             if session.mode == "raw" and mode == "chat":
                 raise InvalidInput(f"session {session.id} holds raw text; continue it with a prompt, not messages")
             session.sampling = self._requested_sampling(req, base=session.sampling)
@@ -555,9 +557,11 @@ class Engine:
                  session.turn.request_id)  # fmt: skip
         return session, False
 
-    async def _load(self, session_id: str) -> Session:
+    async def _load(self, session_id: str, client: str) -> Session:
+        """The session, if `client` (an API key id) created it: another key's session is as
+        absent as one that never was."""
         session = await self.store.load(session_id)
-        if session is None:
+        if session is None or session.client != client:
             raise SessionNotFound(f"session {session_id!r} does not exist or has expired")
         return session
 
@@ -582,8 +586,11 @@ class Engine:
         await op
         stats.redis_seconds += time.perf_counter() - t0
 
-    async def delete_session(self, session_id: str) -> bool:
+    async def delete_session(self, session_id: str, client: str = "") -> bool:
         check_session_id(session_id)
+        session = await self.store.load(session_id)
+        if session is None or session.client != client:
+            return False
         return await self.store.delete(session_id)
 
 

@@ -32,6 +32,7 @@ from orchestrator.metrics import TurnTimer
 from orchestrator.pool import DrafterPool, drafter_pool, verifier_pool
 from orchestrator.store import ChatMessage, SessionStore, TurnInProgress, TurnLost
 from orchestrator.strategies import Backends, k_matrix_problems
+from services.auth import OPEN_WARNING, ApiKeys, Unauthenticated
 from services.config import ConfigError, OrchestratorConfig
 from services.errors import BadRequest, Unsupported
 from services.maxgram import MaxGramDrafter
@@ -49,9 +50,10 @@ FINAL = ((FINAL_KEY, "1"),)
 DEFAULT_LISTEN = "127.0.0.1:50050"
 
 
-def request_from_pb(msg: pb.GenerateRequest) -> GenerationRequest:
+def request_from_pb(msg: pb.GenerateRequest, client: str = "") -> GenerationRequest:
     which = msg.WhichOneof("input")
     return GenerationRequest(
+        client=client,
         prompt=msg.prompt if which == "prompt" else None,
         messages=tuple(ChatMessage(m.role, m.content) for m in msg.chat.messages) if which == "chat" else None,
         session_id=msg.session_id,
@@ -108,16 +110,22 @@ def stats_to_pb(s: Stats) -> pb.GenerationStats:
 
 
 class GeneratorServicer(pb_grpc.GeneratorServicer):
-    def __init__(self, engine: Engine, redis_url: str) -> None:
+    def __init__(self, engine: Engine, redis_url: str, keys: ApiKeys | None = None) -> None:
         self.engine = engine
         self.redis_url = redis_url
+        self.keys = keys or ApiKeys(())
+
+    def _client(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's API key id; raises Unauthenticated."""
+        metadata = dict(context.invocation_metadata() or ())
+        return self.keys.identify(metadata.get("authorization"))
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         timer = TurnTimer()
         try:
-            async for event in self.engine.generate(request_from_pb(request)):
+            async for event in self.engine.generate(request_from_pb(request, self._client(context))):
                 if isinstance(event, TurnStarted):
                     yield pb.GenerateResponse(started=pb.TurnStarted(
                         session_id=event.session_id, request_id=event.request_id, resumed_from=event.resumed_from
@@ -140,12 +148,15 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         self, request: pb.DeleteSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteSessionResponse:
         try:
-            return pb.DeleteSessionResponse(deleted=await self.engine.delete_session(request.session_id))
+            deleted = await self.engine.delete_session(request.session_id, self._client(context))
+            return pb.DeleteSessionResponse(deleted=deleted)
         except Exception as err:  # noqa: BLE001
             code, message = self._status(err)
             await context.abort(code, message, trailing_metadata=FINAL)
 
     def _status(self, err: Exception) -> tuple[grpc.StatusCode, str]:
+        if isinstance(err, Unauthenticated):
+            return grpc.StatusCode.UNAUTHENTICATED, str(err)
         if isinstance(err, InvalidInput):
             return grpc.StatusCode.INVALID_ARGUMENT, str(err)
         if isinstance(err, SessionNotFound):
@@ -170,6 +181,7 @@ def main() -> int:
     setup_logging(os.environ.get("SPECD_LOG_LEVEL", "INFO"))
     try:
         config = OrchestratorConfig.from_env(os.environ, DEFAULT_LISTEN)
+        keys = ApiKeys.from_env(os.environ)
         tokenizer_path = resolve(config.tokenizer, config.home)
     except (ConfigError, ModelNotFound) as err:
         log.error("orchestrator: %s", err)
@@ -183,14 +195,14 @@ def main() -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     try:
-        asyncio.run(_serve(config, tokenizer))
+        asyncio.run(_serve(config, tokenizer, keys))
     except OSError as err:  # a port to listen on is taken
         log.error("orchestrator: %s", err)
         return 2
     return 0
 
 
-async def _serve(config: OrchestratorConfig, tokenizer) -> None:
+async def _serve(config: OrchestratorConfig, tokenizer, keys: ApiKeys) -> None:
     verifier_targets, drafter_targets, cascade_levels = config.pools()
     options = dict(health_interval=config.health_interval_seconds, load_factor=config.load_factor)
     verifier = verifier_pool(
@@ -237,7 +249,11 @@ async def _serve(config: OrchestratorConfig, tokenizer) -> None:
     metrics.RUNNING.set_function(lambda: engine.in_flight)
     if config.metrics_listen:
         serve_metrics(config.metrics_listen, "orchestrator")
-    servicer = GeneratorServicer(engine, config.redis_url)
+    servicer = GeneratorServicer(engine, config.redis_url, keys)
+    if keys.open:
+        log.warning(OPEN_WARNING, config.listen)
+    else:
+        log.info("%d API key(s): every Generate and DeleteSession call needs one", len(keys))
     log.info(
         "verifier %s, drafter %s, cascade %s, redis %s", config.verifier, config.drafter or "(none)",
         " <- ".join(config.cascade) or "(drafter <- maxgram)", redacted(config.redis_url),

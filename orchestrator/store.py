@@ -85,6 +85,7 @@ class Session:
     owner: str = ""  # the orchestrator advancing the open turn ("" when none is)
     lease: float = 0.0  # unix time until which the owner holds the open turn
     language: str = ""  # of its first prompt, when drafter pools are by language ("" = unknown)
+    client: str = ""  # the id of the API key that created it (services/auth.py; "" = an open API)
     # Adaptive draft length: the session's measured acceptance by position, and its rounds in
     # a row that drafted nothing (orchestrator/adaptive.py).
     acceptance: Acceptance = field(default_factory=Acceptance)
@@ -136,6 +137,7 @@ def _meta(session: Session) -> dict[str, str | float | int]:
         "owner": session.owner,
         "lease": session.lease,
         "language": session.language,
+        "client": session.client,
         "created": session.created,
         "updated": time.time(),
     }
@@ -184,6 +186,7 @@ class SessionStore:
             owner=meta.get("owner", ""),
             lease=float(meta.get("lease", 0.0)),
             language=meta.get("language", ""),
+            client=meta.get("client", ""),
             acceptance=Acceptance.from_json(drafting.get("acceptance")),
             ar_streak=int(drafting.get("ar_streak", 0)),
         )

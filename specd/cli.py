@@ -51,6 +51,7 @@ def _spec(args: argparse.Namespace):
         drafter_port=args.port + 1 + args.verifier_replicas,
         http_listen="" if getattr(args, "http_listen", "none") == "none" else args.http_listen,
         metrics_port=getattr(args, "metrics_port", 0),
+        api_keys_file=getattr(args, "api_keys_file", None) or "",
     )
 
 
@@ -356,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--http-listen", type=_listen_or_none, default=os.environ.get("SPECD_HTTP_LISTEN") or "127.0.0.1:8000",
         help="host:port of the OpenAI-compatible HTTP API, or 'none' (default $SPECD_HTTP_LISTEN or 127.0.0.1:8000)",
+    )  # fmt: skip
+    p.add_argument(
+        "--api-keys-file", default=os.environ.get("SPECD_API_KEYS_FILE"),
+        help="API keys, one a line: every Generate call and HTTP request then needs one "
+        "(clients send $SPECD_API_KEY); default $SPECD_API_KEYS_FILE, else an open API on loopback",
     )  # fmt: skip
     p.add_argument(
         "--metrics-port", type=int, default=9100,

@@ -11,6 +11,7 @@ Any gRPC client does the same with those three fields.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -103,6 +104,12 @@ class _Turn:
         return self.result
 
 
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries an API key (None: $SPECD_API_KEY, if set)."""
+    key = os.environ.get("SPECD_API_KEY", "") if api_key is None else api_key
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
 def generate(
     address: str,
     request: pb.GenerateRequest,
@@ -111,16 +118,19 @@ def generate(
     resumes: int = 5,
     backoff_seconds: float = 0.25,
     on_delta: Callable[[pb.TextDelta], None] | None = None,
+    api_key: str | None = None,
 ) -> Result:
     """Runs one turn to its end at `address` (one host:port, or several comma-separated: the
     orchestrator replicas, tried in turn); resumes a broken stream up to `resumes` times,
-    waiting a little longer each time. Raises grpc.RpcError on a status a retry cannot fix."""
+    waiting a little longer each time. Raises grpc.RpcError on a status a retry cannot fix.
+    `api_key`: sent as `authorization: Bearer KEY` (None: $SPECD_API_KEY, if set)."""
     turn = _Turn(request, address, resumes)
+    metadata = auth_metadata(api_key)
     while True:
         at, call = turn.next_call()
         try:
             with grpc.insecure_channel(at, options=channel_options()) as channel:
-                for reply in pb_grpc.GeneratorStub(channel).Generate(call, timeout=timeout):
+                for reply in pb_grpc.GeneratorStub(channel).Generate(call, timeout=timeout, metadata=metadata):
                     turn.take(reply)
                     if on_delta is not None and reply.WhichOneof("event") == "delta":
                         on_delta(reply.delta)
@@ -141,11 +151,20 @@ class AsyncClient:
     A stream that breaks is resumed as `generate` does, at the next replica; the caller sees
     every token once and one TurnStarted."""
 
-    def __init__(self, address: str, *, timeout: float = 300.0, resumes: int = 5, backoff_seconds: float = 0.25) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = 300.0,
+        resumes: int = 5,
+        backoff_seconds: float = 0.25,
+        api_key: str | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
         self.resumes = resumes
         self.backoff_seconds = backoff_seconds
+        self.metadata = auth_metadata(api_key)  # None: $SPECD_API_KEY, if set
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _channel(self, at: str) -> grpc.aio.Channel:
@@ -153,23 +172,28 @@ class AsyncClient:
             self._channels[at] = grpc.aio.insecure_channel(at, options=channel_options())
         return self._channels[at]
 
-    def stream(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+    def stream(self, request: pb.GenerateRequest, api_key: str | None = None) -> AsyncIterator[pb.GenerateResponse]:
         """The turn's messages as they come: TurnStarted, TextDeltas, GenerationStats last.
-        Raises grpc.RpcError (grpc.aio.AioRpcError) on a status a retry cannot fix."""
-        return self._run(_Turn(request, self.address, self.resumes))
+        Raises grpc.RpcError (grpc.aio.AioRpcError) on a status a retry cannot fix.
+        `api_key` overrides the client's for this turn (a gateway passing on its caller's)."""
+        return self._run(_Turn(request, self.address, self.resumes), self._metadata(api_key))
 
-    async def generate(self, request: pb.GenerateRequest) -> Result:
+    async def generate(self, request: pb.GenerateRequest, api_key: str | None = None) -> Result:
         """One turn to its end, as the sync `generate`."""
         turn = _Turn(request, self.address, self.resumes)
-        async for _ in self._run(turn):
+        async for _ in self._run(turn, self._metadata(api_key)):
             pass
         return turn.done()
 
-    async def _run(self, turn: _Turn) -> AsyncIterator[pb.GenerateResponse]:
+    def _metadata(self, api_key: str | None) -> tuple[tuple[str, str], ...]:
+        return self.metadata if api_key is None else auth_metadata(api_key)
+
+    async def _run(self, turn: _Turn, metadata) -> AsyncIterator[pb.GenerateResponse]:
         while True:
             at, call = turn.next_call()
             try:
-                async for reply in pb_grpc.GeneratorStub(self._channel(at)).Generate(call, timeout=self.timeout):
+                stub = pb_grpc.GeneratorStub(self._channel(at))
+                async for reply in stub.Generate(call, timeout=self.timeout, metadata=metadata):
                     if turn.take(reply):
                         yield reply
                 turn.call_ended()
@@ -178,10 +202,10 @@ class AsyncClient:
                 continue
             return
 
-    async def delete_session(self, session_id: str) -> bool:
+    async def delete_session(self, session_id: str, api_key: str | None = None) -> bool:
         at = self.address.split(",")[0].strip()
         reply = await pb_grpc.GeneratorStub(self._channel(at)).DeleteSession(
-            pb.DeleteSessionRequest(session_id=session_id), timeout=self.timeout
+            pb.DeleteSessionRequest(session_id=session_id), timeout=self.timeout, metadata=self._metadata(api_key)
         )
         return reply.deleted
 

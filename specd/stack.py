@@ -54,6 +54,7 @@ class StackSpec:
     # The first Prometheus endpoint's port: the orchestrator's, then each model service's and
     # the gateway's, in the order `specd status` lists them (0 = none)
     metrics_port: int = 0
+    api_keys_file: str = ""  # SPECD_API_KEYS_FILE of the orchestrator and the gateway ("" = an open API)
 
     def address(self, port: int) -> str:
         return f"{self.host}:{port}"
@@ -248,6 +249,7 @@ def up(spec: StackSpec, say=print) -> list[Proc]:
             "SPECD_K": str(spec.default_k),
             "REDIS_URL": redis_url,
             **_metrics_env(spec, metrics, "orchestrator"),
+            **_keys_env(spec),
         }
         log_path = logs / "orchestrator.log"
         proc = _spawn("orchestrator", [sys.executable, "-m", "orchestrator"], orch_env, log_path)
@@ -257,7 +259,7 @@ def up(spec: StackSpec, say=print) -> list[Proc]:
         if spec.http_listen:
             gateway_env = {
                 **base_env, "SPECD_HTTP_LISTEN": spec.http_listen, "SPECD_ORCHESTRATOR": orchestrator,
-                "SPECD_MODEL_NAME": Path(spec.target).name, **_metrics_env(spec, metrics, "gateway"),
+                "SPECD_MODEL_NAME": Path(spec.target).name, **_metrics_env(spec, metrics, "gateway"), **_keys_env(spec),
             }  # fmt: skip
             log_path = logs / "gateway.log"
             proc = _spawn("gateway", [sys.executable, "-m", "gateway"], gateway_env, log_path)
@@ -279,6 +281,10 @@ def up(spec: StackSpec, say=print) -> list[Proc]:
         state_file(spec.home).unlink(missing_ok=True)
         raise
     return procs
+
+
+def _keys_env(spec: StackSpec) -> dict[str, str]:
+    return {"SPECD_API_KEYS_FILE": str(Path(spec.api_keys_file).resolve())} if spec.api_keys_file else {}
 
 
 def _metrics_ports(spec: StackSpec) -> dict[str, int]:

@@ -12,9 +12,12 @@ import urllib.request
 
 import openai
 import pytest
+import redis
 from client import ServiceStack, generate
 from procs import free_port, start_module, stop_process, wait_for_port
 from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator.store import PREFIX
 
 MODEL = "tiny-target"
 PROMPT = "def add(a, b):\n    return"
@@ -145,14 +148,14 @@ def test_sessions_are_deleted_unless_kept(stack, api):
     assert more.usage.prompt_tokens > kept.usage.prompt_tokens  # it continued the kept context
     dropped = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
     gone = dropped.model_extra["specd"]["session_id"]
+    store = redis.Redis.from_url(stack.redis_url)
+    assert store.exists(PREFIX + session)
     deadline = time.monotonic() + 10
-    while True:  # deleted in the background once the answer is out
-        try:
-            api.completions.create(model=MODEL, prompt=" x", max_tokens=4, extra_body={"specd": {"session_id": gone}})
-        except openai.NotFoundError:
-            break
+    while store.exists(PREFIX + gone):  # deleted in the background once the answer is out
         assert time.monotonic() < deadline, "the session of a request that did not keep it still exists"
-        time.sleep(0.2)
+        time.sleep(0.1)
+    with pytest.raises(openai.NotFoundError):
+        api.completions.create(model=MODEL, prompt=" x", max_tokens=4, extra_body={"specd": {"session_id": gone}})
 
 
 def test_models_and_health(stack, api):
