@@ -94,7 +94,6 @@ def main() -> int:
         default_listen=DEFAULT_LISTEN,
         build_core=build_core,
         make_servicer=DrafterServicer,
-        add_to_server=pb_grpc.add_DrafterServicer_to_server,
     )
 
 

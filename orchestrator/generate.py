@@ -377,7 +377,11 @@ class Engine:
         try:
             async for event in self._rounds(req, session, stats, target, (max_new, k, k_matrix), drafter_down):
                 yield event
-        except BaseException:  # an error, or the caller went away: the turn can be resumed or rolled back
+        except Exception:  # the caller gets a final status and does not resume: undo the turn
+            if not turn.done:
+                await self._roll_back(session)
+            raise
+        except BaseException:  # the caller went away, or this orchestrator stops: the turn can be resumed
             if not turn.done:
                 await self._release(session)
             raise
@@ -498,6 +502,15 @@ class Engine:
         if len(session.tokens) >= target.max_context:
             return "context"
         return ""
+
+    async def _roll_back(self, session: Session) -> None:
+        """Puts a failed turn's session back as it was before the turn; never raises (what
+        cannot be undone now is undone by the session's next turn, once the lease runs out)."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self.store.rollback(session.id)), timeout=2.0)
+        except Exception as err:  # noqa: BLE001 - Redis may be why the turn failed
+            log.warning("session %s: could not roll the failed turn back: %s", session.id, err)
+            await self._release(session)
 
     async def _release(self, session: Session) -> None:
         """Leaves a broken-off turn to be resumed (or rolled back by the next); never raises."""

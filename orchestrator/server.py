@@ -40,7 +40,7 @@ from services.metrics import serve_metrics
 from services.models import ModelNotFound, resolve
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
-from services.server import FINAL_KEY, serve, setup_logging
+from services.server import FINAL_KEY, add_servicer, serve, setup_logging
 from services.tree import TreeShape
 
 log = logging.getLogger("orchestrator")
@@ -260,8 +260,7 @@ async def _serve(config: OrchestratorConfig, tokenizer, keys: ApiKeys) -> None:
     )
 
     def register(server: grpc.aio.Server) -> list[str]:
-        pb_grpc.add_GeneratorServicer_to_server(servicer, server)
-        return [pb.DESCRIPTOR.services_by_name["Generator"].full_name]
+        return [add_servicer(server, servicer, "Generator")]
 
     async def readiness() -> str | None:
         """Why a turn could not be served now (None: it could)."""

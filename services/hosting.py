@@ -111,13 +111,12 @@ def run_model_service(
     default_listen: str,
     build_core: Callable[[ModelServiceConfig, Worker], Core],
     make_servicer: Callable[[Core], object],
-    add_to_server: Callable[[object, grpc.aio.Server], None],
 ) -> int:
     """The `main` of a model service: read the config, build the core (its model loaded on
     the worker thread that will serve it), serve until stopped."""
     from services.config import ConfigError
     from services.models import ModelNotFound
-    from services.server import serve, setup_logging
+    from services.server import add_servicer, serve, setup_logging
 
     setup_logging(os.environ.get("SPECD_LOG_LEVEL", "INFO"))
     try:
@@ -135,11 +134,8 @@ def run_model_service(
         except OSError as err:
             log.error("%s: cannot serve metrics on %s: %s", name, config.metrics_listen, err)
             return 2
-    service_name = pb.DESCRIPTOR.services_by_name[name.capitalize()].full_name
-
     def register(server: grpc.aio.Server) -> list[str]:
-        add_to_server(servicer, server)
-        return [service_name]
+        return [add_servicer(server, servicer, name.capitalize())]
 
     asyncio.run(serve(name=name, listen=config.listen, register=register, grace_seconds=config.grace_seconds))
     return 0

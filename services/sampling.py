@@ -15,9 +15,15 @@ import torch
 from torch import Tensor
 
 
+MIN_TEMPERATURE = 1e-4
+MAX_TEMPERATURE = 1e4
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How the target samples; the same fields and semantics as transformers' warpers."""
+    """How the target samples; the same fields and semantics as transformers' warpers.
+    A temperature below MIN_TEMPERATURE would turn the scaled logits into infinities (a
+    denormal divides them past float32's range); one that small samples the argmax anyway."""
 
     temperature: float = 0.0  # 0 means greedy (argmax); otherwise logits are divided by it
     top_k: int = 0  # keep the k largest logits (ties at the boundary kept); 0 disables
@@ -30,8 +36,10 @@ class SamplingParams:
     def problems(self) -> list[str]:
         """Human-readable reasons these params are invalid; empty when valid."""
         found = []
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            found.append(f"temperature must be finite and >= 0, got {self.temperature}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):  # also NaN
+            found.append(
+                f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {self.temperature}"
+            )
         if self.top_k < 0:
             found.append(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:  # also rejects NaN

@@ -54,6 +54,57 @@ def channel_options() -> list[tuple[str, int]]:
     ]
 
 
+class Undecodable:
+    """A request body that is not the message its method takes (see add_servicer)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def add_servicer(server: grpc.aio.Server, servicer: object, service: str) -> str:
+    """Serves `servicer`'s methods as specd.v1.<service> (what the generated add_*_to_server
+    does), except that a body which does not decode as the method's message is answered
+    INVALID_ARGUMENT, naming the message, instead of gRPC's UNKNOWN. Returns the full name."""
+    from google.protobuf.message import DecodeError
+    from google.protobuf.message_factory import GetMessageClass
+
+    from services.pb import specd_pb2
+
+    descriptor = specd_pb2.DESCRIPTOR.services_by_name[service]
+    handlers = {}
+    for method in descriptor.methods:
+        request_class, reply_class = GetMessageClass(method.input_type), GetMessageClass(method.output_type)
+
+        def parse(data: bytes, parse_message=request_class.FromString) -> object:
+            try:
+                return parse_message(data)
+            except DecodeError as err:
+                return Undecodable(err)
+
+        impl = getattr(servicer, method.name)
+        refusal = f"the request is not a valid {method.input_type.full_name} message"
+        if method.server_streaming:
+
+            async def streaming(request, context, impl=impl, refusal=refusal):
+                if isinstance(request, Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{refusal}: {request.error}")
+                async for reply in impl(request, context):
+                    yield reply
+
+            handler = grpc.unary_stream_rpc_method_handler(streaming, parse, reply_class.SerializeToString)
+        else:
+
+            async def unary(request, context, impl=impl, refusal=refusal):
+                if isinstance(request, Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{refusal}: {request.error}")
+                return await impl(request, context)
+
+            handler = grpc.unary_unary_rpc_method_handler(unary, parse, reply_class.SerializeToString)
+        handlers[method.name] = handler
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+    return descriptor.full_name
+
+
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 

@@ -112,8 +112,9 @@ def test_context_deltas_keep_bytes_per_round_flat(stack):
     ]
     per_round = [t.stats.bytes_sent / t.stats.target_forwards for t in turns]
     assert per_round[1] < 1.25 * per_round[0], per_round
-    # The first turn of the long session did carry its prompt.
-    assert long.stats.bytes_sent > 4 * long.stats.prompt_tokens
+    # The first turn of the long session did carry its prompt (a token id is at least a byte
+    # on the wire; the tiny vocabulary's ids take one or two).
+    assert long.stats.bytes_sent > long.stats.prompt_tokens + 20 * per_round[0]
 
 
 @pytest.mark.parametrize(

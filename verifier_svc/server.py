@@ -63,7 +63,6 @@ def main() -> int:
         default_listen=DEFAULT_LISTEN,
         build_core=build_core,
         make_servicer=VerifierServicer,
-        add_to_server=pb_grpc.add_VerifierServicer_to_server,
     )
 
 
