@@ -36,6 +36,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator.backends import RemoteDrafter, RemoteVerifier, ServiceUnavailable
+from services.auth import SendToken
 from services.config import DNS, split_target
 from services.runtime import ModelInfo
 from services.server import channel_options
@@ -107,6 +108,7 @@ class ReplicaPool(Generic[Client]):
         load_factor: float = 1.25,
         active_seconds: float = 60.0,
         wait_seconds: float = 0.0,
+        token: str = "",
     ) -> None:
         if not targets:
             raise ValueError(f"a {role} pool needs at least one target")
@@ -118,6 +120,7 @@ class ReplicaPool(Generic[Client]):
         self.load_factor = load_factor
         self.active_seconds = active_seconds
         self.wait_seconds = wait_seconds  # how long a call waits for a replica to come back
+        self.token = token  # the internal token every call carries (services/auth.py); "" = none
         self.replicas: dict[str, Replica[Client]] = {}
         self._resolved: dict[str, set[str]] = {}  # dns:/// target -> the addresses it resolved to
         self._task: asyncio.Task | None = None
@@ -136,7 +139,8 @@ class ReplicaPool(Generic[Client]):
     # -- membership and health ------------------------------------------------------------
 
     def _add(self, address: str) -> None:
-        channel = grpc.aio.insecure_channel(address, options=channel_options())
+        interceptors = [SendToken(self.token)] if self.token else None
+        channel = grpc.aio.insecure_channel(address, options=channel_options(), interceptors=interceptors)
         self.replicas[address] = Replica(address, self.make_client(address, channel))
 
     async def _remove(self, address: str) -> None:

@@ -32,7 +32,7 @@ from orchestrator.metrics import TurnTimer
 from orchestrator.pool import DrafterPool, drafter_pool, verifier_pool
 from orchestrator.store import ChatMessage, SessionStore, TurnInProgress, TurnLost
 from orchestrator.strategies import Backends, k_matrix_problems
-from services.auth import OPEN_WARNING, ApiKeys, Unauthenticated
+from services.auth import OPEN_WARNING, ApiKeys, Unauthenticated, internal_token
 from services.config import ConfigError, OrchestratorConfig
 from services.errors import BadRequest, Unsupported
 from services.maxgram import MaxGramDrafter
@@ -182,6 +182,7 @@ def main() -> int:
     try:
         config = OrchestratorConfig.from_env(os.environ, DEFAULT_LISTEN)
         keys = ApiKeys.from_env(os.environ)
+        token = internal_token(os.environ)
         tokenizer_path = resolve(config.tokenizer, config.home)
     except (ConfigError, ModelNotFound) as err:
         log.error("orchestrator: %s", err)
@@ -195,16 +196,16 @@ def main() -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     try:
-        asyncio.run(_serve(config, tokenizer, keys))
+        asyncio.run(_serve(config, tokenizer, keys, token))
     except OSError as err:  # a port to listen on is taken
         log.error("orchestrator: %s", err)
         return 2
     return 0
 
 
-async def _serve(config: OrchestratorConfig, tokenizer, keys: ApiKeys) -> None:
+async def _serve(config: OrchestratorConfig, tokenizer, keys: ApiKeys, token: str = "") -> None:
     verifier_targets, drafter_targets, cascade_levels = config.pools()
-    options = dict(health_interval=config.health_interval_seconds, load_factor=config.load_factor)
+    options = dict(health_interval=config.health_interval_seconds, load_factor=config.load_factor, token=token)
     verifier = verifier_pool(
         verifier_targets, config.rpc_timeout_seconds, wait_seconds=config.verifier_wait_seconds, **options
     )

@@ -26,6 +26,7 @@ from typing import Protocol, TypeVar
 
 import grpc
 
+from services.auth import RequireToken, internal_token
 from services.config import ModelServiceConfig
 from services.errors import BadRequest, ContextMiss, Unsupported
 from services.metrics import RPC_SECONDS, register_model_service, serve_metrics
@@ -121,6 +122,7 @@ def run_model_service(
     setup_logging(os.environ.get("SPECD_LOG_LEVEL", "INFO"))
     try:
         config = ModelServiceConfig.from_env(os.environ, default_listen)
+        token = internal_token(os.environ)
         worker = Worker(name)
         core = worker.call(build_core, config, worker)
     except (ConfigError, ModelNotFound, OSError, ValueError) as err:
@@ -137,5 +139,10 @@ def run_model_service(
     def register(server: grpc.aio.Server) -> list[str]:
         return [add_servicer(server, servicer, name.capitalize())]
 
-    asyncio.run(serve(name=name, listen=config.listen, register=register, grace_seconds=config.grace_seconds))
+    interceptors = [RequireToken(token, [pb.DESCRIPTOR.services_by_name[name.capitalize()].full_name])] if token else []
+    if not token:
+        log.warning("%s: no internal token (SPECD_INTERNAL_TOKEN_FILE): any caller that reaches %s is served", name,
+                    config.listen)  # fmt: skip
+    asyncio.run(serve(name=name, listen=config.listen, register=register, grace_seconds=config.grace_seconds,
+                      interceptors=interceptors))  # fmt: skip
     return 0

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -131,6 +131,7 @@ async def serve(
     in_flight: Callable[[], int] | None = None,
     readiness: Callable[[], Awaitable[str | None]] | None = None,
     readiness_interval: float = 1.0,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> None:
     """Runs a gRPC server until SIGTERM or SIGINT, then drains and stops.
 
@@ -149,7 +150,7 @@ async def serve(
     until the stop: a probe of it restarts a process that is stuck, not one that waits for a
     backend.
     """
-    server = grpc.aio.server(options=channel_options())
+    server = grpc.aio.server(options=channel_options(), interceptors=list(interceptors) or None)
     names = list(register(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

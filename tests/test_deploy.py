@@ -645,3 +645,31 @@ def test_the_dashboard_queries_metrics_that_exist() -> None:
         for name in re.findall(r"specd:[a-z0-9_]+", expr):
             base = re.sub(r"_(total|bucket|count|sum)$", "", name)
             assert name in defined or base in defined, f"the dashboard queries {name}, which nothing exports"
+
+
+def test_network_policies_let_only_orchestrators_reach_model_services_and_redis() -> None:
+    objects = base_objects()
+    policies = of_kind(objects, "NetworkPolicy")
+    configmaps = of_kind(objects, "ConfigMap")
+
+    def selects(policy: dict[str, Any], labels: dict[str, str]) -> bool:
+        selector = policy["spec"]["podSelector"]
+        if not selector.get("matchLabels", {}).items() <= labels.items():
+            return False
+        return all(labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", []))
+
+    for name, deployment in of_kind(objects, "Deployment").items():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        mine = [p for p in policies.values() if selects(p, labels)]
+        assert mine, f"no NetworkPolicy selects {name}"
+        if name in ("verifier", "drafter", "redis"):
+            container = deployment["spec"]["template"]["spec"]["containers"][0]
+            port = container["ports"][0]["containerPort"]
+            rules = [r for p in mine for r in p["spec"]["ingress"] if port in {x["port"] for x in r["ports"]}]
+            assert rules and all(
+                f.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "orchestrator"
+                for r in rules for f in r["from"]
+            ), f"{name}:{port} is reachable by more than orchestrators"  # fmt: skip
+            if name != "redis":
+                _, listen = split_host_port(k8s_env(container, configmaps)["SPECD_LISTEN"], "SPECD_LISTEN")
+                assert listen == port

@@ -19,6 +19,7 @@ from services.pb import specd_pb2_grpc as pb_grpc
 from specd import client
 
 KEY_A, KEY_B = "sk-alpha-0123456789", "sk-beta-9876543210"
+INTERNAL_TOKEN = "internal-5f1c0e"
 MODEL = "tiny-target"
 
 
@@ -56,7 +57,8 @@ def stack(tiny_pair, redis_server, tmp_path_factory):
     keys.write_text(f"{KEY_A}\n{KEY_B}\n")
 
     def extra_env(_: ServiceStack, name: str) -> dict[str, str]:
-        return {"SPECD_API_KEYS_FILE": str(keys)} if name == "orchestrator" else {}
+        internal = {"SPECD_INTERNAL_TOKEN": INTERNAL_TOKEN}
+        return {"SPECD_API_KEYS_FILE": str(keys), **internal} if name == "orchestrator" else internal
 
     s = ServiceStack(tiny_pair.target_dir, tiny_pair.drafter_dir, redis_server.url, logs, extra_env=extra_env)
     s.up()
@@ -122,3 +124,27 @@ def test_the_gateway_checks_keys_and_passes_them_on(stack):
     with pytest.raises(urllib.error.HTTPError) as no_key:
         urllib.request.urlopen(f"{stack.http}/v1/models", timeout=10)
     assert no_key.value.code == 401
+
+
+@pytest.mark.parametrize("token", [None, "internal-wrong"])
+def test_model_services_take_calls_from_orchestrators_only(stack, token):
+    """Drafters and verifiers refuse calls without the internal token (the orchestrator, which
+    has it, served every turn above); health checks need none, so probes keep working."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.auth import TOKEN_HEADER
+
+    metadata = () if token is None else ((TOKEN_HEADER, token),)
+    for name, call in (
+        ("verifier", lambda ch: pb_grpc.VerifierStub(ch).Info(pb.InfoRequest(), timeout=10, metadata=metadata)),
+        ("drafter", lambda ch: pb_grpc.DrafterStub(ch).Release(pb.ReleaseRequest(session_id="x"), timeout=10, metadata=metadata)),
+    ):  # fmt: skip
+        with grpc.insecure_channel(stack.address(name)) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                call(channel)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(stack.address("verifier")) as channel:  # the right token is served
+        info = pb_grpc.VerifierStub(channel).Info(pb.InfoRequest(), timeout=10, metadata=((TOKEN_HEADER, INTERNAL_TOKEN),))
+    assert info.vocab_size > 0
