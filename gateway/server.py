@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from services.auth import OPEN_WARNING, ApiKeys
 from services.config import ConfigError, GatewayConfig, split_host_port
+from services.flags import GATEWAY, environment
 from services.server import setup_logging
 
 log = logging.getLogger("gateway")
 
 
 def main() -> int:
-    setup_logging(os.environ.get("SPECD_LOG_LEVEL", "INFO"))
+    env = environment("python -m gateway", "The OpenAI-compatible HTTP gateway of specd.", GATEWAY, sys.argv[1:], os.environ)
+    setup_logging(env.get("SPECD_LOG_LEVEL", "INFO"))
     try:
-        config = GatewayConfig.from_env(os.environ)
-        keys = ApiKeys.from_env(os.environ)
+        config = GatewayConfig.from_env(env)
+        keys = ApiKeys.from_env(env)
     except ConfigError as err:
         log.error("gateway: %s", err)
         return 2

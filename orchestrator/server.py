@@ -35,6 +35,7 @@ from orchestrator.strategies import Backends, k_matrix_problems
 from services.auth import OPEN_WARNING, ApiKeys, Unauthenticated, internal_token
 from services.config import ConfigError, OrchestratorConfig
 from services.errors import BadRequest, Unsupported
+from services.flags import ORCHESTRATOR, environment
 from services.maxgram import MaxGramDrafter
 from services.metrics import serve_metrics
 from services.models import ModelNotFound, resolve
@@ -178,11 +179,13 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
 
 
 def main() -> int:
-    setup_logging(os.environ.get("SPECD_LOG_LEVEL", "INFO"))
+    env = environment("python -m orchestrator", "The orchestrator of specd (gRPC specd.v1.Generator).", ORCHESTRATOR,
+                      sys.argv[1:], os.environ)  # fmt: skip
+    setup_logging(env.get("SPECD_LOG_LEVEL", "INFO"))
     try:
-        config = OrchestratorConfig.from_env(os.environ, DEFAULT_LISTEN)
-        keys = ApiKeys.from_env(os.environ)
-        token = internal_token(os.environ)
+        config = OrchestratorConfig.from_env(env, DEFAULT_LISTEN)
+        keys = ApiKeys.from_env(env)
+        token = internal_token(env)
         tokenizer_path = resolve(config.tokenizer, config.home)
     except (ConfigError, ModelNotFound) as err:
         log.error("orchestrator: %s", err)

@@ -1,7 +1,7 @@
 """One frozen configuration object per service, built from environment variables in `main`.
 
 The same variable names are used by `specd up`, docker-compose and the Kubernetes
-manifests. `describe()` lists them for help texts and the README.
+manifests; services/flags.py makes each one a command-line flag as well (`--help`).
 """
 
 from __future__ import annotations

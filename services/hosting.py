@@ -20,6 +20,7 @@ import asyncio
 import functools
 import logging
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
@@ -28,6 +29,7 @@ import grpc
 
 from services.auth import RequireToken, internal_token
 from services.config import ModelServiceConfig
+from services.flags import MODEL_SERVICE, environment
 from services.errors import BadRequest, ContextMiss, Unsupported
 from services.metrics import RPC_SECONDS, register_model_service, serve_metrics
 from services.pb import specd_pb2 as pb
@@ -119,10 +121,14 @@ def run_model_service(
     from services.models import ModelNotFound
     from services.server import add_servicer, serve, setup_logging
 
-    setup_logging(os.environ.get("SPECD_LOG_LEVEL", "INFO"))
+    env = environment(
+        f"python -m {name}_svc", f"The {name} service of specd (gRPC specd.v1.{name.capitalize()}).",
+        MODEL_SERVICE, sys.argv[1:], os.environ,
+    )  # fmt: skip
+    setup_logging(env.get("SPECD_LOG_LEVEL", "INFO"))
     try:
-        config = ModelServiceConfig.from_env(os.environ, default_listen)
-        token = internal_token(os.environ)
+        config = ModelServiceConfig.from_env(env, default_listen)
+        token = internal_token(env)
         worker = Worker(name)
         core = worker.call(build_core, config, worker)
     except (ConfigError, ModelNotFound, OSError, ValueError) as err:
