@@ -95,10 +95,12 @@ def service_module(argv: list[str]) -> str | None:
 def config_env_names() -> set[str]:
     """The environment variables the services read.
 
-    The quoted names in services/config.py, plus names read straight from os.environ in
-    the packages (SPECD_LOG_LEVEL is read in each service's main, before the config).
+    The quoted names in services/config.py, the services' flags (services/flags.py), and
+    names read straight from os.environ in the packages.
     """
     names = set(re.findall(r'"((?:SPECD|REDIS)_[A-Z0-9_]+)"', (REPO_ROOT / "services" / "config.py").read_text()))
+    # Every variable a service reads is one of its flags (tests/test_flags.py checks it).
+    names |= set(re.findall(r'Setting\("([A-Z][A-Z0-9_]*)"', (REPO_ROOT / "services" / "flags.py").read_text()))
     for package in ("services", "drafter_svc", "verifier_svc", "orchestrator", "gateway", "specd"):
         for path in (REPO_ROOT / package).rglob("*.py"):
             names |= set(re.findall(r'environ(?:\.get\(|\[)\s*"([A-Z][A-Z0-9_]*)"', path.read_text()))
@@ -673,3 +675,16 @@ def test_network_policies_let_only_orchestrators_reach_model_services_and_redis(
             if name != "redis":
                 _, listen = split_host_port(k8s_env(container, configmaps)["SPECD_LISTEN"], "SPECD_LISTEN")
                 assert listen == port
+
+
+def test_every_pod_meets_the_restricted_pod_security_profile() -> None:
+    """Non-root, the runtime's default seccomp filter, no privilege escalation, no capabilities:
+    what a namespace labelled pod-security.kubernetes.io/enforce=restricted admits."""
+    for name, deployment in of_kind(base_objects(), "Deployment").items():
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in pod_containers(deployment):
+            context = container.get("securityContext", {})
+            assert context.get("allowPrivilegeEscalation") is False, f"{name}/{container['name']}"
+            assert context.get("capabilities", {}).get("drop") == ["ALL"], f"{name}/{container['name']}"
