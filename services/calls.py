@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import torch
 
+from services.errors import BadRequest
 from services.roles import CallCost, Stopwatch
 from services.runtime import Runtime
 from services.sampling import seeded_generator
@@ -41,6 +42,10 @@ class ModelCalls:
         def run() -> R:
             watch = Stopwatch()
             full = self.contexts.resolve(session_id, context, self.vocab_size)
+            if len(full) >= self.runtime.info.max_context:
+                raise BadRequest(
+                    f"the context is {len(full)} tokens; this model's context is {self.runtime.info.max_context}"
+                )
             result = work(full, seeded_generator(seed))
             return dataclasses.replace(result, cost=watch.local_cost())
 

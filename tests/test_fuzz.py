@@ -316,3 +316,19 @@ def test_http_endpoints_answer_malformed_bodies_without_a_server_error(stack, pa
 
     run()
     alive(stack)
+
+
+def test_a_context_longer_than_the_model_takes_is_refused(stack):
+    """Model services check a context against their model's, rather than run off its end."""
+    for service, target, request in (
+        ("Verifier", "verifier", lambda ctx: pb.VerifyRequest(context=ctx, draft=[1, 2])),
+        ("Drafter", "drafter", lambda ctx: pb.ProposeRequest(context=ctx, k=2)),
+    ):  # fmt: skip
+        with grpc.insecure_channel(stack.address(target)) as channel:
+            stub = getattr(pb_grpc, f"{service}Stub")(channel)
+            info = stub.Info(pb.InfoRequest(), timeout=10)
+            context = pb.Context(session_id="too-long", tokens=[5] * (info.max_context + 10))
+            with pytest.raises(grpc.RpcError) as err:
+                getattr(stub, "Verify" if service == "Verifier" else "Propose")(request(context), timeout=60)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"this model's context is {info.max_context}" in err.value.details()
