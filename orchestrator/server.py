@@ -235,7 +235,7 @@ async def _serve(config: OrchestratorConfig, tokenizer, keys: ApiKeys, token: st
     for pool in pools:
         await pool.start()
     backends = Backends(verifier=verifier, drafter=drafter, cascade=cascade, maxgram=maxgram)
-    redis_client = redis_from_url(config.redis_url, config.redis_timeout_seconds)
+    redis_client = redis_from_url(config.redis_url, config.redis_timeout_seconds, config.redis_password)
     engine = Engine(
         tokenizer=tokenizer,
         store=SessionStore(redis_client, config.session_ttl_seconds, config.turn_lease_seconds),
@@ -296,13 +296,16 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def redis_from_url(url: str, timeout_seconds: float) -> aioredis.Redis:
+def redis_from_url(url: str, timeout_seconds: float, password: str = "") -> aioredis.Redis:
     """A client that retries a call on a stale or dropped connection (a Redis restart) a few
-    times with backoff, and gives up after `timeout_seconds` on a Redis that does not answer."""
+    times with backoff, and gives up after `timeout_seconds` on a Redis that does not answer.
+    `password` applies when the URL carries none."""
     retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3)
+    extra = {"password": password} if password else {}
     return aioredis.from_url(
         url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds, retry=retry,
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError], health_check_interval=30,
+        **extra,
     )  # fmt: skip
 
 

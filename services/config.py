@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -267,6 +267,8 @@ class OrchestratorConfig:
     redis_timeout_seconds: float = 2.0  # SPECD_REDIS_TIMEOUT: a Redis call slower than this fails as UNAVAILABLE
     turn_lease_seconds: float = 30.0  # SPECD_TURN_LEASE: a turn not advanced for this long may be taken over
     metrics_listen: str = ""  # SPECD_METRICS_LISTEN: host:port of the Prometheus endpoint; '' = none
+    # REDIS_PASSWORD: Redis' password, when REDIS_URL has none (a Secret, apart from the URL)
+    redis_password: str = field(default="", repr=False)
 
     def pools(self) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]], tuple[tuple[str, tuple[str, ...]], ...]]:
         """The verifier's targets, the drafter's by language ("" = the default pool), and each
@@ -303,6 +305,7 @@ class OrchestratorConfig:
             redis_timeout_seconds=_float(env, "SPECD_REDIS_TIMEOUT", 2.0),
             turn_lease_seconds=_float(env, "SPECD_TURN_LEASE", 30.0),
             metrics_listen=_listen(env, "SPECD_METRICS_LISTEN"),
+            redis_password=_get(env, "REDIS_PASSWORD", ""),
         )
         config.pools()  # every address well formed, or a ConfigError naming the bad one
         if config.load_factor < 1:

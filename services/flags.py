@@ -66,6 +66,7 @@ ORCHESTRATOR = (
     Setting("SPECD_DRAFTER", "the drafter's replicas, as --verifier; fr=host:port entries: a pool for that language"),
     Setting("SPECD_TOKENIZER", "the target's tokenizer: a catalog name or folder"),
     Setting("REDIS_URL", "the session store", "redis://127.0.0.1:6379/0"),
+    Setting("REDIS_PASSWORD", "Redis' password, when REDIS_URL carries none"),
     *COMMON,
     Setting("SPECD_STRATEGY", "the strategy of a request that names none", "sd"),
     Setting("SPECD_K", "the draft length of a request that gives none; 0 = adaptive", "0"),

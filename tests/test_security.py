@@ -148,3 +148,30 @@ def test_model_services_take_calls_from_orchestrators_only(stack, token):
     with grpc.insecure_channel(stack.address("verifier")) as channel:  # the right token is served
         info = pb_grpc.VerifierStub(channel).Info(pb.InfoRequest(), timeout=10, metadata=((TOKEN_HEADER, INTERNAL_TOKEN),))
     assert info.vocab_size > 0
+
+
+def test_the_orchestrator_sends_redis_its_password(redis_server):
+    """REDIS_PASSWORD reaches a Redis that requires one; without it the orchestrator's
+    client is refused (an error its readiness reports as 'redis does not answer')."""
+    import asyncio
+
+    import redis
+
+    from orchestrator.server import redis_from_url
+
+    plain = redis.Redis.from_url(redis_server.url)
+    plain.config_set("requirepass", "pw-123")
+    try:
+
+        async def check() -> None:
+            good = redis_from_url(redis_server.url, 2.0, "pw-123")
+            assert await good.ping()
+            await good.aclose()
+            bad = redis_from_url(redis_server.url, 2.0)
+            with pytest.raises(redis.exceptions.ConnectionError):  # AuthenticationError is one
+                await bad.ping()
+            await bad.aclose()
+
+        asyncio.run(check())
+    finally:
+        redis.Redis.from_url(redis_server.url, password="pw-123").config_set("requirepass", "")
