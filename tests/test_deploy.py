@@ -719,3 +719,26 @@ def test_redis_requires_the_password_the_orchestrators_send() -> None:
     orchestrator = deployments["orchestrator"]["spec"]["template"]["spec"]["containers"][0]
     assert secret_of(orchestrator, "REDIS_PASSWORD") == secret_of(redis_container, "REDIS_PASSWORD")
     assert secret_of(redis_container, "REDIS_PASSWORD")["name"] in secret_names()
+
+
+@pytest.mark.parametrize("rendered", [False, True], ids=["files", "kustomize"])
+def test_manifests_validate_against_the_kubernetes_schema(rendered: bool) -> None:
+    """Every object, strict (no unknown field), against Kubernetes 1.33's OpenAPI schema."""
+    import kubernetes_validate
+
+    if rendered:
+        if shutil.which("kubectl") is None:
+            pytest.skip("kubectl not installed")
+        objects = []
+        for folder in (K8S, GPU_OVERLAY):
+            done = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            objects += [d for d in yaml.safe_load_all(done.stdout) if d]
+    else:
+        objects = base_objects()
+    assert len(objects) >= 15
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, "1.33", strict=True)
+        except kubernetes_validate.ValidationError as err:
+            raise AssertionError(f"{obj['kind']} {obj['metadata']['name']}: {err.message} at {list(err.path)}") from None
