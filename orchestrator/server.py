@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sys
 from collections.abc import AsyncIterator
 
@@ -167,7 +168,8 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         if isinstance(err, BadRequest):
             return grpc.StatusCode.INVALID_ARGUMENT, str(err)
         if isinstance(err, (ServiceUnavailable, ServiceError)):
-            return err.code, str(err)
+            log.warning("turn failed: %s", err)  # with the addresses, for the operator
+            return err.code, without_addresses(str(err))
         if isinstance(err, TurnLost):
             return grpc.StatusCode.ABORTED, f"{err}: the turn continues in the call that resumed it"
         if isinstance(err, TurnInProgress):
@@ -283,6 +285,18 @@ async def _serve(config: OrchestratorConfig, tokenizer, keys: ApiKeys, token: st
     for pool in pools:
         await pool.close()
     await redis_client.aclose()
+
+
+# host:port of an internal service, as errors name them: IPv4 or IPv6 with any port, a DNS
+# name (dns:/// or ipv4: prefixed or not) with a port of two digits or more.
+ADDRESS = re.compile(
+    r"(?:dns:///|ipv4:|ipv6:)?(?:\d{1,3}(?:\.\d{1,3}){3}:\d+|\[[0-9A-Fa-f:]+\]:\d+|[A-Za-z][\w\-]*(?:\.[\w\-]+)*:\d{2,5})\b"
+)
+
+
+def without_addresses(message: str) -> str:
+    """An internal error as a public client sees it: which service, never where it runs."""
+    return ADDRESS.sub("(internal)", re.sub(r" at " + ADDRESS.pattern, "", message))
 
 
 def redacted(url: str) -> str:

@@ -190,7 +190,10 @@ def test_a_verifier_down_is_unavailable_and_named_after_a_bounded_wait(stack):
             generate(address, "hello", strategy="ar", max_new_tokens=8)
         waited = time.monotonic() - started
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "verifier" in err.value.details() and stack.address("verifier") in err.value.details()
+        assert "verifier" in err.value.details()
+        # Where it runs is for the operator's log, not for a public client.
+        assert stack.address("verifier") not in err.value.details()
+        assert stack.address("verifier") in (stack.logs / "orchestrator.log").read_text()
         assert 1.5 < waited < 15, waited  # SPECD_VERIFIER_WAIT is 2 s in these stacks
     finally:
         stack.start("verifier")
@@ -232,3 +235,17 @@ def test_a_session_id_that_is_not_one_deletes_nothing(stack):
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     again = generate(address, " return 1", session_id=kept.stats.session_id, strategy="ar", max_new_tokens=4)
     assert again.stats.prompt_tokens > kept.stats.prompt_tokens
+
+
+def test_public_errors_name_the_service_never_its_address():
+    from orchestrator.server import without_addresses
+
+    assert without_addresses("drafter at 10.1.2.3:50052 refused the call: k of 99 is above 64") == (
+        "drafter refused the call: k of 99 is above 64"
+    )
+    assert without_addresses("verifier at dns:///verifier.specd.svc:50051 is unavailable: ipv4:10.0.0.7:50051: refused") == (
+        "verifier is unavailable: (internal): refused"
+    )
+    assert without_addresses("tree: the format is branching:budget, e.g. 3,2,1,1,1:8") == (
+        "tree: the format is branching:budget, e.g. 3,2,1,1,1:8"
+    )
