@@ -5,6 +5,7 @@ Servicers and clients call these and nothing else touches protobuf types.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -66,8 +67,6 @@ def dists_from_pb(msgs: Sequence[pb.SparseDist], vocab_size: int | None = None) 
             raise BadRequest(f"q[{i}].ids must be distinct")
         dists.append(SparseDist(torch.tensor(list(msg.ids), dtype=torch.long), probs))
     return tuple(dists)
-
-
 
 
 def info_to_pb(info: ModelInfo) -> pb.ModelInfo:
@@ -175,7 +174,8 @@ def strings_from_pb(msgs: Sequence[pb.StringDraft], max_bytes: int = 256) -> tup
         if len(q) != len(msg.candidates) or any(len(c) != len(msg.text) for c in q):
             raise BadRequest(f"draft[{i}].candidates must be distinct strings of {len(msg.text)} bytes, like its text")
         total = sum(q.values())
-        if any(v < 0 for v in q.values()) or abs(total - 1) > 1e-3 or q.get(bytes(msg.text), 0.0) <= 0:
+        distribution = all(math.isfinite(v) and v >= 0 for v in q.values()) and abs(total - 1) <= 1e-3
+        if not distribution or not q.get(bytes(msg.text), 0.0) > 0:  # NaN fails every comparison
             raise BadRequest(f"draft[{i}]: probs must be a distribution (sum {total:.4f}) giving the text a positive probability")
         proposals.append(StringProposal(bytes(msg.text), q))
     return tuple(proposals)

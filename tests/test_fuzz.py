@@ -69,8 +69,12 @@ contexts = st.one_of(
     st.builds(pb.Context, session_id=st.just("fuzz-a"), base_len=st.integers(0, 50), base_fingerprint=uints64, tokens=good_ids),
 )
 string_drafts = st.lists(
-    st.builds(pb.StringDraft, text=st.binary(max_size=12), candidates=st.lists(st.binary(max_size=8), max_size=6),
-              probs=st.lists(floats, max_size=6)),
+    st.one_of(
+        st.builds(pb.StringDraft, text=st.binary(max_size=12), candidates=st.lists(st.binary(max_size=8), max_size=6),
+                  probs=st.lists(floats, max_size=6)),
+        # the text among its candidates, with one probability that may be anything
+        st.builds(lambda text, p: pb.StringDraft(text=text, candidates=[text], probs=[p]), st.binary(min_size=1, max_size=3), floats),
+    ),
     max_size=10,
 )  # fmt: skip
 trees = st.builds(pb.DraftTree, tokens=tokens, parents=st.lists(ints32, max_size=90), q=dists)

@@ -30,9 +30,11 @@ from services.sampling import (
 @pytest.mark.parametrize(
     "params, expected",
     [
-        (SamplingParams(temperature=-0.1), "temperature must be finite and >= 0, got -0.1"),
-        (SamplingParams(temperature=math.inf), "temperature must be finite and >= 0, got inf"),
-        (SamplingParams(temperature=math.nan), "temperature must be finite and >= 0, got nan"),
+        (SamplingParams(temperature=-0.1), "temperature must be 0 (greedy) or in [0.0001, 10000], got -0.1"),
+        (SamplingParams(temperature=math.inf), "temperature must be 0 (greedy) or in [0.0001, 10000], got inf"),
+        (SamplingParams(temperature=math.nan), "temperature must be 0 (greedy) or in [0.0001, 10000], got nan"),
+        # A denormal would scale the logits past float32's range.
+        (SamplingParams(temperature=1e-40), "temperature must be 0 (greedy) or in [0.0001, 10000], got 1e-40"),
         (SamplingParams(top_k=-1), "top_k must be >= 0, got -1"),
         (SamplingParams(top_p=1.5), "top_p must be in (0, 1], got 1.5"),
         (SamplingParams(top_p=0.0), "top_p must be in (0, 1], got 0.0"),
