@@ -23,6 +23,7 @@ from orchestrator.languages import LanguagePools, detect_language
 from orchestrator.pool import NoReplica
 from orchestrator.store import ChatMessage, Session, SessionStore, Totals, Turn, TurnInProgress
 from orchestrator.strategies import (
+    DEFAULT_TREE,
     STRATEGIES,
     Backends,
     NotServable,
@@ -50,6 +51,10 @@ MAX_REQUEST_ID = 128  # characters of a caller's request id
 # The largest prompt (all chat messages together) accepted before tokenizing: beyond any
 # context a packaged model has, and small enough that tokenizing it takes well under a second.
 MAX_PROMPT_BYTES = 1 << 20
+# Of a translating drafter's context, the share a session may fill counted in target tokens:
+# the same text is more tokens in a smaller vocabulary (SmolLM2's 49k against Qwen's 152k).
+FOREIGN_CONTEXT_MARGIN = 0.6
+DRAFT_LOOKAHEAD = 8  # cells a drafter may fill beyond a round's draft (staged's second stage, the bonus)
 
 
 def new_session_id() -> str:
@@ -167,7 +172,7 @@ class Stats:
     bytes_sent: int = 0
     bytes_received: int = 0
     failovers: int = 0  # calls redone on another replica
-    fallback_rounds: int = 0  # rounds drafted by max-gram because no drafter was reachable
+    fallback_rounds: int = 0  # rounds drafted by max-gram: no drafter was reachable, or the context outgrew its
     replicas: list[str] = field(default_factory=list)  # the model service replicas that served the turn
     language: str = ""  # the session's language, when drafter pools are by language
     drafter_pool: str = ""  # the language of the drafter pool it drafted on ("" = the default pool)
@@ -280,6 +285,19 @@ class Engine:
                     f"tli:HOST:PORT or slem:HOST:PORT in SPECD_CASCADE, with SPECD_TARGET_TOKENIZER set on that drafter"
                 )
 
+    async def _drafting_context(self, strategy: str, target: ModelInfo) -> int:
+        """The longest context every drafter of the strategy takes, in target tokens (0: no
+        limit). A drafter of another vocabulary counts its own tokens, which may be more for
+        the same text: its limit is taken with a margin (FOREIGN_CONTEXT_MARGIN)."""
+        drafters = self.backends.cascade_levels() if strategy == "cascade" else (self.backends.drafter,)
+        limits = []
+        for drafter in drafters:
+            info = await self._info(drafter)
+            if info.max_context:
+                own = _same_vocab(info, target)
+                limits.append(info.max_context if own else int(info.max_context * FOREIGN_CONTEXT_MARGIN))
+        return min(limits, default=0)
+
     async def _info(self, drafter) -> ModelInfo:
         if id(drafter) not in self._infos:
             self._infos[id(drafter)] = await drafter.info()
@@ -356,9 +374,11 @@ class Engine:
         target = await self.target_info()
         spec = STRATEGIES[strategy]
         drafter_down = False
+        drafting_context = 0  # the longest context the turn's drafters take (0: no limit)
         if spec.needs_drafter:
             try:
                 await self._check_drafter(target, strategy, spec.same_vocab)
+                drafting_context = await self._drafting_context(strategy, target)
             except NoReplica as err:
                 if err.role != "drafter":
                     raise
@@ -375,7 +395,8 @@ class Engine:
         yield TurnStarted(session.id, turn.request_id, req.resume_from)
         self.in_flight += 1
         try:
-            async for event in self._rounds(req, session, stats, target, (max_new, k, k_matrix), drafter_down):
+            shape = (max_new, k, k_matrix)
+            async for event in self._rounds(req, session, stats, target, shape, drafter_down, drafting_context):
                 yield event
         except Exception:  # the caller gets a final status and does not resume: undo the turn
             if not turn.done:
@@ -410,8 +431,12 @@ class Engine:
             return None
         return self.draft_lengths.setdefault(strategy, DraftLength())
 
-    async def _rounds(self, req, session, stats, target, shape, drafter_down) -> AsyncIterator[TextChunk]:
-        """The turn's rounds from where its committed tokens end, then its end."""
+    async def _rounds(
+        self, req, session, stats, target, shape, drafter_down, drafting_context
+    ) -> AsyncIterator[TextChunk]:
+        """The turn's rounds from where its committed tokens end, then its end. A round whose
+        context (and draft) would not fit a drafter's context drafts with max-gram instead,
+        like a round without a reachable drafter; the target's context is the turn's limit."""
         max_new, k, k_matrix = shape
         turn = session.turn
         spec = STRATEGIES[stats.strategy]
@@ -443,7 +468,11 @@ class Engine:
                     choice = adaptive.choose(session.acceptance, session.step, room - 1, session.ar_streak)
                     r = sized(stats.strategy, r, choice.k)
                 fallbacks = stats.fallback_rounds
-                result = await self._round(round_fn, r, stats, drafter_down)
+                outgrown = bool(drafting_context) and len(session.tokens) + _draft_cells(r) >= drafting_context
+                if outgrown and not drafter_down and stats.fallback_rounds == 0:
+                    log.info("session %s: %d tokens outgrow the drafter's context (%d); rounds draft with max-gram",
+                             session.id, len(session.tokens), drafting_context)  # fmt: skip
+                result = await self._round(round_fn, r, stats, drafter_down or outgrown)
                 tokens = list(result.tokens[:room])
                 eos_at = next((i for i, t in enumerate(tokens) if t in target.eos_token_ids), None)
                 if eos_at is not None:
@@ -613,6 +642,14 @@ def _prompt_text(req: GenerationRequest) -> str:
         return req.prompt or ""
     users = [m.content for m in req.messages if m.role == "user"]
     return users[-1] if users else req.messages[-1].content
+
+
+def _draft_cells(r: RoundInput) -> int:
+    """At most how far past the context a round's drafting reaches in a drafter: its chain,
+    its tree's nodes, the cascade's shares, with room for the second stage's lookahead."""
+    tree = (r.tree or DEFAULT_TREE).budget
+    cascade = sum(r.k_matrix[0]) if r.k_matrix else 0
+    return max(r.k, tree, cascade) + DRAFT_LOOKAHEAD
 
 
 def _same_vocab(info: ModelInfo, target: ModelInfo) -> bool:

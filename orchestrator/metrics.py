@@ -36,7 +36,9 @@ ACCEPTED_PER_POS = Counter(
     [*S, "position"],
 )
 FAILOVERS = Counter("specd:failovers", "Model service calls redone on another replica after one failed", S)
-FALLBACK_ROUNDS = Counter("specd:fallback_rounds", "Rounds drafted by max-gram because no drafter was reachable", S)
+FALLBACK_ROUNDS = Counter(
+    "specd:fallback_rounds", "Rounds drafted by max-gram: no drafter was reachable, or the context outgrew its", S
+)
 TTFT = Histogram(
     "specd:time_to_first_token_seconds", "From a turn's request to its first token", S, buckets=LATENCY_BUCKETS
 )
