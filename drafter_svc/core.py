@@ -48,6 +48,7 @@ class DrafterCore:
         translation: Translation | None = None,
         worker: Worker | None = None,
         min_confidence: float = 0.0,
+        max_queue: int = 0,
     ) -> None:
         self.runtime = runtime
         self.min_confidence = min_confidence  # propose stops before a less confident position
@@ -59,7 +60,7 @@ class DrafterCore:
         # The range of ids calls carry: the target's when translating.
         self.wire_vocab = translation.target_rows if translation is not None else runtime.info.vocab_size
         # worker: the thread the runtime was loaded on, in a service
-        self._calls = ModelCalls(runtime, max_sessions, self.wire_vocab, worker or Worker("drafter"))
+        self._calls = ModelCalls(runtime, max_sessions, self.wire_vocab, worker or Worker("drafter"), max_queue=max_queue)
         self.contexts = self._calls.contexts
         self._own_bytes: list[bytes | None] | None = None
 

@@ -21,6 +21,7 @@ from services.pb import specd_pb2_grpc as pb_grpc
 from services.roles import CallCost, Draft, Reviewed, StringsDraft, TreeDraft, Verified
 from services.runtime import ModelInfo
 from services.sampling import SamplingParams, SparseDist
+from services.server import RETRY_AFTER_KEY
 from services.slrs import StringProposal
 from services.tree import Tree, TreeShape
 from services.wire import (
@@ -126,6 +127,14 @@ class ServiceUnavailable(RuntimeError):
         self.code = code
 
 
+class ServiceBusy(RuntimeError):
+    """A model service's queue is full (RESOURCE_EXHAUSTED); retry_after_seconds is its hint."""
+
+    def __init__(self, message: str, retry_after_seconds: float) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
 class ServiceError(RuntimeError):
     """A model service refused a call; carries its status code."""
 
@@ -157,6 +166,10 @@ class _Remote:
                 raise ServiceUnavailable(
                     f"{self.role} at {self.address} {what}: {err.details()}", code
                 ) from None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                hint = dict(err.trailing_metadata() or ()).get(RETRY_AFTER_KEY, "100")
+                seconds = int(hint) / 1000 if str(hint).isdigit() else 0.1
+                raise ServiceBusy(f"{self.role} at {self.address} is busy: {err.details()}", seconds) from None
             raise ServiceError(f"{self.role} at {self.address} refused the call: {err.details()}", code) from None
 
     async def with_context(

@@ -14,7 +14,11 @@ et al. 2018, "Consistent Hashing with Bounded Loads") a replica already holding 
 A call that fails with UNAVAILABLE or DEADLINE_EXCEEDED marks its replica unhealthy and is
 redone on the next replica in the session's order. The new replica misses the context and
 gets the whole of it (services/context.py); every draw is fixed by the seed and the round, so
-the tokens are the same whichever replica answers. The standard gRPC health service, checked
+the tokens are the same whichever replica answers. A replica whose queue is full answers
+RESOURCE_EXHAUSTED with a retry hint (SPECD_MAX_QUEUE): it stays healthy, the call goes to the
+next replica, and when every one is full the call waits for the soonest hint while the pool's
+wait lasts (the verifier's), or gives up at once (a drafter's: the round drafts with max-gram,
+so speculation steps back under load instead of queueing). The standard gRPC health service, checked
 every `health_interval` seconds, marks replicas healthy again (and takes draining ones out).
 """
 
@@ -35,7 +39,7 @@ from typing import Generic, Protocol, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator.backends import RemoteDrafter, RemoteVerifier, ServiceUnavailable
+from orchestrator.backends import RemoteDrafter, RemoteVerifier, ServiceBusy, ServiceUnavailable
 from services.auth import SendToken
 from services.config import DNS, split_target
 from services.runtime import ModelInfo
@@ -58,8 +62,8 @@ Client = TypeVar("Client", bound=Remote)
 class NoReplica(ServiceUnavailable):
     """No replica of a pool could answer; names the role and every address tried."""
 
-    def __init__(self, role: str, message: str) -> None:
-        super().__init__(message, grpc.StatusCode.UNAVAILABLE)
+    def __init__(self, role: str, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        super().__init__(message, code)
         self.role = role
 
 
@@ -260,9 +264,11 @@ class ReplicaPool(Generic[Client]):
         none could answer."""
         deadline = time.monotonic() + self.wait_seconds
         errors: list[str] = []
+        busy: list[float] = []  # retry hints of the replicas that refused for want of room
         if not self.order(session_id):  # all were down at the last check: one may be back since
             await self.check_all()
         while True:
+            busy.clear()
             for replica in self.order(session_id):
                 try:
                     reply = await fn(replica.client)
@@ -271,6 +277,10 @@ class ReplicaPool(Generic[Client]):
                     replica.forget(session_id)
                     errors.append(str(err))
                     log.warning("%s: %s; failing over", self, err)
+                    continue
+                except ServiceBusy as err:  # alive, but full: the next replica, or later
+                    busy.append(err.retry_after_seconds)
+                    errors.append(str(err))
                     continue
                 if not place:
                     return reply, replica.address, len(errors)
@@ -283,10 +293,15 @@ class ReplicaPool(Generic[Client]):
                 return reply, replica.address, len(errors)
             if time.monotonic() >= deadline:
                 break
+            if busy:  # every healthy replica was full: try again when the soonest said
+                await asyncio.sleep(min(min(busy), max(0.0, deadline - time.monotonic())))
+                continue
             await asyncio.sleep(0.05)  # a replica that checks healthy but fails calls is not retried in a hot loop
             await self._wait_for_replica(deadline)
         tried = "; ".join(dict.fromkeys(errors)) or f"no replica of {self.name} is healthy"
         waited = f" after waiting {self.wait_seconds:.0f}s" if self.wait_seconds else ""
+        if busy and len(busy) == len(self.order(session_id)):
+            raise NoReplica(self.role, f"every {self.role} is busy{waited} ({tried})", grpc.StatusCode.RESOURCE_EXHAUSTED)
         raise NoReplica(self.role, f"no {self.role} is reachable{waited} ({tried})")
 
     async def call(self, session_id: str, fn: Callable[[Client], Awaitable[Reply]]) -> Reply:

@@ -86,6 +86,9 @@ class ModelServiceConfig:
     max_sessions: int = 16  # SPECD_MAX_SESSIONS: KV caches kept (LRU); a miss costs a re-prefill
     q_top: int = 32  # SPECD_Q_TOP: entries of the truncated proposal distribution q a drafter sends
     max_draft: int = 64  # SPECD_MAX_DRAFT: the longest draft (or most tree nodes) accepted in one call
+    # SPECD_MAX_QUEUE: calls that may wait for the model; more are refused with RESOURCE_EXHAUSTED
+    # and a retry hint (0 = no bound)
+    max_queue: int = 64
     grace_seconds: float = 5.0  # SPECD_GRACE_SECONDS: time in-flight calls get on shutdown
     # SPECD_SECOND_STAGE: max-gram tokens a drafter feeds ahead of need while growing a tree
     # (staged's second stage; saves drafter passes where the max-gram model guesses right); 0 = off
@@ -123,6 +126,7 @@ class ModelServiceConfig:
             max_sessions=_int(env, "SPECD_MAX_SESSIONS", 16, minimum=1),
             q_top=_int(env, "SPECD_Q_TOP", 32, minimum=1),
             max_draft=_int(env, "SPECD_MAX_DRAFT", 64, minimum=1),
+            max_queue=_int(env, "SPECD_MAX_QUEUE", 64),
             grace_seconds=_float(env, "SPECD_GRACE_SECONDS", 5.0),
             second_stage=_int(env, "SPECD_SECOND_STAGE", 4),
             draft_min_confidence=_float(env, "SPECD_DRAFT_MIN_CONFIDENCE", 0.0, high=1.0, zero=True),

@@ -2,7 +2,7 @@
 
 The cores (drafter_svc/core.py, verifier_svc/core.py) check their inputs with these and
 never with `assert` (checks must survive `python -O`); the servicers map each error to one
-gRPC status code, in one place (services/servicing.py).
+gRPC status code, in one place (services/hosting.py).
 
 Pure: standard library only.
 """
@@ -19,6 +19,15 @@ class BadRequest(ValueError):
 class Unsupported(RuntimeError):
     """A call this service cannot serve as configured (a drafter of another vocabulary asked
     to review, the max-gram drafter asked for a tree): FAILED_PRECONDITION, naming the way out."""
+
+
+class Busy(RuntimeError):
+    """The service's queue is full (SPECD_MAX_QUEUE calls wait already): RESOURCE_EXHAUSTED,
+    with a hint of when to try again rather than an ever longer wait."""
+
+    def __init__(self, message: str, retry_after_seconds: float) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
 
 
 class ContextMiss(LookupError):

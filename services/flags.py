@@ -55,6 +55,7 @@ MODEL_SERVICE = (
     Setting("SPECD_MAX_SESSIONS", "sessions whose KV cache is kept (least recently used dropped)", "16"),
     Setting("SPECD_Q_TOP", "drafters: entries of the truncated proposal distribution q sent when sampling", "32"),
     Setting("SPECD_MAX_DRAFT", "the longest draft, or most tree nodes, one call may carry", "64"),
+    Setting("SPECD_MAX_QUEUE", "calls that may wait for the model; more get RESOURCE_EXHAUSTED and a retry hint (0 = no bound)", "64"),
     Setting("SPECD_SECOND_STAGE", "drafters: max-gram tokens fed ahead while growing a tree; 0 = off", "4"),
     Setting("SPECD_DRAFT_MIN_CONFIDENCE", "drafters: stop a draft before a position whose top probability is below this", "0"),
     Setting("SPECD_TARGET_TOKENIZER", "drafters: the target's tokenizer; a drafter of another vocabulary translates to it"),

@@ -9,6 +9,7 @@ arguments and the core's dataclass back into a reply; the decorator does the res
 | ContextMiss              | a reply with context_miss set (it resends the context)  |
 | BadRequest               | INVALID_ARGUMENT, with the message                      |
 | Unsupported              | FAILED_PRECONDITION, with the message                   |
+| Busy                     | RESOURCE_EXHAUSTED, with a retry-after-ms hint          |
 | anything else            | INTERNAL, logged with its traceback                     |
 
 and times the call (`specd:rpc_duration_seconds` by method and status code, services/metrics.py).
@@ -30,11 +31,11 @@ import grpc
 from services.auth import RequireToken, internal_token
 from services.config import ModelServiceConfig
 from services.flags import MODEL_SERVICE, environment
-from services.errors import BadRequest, ContextMiss, Unsupported
+from services.errors import BadRequest, Busy, ContextMiss, Unsupported
 from services.metrics import RPC_SECONDS, register_model_service, serve_metrics
 from services.pb import specd_pb2 as pb
 from services.runtime import ModelInfo
-from services.server import rss_bytes
+from services.server import RETRY_AFTER_KEY, rss_bytes
 from services.sessions import SessionContexts
 from services.wire import info_to_pb
 from services.worker import Worker
@@ -70,6 +71,10 @@ def rpc(miss_reply: Callable[..., Reply]):
             except Unsupported as err:
                 code = grpc.StatusCode.FAILED_PRECONDITION
                 await context.abort(code, str(err))
+            except Busy as err:
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                hint = ((RETRY_AFTER_KEY, str(max(1, round(1000 * err.retry_after_seconds)))),)
+                await context.abort(code, str(err), trailing_metadata=hint)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise

@@ -22,6 +22,8 @@ DRAIN_SECONDS = 2.0
 # Trailing metadata the orchestrator puts on every status it sends: a client resumes a turn
 # only after a status without it (the transport cut the stream: specd/client.py).
 FINAL_KEY = "specd-final"
+# Trailing metadata of a RESOURCE_EXHAUSTED status: milliseconds after which to try again.
+RETRY_AFTER_KEY = "retry-after-ms"
 # The health entry a liveness probe asks: SERVING from start to stop, whatever the backends do.
 LIVENESS = "liveness"
 

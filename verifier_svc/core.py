@@ -28,12 +28,21 @@ from verifier_svc.verify import string_index, verify, verify_strings, verify_tre
 
 class VerifierCore:
     def __init__(
-        self, runtime: Runtime, *, max_draft: int = 64, max_sessions: int = 16, worker: Worker | None = None
+        self,
+        runtime: Runtime,
+        *,
+        max_draft: int = 64,
+        max_sessions: int = 16,
+        worker: Worker | None = None,
+        max_queue: int = 0,
     ) -> None:
         self.runtime = runtime
         self.max_draft = max_draft  # longest draft, most tree nodes, and the slrs tree budget
-        # worker: the thread the runtime was loaded on, in a service
-        self._calls = ModelCalls(runtime, max_sessions, runtime.info.vocab_size, worker or Worker("verifier"))
+        # worker: the thread the runtime was loaded on, in a service; max_queue: calls that may
+        # wait for it before more are refused (0: no bound)
+        self._calls = ModelCalls(
+            runtime, max_sessions, runtime.info.vocab_size, worker or Worker("verifier"), max_queue=max_queue
+        )
         self.contexts = self._calls.contexts
         self._strings: slrs.PrefixIndex | None = None  # the target vocabulary as bytes, built on first use
 

@@ -54,7 +54,9 @@ class VerifierServicer(ModelServicer, pb_grpc.VerifierServicer):
 
 def build_core(config: ModelServiceConfig, worker: Worker) -> VerifierCore:
     runtime = load_runtime(config, "verifier")
-    return VerifierCore(runtime, max_draft=config.max_draft, max_sessions=config.max_sessions, worker=worker)
+    return VerifierCore(
+        runtime, max_draft=config.max_draft, max_sessions=config.max_sessions, worker=worker, max_queue=config.max_queue
+    )
 
 
 def main() -> int:
