@@ -64,6 +64,11 @@ class DrafterCore:
         self.contexts = self._calls.contexts
         self._own_bytes: list[bytes | None] | None = None
 
+    @property
+    def queued(self) -> int:
+        """Calls waiting for the model or running."""
+        return self._calls.queued
+
     async def info(self) -> ModelInfo:
         return self._info
 

@@ -47,6 +47,9 @@ Reply = TypeVar("Reply")
 class Core(Protocol):
     contexts: SessionContexts  # the committed context of each session it serves
 
+    @property
+    def queued(self) -> int: ...  # calls waiting for the model or running
+
     async def info(self) -> ModelInfo: ...
 
     async def release(self, session_id: str) -> bool: ...
@@ -140,7 +143,7 @@ def run_model_service(
         log.error("%s: %s", name, err)
         return 2
     servicer = make_servicer(core)
-    register_model_service(name, core.contexts, rss_bytes)
+    register_model_service(name, core.contexts, rss_bytes, lambda: core.queued)
     if config.metrics_listen:
         try:
             serve_metrics(config.metrics_listen, name)

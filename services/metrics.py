@@ -66,10 +66,11 @@ class ModelServiceCollector(Collector):
     """A drafter's or verifier's session counts, read when scraped (`core.contexts`: what
     `specd status` shows), and the process's resident memory."""
 
-    def __init__(self, role: str, contexts, rss: Callable[[], int]) -> None:
+    def __init__(self, role: str, contexts, rss: Callable[[], int], queued: Callable[[], int] = lambda: 0) -> None:
         self.role = role
         self.contexts = contexts
         self.rss = rss
+        self.queued = queued
 
     def collect(self) -> Iterator:
         counts = self.contexts.counts
@@ -90,8 +91,13 @@ class ModelServiceCollector(Collector):
         rss = GaugeMetricFamily("specd:resident_memory_bytes", "Resident memory of the process", labels=labels)
         rss.add_metric([self.role], self.rss())
         yield rss
+        queued = GaugeMetricFamily(
+            "specd:queued_calls", "Calls waiting for the model or running (SPECD_MAX_QUEUE bounds it)", labels=labels
+        )
+        queued.add_metric([self.role], self.queued())
+        yield queued
 
 
-def register_model_service(role: str, contexts, rss: Callable[[], int]) -> None:
-    REGISTRY.register(ModelServiceCollector(role, contexts, rss))
+def register_model_service(role: str, contexts, rss: Callable[[], int], queued: Callable[[], int]) -> None:
+    REGISTRY.register(ModelServiceCollector(role, contexts, rss, queued))
 

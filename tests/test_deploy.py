@@ -742,3 +742,11 @@ def test_manifests_validate_against_the_kubernetes_schema(rendered: bool) -> Non
             kubernetes_validate.validate(obj, "1.33", strict=True)
         except kubernetes_validate.ValidationError as err:
             raise AssertionError(f"{obj['kind']} {obj['metadata']['name']}: {err.message} at {list(err.path)}") from None
+
+
+def test_public_api_replicas_prefer_different_nodes() -> None:
+    for name in ("orchestrator", "gateway"):
+        pod = of_kind(base_objects(), "Deployment")[name]["spec"]["template"]
+        (term,) = pod["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+        assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items(), name

@@ -214,6 +214,7 @@ def test_metrics_count_what_the_turns_reported(stack):
     assert verifier[("specd:rpc_duration_seconds_count", (("code", "OK"), ("method", "Verify")))] >= forwards
     assert verifier[("specd:context_calls_total", (("role", "verifier"),))] >= forwards
     assert verifier[("specd:resident_memory_bytes", (("role", "verifier"),))] > 0
+    assert verifier[("specd:queued_calls", (("role", "verifier"),))] == 0  # nothing runs between turns
     assert verifier[("specd:forward_tokens_count", ())] >= forwards  # one pass a round, and prefills
     assert verifier[("specd:kv_cache_lookups_total", (("result", "hit"),))] >= forwards - 3  # each turn's first misses
     drafter = scrape(stack.metrics["drafter"])

@@ -46,6 +46,11 @@ class VerifierCore:
         self.contexts = self._calls.contexts
         self._strings: slrs.PrefixIndex | None = None  # the target vocabulary as bytes, built on first use
 
+    @property
+    def queued(self) -> int:
+        """Calls waiting for the model or running."""
+        return self._calls.queued
+
     async def info(self) -> ModelInfo:
         return self.runtime.info
 
