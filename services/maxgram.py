@@ -29,6 +29,8 @@ class MaxGramDrafter:
     """Proposes up to k tokens that followed the context's longest recurring suffix;
     matched_only: none where no suffix of length >= 2 recurs (no bigram-table guesses)."""
 
+    queued = 0  # calls waiting (services/hosting.Core): it answers in the event loop, nothing waits
+
     def __init__(
         self, max_n: int = 4, max_sessions: int = 1024, max_draft: int = 1 << 30, matched_only: bool = False
     ) -> None:
