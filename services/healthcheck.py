@@ -67,6 +67,13 @@ def check_http(url: str, timeout: float = TIMEOUT_SECONDS) -> tuple[bool, str]:
         return False, f"{url}: {getattr(err, 'reason', err)}"
 
 
+def probe(address: str, service: str = "", timeout: float = TIMEOUT_SECONDS) -> tuple[bool, str]:
+    """`check_http` for an http(s):// URL, `check` for a gRPC host:port."""
+    if address.startswith(("http://", "https://")):
+        return check_http(address, timeout)
+    return check(address, service, timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m services.healthcheck",
@@ -81,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"seconds to wait for an answer (default {TIMEOUT_SECONDS:g})",
     )
     args = parser.parse_args(argv)
-    if args.address.startswith(("http://", "https://")):
-        serving, line = check_http(args.address, args.timeout)
-    else:
-        serving, line = check(args.address, args.service, args.timeout)
+    serving, line = probe(args.address, args.service, args.timeout)
     print(line, file=sys.stdout if serving else sys.stderr, flush=True)
     return 0 if serving else 1
 

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 class StackError(RuntimeError):
@@ -149,20 +148,22 @@ def _wait_redis(proc: subprocess.Popen, host: str, port: int, log_path: Path, de
 
 
 def wait_healthy(name: str, proc: subprocess.Popen | None, address: str, log_path: Path, deadline: float) -> None:
-    """Polls the standard gRPC health service until it says SERVING."""
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise StackError(f"{name} exited with {proc.returncode}; last log lines ({log_path}):\n{_tail(log_path)}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
+    """Polls the health check until it passes: the standard gRPC health service at a host:port
+    (SERVING), or an http:// URL (200; the gateway's /health)."""
+    from services.healthcheck import probe
+
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StackError(f"{name} exited with {proc.returncode}; last log lines ({log_path}):\n{_tail(log_path)}")
+        if probe(address, timeout=1)[0]:
+            return
+        time.sleep(0.5)
     raise StackError(f"{name} at {address} was not healthy in time; last log lines ({log_path}):\n{_tail(log_path)}")
+
+
+def health_address(proc: Proc) -> str:
+    """Where a process of the stack is health-checked: the gateway at its /health URL."""
+    return proc.address.removesuffix("/v1") + "/health" if _role(proc.name) == "gateway" else proc.address
 
 
 def default_strategy(spec: StackSpec) -> str:
@@ -270,10 +271,7 @@ def up(spec: StackSpec, say=print) -> list[Proc]:
             if p.name == "redis":
                 continue
             say(f"waiting for {p.name} at {p.address} (log: {p.log}) ...")
-            if p.name == "gateway":
-                wait_http(p.name, popen, f"http://{spec.http_listen}/health", Path(p.log), deadline)
-            else:
-                wait_healthy(p.name, popen, p.address, Path(p.log), deadline)
+            wait_healthy(p.name, popen, health_address(p), Path(p.log), deadline)
             say(f"{p.name:<12} {p.address}  healthy")
     except BaseException:
         for proc in reversed(started):
@@ -301,17 +299,6 @@ def _metrics_env(spec: StackSpec, ports: dict[str, int], name: str) -> dict[str,
 
 def _metrics_url(spec: StackSpec, ports: dict[str, int], name: str) -> str:
     return f"http://{spec.address(ports[name])}/metrics" if name in ports else ""
-
-
-def wait_http(name: str, proc: subprocess.Popen, url: str, log_path: Path, deadline: float) -> None:
-    """Polls an HTTP health endpoint until it answers 200."""
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise StackError(f"{name} exited with {proc.returncode}; last log lines ({log_path}):\n{_tail(log_path)}")
-        if _http_ok(url):
-            return
-        time.sleep(0.5)
-    raise StackError(f"{name} at {url} was not healthy in time; last log lines ({log_path}):\n{_tail(log_path)}")
 
 
 def write_state(home: Path, procs: list[Proc]) -> None:
@@ -398,20 +385,9 @@ def _model_status(role: str, address: str):
             return None
 
 
-def _http_ok(url: str) -> bool:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=2) as reply:
-            return reply.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def status(home: Path) -> list[ProcStatus]:
     """Every process of the stack: alive, healthy, memory, and what each model service served."""
-    from services.healthcheck import check
+    from services.healthcheck import probe
     from services.server import rss_bytes
 
     out = []
@@ -426,10 +402,8 @@ def status(home: Path) -> list[ProcStatus]:
                 entry.healthy = bool(redis.Redis.from_url(p.address, socket_timeout=2).ping())
             except redis.exceptions.RedisError:
                 pass
-        elif alive and role == "gateway":
-            entry.healthy = _http_ok(p.address.removesuffix("/v1") + "/health")
         elif alive:
-            entry.healthy, _ = check(p.address)
+            entry.healthy, _ = probe(health_address(p))
             reply = _model_status(role, p.address) if role in ("verifier", "drafter") else None
             if reply is not None:
                 entry.sessions, entry.calls = reply.sessions, reply.calls
