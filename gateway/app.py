@@ -33,7 +33,7 @@ from prometheus_client import Counter, Histogram
 
 from gateway import api
 from gateway.api import Answer, ApiError, Parsed
-from services.auth import ApiKeys, Unauthenticated
+from services.auth import ApiKeys, Unauthenticated, bearer_key
 from services.config import GatewayConfig
 from services.pb import specd_pb2 as pb
 from specd.client import AsyncClient
@@ -75,12 +75,6 @@ def sse(obj: dict | str) -> bytes:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
-def bearer_key(request: Request) -> str | None:
-    """The key of an `Authorization: Bearer KEY` header, None without one."""
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
-
-
 def create_app(config: GatewayConfig, client: AsyncClient | None = None, keys: ApiKeys | None = None) -> FastAPI:
     """`keys`: the API keys the gateway checks itself (an open gateway when empty); either
     way a caller's key is passed on to the orchestrator, which checks it again and keeps
@@ -115,11 +109,12 @@ def create_app(config: GatewayConfig, client: AsyncClient | None = None, keys: A
 
     def authenticate(request: Request) -> str | None:
         """The caller's key, checked when the gateway has keys; raises ApiError 401."""
+        authorization = request.headers.get("authorization")
         try:
-            keys.identify(request.headers.get("authorization"))
+            keys.identify(authorization)
         except Unauthenticated as err:
             raise ApiError(401, str(err), None, "invalid_api_key") from None
-        return bearer_key(request)
+        return bearer_key(authorization)
 
     def forget(parsed: Parsed, session_id: str, key: str | None) -> None:
         """Deletes a finished request's session unless the caller keeps it, in the background."""

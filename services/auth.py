@@ -49,6 +49,12 @@ def secret_lines(env: Mapping[str, str], name: str, what: str) -> list[str]:
     return found
 
 
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of an `authorization: Bearer KEY` value, None without one."""
+    scheme, _, key = (authorization or "").strip().partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+
+
 class ApiKeys:
     def __init__(self, keys: Iterable[str]) -> None:
         self._digests = [hashlib.sha256(k.encode()).digest() for k in dict.fromkeys(keys)]
@@ -71,16 +77,16 @@ class ApiKeys:
         Unauthenticated for a missing or unknown key."""
         if self.open:
             return ""
-        scheme, _, key = (authorization or "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
+        key = bearer_key(authorization)
+        if key is None:
             raise Unauthenticated("an API key is required: send 'authorization: Bearer KEY'")
-        digest = hashlib.sha256(key.strip().encode()).digest()
+        digest = hashlib.sha256(key.encode()).digest()
         known = False
         for candidate in self._digests:  # all of them, whatever matched
             known |= hmac.compare_digest(digest, candidate)
         if not known:
             raise Unauthenticated("the API key is not valid")
-        return key_id(key.strip())
+        return key_id(key)
 
 
 OPEN_WARNING = "no API key configured (SPECD_API_KEYS_FILE, SPECD_API_KEYS): anyone who reaches %s can use every session"
