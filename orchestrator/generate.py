@@ -630,8 +630,7 @@ class Engine:
 
     async def delete_session(self, session_id: str, client: str = "") -> bool:
         check_session_id(session_id)
-        session = await self.store.load(session_id)
-        if session is None or session.client != client:
+        if await self.store.client_of(session_id) != client:  # another key's, or none
             return False
         return await self.store.delete(session_id)
 

@@ -191,6 +191,12 @@ class SessionStore:
             ar_streak=int(drafting.get("ar_streak", 0)),
         )
 
+    async def client_of(self, session_id: str) -> str | None:
+        """The id of the API key that created the session (services/auth.py; "" = an open
+        API), None when there is no such session: one field read, not the session."""
+        mode, client = await self.client.hmget(self._keys(session_id)[0], "mode", "client")
+        return None if mode is None else (client or b"").decode()
+
     async def begin(self, session: Session, owner: str) -> None:
         """Starts the session's turn (session.turn) owned by `owner`: keeps the session as it
         was in the undo keys, then writes it whole (the context may have been re-rendered)."""
