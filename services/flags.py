@@ -26,12 +26,17 @@ class Setting:
         return "--" + self.env.removeprefix("SPECD_").lower().replace("_", "-")
 
 
+# What every process reads, the gateway included
+OBSERVED = (
+    Setting("SPECD_METRICS_LISTEN", "host:port of the Prometheus /metrics endpoint (none when unset)"),
+    Setting("SPECD_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", "INFO"),
+)
+# What every gRPC service reads
 COMMON = (
     Setting("SPECD_LISTEN", "host:port to serve gRPC on"),
     Setting("SPECD_HOME", "where prepared models live", "~/.cache/specd"),
     Setting("SPECD_GRACE_SECONDS", "seconds in-flight calls get on SIGTERM, after health turns NOT_SERVING", "5"),
-    Setting("SPECD_METRICS_LISTEN", "host:port of the Prometheus /metrics endpoint (none when unset)"),
-    Setting("SPECD_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", "INFO"),
+    *OBSERVED,
 )
 INTERNAL_TOKEN = (
     Setting("SPECD_INTERNAL_TOKEN_FILE", "a file holding the token orchestrators and model services share"),
@@ -92,8 +97,7 @@ GATEWAY = (
     Setting("SPECD_ORCHESTRATOR", "the orchestrator replicas, comma-separated host:port", "127.0.0.1:50050"),
     Setting("SPECD_MODEL_NAME", "the model id clients name and /v1/models lists", "specd"),
     Setting("SPECD_RPC_TIMEOUT", "seconds a turn may take", "300"),
-    Setting("SPECD_METRICS_LISTEN", "host:port of the Prometheus /metrics endpoint (none when unset)"),
-    Setting("SPECD_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", "INFO"),
+    *OBSERVED,
     *API_KEYS,
 )  # fmt: skip
 
