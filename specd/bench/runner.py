@@ -200,6 +200,10 @@ class MemoryStore:
     async def load(self, session_id: str) -> Session | None:
         return copy.deepcopy(self.sessions.get(session_id))
 
+    async def client_of(self, session_id: str) -> str | None:
+        session = self.sessions.get(session_id)
+        return None if session is None else session.client
+
     async def begin(self, session: Session, owner: str) -> None:
         self.undo[session.id] = self.sessions.get(session.id)
         session.owner = owner
