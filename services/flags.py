@@ -61,6 +61,7 @@ MODEL_SERVICE = (
     Setting("SPECD_Q_TOP", "drafters: entries of the truncated proposal distribution q sent when sampling", "32"),
     Setting("SPECD_MAX_DRAFT", "the longest draft, or most tree nodes, one call may carry", "64"),
     Setting("SPECD_MAX_QUEUE", "calls that may wait for the model; more get RESOURCE_EXHAUSTED and a retry hint (0 = no bound)", "64"),
+    Setting("SPECD_MAX_BATCH_TOKENS", "verifiers: tokens one pass may feed for the calls of different sessions batched into it; 0 = one call per pass", "256"),
     Setting("SPECD_SECOND_STAGE", "drafters: max-gram tokens fed ahead while growing a tree; 0 = off", "4"),
     Setting("SPECD_DRAFT_MIN_CONFIDENCE", "drafters: stop a draft before a position whose top probability is below this", "0"),
     Setting("SPECD_TARGET_TOKENIZER", "drafters: the target's tokenizer; a drafter of another vocabulary translates to it"),

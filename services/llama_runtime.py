@@ -67,7 +67,7 @@ from services.context import common_prefix_len
 from services.metrics import observe_pass
 from services.errors import BadRequest
 from services.lru import Lru
-from services.runtime import ModelInfo, eos_token_ids, gguf_file, tokenizer_fingerprint
+from services.runtime import ChainCall, ModelInfo, check_batch, eos_token_ids, gguf_file, tokenizer_fingerprint
 from services.torch_runtime import TREE_PREFILL, _check_n_last, _check_path, continued_path
 from services.tree import ROOT, Tree
 
@@ -220,6 +220,11 @@ class LlamaRuntime:
             rows.append(self._decode(entries, wanted, keep_session=session_id))
             slot.tokens += chunk
         return torch.cat(rows)  # (n_last, V)
+
+    def logits_batch(self, calls: Sequence[ChainCall]) -> list[torch.Tensor]:
+        """One pass per call: the verifier, which batches, runs on torch (choose_runtime)."""
+        check_batch(calls)
+        return [self.logits(call.session_id, call.seq, call.n_last) for call in calls]
 
     def tree_logits(self, session_id: str, context: Sequence[int], tree: Tree, n_last: int) -> torch.Tensor:
         n = len(tree)

@@ -37,6 +37,11 @@ FORWARD_TOKENS = Histogram(
     "Tokens fed to one model pass (what the KV cache did not hold: a round's draft, or a prompt)",
     buckets=(1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 64, 128, 256, 512, 1024, 2048, 4096),
 )
+BATCH_CALLS = Histogram(
+    "specd:batch_calls",
+    "Sessions' calls served by one batched model pass (verify and ar calls of a verifier)",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+)
 KV_LOOKUPS = Counter(
     "specd:kv_cache_lookups",
     "Model passes by whether the session's KV cache held a prefix of the sequence (hit) or not (miss)",

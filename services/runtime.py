@@ -62,6 +62,22 @@ class ModelInfo:
         return self.wire_tokenizer_fingerprint or self.tokenizer_fingerprint
 
 
+@dataclass(frozen=True)
+class ChainCall:
+    """One session's part of a batched pass (Runtime.logits_batch): what `logits` takes."""
+
+    session_id: str
+    seq: Sequence[int]
+    n_last: int
+
+
+def check_batch(calls: Sequence[ChainCall]) -> None:
+    """A batch's calls extend one cache each: two calls of one session cannot share a pass."""
+    sessions = [call.session_id for call in calls]
+    if len(set(sessions)) < len(sessions):
+        raise ValueError("a batch holds at most one call per session")
+
+
 class Runtime(Protocol):
     """One model and its per-session KV caches. Not thread-safe: call from one thread."""
 
@@ -74,6 +90,12 @@ class Runtime(Protocol):
         Row i is the model's distribution for position len(seq) - n_last + i + 1, given
         seq[: len(seq) - n_last + i + 1].
         """
+        ...
+
+    def logits_batch(self, calls: Sequence[ChainCall]) -> list[torch.Tensor]:
+        """`logits` of several sessions (one call each) in one pass where the runtime can:
+        per call what `logits` alone returns, within the runtime's near-tie bound (bitwise on
+        torch int8). How a verifier serves many sessions at the cost of few passes."""
         ...
 
     def tree_logits(self, session_id: str, context: Sequence[int], tree: Tree, n_last: int) -> torch.Tensor:

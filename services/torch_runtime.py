@@ -22,7 +22,8 @@ import torch
 from services.context import common_prefix_len
 from services.metrics import observe_pass
 from services.lru import Lru
-from services.runtime import ModelInfo, eos_token_ids, tokenizer_fingerprint
+from services.packed import Segment, packable, packed_forward
+from services.runtime import ChainCall, ModelInfo, check_batch, eos_token_ids, tokenizer_fingerprint
 from services.tree import ROOT, Tree, attention_bias
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class TorchRuntime:
         self.tokenizer = tokenizer  # the model's own, when loaded from a folder (text-level drafting needs it)
         self._caches: Lru[str, KvState] = Lru(max_sessions, what="KV cache of session")
         self.device = next(model.parameters()).device
+        self._packable = packable(model)
 
     def _state(self, session_id: str) -> KvState:
         return self._caches.get_or_create(session_id, KvState)
@@ -71,24 +73,48 @@ class TorchRuntime:
 
     @torch.inference_mode()
     def logits(self, session_id: str, seq: Sequence[int], n_last: int) -> torch.Tensor:
-        _check_n_last(n_last, len(seq))
         seq = list(seq)
+        state, keep = self._reuse(session_id, seq, n_last)
+        fed = torch.tensor([seq[keep:]], dtype=torch.long, device=self.device)  # (1, T)
+        observe_pass(keep, len(seq) - keep)
+        out = self.model(input_ids=fed, past_key_values=state.cache, use_cache=True, logits_to_keep=n_last)
+        state.cache = out.past_key_values
+        state.tokens = seq
+        return _float_rows(out.logits[0, -n_last:])  # (n_last, V)
+
+    @torch.inference_mode()
+    def logits_batch(self, calls: Sequence[ChainCall]) -> list[torch.Tensor]:
+        """See services/runtime.py: the sessions' new tokens in one packed pass
+        (services/packed.py) when the model's layout allows, else one pass each."""
+        check_batch(calls)
+        if len(calls) < 2 or not self._packable:
+            return [self.logits(call.session_id, call.seq, call.n_last) for call in calls]
+        states: list[KvState] = []
+        segments: list[Segment] = []
+        for call in calls:
+            seq = list(call.seq)
+            state, keep = self._reuse(call.session_id, seq, call.n_last)
+            observe_pass(keep, len(seq) - keep)
+            states.append(state)
+            segments.append(Segment(state.cache, keep, seq[keep:], call.n_last))
+        rows = packed_forward(self.model, segments)
+        for state, call in zip(states, calls):
+            state.tokens = list(call.seq)  # (a state a larger batch evicted from the LRU is dropped after)
+        return [_float_rows(r) for r in rows]
+
+    def _reuse(self, session_id: str, seq: list[int], n_last: int) -> tuple[KvState, int]:
+        """A session's state with its cache cut back to what a pass over seq reuses: the
+        common prefix, less the positions whose logits are asked for (always fed)."""
+        _check_n_last(n_last, len(seq))
         state = self._state(session_id)
         self._settle(state, seq)
-        # Reuse the cache up to the common prefix, but always feed the positions whose
-        # logits are asked for.
         keep = min(common_prefix_len(state.tokens, seq), len(seq) - n_last)
         if state.cache is None or keep == 0:
             state.cache = _new_cache(self.model)
             keep = 0
         elif keep < len(state.tokens):
             state.cache.crop(keep - len(state.tokens))  # a negative count drops that many
-        fed = torch.tensor([list(seq[keep:])], dtype=torch.long, device=self.device)  # (1, T)
-        observe_pass(keep, len(seq) - keep)
-        out = self.model(input_ids=fed, past_key_values=state.cache, use_cache=True, logits_to_keep=n_last)
-        state.cache = out.past_key_values
-        state.tokens = seq
-        return _float_rows(out.logits[0, -n_last:])  # (n_last, V)
+        return state, keep
 
     @torch.inference_mode()
     def tree_logits(self, session_id: str, context: Sequence[int], tree: Tree, n_last: int) -> torch.Tensor:

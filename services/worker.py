@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -26,6 +26,10 @@ class Worker:
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def submit(self, fn: Callable[..., T], *args: object) -> Future[T]:
+        """Queues fn(*args) behind the work already queued, from any thread, without waiting."""
+        return self._executor.submit(fn, *args)
 
     def call(self, fn: Callable[..., T], *args: object) -> T:
         """fn(*args) on the worker's thread, waited for (outside an event loop: a service's start)."""

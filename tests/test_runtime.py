@@ -185,6 +185,45 @@ def test_the_info_describes_the_model(runtime, tiny_pair):
     assert info.runtime == runtime.kind.split("-")[0]
 
 
+def test_a_batch_equals_each_call_alone(runtime):
+    """logits_batch over sessions in every state (a new one, a verify after a cached context,
+    one that rolls back, one-token steps) gives each what its own pass gives, and leaves every
+    cache as its own pass would: the next calls reuse them."""
+    from services.runtime import ChainCall
+
+    seqs = {"new": list(range(60, 75)), "verify": CONTEXT + [7, 8, 9, 10], "rollback": CONTEXT[:15] + [3, 4]}
+    runtime.logits("verify", CONTEXT, 1)
+    runtime.logits("rollback", CONTEXT + [5, 6], 1)
+    runtime.logits("step", CONTEXT, 1)
+    calls = [ChainCall("new", seqs["new"], 3), ChainCall("verify", seqs["verify"], 5),
+             ChainCall("rollback", seqs["rollback"], 2), ChainCall("step", CONTEXT + [11], 1)]  # fmt: skip
+    rows = runtime.logits_batch(calls)
+    for call, got in zip(calls, rows):
+        want = torch.stack([fresh(runtime, list(call.seq[: len(call.seq) - call.n_last + i + 1])) for i in range(call.n_last)])
+        assert got.shape == want.shape and close(runtime, got, want), call.session_id
+    assert runtime.cached("verify")[0] == seqs["verify"]
+    again = runtime.logits_batch([ChainCall("verify", seqs["verify"] + [12], 1), ChainCall("step", CONTEXT + [11, 12], 1)])
+    assert close(runtime, again[0][0], fresh(runtime, seqs["verify"] + [12]))
+    assert close(runtime, again[1][0], fresh(runtime, CONTEXT + [11, 12]))
+    with pytest.raises(ValueError, match="one call per session"):
+        runtime.logits_batch([ChainCall("step", CONTEXT, 1), ChainCall("step", CONTEXT, 1)])
+    for session in ("new", "verify", "rollback", "step"):
+        runtime.release(session)
+
+
+def test_a_batch_next_to_a_tree_keeps_both_caches(runtime):
+    """A session whose cache ends in a tree (staged) settles its path before joining a batch."""
+    from services.runtime import ChainCall
+
+    runtime.tree_logits("t", CONTEXT, TREE, len(TREE) + 1)
+    seq = path_seq(TREE, 4) + [3]  # continues the path 0 -> 2 -> 4
+    rows = runtime.logits_batch([ChainCall("t", seq, 2), ChainCall("u", CONTEXT, 1)])
+    assert close(runtime, rows[0][1], fresh(runtime, seq))
+    assert close(runtime, rows[1][0], fresh(runtime, CONTEXT))
+    runtime.release("t")
+    runtime.release("u")
+
+
 # ---------------------------------------------------------------- what one runtime promises
 
 

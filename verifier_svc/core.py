@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from services import slrs
+from services.acceptance import accept
 from services.calls import PENDING, ModelCalls
 from services.errors import BadRequest, Unsupported, check_chain, check_draft_length, check_token_ids
 from services.roles import Verified
@@ -23,7 +24,7 @@ from services.sampling import SamplingParams, SparseDist
 from services.sessions import Context
 from services.tree import Tree
 from services.worker import Worker
-from verifier_svc.verify import string_index, verify, verify_strings, verify_tree
+from verifier_svc.verify import string_index, verify_strings, verify_tree
 
 
 class VerifierCore:
@@ -35,14 +36,17 @@ class VerifierCore:
         max_sessions: int = 16,
         worker: Worker | None = None,
         max_queue: int = 0,
+        max_batch_tokens: int = 256,
     ) -> None:
         self.runtime = runtime
         self.max_draft = max_draft  # longest draft, most tree nodes, and the slrs tree budget
         # worker: the thread the runtime was loaded on, in a service; max_queue: calls that may
-        # wait for it before more are refused (0: no bound)
+        # wait for it before more are refused (0: no bound); max_batch_tokens: the budget of a
+        # pass that batches the verify calls of several sessions (services/calls.py)
         self._calls = ModelCalls(
-            runtime, max_sessions, runtime.info.vocab_size, worker or Worker("verifier"), max_queue=max_queue
-        )
+            runtime, max_sessions, runtime.info.vocab_size, worker or Worker("verifier"), max_queue=max_queue,
+            max_batch_tokens=max_batch_tokens,
+        )  # fmt: skip
         self.contexts = self._calls.contexts
         self._strings: slrs.PrefixIndex | None = None  # the target vocabulary as bytes, built on first use
 
@@ -66,16 +70,20 @@ class VerifierCore:
         params: SamplingParams,
         seed: int,
     ) -> Verified:
-        """d_1..d_k checked in one target pass: n accepted tokens plus one (an empty draft: `ar`)."""
+        """d_1..d_k checked in one target pass: n accepted tokens plus one (an empty draft: `ar`).
+
+        The pass may be shared with other sessions' verify calls (services/calls.py); the
+        acceptance rule then runs on this call's own rows with its own seeded generator."""
         vocab = self.runtime.info.vocab_size
         check_chain(draft, q, vocab, self.max_draft)
+        draft, q = list(draft), list(q)
 
-        def work(full: list[int], generator: torch.Generator) -> Verified:
-            v = verify(self.runtime, session_id, full, list(draft), list(q), params, generator)
+        def finish(full: list[int], logits: torch.Tensor, generator: torch.Generator) -> Verified:
+            v = accept(draft, q, logits, params, generator)
             self.contexts.commit(session_id, [*full, *v.tokens])
             return Verified(v.accepted, v.tokens, PENDING)
 
-        return await self._calls.run(session_id, context, seed, work)
+        return await self._calls.run_chain(session_id, context, seed, draft, finish)
 
     async def verify_tree(
         self,

@@ -55,8 +55,9 @@ class VerifierServicer(ModelServicer, pb_grpc.VerifierServicer):
 def build_core(config: ModelServiceConfig, worker: Worker) -> VerifierCore:
     runtime = load_runtime(config, "verifier")
     return VerifierCore(
-        runtime, max_draft=config.max_draft, max_sessions=config.max_sessions, worker=worker, max_queue=config.max_queue
-    )
+        runtime, max_draft=config.max_draft, max_sessions=config.max_sessions, worker=worker,
+        max_queue=config.max_queue, max_batch_tokens=config.max_batch_tokens,
+    )  # fmt: skip
 
 
 def main() -> int:

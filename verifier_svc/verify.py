@@ -1,7 +1,9 @@
-"""Verification: one target pass over the draft (a chain or a tree), then the acceptance rule.
+"""Verification of a tree: one target pass over the draft tree, then the acceptance rule.
 
 Plain functions over a runtime (services/runtime.py) and a session's full context; the
-verifier's core (verifier_svc/core.py) resolves context deltas, seeds and times them."""
+verifier's core (verifier_svc/core.py) resolves context deltas, seeds and times them. A chain
+draft is verified there directly: its pass may be batched with other sessions'
+(services/calls.py), and services.acceptance.accept runs on its rows."""
 
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from services import slrs
-from services.acceptance import Verdict, accept
 from services.multidraft import TreeVerdict, verify_tree_greedy, verify_tree_sampled
 from services.runtime import Runtime
 from services.sampling import SamplingParams, SparseDist, target_probs
@@ -21,26 +22,6 @@ from services.tree import Tree
 from services.vocab import token_bytes
 
 log = logging.getLogger(__name__)
-
-
-def verify(
-    runtime: Runtime,
-    session_id: str,
-    context: list[int],
-    draft: Sequence[int],
-    q: Sequence[SparseDist],
-    params: SamplingParams,
-    generator: torch.Generator,
-) -> Verdict:
-    """Verifies d_1..d_k after the context.
-
-    The target runs once over context + draft (only the uncached suffix is fed) and
-    yields p_1..p_{k+1}; the acceptance rule returns the n accepted tokens plus one
-    more. An empty draft is a plain autoregressive step. The caller then commits the
-    context extended by the returned tokens.
-    """
-    logits = runtime.logits(session_id, [*context, *draft], len(draft) + 1)  # (k+1, V)
-    return accept(list(draft), list(q), logits, params, generator)
 
 
 def verify_tree(

@@ -1,0 +1,221 @@
+"""Batching across sessions (services/calls.py, services/packed.py): verify and ar calls of
+different sessions that wait for the verifier share one pass, and each gets what it would have
+got alone: the same tokens, greedy or sampled (draws keyed by the call's seed), the same
+context committed. Then the edges: a tree call and a context miss among them, a session
+released mid-batch, a caller that gave up, the token budget; and over real processes, eight
+concurrent sessions each produce the target's own greedy output."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from services.errors import ContextMiss
+from services.sampling import SamplingParams
+from services.context import ContextDelta, fingerprint
+from services.tree import Tree
+from verifier_svc.core import VerifierCore
+
+GREEDY = SamplingParams()
+SAMPLED = SamplingParams(temperature=0.9, top_p=0.95)
+
+
+@pytest.fixture(scope="module", params=["int8", "float64"])
+def runtime(request, tiny_pair):
+    from services.torch_runtime import load_torch
+
+    return load_torch(tiny_pair.target_dir, dtype=request.param, device="cpu", max_sessions=32, threads=1)
+
+
+def delta(session: str, held: list[int], new: list[int]) -> ContextDelta:
+    """A delta over what the verifier holds for a session (held), adding `new`."""
+    return ContextDelta(session, len(held), fingerprint(held), tuple(new))
+
+
+def calls(n: int) -> list[tuple[str, list[int], list[int]]]:
+    """(session, context, draft) of n sessions: contexts of different lengths, drafts of
+    different lengths (an empty one is an `ar` step)."""
+    return [(f"s{i}", list(range(20 + i, 40 + 3 * i)), [5 + i, 9, 11, 4][: i % 5]) for i in range(n)]
+
+
+async def run_all(core: VerifierCore, work, params=GREEDY) -> list:
+    return await asyncio.gather(
+        *(core.verify(s, context, draft, [], params, seed=100 + i) for i, (s, context, draft) in enumerate(work))
+    )
+
+
+def alone(runtime, work, params=GREEDY) -> list:
+    """Each call on a core that never batches, one after another, every session from nothing."""
+    for s, _, _ in work:
+        runtime.release(s)
+    core = VerifierCore(runtime, max_batch_tokens=0)
+
+    async def one_by_one():
+        return [await core.verify(s, c, d, [], params, seed=100 + i) for i, (s, c, d) in enumerate(work)]
+
+    out = asyncio.run(one_by_one())
+    for s, _, _ in work:
+        runtime.release(s)
+    return out
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_concurrent_calls_share_passes_and_get_what_they_get_alone(runtime, params):
+    work = calls(8)
+    expected = alone(runtime, work, params)
+    core = VerifierCore(runtime)
+    got = asyncio.run(run_all(core, work, params))
+    assert [(v.accepted, v.tokens) for v in got] == [(v.accepted, v.tokens) for v in expected]
+    assert core._calls.passes < len(work), "eight concurrent calls never shared a pass"
+    for (s, context, draft), v in zip(work, got):
+        assert core.contexts.state(s).context == [*context, *v.tokens]
+    # The next round of each session reuses what the batched pass cached: deltas, one pass each.
+    deltas = [(s, delta(s, [*context, *v.tokens], [])) for (s, context, _), v in zip(work, got)]
+    asyncio.run(run_all(core, [(s, d, []) for s, d in deltas], params))
+    assert core.contexts.counts.hits == len(work)
+    for s, _, _ in work:
+        runtime.release(s)
+
+
+def test_a_tree_call_and_a_context_miss_among_batched_calls(runtime):
+    work = calls(4)
+    expected = alone(runtime, work)
+    tree = Tree(tokens=(7, 8, 5), parents=(-1, -1, 0))
+    tree_alone = asyncio.run(VerifierCore(runtime).verify_tree("tree", list(range(50, 70)), tree, [], GREEDY, 0))
+    runtime.release("tree")
+    core = VerifierCore(runtime)
+
+    async def mixed():
+        return await asyncio.gather(
+            run_all(core, work),
+            core.verify_tree("tree", list(range(50, 70)), tree, [], GREEDY, 0),
+            core.verify("unknown", delta("unknown", list(range(10)), [3]), [4], [], GREEDY, 0),
+            return_exceptions=True,
+        )
+
+    chains, tree_got, miss = asyncio.run(mixed())
+    assert [v.tokens for v in chains] == [v.tokens for v in expected]
+    assert tree_got.tokens == tree_alone.tokens
+    assert isinstance(miss, ContextMiss)
+    for s in [*(s for s, _, _ in work), "tree"]:
+        runtime.release(s)
+
+
+def test_a_session_released_mid_batch_is_served_then_forgotten(runtime):
+    work = calls(3)
+    expected = alone(runtime, work)
+    core = VerifierCore(runtime)
+
+    async def with_release():
+        batch = asyncio.ensure_future(run_all(core, work))
+        while core.queued < len(work):  # the calls are queued; the release is queued behind them
+            await asyncio.sleep(0)
+        released = await core.release("s1")
+        return await batch, released
+
+    got, released = asyncio.run(with_release())
+    assert [v.tokens for v in got] == [v.tokens for v in expected]
+    assert released and runtime.cached("s1") == ([], 0)
+    with pytest.raises(ContextMiss):  # its caller resends the whole context
+        asyncio.run(core.verify("s1", delta("s1", work[1][1], [3]), [], [], GREEDY, 0))
+    for s, _, _ in work:
+        runtime.release(s)
+
+
+def test_a_caller_that_gave_up_leaves_the_others_served(runtime):
+    work = calls(4)
+    expected = alone(runtime, work)
+    core = VerifierCore(runtime)
+
+    async def one_cancelled():
+        tasks = [asyncio.ensure_future(core.verify(s, c, d, [], GREEDY, seed=100 + i)) for i, (s, c, d) in enumerate(work)]
+        while core.queued < len(work):
+            await asyncio.sleep(0)
+        tasks[2].cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    got = asyncio.run(one_cancelled())
+    assert isinstance(got[2], asyncio.CancelledError)
+    assert [v.tokens for i, v in enumerate(got) if i != 2] == [v.tokens for i, v in enumerate(expected) if i != 2]
+    assert core.queued == 0
+    for s, _, _ in work:
+        runtime.release(s)
+
+
+def test_the_token_budget_splits_a_batch_oldest_first(runtime):
+    """A budget of 30 tokens fits one 20-40 token call per pass: every call still runs, in
+    arrival order, and a pass never waits for more."""
+    work = calls(4)
+    expected = alone(runtime, work)
+    core = VerifierCore(runtime, max_batch_tokens=30)
+    got = asyncio.run(run_all(core, work))
+    assert [v.tokens for v in got] == [v.tokens for v in expected]
+    assert core._calls.passes == len(work)
+    for s, _, _ in work:
+        runtime.release(s)
+
+
+def test_calls_of_one_session_never_share_a_pass(runtime):
+    """Two calls of one session (a client retrying) run one after the other, each over the
+    context the other left: never in the same pass."""
+    core = VerifierCore(runtime)
+    context = list(range(30, 50))
+
+    async def twice():
+        return await asyncio.gather(
+            core.verify("same", context, [], [], GREEDY, 0), core.verify("same", context, [7], [], GREEDY, 0)
+        )
+
+    first, second = asyncio.run(twice())
+    assert core._calls.passes == 2
+    assert core.contexts.state("same").context == [*context, *second.tokens]
+    runtime.release("same")
+
+
+# ---------------------------------------------------------------- over real processes
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_pair, redis_server, tmp_path_factory):
+    from client import ServiceStack
+    from procs import free_port
+
+    metrics = f"127.0.0.1:{free_port()}"
+
+    def extra_env(_: ServiceStack, name: str) -> dict[str, str]:
+        return {"SPECD_METRICS_LISTEN": metrics} if name == "verifier" else {}
+
+    s = ServiceStack(tiny_pair.target_dir, tiny_pair.drafter_dir, redis_server.url, tmp_path_factory.mktemp("batch"),
+                     dtype="int8", extra_env=extra_env)  # fmt: skip
+    s.up()
+    s.metrics = f"http://{metrics}/metrics"
+    yield s
+    s.down()
+
+
+def batch_calls(url: str) -> tuple[float, float]:
+    """(passes, calls they served) from the verifier's specd:batch_calls histogram."""
+    import urllib.request
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("specd:batch_calls_")}
+    return values["specd:batch_calls_count"], values["specd:batch_calls_sum"]
+
+
+PROMPTS = [f"def f{i}(x):\n    y = x * {i}\n    return" for i in range(8)]
+
+
+@pytest.mark.parametrize("strategy", ["ar", "sd"])
+def test_eight_concurrent_sessions_produce_the_targets_greedy_tokens(stack, strategy):
+    from client import generate
+
+    address = stack.address("orchestrator")
+    expected = {p: generate(address, p, strategy="ar", max_new_tokens=24).token_ids for p in PROMPTS}
+    passes, served = batch_calls(stack.metrics)
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        results = list(pool.map(lambda p: generate(address, p, strategy=strategy, max_new_tokens=24), PROMPTS))
+    assert [r.token_ids for r in results] == [expected[p] for p in PROMPTS]
+    more_passes, more_served = batch_calls(stack.metrics)
+    assert more_served - served > more_passes - passes, "no pass served two sessions at once"
