@@ -7,6 +7,8 @@
     specd bench --pin --rtt-ms 0,2,10,30 --strategies sd,sd-pipe,cascade
                                          # as separate machines: drafter and verifier on a core
                                          # each, the network's round trip added by proxies
+    specd bench --concurrency 1,4,16,32  # many sessions at once: aggregate tokens/s, p50/p99
+                                         # latency of ar, sd and cascade at each
 
 Writes results.json, results.md and three PNG plots into --out, and prints the tables.
 Exit status: 0; 1 when a greedy output parted from ar's where it is not a near-tie (a
@@ -37,6 +39,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("specd.bench")
 
+# --concurrency: the strategies measured unless --strategies names others, and the turns each
+# concurrent session answers at each level
+CONCURRENCY_SYSTEMS = ("ar", "sd", "cascade")
+TURNS, TURNS_QUICK = 2, 1
 QUICK = {"limit": 1, "max_new_tokens": 32, "in_process_limit": 1}
 FULL = {"limit": 10, "max_new_tokens": 128, "in_process_limit": 3}
 
@@ -147,6 +153,11 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
         "each (default: none, no proxies). Needs the stack the bench starts",
     )
     what.add_argument(
+        "--concurrency",
+        help="comma-separated numbers of concurrent sessions (e.g. 1,4,16,32): instead of the prompt-by-prompt "
+        "bench, aggregate tokens/s and latency percentiles of each strategy at each (default strategies ar,sd,cascade)",
+    )
+    what.add_argument(
         "--quick", action="store_true", help="a small subset that finishes in minutes (explicit options still win)"
     )
     what.add_argument(
@@ -180,6 +191,10 @@ def sizes(args: argparse.Namespace) -> Sizes:
 
 def _rtts(args: argparse.Namespace) -> list[float]:
     return [float(x) for x in _split(args.rtt_ms) or []]
+
+
+def _levels(args: argparse.Namespace) -> list[int]:
+    return [int(x) for x in _split(args.concurrency) or []]
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -234,6 +249,15 @@ def _problems(args: argparse.Namespace, s: Sizes, systems: list[str], known: tup
             found.append("--rtt-ms values must be >= 0")
         if args.rtt_ms and args.address:
             found.append("--rtt-ms needs the stack the bench starts (its proxies sit between orchestrator and models)")
+    try:
+        levels = _levels(args)
+    except ValueError:
+        found.append(f"--concurrency must be comma-separated whole numbers >= 1, got {args.concurrency!r}")
+    else:
+        if any(c < 1 for c in levels):
+            found.append("--concurrency values must be >= 1")
+        if levels and args.rtt_ms:
+            found.append("--concurrency and --rtt-ms are separate runs: give one of them")
     if args.pin and args.address:
         found.append("--pin applies to the stack the bench starts, not one given with --address")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
@@ -258,7 +282,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     home = Path(args.home or os.environ.get("SPECD_HOME") or default_home())
     s = sizes(args)
     known = registered_strategies()
-    wanted = _split(args.strategies) or list(default_systems())
+    wanted = _split(args.strategies) or list(CONCURRENCY_SYSTEMS if args.concurrency else default_systems())
     problems = _problems(args, s, wanted, known)
     if problems:
         print("specd bench: " + "; ".join(problems), file=sys.stderr)
@@ -273,6 +297,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         prompts = load_prompts(home=home, categories=_split(args.categories), limit=s.limit, prompt_file=args.prompts)
         target_dir = _model_dir(args.target, home)
         drafter_dir = None if args.drafter == "none" else _model_dir(args.drafter, home)
+        if args.concurrency:
+            return _bench_concurrency(args, config, prompts, home, target_dir, drafter_dir)
         return _bench(args, config, prompts, home, target_dir, drafter_dir)
     except (PromptError, ModelNotFound, ModelPrepareError, BenchError) as err:
         print(f"specd bench: {err}", file=sys.stderr)
@@ -289,11 +315,13 @@ def _start_stack(
     from specd.stack import up
 
     orchestrator_port, verifier_port, drafter_port, redis_port = _free_ports(4)
+    levels = _levels(args)
     spec = StackSpec(
         home=home / "bench", target=str(target_dir), drafter=str(drafter_dir or ""),
         orchestrator_port=orchestrator_port, verifier_port=verifier_port, drafter_port=drafter_port,
         redis_port=redis_port, redis_url=args.redis_url, dtype=args.dtype, default_k=k,
         verifier_runtime=args.verifier_runtime, drafter_runtime=args.drafter_runtime, pin=args.pin,
+        max_sessions=max(levels) + 4 if levels else 0,  # every concurrent session keeps its KV cache
     )  # fmt: skip
     proxies = None
     if args.rtt_ms:
@@ -404,6 +432,63 @@ def _bench(args, config, prompts, home: Path, target_dir: Path, drafter_dir: Pat
     print(text)
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(p) for p in plots), file=sys.stderr)
     return 1 if any(c.status == "diverged" for c in run.checks) else 0
+
+
+def _bench_concurrency(args, config, prompts, home: Path, target_dir: Path, drafter_dir: Path | None) -> int:
+    """--concurrency: every strategy at every level against one stack (specd/bench/concurrency.py)."""
+    from specd.bench import concurrency, report
+    from specd.stack import StackError, down
+
+    machine = report.describe_machine()
+    levels = _levels(args)
+    systems = list(config.strategies)  # ar first: the reference at every level
+    spec, address = None, args.address
+    if address is None:
+        try:
+            spec, address, _ = _start_stack(args, home, target_dir, drafter_dir, config.k)
+        except StackError as err:
+            print(f"specd bench: could not start the stack: {err}", file=sys.stderr)
+            return 2
+    header = [
+        "## specd bench --concurrency",
+        "",
+        f"`{' '.join(['specd', *sys.argv[1:]])}`",
+        "",
+        f"greedy, k = {config.k or 'adaptive'}, {config.max_new_tokens} new tokens a turn, {len(prompts)} prompts in "
+        f"turn, {TURNS_QUICK if args.quick else TURNS} turns per session; target {args.target}, drafter "
+        f"{args.drafter}; {machine.cpu}, {machine.logical_cpus} CPUs, {machine.memory_gib} GiB; load average at "
+        f"start {machine.load_average[0]}",
+    ]
+    out = args.out
+    measured: list = []
+
+    def on_level(level) -> None:
+        measured.append(level)
+        log.info("%s at %d sessions: %.1f tok/s, ITL p50 %s ms, p99 %s ms, %d errors", level.strategy,
+                 level.concurrency, level.tokens_per_second, _fmt(level.itl_p50_ms), _fmt(level.itl_p99_ms),
+                 level.errors)  # fmt: skip
+        report.write_json({"command": ["specd", *sys.argv[1:]], "levels": concurrency.as_json(measured)},
+                          out / "concurrency.json")  # fmt: skip
+
+    try:
+        concurrency.sweep(
+            address, systems, levels, [p.text for p in prompts], max_new_tokens=config.max_new_tokens,
+            turns=TURNS_QUICK if args.quick else TURNS, k=config.k, timeout=config.timeout_seconds,
+            on_level=on_level,
+        )  # fmt: skip
+    finally:
+        if spec is not None:
+            down(spec.home, say=lambda line: log.info("stack: %s", line))
+    text = concurrency.render(measured, header)
+    (out / "concurrency.md").write_text(text + "\n", encoding="utf-8")
+    plot = concurrency.plot(measured, out)
+    print(text)
+    print(f"\nwrote {out / 'concurrency.json'}, {out / 'concurrency.md'}, {plot}", file=sys.stderr)
+    return 1 if any(level.errors for level in measured) else 0
+
+
+def _fmt(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.0f}"
 
 
 def _runtime_name(runtime, asked: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,8 +90,11 @@ def run_load(
     home: Path | None = None,
     progress=None,
     timeout: float = 600.0,
+    prompts: Sequence[str] = PROMPTS,
+    k: int = 0,
 ) -> LoadReport:
-    """Runs the load (see the module's doc) and returns what it measured."""
+    """Runs the load (see the module's doc) and returns what it measured. Request i asks
+    prompts[i % len(prompts)] as one user message; k: the draft length (0: adaptive)."""
     report = LoadReport(rss_before=_rss(home))
     lock = threading.Lock()
     issued = 0
@@ -107,7 +111,9 @@ def run_load(
 
     def one(i: int) -> None:
         request = pb.GenerateRequest(strategy=strategy, max_new_tokens=max_new_tokens)
-        request.chat.messages.append(pb.ChatMessage(role="user", content=PROMPTS[i % len(PROMPTS)]))
+        if k:
+            request.options.k = k
+        request.chat.messages.append(pb.ChatMessage(role="user", content=prompts[i % len(prompts)]))
         sent = time.monotonic()
         arrivals: list[tuple[float, int]] = []
         try:

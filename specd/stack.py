@@ -54,6 +54,7 @@ class StackSpec:
     # the gateway's, in the order `specd status` lists them (0 = none)
     metrics_port: int = 0
     api_keys_file: str = ""  # SPECD_API_KEYS_FILE of the orchestrator and the gateway ("" = an open API)
+    max_sessions: int = 0  # SPECD_MAX_SESSIONS of the model services (0 = their default)
 
     def address(self, port: int) -> str:
         return f"{self.host}:{port}"
@@ -231,6 +232,8 @@ def up(spec: StackSpec, say=print) -> list[Proc]:
             }  # fmt: skip
             if spec.threads or spec.pin:
                 env["SPECD_THREADS"] = "1" if spec.pin else str(spec.threads)
+            if spec.max_sessions:
+                env["SPECD_MAX_SESSIONS"] = str(spec.max_sessions)
             if _role(name) == "drafter":
                 env["SPECD_TARGET_TOKENIZER"] = spec.target  # translates if its vocabulary differs
             env |= _metrics_env(spec, metrics, name)

@@ -541,3 +541,37 @@ def test_a_pinned_bench_behind_delay_proxies(tiny_pair, redis_url, tmp_path, mon
     assert all(c["status"] == "match" for c in doc["checks"]) and len(doc["checks"]) == 7
     assert "Against the network's round trip" in stdout and "| sd-pipe / sd |" in stdout
     assert doc["config"]["pin"] and doc["config"]["rtts_ms"] == [0, 20] and "pinned to a core each" in stdout
+
+
+def test_a_concurrency_bench_on_tiny_models(tiny_pair, redis_url, tmp_path, monkeypatch, capsys):
+    """--concurrency 1,3: every strategy at each level through the real stack, no errors,
+    the table with each level's ratio to one session and to ar, the JSON and the plot."""
+    from specd.cli import main
+
+    for name, value in {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"def f{i}(a):\n    return", "category": "code"}) + "\n"
+                               for i in range(3)), encoding="utf-8")  # fmt: skip
+    out = tmp_path / "results"
+    code = main([
+        "bench", "--prompts", str(prompts), "--target", str(tiny_pair.target_dir), "--drafter",
+        str(tiny_pair.drafter_dir), "--dtype", "int8", "--redis-url", redis_url, "--home", str(tmp_path / "home"),
+        "--out", str(out), "--no-progress", "--strategies", "sd:k3", "--max-new-tokens", "12", "--quick",
+        "--concurrency", "1,3",
+    ])  # fmt: skip
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stdout + stderr
+    levels = json.loads((out / "concurrency.json").read_text())["levels"]
+    assert [(lv["strategy"], lv["concurrency"]) for lv in levels] == [("ar", 1), ("sd:k3", 1), ("ar", 3), ("sd:k3", 3)]
+    assert all(lv["errors"] == 0 and lv["requests"] == lv["concurrency"] and lv["tokens"] > 0 for lv in levels)
+    assert "| ar | 3 |" in stdout and "x one session" in stdout
+    assert (out / "concurrency.png").stat().st_size > 0 and (out / "concurrency.md").is_file()
+
+
+@pytest.mark.parametrize("value", ["0,4", "1,x"])
+def test_a_bad_concurrency_list_is_a_usage_error(value, capsys):
+    from specd.cli import main
+
+    assert main(["bench", "--concurrency", value]) == 2
+    assert "--concurrency" in capsys.readouterr().err
