@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-from drafter_svc.draft import propose, propose_tree, review
+from drafter_svc.draft import DraftJob, propose_many, propose_tree, review
 from drafter_svc.foreign import Translation, propose_slem, propose_strings, propose_tli
-from services.calls import PENDING, ModelCalls
+from services.calls import PENDING, Batched, ModelCalls
 from services.errors import BadRequest, Unsupported, check_chain, check_draft_length
 from services.ngram import NgramIndex
 from services.roles import Draft, Reviewed, StringsDraft, TreeDraft
@@ -49,6 +49,8 @@ class DrafterCore:
         worker: Worker | None = None,
         min_confidence: float = 0.0,
         max_queue: int = 0,
+        max_batch_tokens: int = 256,
+        batch_wait: float = 0.0,
     ) -> None:
         self.runtime = runtime
         self.min_confidence = min_confidence  # propose stops before a less confident position
@@ -59,8 +61,12 @@ class DrafterCore:
         self._info = runtime.info if translation is None else translation.wire_info(runtime.info)
         # The range of ids calls carry: the target's when translating.
         self.wire_vocab = translation.target_rows if translation is not None else runtime.info.vocab_size
-        # worker: the thread the runtime was loaded on, in a service
-        self._calls = ModelCalls(runtime, max_sessions, self.wire_vocab, worker or Worker("drafter"), max_queue=max_queue)
+        # worker: the thread the runtime was loaded on, in a service; max_batch_tokens and
+        # batch_wait (seconds): how the proposals of several sessions share passes (services/calls.py)
+        self._calls = ModelCalls(
+            runtime, max_sessions, self.wire_vocab, worker or Worker("drafter"), max_queue=max_queue,
+            max_batch_tokens=max_batch_tokens, batch_wait=batch_wait,
+        )  # fmt: skip
         self.contexts = self._calls.contexts
         self._own_bytes: list[bytes | None] | None = None
 
@@ -91,22 +97,30 @@ class DrafterCore:
         # A caller that cancels (a pipelined strategy's discarded speculative draft) frees the
         # worker after the drafter pass under way: the draft stops between tokens.
         cancelled = threading.Event()
+        try:
+            if self.translation is None:  # batched with other sessions' proposals (propose_many)
+                return await self._calls.run_batched(
+                    session_id, context, seed, (k, params, cancelled.is_set), k, self._propose_many
+                )
 
-        def work(full: list[int], generator: torch.Generator) -> Draft:
-            if self.translation is None:
-                p = propose(self.runtime, session_id, full, k, params, self.q_top, generator, self.min_confidence,
-                            stop=cancelled.is_set)  # fmt: skip
-            else:
+            def work(full: list[int], generator: torch.Generator) -> Draft:
                 translate = propose_slem if vocab == "slem" else propose_tli
                 p = translate(self.runtime, self.translation, session_id, full, k, params, self.q_top, generator)
-            self.contexts.commit(session_id, full)
-            return Draft(p.tokens, p.q, PENDING)
+                self.contexts.commit(session_id, full)
+                return Draft(p.tokens, p.q, PENDING)
 
-        try:
             return await self._calls.run(session_id, context, seed, work)
         except asyncio.CancelledError:
             cancelled.set()
             raise
+
+    def _propose_many(self, calls: list[Batched]) -> list[Draft]:
+        """The batch of `propose`: the sessions' drafts grown in lockstep (draft.propose_many)."""
+        jobs = [DraftJob(c.session_id, c.full, c.item[0], c.item[1], c.generator, c.item[2]) for c in calls]
+        proposals = propose_many(self.runtime, jobs, self.q_top, self.min_confidence)
+        for c in calls:
+            self.contexts.commit(c.session_id, c.full)
+        return [Draft(p.tokens, p.q, PENDING) for p in proposals]
 
     async def propose_strings(
         self, session_id: str, context: Context, k: int, params: SamplingParams, seed: int

@@ -13,7 +13,7 @@ import torch
 
 from services.acceptance import Verdict, verify_greedy, verify_sampled
 from services.ngram import NgramIndex
-from services.runtime import Runtime
+from services.runtime import ChainCall, Runtime
 from services.sampling import SamplingParams, SparseDist, target_probs, truncated
 from services.tree import ROOT, Tree, TreeShape
 
@@ -24,51 +24,65 @@ class Proposal:
     q: tuple[SparseDist, ...]  # one per token when sampling; empty when greedy (point masses)
 
 
-def propose(
-    runtime: Runtime,
-    session_id: str,
-    context: list[int],
-    k: int,
-    params: SamplingParams,
-    q_top: int,
-    generator: torch.Generator,
-    min_confidence: float = 0.0,
-    stop: Callable[[], bool] = lambda: False,
-) -> Proposal:
-    """Drafts k tokens autoregressively after the context.
+@dataclass(frozen=True)
+class DraftJob:
+    """One session's `propose` in a batch (propose_many)."""
+
+    session_id: str
+    context: list[int]
+    k: int
+    params: SamplingParams
+    generator: torch.Generator
+    stop: Callable[[], bool] = lambda: False
+
+
+def propose_many(runtime: Runtime, jobs: Sequence[DraftJob], q_top: int, min_confidence: float = 0.0) -> list[Proposal]:
+    """Drafts each job's k tokens autoregressively after its context, the jobs (sessions) in
+    lockstep: each step is one Runtime.logits_batch over every draft still growing (a
+    session's first step feeds what its cache lacks, later ones one token each), so sixteen
+    sessions' drafts cost k batched passes, not 16k passes. Each job draws with its own
+    generator: its draft is the one it would have drafted alone.
 
     When sampling, each token is drawn from its q truncated to the q_top most likely
     entries and renormalised, and that truncated q is what is returned: the verifier's
     rejection rule then uses exactly the distribution the token came from, which keeps it
     lossless, while the payload stays q_top pairs per token.
 
-    With min_confidence > 0 the draft ends before a position where the drafter's top
+    With min_confidence > 0 a draft ends before a position where the drafter's top
     probability (of its warped distribution; of its plain softmax when greedy) is below it
     (llama.cpp's draft p-min). Lossless: whether position i is drafted at all depends on the
     tokens before it and the drafter's own distribution there, never on the token it would
     draw, so a drafted token is still distributed as its q, and an undrafted position is
     the verifier's bonus token, drawn from p.
 
-    `stop()` true ends the draft before the next pass: its caller has gone away.
+    A job's `stop()` true ends its draft before the next pass: its caller has gone away.
     """
-    seq = list(context)
-    tokens: list[int] = []
-    qs: list[SparseDist] = []
-    for _ in range(k):
-        if stop():
+    seqs = [list(job.context) for job in jobs]
+    tokens: list[list[int]] = [[] for _ in jobs]
+    qs: list[list[SparseDist]] = [[] for _ in jobs]
+    growing = [i for i, job in enumerate(jobs) if job.k > 0]
+    while growing:
+        growing = [i for i in growing if not jobs[i].stop()]
+        if not growing:
             break
-        logits = runtime.logits(session_id, seq, 1)[0]  # (V,)
-        if min_confidence > 0 and _confidence(logits, params) < min_confidence:
-            break
-        if params.greedy:
-            token = int(torch.argmax(logits))
-        else:
-            q = own_distribution(logits, params, q_top)
-            token = q.sample(generator)
-            qs.append(q)
-        tokens.append(token)
-        seq.append(token)
-    return Proposal(tuple(tokens), tuple(qs))
+        rows = runtime.logits_batch([ChainCall(jobs[i].session_id, seqs[i], 1) for i in growing])
+        still: list[int] = []
+        for i, row in zip(growing, rows):
+            logits, params = row[0], jobs[i].params  # (V,)
+            if min_confidence > 0 and _confidence(logits, params) < min_confidence:
+                continue
+            if params.greedy:
+                token = int(torch.argmax(logits))
+            else:
+                q = own_distribution(logits, params, q_top)
+                token = q.sample(jobs[i].generator)
+                qs[i].append(q)
+            tokens[i].append(token)
+            seqs[i].append(token)
+            if len(tokens[i]) < jobs[i].k:
+                still.append(i)
+        growing = still
+    return [Proposal(tuple(t), tuple(q)) for t, q in zip(tokens, qs)]
 
 
 def _confidence(logits: torch.Tensor, params: SamplingParams) -> float:

@@ -85,6 +85,7 @@ def build_core(config: ModelServiceConfig, worker: Worker) -> DrafterCore | MaxG
         runtime, q_top=config.q_top, second_stage=config.second_stage, max_draft=config.max_draft,
         max_sessions=config.max_sessions, translation=translation_for(runtime, config), worker=worker,
         min_confidence=config.draft_min_confidence, max_queue=config.max_queue,
+        max_batch_tokens=config.max_batch_tokens, batch_wait=config.batch_wait_ms / 1000,
     )  # fmt: skip
 
 

@@ -5,8 +5,11 @@ result's cost. Shared by the drafter's and the verifier's cores.
 Chain passes (a verify over a draft, an `ar` step) of different sessions are batched
 (`ModelCalls.run_chain`): the calls that arrive while the worker is busy wait in a queue, and
 the next pass takes them together, oldest first, up to a token budget and one call per
-session, through Runtime.logits_batch. Nothing waits on purpose: an idle worker starts a pass
-with whatever is queued, one call or many, so a lone session pays no window. Each call then
+session, through Runtime.logits_batch. Sessions served together drift apart if nothing holds
+them: the first to come back would start a pass alone while the others' calls are on their
+way. So a pass waits for the sessions of the pass before it, at most `batch_wait` seconds
+(SPECD_BATCH_WAIT_MS), and not at all when none is missing: a lone session, or a pass whose
+sessions are all back, starts at once. Each call then
 applies its own acceptance rule with its own generator, seeded by the seed it brought, never
 by its place in the batch: its output is what it would have been alone.
 """
@@ -17,11 +20,12 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -51,6 +55,7 @@ class ModelCalls:
         worker: Worker,
         max_queue: int = 0,
         max_batch_tokens: int = 0,
+        batch_wait: float = 0.0,
     ) -> None:
         self.runtime = runtime
         self.contexts = SessionContexts(max_sessions)
@@ -64,9 +69,12 @@ class ModelCalls:
         # chain passes waiting for the worker, and the token budget of one batched pass
         # (0: one call per pass)
         self.max_batch_tokens = max_batch_tokens
-        self._chains: deque[_Chain] = deque()
-        self._lock = threading.Lock()  # guards _chains and _drain_queued (loop and worker threads)
+        self._waiting: deque[_Waiting] = deque()
+        self.batch_wait = batch_wait  # seconds a pass may wait for the sessions of the pass before
+        self._lock = threading.Lock()  # guards what follows (the event loop's and the worker's threads)
+        self._arrived = threading.Condition(self._lock)  # a chain call was queued
         self._drain_queued = False
+        self._last_sessions: set[str] = set()
         self.passes = 0  # batched passes run, and the calls they served (metrics: specd:batch_calls)
         self.batched_calls = 0
 
@@ -97,18 +105,42 @@ class ModelCalls:
         module's docstring): finish(full context, logits (k+1, V) after the context's last
         token and each draft token, generator seeded by `seed`) on the worker thread; its
         result, whose `cost` is the time from the batch's start to this call's finish."""
+        return await self.run_batched(session_id, context, seed, (draft, finish), len(draft), self._chain_passes)
+
+    def _chain_passes(self, calls: list[Batched]) -> list[object]:
+        """The batch of run_chain: one Runtime.logits_batch, then each call's finish."""
+        rows = self.runtime.logits_batch(
+            [ChainCall(c.session_id, [*c.full, *c.item[0]], len(c.item[0]) + 1) for c in calls]
+        )
+        out: list[object] = []
+        for c, logits in zip(calls, rows):
+            try:
+                out.append(c.item[1](c.full, logits, c.generator))
+            except Exception as err:  # this call's own failure
+                out.append(err)
+        return out
+
+    async def run_batched(
+        self, session_id: str, context: Context, seed: int, item: object, size: int, many: Many
+    ) -> R:
+        """A call that runs batched with other sessions' calls of the same `many` (see the
+        module's docstring): many(calls) on the worker thread, each call's context resolved,
+        returns one result or exception per call; this call's result, whose `cost` is the time
+        from the batch's start to its end. size: tokens it adds to a pass beyond its context
+        delta, for the token budget."""
         self._admit()
         self.queued += 1
-        size = (len(context.tokens) if isinstance(context, ContextDelta) else len(context)) + len(draft)
-        chain = _Chain(session_id, context, seed, draft, finish, size)
+        size += len(context.tokens) if isinstance(context, ContextDelta) else len(context)
+        waiting = _Waiting(session_id, context, seed, item, many, size)
         with self._lock:
-            self._chains.append(chain)
+            self._waiting.append(waiting)
+            self._arrived.notify_all()
             start = not self._drain_queued
             self._drain_queued = True
         if start:
             self.worker.submit(self._drain)
         try:
-            result = await asyncio.wrap_future(chain.future)
+            result = await asyncio.wrap_future(waiting.future)
         finally:
             self.queued -= 1
         self._seconds_per_call += 0.1 * (result.cost.compute_seconds - self._seconds_per_call)
@@ -119,28 +151,33 @@ class ModelCalls:
             wait = self.queued * self._seconds_per_call
             raise Busy(f"{self.queued} calls are queued here (SPECD_MAX_QUEUE); try again in {wait:.2f}s", wait)
 
-    def _take_batch(self) -> list[_Chain]:
+    def _take_batch(self) -> list[_Waiting]:
         """The next pass's calls, on the worker: the oldest waiting call, then later ones of
-        other sessions while they fit the token budget; the rest wait for the pass after, which
-        is queued behind whatever the worker was given meanwhile."""
+        the same kind and of other sessions while they fit the token budget; the rest wait for
+        the pass after, which is queued behind whatever the worker was given meanwhile."""
         with self._lock:
-            batch: list[_Chain] = []
-            left: deque[_Chain] = deque()
+            deadline = time.monotonic() + self.batch_wait
+            while (self._last_sessions - {w.session_id for w in self._waiting}) and deadline > time.monotonic():
+                self._arrived.wait(deadline - time.monotonic())
+            batch: list[_Waiting] = []
+            left: deque[_Waiting] = deque()
             sessions: set[str] = set()
             tokens = 0
-            for chain in self._chains:
-                if chain.future.cancelled():  # its caller gave up while it waited
+            for waiting in self._waiting:
+                if waiting.future.cancelled():  # its caller gave up while it waited
                     continue
-                if (not batch or tokens + chain.size <= self.max_batch_tokens) and chain.session_id not in sessions:
-                    if not chain.future.set_running_or_notify_cancel():
+                fits = not batch or (tokens + waiting.size <= self.max_batch_tokens and waiting.many == batch[0].many)
+                if fits and waiting.session_id not in sessions:
+                    if not waiting.future.set_running_or_notify_cancel():
                         continue
-                    batch.append(chain)
-                    sessions.add(chain.session_id)
-                    tokens += chain.size
+                    batch.append(waiting)
+                    sessions.add(waiting.session_id)
+                    tokens += waiting.size
                 else:
-                    left.append(chain)
-            self._chains = left
+                    left.append(waiting)
+            self._waiting = left
             self._drain_queued = bool(left)
+            self._last_sessions = sessions
         if left:
             self.worker.submit(self._drain)
         return batch
@@ -148,32 +185,29 @@ class ModelCalls:
     def _drain(self) -> None:
         batch = self._take_batch()
         watch = Stopwatch()
-        ready: list[tuple[_Chain, list[int]]] = []
-        for chain in batch:
+        ready: list[Batched] = []
+        for waiting in batch:
             try:
-                full = self._resolve(chain.session_id, chain.context)
+                full = self._resolve(waiting.session_id, waiting.context)
             except Exception as err:  # this call's own error (a context miss, bad ids)
-                chain.future.set_exception(err)
+                waiting.future.set_exception(err)
                 continue
-            ready.append((chain, full))
+            ready.append(Batched(waiting.session_id, full, waiting.item, seeded_generator(waiting.seed)))
         if not ready:
             return
         self.passes += 1
         self.batched_calls += len(ready)
         BATCH_CALLS.observe(len(ready))
-        calls = [ChainCall(chain.session_id, [*full, *chain.draft], len(chain.draft) + 1) for chain, full in ready]
+        served = [w for w in batch if not w.future.done()]
         try:
-            rows = self.runtime.logits_batch(calls)
+            results = batch[0].many(ready)
         except Exception as err:
-            for chain, _ in ready:
-                chain.future.set_exception(err)
-            return
-        for (chain, full), logits in zip(ready, rows):
-            try:
-                result = chain.finish(full, logits, seeded_generator(chain.seed))
-                chain.future.set_result(dataclasses.replace(result, cost=watch.local_cost()))
-            except Exception as err:
-                chain.future.set_exception(err)
+            results = [err] * len(ready)
+        for waiting, result in zip(served, results):
+            if isinstance(result, BaseException):
+                waiting.future.set_exception(result)
+            else:
+                waiting.future.set_result(dataclasses.replace(result, cost=watch.local_cost()))
 
     def _resolve(self, session_id: str, context: Context) -> list[int]:
         full = self.contexts.resolve(session_id, context, self.vocab_size)
@@ -200,14 +234,28 @@ class ModelCalls:
         return await self.worker.run(release)
 
 
+@dataclass(frozen=True)
+class Batched:
+    """One call as a batch runs it: its session, its full context, what the call brought,
+    and its generator (seeded by the call's seed)."""
+
+    session_id: str
+    full: list[int]
+    item: Any
+    generator: torch.Generator
+
+
+Many = Callable[[list[Batched]], list[Any]]  # a batch's work: one result or exception per call
+
+
 @dataclass(eq=False)
-class _Chain(Generic[R]):
-    """A chain pass waiting for a batch."""
+class _Waiting:
+    """A call waiting for a batch."""
 
     session_id: str
     context: Context
     seed: int
-    draft: list[int]
-    finish: Callable[[list[int], torch.Tensor, torch.Generator], R]
-    size: int  # tokens it may feed: its context delta and draft
-    future: Future[R] = dataclasses.field(default_factory=Future)
+    item: Any
+    many: Many
+    size: int  # tokens it may feed: its context delta and what it adds
+    future: Future = dataclasses.field(default_factory=Future)

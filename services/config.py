@@ -89,9 +89,12 @@ class ModelServiceConfig:
     # SPECD_MAX_QUEUE: calls that may wait for the model; more are refused with RESOURCE_EXHAUSTED
     # and a retry hint (0 = no bound)
     max_queue: int = 64
-    # SPECD_MAX_BATCH_TOKENS (verifiers): tokens one pass may feed for the verify and ar calls
-    # of different sessions batched into it (services/calls.py); 0 = one call per pass
+    # SPECD_MAX_BATCH_TOKENS: tokens one pass may feed for the calls of different sessions
+    # batched into it (verify and ar; propose) (services/calls.py); 0 = one call per pass
     max_batch_tokens: int = 256
+    # SPECD_BATCH_WAIT_MS: how long a batched pass may wait for the sessions of the pass before
+    # it to send their next call (none missing: no wait)
+    batch_wait_ms: float = 20.0
     grace_seconds: float = 5.0  # SPECD_GRACE_SECONDS: time in-flight calls get on shutdown
     # SPECD_SECOND_STAGE: max-gram tokens a drafter feeds ahead of need while growing a tree
     # (staged's second stage; saves drafter passes where the max-gram model guesses right); 0 = off
@@ -131,6 +134,7 @@ class ModelServiceConfig:
             max_draft=_int(env, "SPECD_MAX_DRAFT", 64, minimum=1),
             max_queue=_int(env, "SPECD_MAX_QUEUE", 64),
             max_batch_tokens=_int(env, "SPECD_MAX_BATCH_TOKENS", 256),
+            batch_wait_ms=_float(env, "SPECD_BATCH_WAIT_MS", 20.0, zero=True),
             grace_seconds=_float(env, "SPECD_GRACE_SECONDS", 5.0),
             second_stage=_int(env, "SPECD_SECOND_STAGE", 4),
             draft_min_confidence=_float(env, "SPECD_DRAFT_MIN_CONFIDENCE", 0.0, high=1.0, zero=True),

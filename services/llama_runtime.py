@@ -138,24 +138,32 @@ class LlamaRuntime:
     # -- sessions ---------------------------------------------------------------------
 
     def _slot(self, session_id: str) -> Slot:
-        """The session's slot, its cells in the cache (put back if parked), and other sessions
-        parked until they hold at most resident_cells cells."""
-        slot = self._slots.get(session_id)
-        if slot is None:
-            if not self._free_session_seqs:
-                self._slots.evict_oldest()
-            slot = Slot(self._free_session_seqs.pop())
-            self._slots[session_id] = slot
-        others = [self._slots.peek(other) for other in self._slots if other != session_id]  # oldest first
+        return self._slots_for([session_id])[0]
+
+    def _slots_for(self, session_ids: Sequence[str]) -> list[Slot]:
+        """The sessions' slots (at most the cache's capacity), their cells in the cache (put
+        back if parked), and other sessions parked until they hold at most resident_cells cells."""
+        slots: list[Slot] = []
+        for session_id in session_ids:
+            slot = self._slots.get(session_id)
+            if slot is None:
+                if not self._free_session_seqs:
+                    self._slots.evict_oldest()  # never one of these: they were used just now
+                slot = Slot(self._free_session_seqs.pop())
+                self._slots[session_id] = slot
+            slots.append(slot)
+        running = set(session_ids)
+        others = [self._slots.peek(other) for other in self._slots if other not in running]  # oldest first
         held = sum(other.cells for other in others)
         for other in others:
             if held <= self.resident_cells:
                 break
             held -= other.cells
             self._park(other)
-        if slot.parked is not None:
-            self._unpark(slot)
-        return slot
+        for slot in slots:
+            if slot.parked is not None:
+                self._unpark(slot)
+        return slots
 
     def _park(self, slot: Slot) -> None:
         if slot.parked is not None or not slot.tokens:
@@ -217,14 +225,38 @@ class LlamaRuntime:
             chunk = seq[start : start + self.n_batch]
             wanted = max(0, len(chunk) - (len(seq) - n_last - start))
             entries = [(token, start + i, (slot.seq,)) for i, token in enumerate(chunk)]
-            rows.append(self._decode(entries, wanted, keep_session=session_id))
+            rows.append(self._decode(entries, wanted, keep_sessions={session_id}))
             slot.tokens += chunk
         return torch.cat(rows)  # (n_last, V)
 
     def logits_batch(self, calls: Sequence[ChainCall]) -> list[torch.Tensor]:
-        """One pass per call: the verifier, which batches, runs on torch (choose_runtime)."""
+        """See services/runtime.py: one llama_decode over every call's new tokens, each in its
+        session's sequence, with logits at each call's last n_last tokens (a drafter's step for
+        many sessions). Every session of the batch is in the cache for it (put back if parked);
+        other sessions are parked as for one. One pass per call when the batch holds more
+        sessions than the cache keeps, or more tokens than a llama_decode takes."""
         check_batch(calls)
-        return [self.logits(call.session_id, call.seq, call.n_last) for call in calls]
+        if len(calls) < 2 or len(calls) > self._slots.capacity:
+            return [self.logits(call.session_id, call.seq, call.n_last) for call in calls]
+        seqs = [list(call.seq) for call in calls]
+        for call, seq in zip(calls, seqs):
+            _check_n_last(call.n_last, len(seq))
+        slots = self._slots_for([call.session_id for call in calls])
+        entries: list[tuple[int, int, tuple[int, ...]]] = []
+        wanted: list[bool] = []
+        for call, seq, slot in zip(calls, seqs, slots):
+            self._settle(slot, seq)
+            keep = min(common_prefix_len(slot.tokens, seq), len(seq) - call.n_last)
+            self._truncate(slot, keep)
+            observe_pass(keep, len(seq) - keep)
+            entries += [(token, keep + i, (slot.seq,)) for i, token in enumerate(seq[keep:])]
+            wanted += [i >= len(seq) - keep - call.n_last for i in range(len(seq) - keep)]
+        if len(entries) > self.n_batch:
+            return [self.logits(call.session_id, call.seq, call.n_last) for call in calls]
+        rows = self._decode(entries, wanted, keep_sessions={call.session_id for call in calls})
+        for seq, slot in zip(seqs, slots):
+            slot.tokens = seq
+        return list(rows.split([call.n_last for call in calls]))
 
     def tree_logits(self, session_id: str, context: Sequence[int], tree: Tree, n_last: int) -> torch.Tensor:
         n = len(tree)
@@ -256,7 +288,7 @@ class LlamaRuntime:
         depths = tree.depths()
         entries += [(tree.tokens[j], len(context) - 1 + depths[j], below[j]) for j in range(first_new, n)]
         observe_pass(base + first_new, len(entries))
-        rows = self._decode(entries, n_last, keep_session=session_id)
+        rows = self._decode(entries, n_last, keep_sessions={session_id})
         slot.tokens = context
         slot.tree, slot.leaf_seqs = (tree if n else None), leaf_seqs
         return rows
@@ -338,13 +370,18 @@ class LlamaRuntime:
         # Cached leaves that got children hand their sequence on; one that did not is a leaf still.
         return assigned
 
-    def _decode(self, entries: list[tuple[int, int, tuple[int, ...]]], n_outputs: int, keep_session: str) -> torch.Tensor:
+    def _decode(
+        self, entries: list[tuple[int, int, tuple[int, ...]]], outputs: int | list[bool], keep_sessions: set[str]
+    ) -> torch.Tensor:
         """One llama_decode over (token, position, sequences) entries; the logits (n_outputs, V)
-        of the last n_outputs entries. A full KV cache parks other sessions until it fits."""
+        of the entries `outputs` flags (an int n: the last n), in order. A full KV cache parks
+        sessions other than keep_sessions until it fits."""
         b = self._batch
         n = len(entries)
         if n > self.n_batch:
             raise ValueError(f"a batch of {n} tokens is above this runtime's {self.n_batch}")
+        flags = [i >= n - outputs for i in range(n)] if isinstance(outputs, int) else outputs
+        n_outputs = sum(flags)
         b.n_tokens = n
         for i, (token, pos, seqs) in enumerate(entries):
             b.token[i] = token
@@ -353,12 +390,12 @@ class LlamaRuntime:
             row = b.seq_id[i]
             for j, seq in enumerate(seqs):
                 row[j] = seq
-            b.logits[i] = int(i >= n - n_outputs)
+            b.logits[i] = int(flags[i])
         while True:
             code = self._lib.llama_decode(self._ctx, b)
             if code == 0:
                 break
-            if code == 1 and self._evict_other(keep_session):
+            if code == 1 and self._evict_other(keep_sessions):
                 continue
             if code == 1:
                 raise BadRequest(f"the KV cache ({self.info.max_context} tokens) cannot hold this session's context")
@@ -369,12 +406,12 @@ class LlamaRuntime:
         rows = np.ctypeslib.as_array(out, shape=(n_outputs * self._n_vocab,))
         return torch.from_numpy(rows.reshape(n_outputs, self._n_vocab).copy())  # (n_outputs, V)
 
-    def _evict_other(self, keep_session: str) -> bool:
-        """Frees cells for a batch that did not fit: parks the least recently used other
-        session that holds any; False when none does."""
+    def _evict_other(self, keep_sessions: set[str]) -> bool:
+        """Frees cells for a batch that did not fit: parks the least recently used session
+        not in the batch that holds any; False when none does."""
         for other in list(self._slots):
             slot = self._slots.peek(other)
-            if other != keep_session and slot.cells:
+            if other not in keep_sessions and slot.cells:
                 self._park(slot)
                 log.info("parked session %s: the KV cache is full", other)
                 return True

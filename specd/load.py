@@ -42,6 +42,9 @@ class LoadReport:
     failovers: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    target_forwards: int = 0  # summed over the turns' GenerationStats
+    ar_rounds: int = 0
+    drafted: int = 0
     ttft: list[float] = field(default_factory=list)  # seconds to the first token, per request
     itl: list[float] = field(default_factory=list)  # seconds per token after the first, per token
     rss_before: dict[str, int] = field(default_factory=dict)
@@ -58,6 +61,9 @@ class LoadReport:
             "requests": self.requests, "errors": len(self.errors), "resumes": self.resumes, "failovers": self.failovers,
             "tokens": self.tokens, "seconds": self.seconds,
             "tokens_per_second": self.tokens / self.seconds if self.seconds else 0.0,
+            "tau": self.tokens / self.target_forwards if self.target_forwards else None,
+            "ar_round_share": self.ar_rounds / self.target_forwards if self.target_forwards else None,
+            "drafted_per_round": self.drafted / self.target_forwards if self.target_forwards else None,
             "ttft_p50_ms": _ms(pct(self.ttft, 0.5)), "ttft_p99_ms": _ms(pct(self.ttft, 0.99)),
             "itl_p50_ms": _ms(pct(self.itl, 0.5)), "itl_p99_ms": _ms(pct(self.itl, 0.99)),
             "itl_mean_ms": _ms(statistics.fmean(self.itl)) if self.itl else None,
@@ -133,6 +139,9 @@ def run_load(
             report.resumes += result.resumes
             report.failovers += result.stats.failovers
             report.tokens += len(result.token_ids)
+            report.target_forwards += result.stats.target_forwards
+            report.ar_rounds += result.stats.ar_rounds
+            report.drafted += result.stats.drafted
             if timed:
                 report.ttft.append(timed[0][0] - sent)
                 for (before, _), (at, n) in zip(timed, timed[1:]):

@@ -219,3 +219,76 @@ def test_eight_concurrent_sessions_produce_the_targets_greedy_tokens(stack, stra
     assert [r.token_ids for r in results] == [expected[p] for p in PROMPTS]
     more_passes, more_served = batch_calls(stack.metrics)
     assert more_served - served > more_passes - passes, "no pass served two sessions at once"
+
+
+def test_a_pass_waits_briefly_for_the_sessions_of_the_pass_before(runtime):
+    """Two sessions served together stay together: when one comes back first, the pass waits
+    (up to batch_wait) for the other instead of starting alone. A lone session never waits."""
+    core = VerifierCore(runtime, batch_wait=2.0)
+    a, b = list(range(30, 50)), list(range(60, 80))
+
+    async def together():
+        first = await asyncio.gather(core.verify("a", a, [], [], GREEDY, 0), core.verify("b", b, [], [], GREEDY, 0))
+        passes = core._calls.passes
+        late_b = asyncio.ensure_future(asyncio.sleep(0.05))
+        second_a = asyncio.ensure_future(core.verify("a", [*a, *first[0].tokens], [], [], GREEDY, 1))
+        await late_b
+        second_b = await core.verify("b", [*b, *first[1].tokens], [], [], GREEDY, 1)
+        await second_a
+        return passes, core._calls.passes, second_b
+
+    before, after, _ = asyncio.run(together())
+    assert after - before == 1, "the second pass did not wait for the session that came back late"
+    lone = VerifierCore(runtime, batch_wait=5.0)
+
+    async def alone_steps():
+        context = list(range(90, 100))
+        for step in range(3):
+            context += (await lone.verify("lone", context, [], [], GREEDY, step)).tokens
+
+    asyncio.run(asyncio.wait_for(alone_steps(), timeout=4.0))  # would take 10 s if a lone session waited
+    for s in ("a", "b", "lone"):
+        runtime.release(s)
+
+
+# ---------------------------------------------------------------- drafters
+
+
+@pytest.fixture(scope="module", params=["llama", "float64"])
+def drafter_runtime(request, tiny_pair):
+    if request.param == "llama":
+        from services.llama_runtime import load_llama
+
+        rt = load_llama(tiny_pair.drafter_dir, max_sessions=16, max_draft=16, threads=1, kv_tokens=4096)
+    else:
+        from services.torch_runtime import load_torch
+
+        rt = load_torch(tiny_pair.drafter_dir, dtype="float64", device="cpu", max_sessions=16, threads=1)
+    yield rt
+    getattr(rt, "close", lambda: None)()
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_concurrent_proposals_grow_in_lockstep_and_draft_what_they_draft_alone(drafter_runtime, params):
+    """Six sessions' proposals (k from 1 to 6) share passes, one step of every growing draft
+    per pass, and each draws with its own seed: the drafts they get alone."""
+    from drafter_svc.core import DrafterCore
+
+    work = [(f"d{i}", list(range(20 + i, 40 + 2 * i)), i + 1) for i in range(6)]
+
+    async def propose_all(core, together: bool):
+        calls = [core.propose(s, c, k, params, seed=7 + i) for i, (s, c, k) in enumerate(work)]
+        if together:
+            return await asyncio.gather(*calls)
+        return [await call for call in calls]
+
+    alone = asyncio.run(propose_all(DrafterCore(drafter_runtime, max_batch_tokens=0), together=False))
+    for s, _, _ in work:
+        drafter_runtime.release(s)
+    core = DrafterCore(drafter_runtime)
+    got = asyncio.run(propose_all(core, together=True))
+    assert [d.tokens for d in got] == [d.tokens for d in alone]
+    assert [len(d.tokens) for d in got] == [k for _, _, k in work]
+    assert core._calls.passes < len(work), "six concurrent proposals never shared a batch"
+    for s, _, _ in work:
+        drafter_runtime.release(s)

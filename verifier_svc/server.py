@@ -56,7 +56,7 @@ def build_core(config: ModelServiceConfig, worker: Worker) -> VerifierCore:
     runtime = load_runtime(config, "verifier")
     return VerifierCore(
         runtime, max_draft=config.max_draft, max_sessions=config.max_sessions, worker=worker,
-        max_queue=config.max_queue, max_batch_tokens=config.max_batch_tokens,
+        max_queue=config.max_queue, max_batch_tokens=config.max_batch_tokens, batch_wait=config.batch_wait_ms / 1000,
     )  # fmt: skip
 
 

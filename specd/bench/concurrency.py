@@ -32,6 +32,9 @@ class Level:
     itl_p99_ms: float | None
     ttft_p50_ms: float | None
     ttft_p99_ms: float | None
+    tau: float | None  # tokens per target pass
+    ar_round_share: float | None  # rounds that drafted nothing (adaptive found no draft worth it)
+    drafted_per_round: float | None
 
 
 def sweep(
@@ -61,7 +64,8 @@ def sweep(
                 strategy=system, concurrency=concurrency, requests=s["requests"], errors=s["errors"],
                 tokens=s["tokens"], seconds=s["seconds"], tokens_per_second=s["tokens_per_second"],
                 itl_p50_ms=s["itl_p50_ms"], itl_p99_ms=s["itl_p99_ms"], ttft_p50_ms=s["ttft_p50_ms"],
-                ttft_p99_ms=s["ttft_p99_ms"],
+                ttft_p99_ms=s["ttft_p99_ms"], tau=s["tau"], ar_round_share=s["ar_round_share"],
+                drafted_per_round=s["drafted_per_round"],
             )  # fmt: skip
             measured.append(level)
             if on_level is not None:
@@ -81,8 +85,8 @@ def render(levels: Sequence[Level], header: Sequence[str] = ()) -> str:
     lines = [
         *header,
         "",
-        "| strategy | sessions | tok/s (all) | x one session | x ar | ITL p50 ms | ITL p99 ms | TTFT p50 ms | TTFT p99 ms | requests | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| strategy | sessions | tok/s (all) | x one session | x ar | ITL p50 ms | ITL p99 ms | TTFT p50 ms | TTFT p99 ms | τ | drafted / round | rounds with no draft | requests | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lv in sorted(levels, key=lambda x: (x.concurrency, x.strategy != "ar", x.strategy)):
         vs_alone = lv.tokens_per_second / alone[lv.strategy] if alone.get(lv.strategy) else None
@@ -91,9 +95,17 @@ def render(levels: Sequence[Level], header: Sequence[str] = ()) -> str:
             f"| {lv.strategy} | {lv.concurrency} | {lv.tokens_per_second:.1f} | "
             f"{'-' if vs_alone is None else f'{vs_alone:.2f}'} | {'-' if vs_ar is None else f'{vs_ar:.2f}'} | "
             f"{ms(lv.itl_p50_ms)} | {ms(lv.itl_p99_ms)} | {ms(lv.ttft_p50_ms)} | {ms(lv.ttft_p99_ms)} | "
-            f"{lv.requests} | {lv.errors} |"
+            f"{_num(lv.tau)} | {_num(lv.drafted_per_round)} | {_pct(lv.ar_round_share)} | {lv.requests} | {lv.errors} |"
         )
     return "\n".join(lines)
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0%}"
 
 
 def as_json(levels: Sequence[Level]) -> list[dict]:
