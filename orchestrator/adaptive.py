@@ -13,7 +13,16 @@ sides instead of assuming them:
   verifying, the network and the orchestrator's own work, per strategy, shared by every
   session of this orchestrator, so it also sees load);
 
-and pick k in [0, k_max] maximising E(k) / T(k), with E(k) = 1 + Σ_{j<=k} Π_{i<=j} α_i.
+and pick k in [0, k_max] maximising E(k) / (T(k) + X(k)), with E(k) = 1 + Σ_{j<=k} Π_{i<=j} α_i.
+
+X(k) is what the round's draft costs the other sessions (`PassLoad`). A verifier batches
+the verify calls of concurrent sessions into one pass (services/calls.py), so a session's k
+draft tokens lengthen a pass that B - 1 other sessions wait for too: X(k) = (B - 1)·b·k, with
+B the sessions per pass and b the pass's seconds per fed token, both from what the verifier
+reports with each answer. Alone (B = 1) X is 0; as the batch fills and the pass turns
+compute-bound (b near a token's whole cost) only drafts with high acceptance still pay, and
+at some load none does: k = 0 for every session, the most tokens per second the verifier
+can give then.
 k = 0 is plain decoding (`ar`): chosen when no draft pays for itself, with a probe round
 every PROBE_EVERY rounds so that a session whose text turns predictable drafts again.
 
@@ -35,6 +44,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from services.roles import CallCost
+
 DECAY = 0.9  # per observation: a session's rates follow roughly its last ten rounds
 # Observations the orchestrator-wide rates are worth in a session's estimate: one, since
 # texts differ (a chat session after a run of code sessions should soon stop expecting code's
@@ -43,6 +54,7 @@ PRIOR_WEIGHT = 1.0
 POOLED_DECAY = 0.95  # per observation of the orchestrator-wide rates: about the last twenty rounds
 DEFAULT_ALPHA = 0.6  # a position nothing has been measured for yet
 POSITION_FALLOFF = 0.9  # an unmeasured position past the last measured one: its rate times this
+LOAD_DECAY = 0.95  # per verify call: the load of about the last twenty passes
 COST_DECAY = 0.8  # per observation of a draft length: recent load and caches count most
 K_MAX = 12  # the longest draft adaptive chooses
 FIXED_K = 4  # the draft length of a turn that cannot adapt (a seeded sampled turn) and gives none
@@ -169,6 +181,47 @@ class RoundCosts:
         return max(slope, 0.0), my - max(slope, 0.0) * mx
 
 
+class PassLoad:
+    """How loaded the verifier's passes are: decayed sums over the verify calls' passes of
+    the sessions per pass (B) and of (tokens fed, seconds), for the least-squares slope b of
+    a pass's seconds on its tokens."""
+
+    def __init__(self) -> None:
+        self.n = self.sessions = self.t = self.y = self.tt = self.ty = 0.0
+
+    def observe(self, sessions: int, tokens: int, seconds: float) -> None:
+        """One verify call's pass: `sessions` shared it, feeding `tokens`, in `seconds`."""
+        if tokens <= 0 or not math.isfinite(seconds) or seconds <= 0:
+            return
+        d = LOAD_DECAY
+        self.n = d * self.n + 1.0
+        self.sessions = d * self.sessions + sessions
+        self.t = d * self.t + tokens
+        self.y = d * self.y + seconds
+        self.tt = d * self.tt + tokens * tokens
+        self.ty = d * self.ty + tokens * seconds
+
+    @property
+    def per_token(self) -> float:
+        """b: seconds one more fed token adds to a pass. The slope where the passes fed
+        different numbers of tokens, at most the mean cost of a token (the pass's fixed part
+        included), which it is where they did not."""
+        if self.t <= 0:
+            return 0.0
+        mean = self.y / self.t
+        var = self.tt / self.n - (self.t / self.n) ** 2
+        if var < 1.0:  # the passes fed about as many tokens each: no slope to fit
+            return mean
+        slope = (self.ty / self.n - (self.t / self.n) * (self.y / self.n)) / var
+        return min(max(slope, 0.0), mean)
+
+    def others_cost(self, k: int) -> float:
+        """X(k): the seconds k draft tokens add to the pass the other sessions wait for."""
+        if not self.n:
+            return 0.0
+        return max(0.0, self.sessions / self.n - 1.0) * self.per_token * k
+
+
 @dataclass(frozen=True)
 class Choice:
     k: int
@@ -183,6 +236,7 @@ class DraftLength:
         self.k_max = k_max
         self.pooled = PooledAcceptance()
         self.costs = RoundCosts()
+        self.load = PassLoad()
 
     def choose(self, session: Acceptance, step: int, limit: int, ar_streak: int = 0) -> Choice:
         """The k for a session's round `step`, at most `limit` (the room left);
@@ -195,16 +249,28 @@ class DraftLength:
             if min(k, limit) not in measured:
                 return Choice(min(k, limit), 0.0, 0.0)
         rates = session.rates(limit, self.pooled)
-        best = max(range(limit + 1), key=lambda k: (expected_tokens(rates, k) / self.costs.seconds(k), -k))
+
+        def rate(k: int) -> float:
+            return expected_tokens(rates, k) / (self.costs.seconds(k) + self.load.others_cost(k))
+
+        best = max(range(limit + 1), key=lambda k: (rate(k), -k))
         if best == 0 and ar_streak >= PROBE_EVERY:
-            best = max(range(1, limit + 1), key=lambda k: expected_tokens(rates, k) / self.costs.seconds(k))
+            best = max(range(1, limit + 1), key=rate)
         elif best and step % EXPLORE_EVERY == EXPLORE_EVERY - 1:
             # Keep the neighbours' costs fresh: alternately one token more and one less.
             up = (step // EXPLORE_EVERY) % 2 == 0
             best = min(best + 1, limit) if up else best - 1
         return Choice(best, expected_tokens(rates, best), self.costs.seconds(best))
 
-    def observe(self, session: Acceptance, k: int, drafted: int, accepted: int, seconds: float | None) -> None:
+    def observe(
+        self,
+        session: Acceptance,
+        k: int,
+        drafted: int,
+        accepted: int,
+        seconds: float | None,
+        verify: CallCost | None = None,
+    ) -> None:
         """A round's outcome: `k` asked, `drafted` drafted, `accepted` accepted, in `seconds` of
         wall time (None: not a sample of a round's cost, e.g. a turn's first round, which also
         prefills the prompt).
@@ -212,7 +278,10 @@ class DraftLength:
         The cost is a sample of T(min(k, drafted)): a drafter may draft less than asked (it
         stopped at low confidence; `lookup` found no repeat), and then the round cost what a
         round of that length costs (drafting nothing, a plain round). Drafting more than k is
-        a strategy's own terms (cascade's max-gram tail, slem's re-tokenized text): k then."""
+        a strategy's own terms (cascade's max-gram tail, slem's re-tokenized text): k then.
+        `verify`: the round's verify call's cost, with the batched pass it ran in (PassLoad)."""
+        if verify is not None and verify.batch_tokens:
+            self.load.observe(verify.batch_sessions, verify.batch_tokens, verify.compute_seconds)
         if drafted:
             session.observe(drafted, accepted)
             self.pooled.observe(drafted, accepted, decay=POOLED_DECAY)

@@ -271,7 +271,9 @@ class RemoteVerifier(_Remote):
         reply, sent, received, wall = await self.with_context(session_id, context, send)
         tokens = tuple(reply.tokens)
         self.tracker.acknowledge(session_id, [*context, *tokens])
-        return Verified(reply.accepted, tokens, CallCost(reply.compute_seconds, wall, sent, received))
+        cost = CallCost(reply.compute_seconds, wall, sent, received, batch_sessions=max(1, reply.batch_sessions),
+                        batch_tokens=reply.batch_tokens)  # fmt: skip
+        return Verified(reply.accepted, tokens, cost)
 
     async def verify_strings(self, session_id, context, proposals, params, seed) -> Verified:
         async def send(ctx: pb.Context) -> tuple[pb.VerifyStringsResponse, int]:

@@ -494,7 +494,8 @@ class Engine:
                     # The round's whole cost, its commit included: what a longer draft amortises.
                     # A turn's first round also prefills what the turn added: not a round's cost.
                     seconds = watch.seconds if stats.target_forwards > 1 else None
-                    adaptive.observe(session.acceptance, r.k, result.drafted, result.accepted, seconds)
+                    adaptive.observe(session.acceptance, r.k, result.drafted, result.accepted, seconds,
+                                     result.verify_cost)  # fmt: skip
         finally:
             await lookahead.close()
             stats.speculative_drafts += lookahead.started

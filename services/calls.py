@@ -2,23 +2,23 @@
 the core's worker thread with a seeded generator, and put the measured time into the
 result's cost. Shared by the drafter's and the verifier's cores.
 
-Chain passes (a verify over a draft, an `ar` step) of different sessions are batched
-(`ModelCalls.run_chain`): the calls that arrive while the worker is busy wait in a queue, and
-the next pass takes them together, oldest first, up to a token budget and one call per
-session, through Runtime.logits_batch. Sessions served together drift apart if nothing holds
+Calls of different sessions are batched (`ModelCalls.run_batched`): a verifier's verify and
+`ar` calls (`run_chain`, one Runtime.logits_batch), a drafter's proposals (grown in lockstep,
+drafter_svc/draft.propose_many). The calls that arrive while the worker is busy wait in a
+queue, and the next pass takes them together, oldest first, calls of one kind, up to a token
+budget and one call per session. Sessions served together drift apart if nothing holds
 them: the first to come back would start a pass alone while the others' calls are on their
 way. So a pass waits for the sessions of the pass before it, at most `batch_wait` seconds
 (SPECD_BATCH_WAIT_MS), and not at all when none is missing: a lone session, or a pass whose
-sessions are all back, starts at once. Each call then
-applies its own acceptance rule with its own generator, seeded by the seed it brought, never
-by its place in the batch: its output is what it would have been alone.
+sessions are all back, starts at once. Each call then applies its own acceptance rule (or
+draws its draft) with its own generator, seeded by the seed it brought, never by its place in
+the batch: its output is what it would have been alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import threading
 import time
 from collections import deque
@@ -38,7 +38,6 @@ from services.sessions import Context, ContextDelta, SessionContexts
 from services.worker import Worker
 
 R = TypeVar("R")
-log = logging.getLogger(__name__)
 
 PENDING = CallCost(0.0, 0.0)  # the cost a result is built with, replaced by the measured one in ModelCalls.run
 
@@ -186,6 +185,7 @@ class ModelCalls:
         batch = self._take_batch()
         watch = Stopwatch()
         ready: list[Batched] = []
+        tokens = 0
         for waiting in batch:
             try:
                 full = self._resolve(waiting.session_id, waiting.context)
@@ -193,6 +193,7 @@ class ModelCalls:
                 waiting.future.set_exception(err)
                 continue
             ready.append(Batched(waiting.session_id, full, waiting.item, seeded_generator(waiting.seed)))
+            tokens += waiting.size
         if not ready:
             return
         self.passes += 1
@@ -207,7 +208,8 @@ class ModelCalls:
             if isinstance(result, BaseException):
                 waiting.future.set_exception(result)
             else:
-                waiting.future.set_result(dataclasses.replace(result, cost=watch.local_cost()))
+                cost = dataclasses.replace(watch.local_cost(), batch_sessions=len(ready), batch_tokens=tokens)
+                waiting.future.set_result(dataclasses.replace(result, cost=cost))
 
     def _resolve(self, session_id: str, context: Context) -> list[int]:
         full = self.contexts.resolve(session_id, context, self.vocab_size)

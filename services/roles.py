@@ -27,6 +27,10 @@ class CallCost:
     bytes_received: int = 0
     replicas: tuple[str, ...] = ()  # the service replica(s) that answered (orchestrator/pool.py)
     failovers: int = 0  # replicas that failed before one answered
+    # The batched pass the call ran in (services/calls.py): sessions, and tokens fed in all
+    # (0: not known, or not a batched call)
+    batch_sessions: int = 1
+    batch_tokens: int = 0
 
     @property
     def network_seconds(self) -> float:

@@ -25,11 +25,13 @@ from orchestrator.adaptive import (
     START,
     Acceptance,
     DraftLength,
+    PassLoad,
     PooledAcceptance,
     RoundCosts,
     expected_tokens,
 )
 from orchestrator.strategies import DEFAULT_TREE, STRATEGIES, Backends, Lookahead, RoundInput, sized
+from services.roles import CallCost
 from services.sampling import SamplingParams
 from services.tree import TreeShape
 from verifier_svc.core import VerifierCore
@@ -132,6 +134,38 @@ def test_the_choice_follows_the_sessions_own_acceptance() -> None:
         predictable.observe(drafted=8, accepted=8)
         hard.observe(drafted=2, accepted=0)
     assert lengths.choose(predictable, step=0, limit=20).k > lengths.choose(hard, step=0, limit=20).k == 0
+
+
+def loaded(lengths: DraftLength, sessions: int, per_token: float) -> DraftLength:
+    """Rounds whose verify passes were shared by `sessions` sessions, each fed token adding
+    per_token seconds to a pass (fixed part 0.1 s), fed 16 to 80 tokens."""
+    for i in range(40):
+        tokens = 16 + 8 * (i % 9)
+        cost = CallCost(0.1 + per_token * tokens, 0.2 + per_token * tokens, batch_sessions=sessions, batch_tokens=tokens)
+        lengths.observe(Acceptance(), 0, 0, 0, None, cost)
+    return lengths
+
+
+def test_the_pass_load_is_the_sessions_per_pass_and_the_cost_of_a_token() -> None:
+    load = loaded(DraftLength(), sessions=16, per_token=0.03).load
+    assert load.per_token == pytest.approx(0.03, rel=1e-6)
+    assert load.others_cost(4) == pytest.approx(15 * 0.03 * 4, rel=1e-6)
+    same = PassLoad()
+    for _ in range(5):  # passes of one size: no slope, the mean cost of a token
+        same.observe(4, 20, 0.5)
+    assert same.per_token == pytest.approx(0.025) and PassLoad().others_cost(4) == 0.0
+
+
+def test_drafts_shrink_as_the_verifiers_batch_fills_and_stop_when_they_no_longer_pay() -> None:
+    """The same session, drafting 0.6 s + 0.05 s a token at acceptance 0.8: alone it drafts;
+    with 4 sessions a pass it drafts less; with 16 sessions on a compute-bound pass, nothing."""
+
+    def choice(sessions: int, per_token: float) -> int:
+        lengths = loaded(measured(per_token=0.05, verify=0.6, alpha=0.8), sessions, per_token)
+        return lengths.choose(Acceptance(), step=0, limit=20).k
+
+    alone, four, sixteen = choice(1, 0.01), choice(4, 0.01), choice(16, 0.03)
+    assert alone > four > sixteen == 0, (alone, four, sixteen)
 
 
 def test_a_session_decoding_plainly_probes_again() -> None:

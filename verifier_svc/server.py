@@ -29,7 +29,10 @@ class VerifierServicer(ModelServicer, pb_grpc.VerifierServicer):
             request.context.session_id, delta_from_pb(request.context), list(request.draft),
             dists_from_pb(request.q), sampling_from_pb(request.sampling), request.seed,
         )  # fmt: skip
-        return pb.VerifyResponse(accepted=v.accepted, tokens=v.tokens, compute_seconds=v.cost.compute_seconds)
+        return pb.VerifyResponse(
+            accepted=v.accepted, tokens=v.tokens, compute_seconds=v.cost.compute_seconds,
+            batch_sessions=v.cost.batch_sessions, batch_tokens=v.cost.batch_tokens,
+        )  # fmt: skip
 
     @rpc(pb.VerifyTreeResponse)
     async def VerifyTree(self, request: pb.VerifyTreeRequest) -> pb.VerifyTreeResponse:

@@ -255,16 +255,20 @@ class VerifyRequest(_message.Message):
     def __init__(self, context: _Optional[_Union[Context, _Mapping]] = ..., draft: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("context_miss", "accepted", "tokens", "compute_seconds")
+    __slots__ = ("context_miss", "accepted", "tokens", "compute_seconds", "batch_sessions", "batch_tokens")
     CONTEXT_MISS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     context_miss: bool
     accepted: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     compute_seconds: float
-    def __init__(self, context_miss: _Optional[bool] = ..., accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    batch_sessions: int
+    batch_tokens: int
+    def __init__(self, context_miss: _Optional[bool] = ..., accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., compute_seconds: _Optional[float] = ..., batch_sessions: _Optional[int] = ..., batch_tokens: _Optional[int] = ...) -> None: ...
 
 class VerifyTreeRequest(_message.Message):
     __slots__ = ("context", "tree", "sampling", "seed")
