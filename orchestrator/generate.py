@@ -30,6 +30,7 @@ from orchestrator.strategies import (
     Lookahead,
     RoundInput,
     RoundResult,
+    ar_round,
     default_k_matrix,
     k_matrix_problems,
     sd_round,
@@ -38,7 +39,7 @@ from orchestrator.strategies import (
 from orchestrator.text import TextStream
 from services.roles import CallCost, Stopwatch
 from services.runtime import ModelInfo
-from services.sampling import SamplingParams
+from services.sampling import SamplingParams, round_seed
 from services.tree import TreeShape
 
 log = logging.getLogger(__name__)
@@ -445,6 +446,7 @@ class Engine:
         stats.adaptive = adaptive is not None
         k = k or FIXED_K  # the draft length of a turn that does not adapt, when none is given
         lookahead = Lookahead()  # a pipelined strategy's next draft, begun during a verify
+        warming: asyncio.Future | None = None  # the drafter's prefill during the first round
         out = TurnOutput(TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), req.stop),
                          req.resume_from)  # fmt: skip
         text, shown = out.push(session.tokens[turn.prompt_end :])
@@ -472,7 +474,19 @@ class Engine:
                 if outgrown and not drafter_down and stats.fallback_rounds == 0:
                     log.info("session %s: %d tokens outgrow the drafter's context (%d); rounds draft with max-gram",
                              session.id, len(session.tokens), drafting_context)  # fmt: skip
-                result = await self._round(round_fn, r, stats, drafter_down or outgrown)
+                if warming is not None:  # the drafter's prefill, begun with the turn's first round
+                    await warming
+                    warming = None
+                if stats.target_forwards == 0 and spec.needs_drafter and spec.same_vocab and not (drafter_down or outgrown):
+                    # A turn's first round prefills its new tokens in the verifier; drafting
+                    # first would put the drafter's own prefill before it. So the first round
+                    # drafts nothing, and the drafter prefills meanwhile: the first token comes
+                    # after the slower of the two prefills, not after both.
+                    r = replace(r, k=0)
+                    warming = asyncio.ensure_future(self._prefill_drafter(r))
+                    result = await ar_round(self.backends, r)
+                else:
+                    result = await self._round(round_fn, r, stats, drafter_down or outgrown)
                 tokens = list(result.tokens[:room])
                 eos_at = next((i for i, t in enumerate(tokens) if t in target.eos_token_ids), None)
                 if eos_at is not None:
@@ -497,6 +511,8 @@ class Engine:
                     adaptive.observe(session.acceptance, r.k, result.drafted, result.accepted, seconds,
                                      result.verify_cost)  # fmt: skip
         finally:
+            if warming is not None:
+                warming.cancel()
             await lookahead.close()
             stats.speculative_drafts += lookahead.started
             stats.speculative_hits += lookahead.hits
@@ -507,6 +523,16 @@ class Engine:
                 session.messages.append(ChatMessage("assistant", out.stream.text))
             turn.stats = asdict(stats)
             await self._timed(stats, self.store.finish(session))
+
+    async def _prefill_drafter(self, r: RoundInput) -> None:
+        """Has the drafter feed the turn's context (a one-token draft, discarded), so the next
+        round's draft starts from its cache. A failure only costs that round the prefill."""
+        try:
+            await self.backends.drafter.propose(r.session_id, r.context, 1, r.params, round_seed(r.seed, r.step, "prefill"))
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # the round that drafts next meets the same drafter and says why
+            log.debug("session %s: the drafter's prefill failed: %s", r.session_id, err)
 
     async def _round(self, round_fn, r: RoundInput, stats: Stats, drafter_down: bool) -> RoundResult:
         """One round of the strategy; with no drafter reachable, one drafted by max-gram."""

@@ -46,6 +46,11 @@ async def run_all(core: VerifierCore, work, params=GREEDY) -> list:
     )
 
 
+async def until_queued(core: VerifierCore, n: int) -> None:
+    while core.queued < n:
+        await asyncio.sleep(0)
+
+
 def alone(runtime, work, params=GREEDY) -> list:
     """Each call on a core that never batches, one after another, every session from nothing."""
     for s, _, _ in work:
@@ -110,8 +115,7 @@ def test_a_session_released_mid_batch_is_served_then_forgotten(runtime):
 
     async def with_release():
         batch = asyncio.ensure_future(run_all(core, work))
-        while core.queued < len(work):  # the calls are queued; the release is queued behind them
-            await asyncio.sleep(0)
+        await until_queued(core, len(work))  # the release is queued behind them
         released = await core.release("s1")
         return await batch, released
 
@@ -131,8 +135,7 @@ def test_a_caller_that_gave_up_leaves_the_others_served(runtime):
 
     async def one_cancelled():
         tasks = [asyncio.ensure_future(core.verify(s, c, d, [], GREEDY, seed=100 + i)) for i, (s, c, d) in enumerate(work)]
-        while core.queued < len(work):
-            await asyncio.sleep(0)
+        await until_queued(core, len(work))
         tasks[2].cancel()
         return await asyncio.gather(*tasks, return_exceptions=True)
 

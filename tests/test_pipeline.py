@@ -163,8 +163,9 @@ def test_without_a_drafter_rounds_draft_with_maxgram_and_the_output_is_the_same(
             # a fixed draft length: an adaptive turn may time a k = 0 round, which needs no drafter
             result = generate(address, PROMPTS[2], strategy=strategy, max_new_tokens=24, options=pb.StrategyOptions(k=4))
             assert result.token_ids == expected, strategy
-            # every round that drafts (the last, with room for one token, does not)
-            assert result.stats.target_forwards - 1 <= result.stats.fallback_rounds > 0, strategy
+            # every round that drafts: not the first (the drafter prefills meanwhile) and not
+            # the last (room for one token)
+            assert result.stats.target_forwards - 2 <= result.stats.fallback_rounds > 0, strategy
         # lookup drafts in the orchestrator, where the text repeats itself: it never needs the drafter
         repeats = PROMPTS[0] + " a + b\n\n" + PROMPTS[0]
         plain = generate(address, repeats, strategy="ar", max_new_tokens=24).token_ids
@@ -178,7 +179,8 @@ def test_without_a_drafter_rounds_draft_with_maxgram_and_the_output_is_the_same(
     time.sleep(1.5)  # the orchestrator checks each replica's health every second
     back = generate(address, PROMPTS[2], strategy="sd", max_new_tokens=24)
     assert back.token_ids == expected
-    assert back.stats.fallback_rounds == 0 and back.stats.replicas == [stack.address("drafter"), stack.address("verifier")]
+    assert back.stats.fallback_rounds == 0
+    assert sorted(back.stats.replicas) == sorted([stack.address("drafter"), stack.address("verifier")])
 
 
 def test_a_verifier_down_is_unavailable_and_named_after_a_bounded_wait(stack):
