@@ -24,7 +24,8 @@ compute-bound (b near a token's whole cost) only drafts with high acceptance sti
 at some load none does: k = 0 for every session, the most tokens per second the verifier
 can give then.
 k = 0 is plain decoding (`ar`): chosen when no draft pays for itself, with a probe round
-every PROBE_EVERY rounds so that a session whose text turns predictable drafts again.
+every PROBE_EVERY rounds (times the sessions per pass, under load) so that a session whose
+text turns predictable drafts again.
 
 Why this is lossless, greedy and sampled: the choice uses only what is already committed
 (earlier rounds' acceptance) and timings, never the current round's draws. Given the
@@ -215,11 +216,14 @@ class PassLoad:
         slope = (self.ty / self.n - (self.t / self.n) * (self.y / self.n)) / var
         return min(max(slope, 0.0), mean)
 
+    @property
+    def batch(self) -> float:
+        """B: the sessions that share a pass (1 before any was measured)."""
+        return self.sessions / self.n if self.n else 1.0
+
     def others_cost(self, k: int) -> float:
         """X(k): the seconds k draft tokens add to the pass the other sessions wait for."""
-        if not self.n:
-            return 0.0
-        return max(0.0, self.sessions / self.n - 1.0) * self.per_token * k
+        return max(0.0, self.batch - 1.0) * self.per_token * k
 
 
 @dataclass(frozen=True)
@@ -254,7 +258,9 @@ class DraftLength:
             return expected_tokens(rates, k) / (self.costs.seconds(k) + self.load.others_cost(k))
 
         best = max(range(limit + 1), key=lambda k: (rate(k), -k))
-        if best == 0 and ar_streak >= PROBE_EVERY:
+        # A probe's draft lengthens the pass the other sessions wait for too: under load,
+        # probe as rarely as that cost is higher (every PROBE_EVERY rounds times B).
+        if best == 0 and ar_streak >= PROBE_EVERY * max(1.0, self.load.batch):
             best = max(range(1, limit + 1), key=rate)
         elif best and step % EXPLORE_EVERY == EXPLORE_EVERY - 1:
             # Keep the neighbours' costs fresh: alternately one token more and one less.

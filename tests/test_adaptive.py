@@ -168,6 +168,14 @@ def test_drafts_shrink_as_the_verifiers_batch_fills_and_stop_when_they_no_longer
     assert alone > four > sixteen == 0, (alone, four, sixteen)
 
 
+def test_under_load_a_plainly_decoding_session_probes_less_often() -> None:
+    """A probe's draft costs the other sessions too: with 4 sessions a pass, a session probes
+    after 4 x PROBE_EVERY plain rounds, not PROBE_EVERY."""
+    lengths = loaded(measured(per_token=0.5, alpha=0.2), sessions=4, per_token=0.01)
+    assert lengths.choose(Acceptance(), step=0, limit=20, ar_streak=PROBE_EVERY).k == 0
+    assert lengths.choose(Acceptance(), step=0, limit=20, ar_streak=4 * PROBE_EVERY).k > 0
+
+
 def test_a_session_decoding_plainly_probes_again() -> None:
     lengths = measured(per_token=0.5, alpha=0.2)
     assert lengths.choose(Acceptance(), step=0, limit=20, ar_streak=PROBE_EVERY - 1).k == 0
