@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from specd.bench.report import _f, _pct
 from specd.bench.runner import parse_system
 from specd.load import run_load
 
@@ -77,9 +78,6 @@ def render(levels: Sequence[Level], header: Sequence[str] = ()) -> str:
     """The results as markdown: one row per strategy and level, with the aggregate's ratio to
     the same strategy at concurrency 1 and to `ar` at the same concurrency."""
 
-    def ms(v: float | None) -> str:
-        return "-" if v is None else f"{v:.0f}"
-
     alone = {lv.strategy: lv.tokens_per_second for lv in levels if lv.concurrency == min(x.concurrency for x in levels)}
     ar = {lv.concurrency: lv.tokens_per_second for lv in levels if lv.strategy == "ar"}
     lines = [
@@ -91,21 +89,13 @@ def render(levels: Sequence[Level], header: Sequence[str] = ()) -> str:
     for lv in sorted(levels, key=lambda x: (x.concurrency, x.strategy != "ar", x.strategy)):
         vs_alone = lv.tokens_per_second / alone[lv.strategy] if alone.get(lv.strategy) else None
         vs_ar = lv.tokens_per_second / ar[lv.concurrency] if ar.get(lv.concurrency) else None
-        lines.append(
-            f"| {lv.strategy} | {lv.concurrency} | {lv.tokens_per_second:.1f} | "
-            f"{'-' if vs_alone is None else f'{vs_alone:.2f}'} | {'-' if vs_ar is None else f'{vs_ar:.2f}'} | "
-            f"{ms(lv.itl_p50_ms)} | {ms(lv.itl_p99_ms)} | {ms(lv.ttft_p50_ms)} | {ms(lv.ttft_p99_ms)} | "
-            f"{_num(lv.tau)} | {_num(lv.drafted_per_round)} | {_pct(lv.ar_round_share)} | {lv.requests} | {lv.errors} |"
-        )
+        cells = [
+            lv.strategy, lv.concurrency, _f(lv.tokens_per_second, 1), _f(vs_alone), _f(vs_ar),
+            *(_f(v, 0) for v in (lv.itl_p50_ms, lv.itl_p99_ms, lv.ttft_p50_ms, lv.ttft_p99_ms)),
+            _f(lv.tau), _f(lv.drafted_per_round), _pct(lv.ar_round_share), lv.requests, lv.errors,
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
-
-
-def _num(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{v:.0%}"
 
 
 def as_json(levels: Sequence[Level]) -> list[dict]:
