@@ -22,7 +22,7 @@ import dataclasses
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -39,7 +39,7 @@ from services.worker import Worker
 
 R = TypeVar("R")
 
-PENDING = CallCost(0.0, 0.0)  # the cost a result is built with, replaced by the measured one in ModelCalls.run
+PENDING = CallCost(0.0, 0.0)  # the cost a result is built with, replaced by the measured one in ModelCalls
 
 
 class ModelCalls:
@@ -65,17 +65,16 @@ class ModelCalls:
         self.max_queue = max_queue
         self.queued = 0
         self._seconds_per_call = 0.05  # a running mean, for the retry hint of a refused call
-        # chain passes waiting for the worker, and the token budget of one batched pass
-        # (0: one call per pass)
+        # the token budget of one batched pass (0: one call per pass), and the seconds a pass
+        # may wait for the sessions of the pass before
         self.max_batch_tokens = max_batch_tokens
-        self._waiting: deque[_Waiting] = deque()
-        self.batch_wait = batch_wait  # seconds a pass may wait for the sessions of the pass before
+        self.batch_wait = batch_wait
         self._lock = threading.Lock()  # guards what follows (the event loop's and the worker's threads)
-        self._arrived = threading.Condition(self._lock)  # a chain call was queued
+        self._waiting: deque[_Waiting] = deque()  # calls waiting for a batched pass
+        self._arrived = threading.Condition(self._lock)  # a call was added to _waiting
         self._drain_queued = False
         self._last_sessions: set[str] = set()
-        self.passes = 0  # batched passes run, and the calls they served (metrics: specd:batch_calls)
-        self.batched_calls = 0
+        self.passes = 0  # batched passes run
 
     async def run(
         self, session_id: str, context: Context, seed: int, work: Callable[[list[int], torch.Generator], R]
@@ -83,14 +82,7 @@ class ModelCalls:
         """work(full context, generator seeded by `seed`) on the worker thread; its result, whose
         `cost` is the time the call took there. Raises ContextMiss when a delta misses, Busy
         when max_queue calls are waiting already."""
-        self._admit()
-        self.queued += 1
-        try:
-            result = await self.worker.run(self._timed(session_id, context, seed, work))
-        finally:
-            self.queued -= 1
-        self._seconds_per_call += 0.1 * (result.cost.compute_seconds - self._seconds_per_call)
-        return result
+        return await self._admitted(lambda: self.worker.run(self._timed(session_id, context, seed, work)))
 
     async def run_chain(
         self,
@@ -127,28 +119,34 @@ class ModelCalls:
         returns one result or exception per call; this call's result, whose `cost` is the time
         from the batch's start to its end. size: tokens it adds to a pass beyond its context
         delta, for the token budget."""
-        self._admit()
-        self.queued += 1
         size += len(context.tokens) if isinstance(context, ContextDelta) else len(context)
-        waiting = _Waiting(session_id, context, seed, item, many, size)
-        with self._lock:
-            self._waiting.append(waiting)
-            self._arrived.notify_all()
-            start = not self._drain_queued
-            self._drain_queued = True
-        if start:
-            self.worker.submit(self._drain)
+
+        def enqueue() -> asyncio.Future:
+            waiting = _Waiting(session_id, context, seed, item, many, size)
+            with self._lock:
+                self._waiting.append(waiting)
+                self._arrived.notify_all()
+                start = not self._drain_queued
+                self._drain_queued = True
+            if start:
+                self.worker.submit(self._drain)
+            return asyncio.wrap_future(waiting.future)
+
+        return await self._admitted(enqueue)
+
+    async def _admitted(self, start: Callable[[], Awaitable[R]]) -> R:
+        """start()'s result, counted among the queued calls while it waits or runs; Busy,
+        without starting it, when max_queue calls are queued already."""
+        if self.max_queue and self.queued >= self.max_queue:
+            wait = self.queued * self._seconds_per_call
+            raise Busy(f"{self.queued} calls are queued here (SPECD_MAX_QUEUE); try again in {wait:.2f}s", wait)
+        self.queued += 1
         try:
-            result = await asyncio.wrap_future(waiting.future)
+            result = await start()
         finally:
             self.queued -= 1
         self._seconds_per_call += 0.1 * (result.cost.compute_seconds - self._seconds_per_call)
         return result
-
-    def _admit(self) -> None:
-        if self.max_queue and self.queued >= self.max_queue:
-            wait = self.queued * self._seconds_per_call
-            raise Busy(f"{self.queued} calls are queued here (SPECD_MAX_QUEUE); try again in {wait:.2f}s", wait)
 
     def _take_batch(self) -> list[_Waiting]:
         """The next pass's calls, on the worker: the oldest waiting call, then later ones of
@@ -184,22 +182,21 @@ class ModelCalls:
     def _drain(self) -> None:
         batch = self._take_batch()
         watch = Stopwatch()
+        served: list[_Waiting] = []
         ready: list[Batched] = []
-        tokens = 0
         for waiting in batch:
             try:
                 full = self._resolve(waiting.session_id, waiting.context)
             except Exception as err:  # this call's own error (a context miss, bad ids)
                 waiting.future.set_exception(err)
                 continue
+            served.append(waiting)
             ready.append(Batched(waiting.session_id, full, waiting.item, seeded_generator(waiting.seed)))
-            tokens += waiting.size
         if not ready:
             return
+        tokens = sum(waiting.size for waiting in served)
         self.passes += 1
-        self.batched_calls += len(ready)
         BATCH_CALLS.observe(len(ready))
-        served = [w for w in batch if not w.future.done()]
         try:
             results = batch[0].many(ready)
         except Exception as err:

@@ -215,10 +215,7 @@ class LlamaRuntime:
         _check_n_last(n_last, len(seq))
         seq = list(seq)
         slot = self._slot(session_id)
-        self._settle(slot, seq)
-        keep = min(common_prefix_len(slot.tokens, seq), len(seq) - n_last)
-        self._truncate(slot, keep)
-        observe_pass(keep, len(seq) - keep)
+        self._reuse(slot, seq, n_last)
         rows: list[torch.Tensor] = []
         while len(slot.tokens) < len(seq):  # chunks of n_batch; the last n_last get logits
             start = len(slot.tokens)
@@ -245,10 +242,7 @@ class LlamaRuntime:
         entries: list[tuple[int, int, tuple[int, ...]]] = []
         wanted: list[bool] = []
         for call, seq, slot in zip(calls, seqs, slots):
-            self._settle(slot, seq)
-            keep = min(common_prefix_len(slot.tokens, seq), len(seq) - call.n_last)
-            self._truncate(slot, keep)
-            observe_pass(keep, len(seq) - keep)
+            keep = self._reuse(slot, seq, call.n_last)
             entries += [(token, keep + i, (slot.seq,)) for i, token in enumerate(seq[keep:])]
             wanted += [i >= len(seq) - keep - call.n_last for i in range(len(seq) - keep)]
         if len(entries) > self.n_batch:
@@ -257,6 +251,15 @@ class LlamaRuntime:
         for seq, slot in zip(seqs, slots):
             slot.tokens = seq
         return list(rows.split([call.n_last for call in calls]))
+
+    def _reuse(self, slot: Slot, seq: list[int], n_last: int) -> int:
+        """Cuts a session's cache back to what a pass over seq reuses: the common prefix, less
+        the positions whose logits are asked for (always fed); how many tokens it keeps."""
+        self._settle(slot, seq)
+        keep = min(common_prefix_len(slot.tokens, seq), len(seq) - n_last)
+        self._truncate(slot, keep)
+        observe_pass(keep, len(seq) - keep)
+        return keep
 
     def tree_logits(self, session_id: str, context: Sequence[int], tree: Tree, n_last: int) -> torch.Tensor:
         n = len(tree)
