@@ -123,6 +123,83 @@ def quantize_model(model: nn.Module) -> int:
     return replace_linears(model, Int8Linear)
 
 
+# -- projections that read one input, as one GEMM ---------------------------------------------
+
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # sibling linears of one input
+
+
+class StackedInt8(nn.Module):
+    """The int8 rows of several linears that read the same input, stacked into one Int8Linear:
+    one activation quantization and one fbgemm call instead of one per projection.
+
+    Every output channel is its own int8 dot product (exact) times its own weight scale and
+    the row's activation scale, so the stacked result is bitwise the parts' results side by
+    side (tests/test_runtime.py). The model keeps calling its projections by name: each is a
+    StackedPart that takes its columns of the stacked output, computed on the first part's
+    call and dropped once every part has read it (the parts are called one after another on
+    the same input tensor, as transformers' attention and MLP modules do)."""
+
+    def __init__(self, parts: list[Int8Linear]) -> None:
+        super().__init__()
+        unpacked = [torch.ops.quantized.linear_unpack(p._packed)[0] for p in parts]
+        q = torch.cat([w.int_repr() for w in unpacked])
+        scale = torch.cat([w.q_per_channel_scales().float() for w in unpacked])
+        biases = [p.bias for p in parts]
+        if all(b is None for b in biases):
+            bias = None
+        else:
+            bias = torch.cat([torch.zeros(p.out_features) if b is None else b for p, b in zip(parts, biases)])
+        self.linear = Int8Linear.from_quantized(q, scale, bias)
+        self.parts = len(parts)
+        self._input: Tensor | None = None
+        self._output: Tensor | None = None
+        self._reads = 0
+
+    def columns(self, x: Tensor, start: int, end: int) -> Tensor:
+        if self._input is not x:
+            self._input, self._output, self._reads = x, self.linear(x), 0
+        out = self._output[..., start:end]
+        self._reads += 1
+        if self._reads == self.parts:
+            self._input = self._output = None
+        return out
+
+
+class StackedPart(nn.Module):
+    """One projection of a StackedInt8: its columns start:end of the stacked output."""
+
+    def __init__(self, stacked: StackedInt8, start: int, end: int) -> None:
+        super().__init__()
+        self._stacked = [stacked]  # a list: the stack is registered once, by its owner
+        self.start, self.end = start, end
+        self.in_features, self.out_features = stacked.linear.in_features, end - start
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._stacked[0].columns(x, self.start, self.end)
+
+
+def stack_projections(model: nn.Module) -> int:
+    """Stacks the int8 projections that read one input (FUSED: q, k, v; gate, up) in every
+    module that has them all; returns how many stacks it made. Outputs are unchanged, bitwise.
+    Measured on the 1.5B target (2 threads, after 200 tokens of context): 28 layers' q, k, v,
+    gate and up alone, 25.8 ms as separate calls, 20.5 ms stacked; a whole one-token pass
+    87.4 -> 84.7 ms, a pass over 5 tokens 120.2 -> 119.2 ms (two runs each, interleaved)."""
+    made = 0
+    for owner in list(model.modules()):
+        for names in FUSED:
+            parts = [getattr(owner, name, None) for name in names]
+            if not all(isinstance(p, Int8Linear) for p in parts):
+                continue
+            stacked = StackedInt8(parts)
+            owner.add_module("stacked_" + "_".join(n.removesuffix("_proj") for n in names), stacked)
+            start = 0
+            for name, part in zip(names, parts):
+                setattr(owner, name, StackedPart(stacked, start, start + part.out_features))
+                start += part.out_features
+            made += 1
+    return made
+
+
 # -- attention that computes every query row alone ------------------------------------------
 
 ROWWISE = "specd_rowwise"  # the name it is registered under with transformers

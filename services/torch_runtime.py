@@ -319,7 +319,9 @@ def _from_pretrained(path: Path, dtype: torch.dtype) -> torch.nn.Module:
 def _load_int8(path: Path) -> torch.nn.Module:
     """The int8 model of a folder: from its cache when that was made from these weights,
     else quantized now and cached (when the folder is writable)."""
-    from services.int8 import CACHE_NAME, load_quantized, quantize_model, save_quantized, use_rowwise_attention
+    from services.int8 import (
+        CACHE_NAME, load_quantized, quantize_model, save_quantized, stack_projections, use_rowwise_attention,
+    )  # fmt: skip
 
     source = _weights_id(path)
     cache = path / CACHE_NAME
@@ -333,6 +335,8 @@ def _load_int8(path: Path) -> torch.nn.Module:
             log.info("cached the int8 weights in %s", cache)
         except OSError as err:
             log.warning("could not cache the int8 weights in %s (%s): the next start quantizes again", cache, err)
+    stack_projections(model)
+    _trim_heap()
     use_rowwise_attention(model)
     return model
 
@@ -352,9 +356,6 @@ def _release_checkpoint(model: torch.nn.Module) -> None:
     checkpoint go. What kept its tensors (norms, biases) may be views of the checkpoint's
     memory map, which would keep the whole file mapped; they get copies of their own, and
     the freed heap memory goes back to the OS (glibc would keep it otherwise)."""
-    import ctypes
-    import gc
-
     with torch.no_grad():
         for param in model.parameters():
             param.data = param.data.clone()
@@ -362,6 +363,14 @@ def _release_checkpoint(model: torch.nn.Module) -> None:
             for name, buffer in module.named_buffers(recurse=False):
                 if buffer is not None and not buffer.is_mkldnn:
                     setattr(module, name, buffer.clone())
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Collects, and hands the heap's free memory back to the OS (glibc keeps it otherwise)."""
+    import ctypes
+    import gc
+
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

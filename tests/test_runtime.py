@@ -259,6 +259,33 @@ def test_int8_keeps_the_fp32_models_choices_mostly(tiny_pair, int8):
 
 
 @torch.inference_mode()
+def test_stacked_projections_change_no_bit(tiny_pair, int8):
+    """The int8 runtime stacks q, k, v and gate, up into one GEMM each (services/int8.py):
+    its logits are bitwise those of the same int8 model calling them one by one, in a
+    prefill, a decode step and a packed pass of two sessions."""
+    from services.int8 import StackedPart, quantize_model, use_rowwise_attention
+    from services.packed import Segment, packed_forward
+    from services.torch_runtime import _new_cache
+
+    parts = [m for m in int8.model.modules() if isinstance(m, StackedPart)]
+    assert len(parts) == 5 * int8.model.config.num_hidden_layers
+    separate = AutoModelForCausalLM.from_pretrained(tiny_pair.target_dir, dtype=torch.float32).eval()
+    quantize_model(separate)
+    use_rowwise_attention(separate)
+    models = (int8.model, separate)
+    seq = list(range(40, 80))
+    caches = [_new_cache(m) for m in models]
+    prefill = [m(torch.tensor([seq]), past_key_values=c, use_cache=True).logits for m, c in zip(models, caches)]
+    assert torch.equal(*prefill)
+    step = [m(torch.tensor([[7]]), past_key_values=c, use_cache=True).logits for m, c in zip(models, caches)]
+    assert torch.equal(*step)
+    packed = [
+        packed_forward(m, [Segment(c, len(seq) + 1, [3, 4, 5], 3), Segment(_new_cache(m), 0, seq[:9], 2)])
+        for m, c in zip(models, caches)
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(*packed))
+
+@torch.inference_mode()
 def test_onednn_linears_agree_with_torch(tiny_pair):
     from services.torch_runtime import use_onednn_linears
 
