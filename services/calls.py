@@ -13,6 +13,13 @@ way. So a pass waits for the sessions of the pass before it, at most `batch_wait
 sessions are all back, starts at once. Each call then applies its own acceptance rule (or
 draws its draft) with its own generator, seeded by the seed it brought, never by its place in
 the batch: its output is what it would have been alone.
+
+A call that brings a long uncached context (a new turn's prompt) would stall every session
+sharing its pass for the whole prefill. So when other sessions' calls share the pass or wait,
+a chain pass feeds at most `prefill_chunk` uncached context tokens in all (SPECD_PREFILL_CHUNK,
+given to the oldest calls first, beside every call's draft); a call it fed only part of goes
+back to the front of the queue for the next pass (chunked prefill). Alone, a call feeds
+everything at once: a lone session pays nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from services.context import common_prefix_len
 from services.errors import BadRequest, Busy
 from services.metrics import BATCH_CALLS
 from services.roles import CallCost, Stopwatch
@@ -40,6 +48,7 @@ from services.worker import Worker
 R = TypeVar("R")
 
 PENDING = CallCost(0.0, 0.0)  # the cost a result is built with, replaced by the measured one in ModelCalls
+FED_IN_PART = object()  # a batch's result for a call whose pass fed only a chunk of its context
 
 
 class ModelCalls:
@@ -55,6 +64,7 @@ class ModelCalls:
         max_queue: int = 0,
         max_batch_tokens: int = 0,
         batch_wait: float = 0.0,
+        prefill_chunk: int = 0,
     ) -> None:
         self.runtime = runtime
         self.contexts = SessionContexts(max_sessions)
@@ -69,12 +79,14 @@ class ModelCalls:
         # may wait for the sessions of the pass before
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait = batch_wait
+        self.prefill_chunk = prefill_chunk  # uncached tokens a shared chain pass feeds per call (0: all)
         self._lock = threading.Lock()  # guards what follows (the event loop's and the worker's threads)
         self._waiting: deque[_Waiting] = deque()  # calls waiting for a batched pass
         self._arrived = threading.Condition(self._lock)  # a call was added to _waiting
         self._drain_queued = False
         self._last_sessions: set[str] = set()
         self.passes = 0  # batched passes run
+        self.chunks = 0  # calls a pass fed only part of (chunked prefill)
 
     async def run(
         self, session_id: str, context: Context, seed: int, work: Callable[[list[int], torch.Generator], R]
@@ -96,30 +108,51 @@ class ModelCalls:
         module's docstring): finish(full context, logits (k+1, V) after the context's last
         token and each draft token, generator seeded by `seed`) on the worker thread; its
         result, whose `cost` is the time from the batch's start to this call's finish."""
-        return await self.run_batched(session_id, context, seed, (draft, finish), len(draft), self._chain_passes)
+        most = self.prefill_chunk + len(draft) + 1 if self.prefill_chunk else 0
+        return await self.run_batched(session_id, context, seed, (draft, finish), len(draft), self._chain_passes, most)
 
     def _chain_passes(self, calls: list[Batched]) -> list[object]:
-        """The batch of run_chain: one Runtime.logits_batch, then each call's finish."""
-        rows = self.runtime.logits_batch(
-            [ChainCall(c.session_id, [*c.full, *c.item[0]], len(c.item[0]) + 1) for c in calls]
-        )
+        """The batch of run_chain: one Runtime.logits_batch, then each call's finish; a call
+        whose pass fed only part of its context (or none of it) gets FED_IN_PART instead."""
+        with self._lock:
+            shared = len(calls) > 1 or bool(self._waiting)
+        budget = self.prefill_chunk if shared and self.prefill_chunk else None
+        chains: dict[int, ChainCall] = {}
+        for i, c in enumerate(calls):  # oldest first: the oldest prefill gets the budget first
+            seq, n_last = [*c.full, *c.item[0]], len(c.item[0]) + 1
+            if budget is None:
+                chains[i] = ChainCall(c.session_id, seq, n_last)
+                continue
+            held = min(common_prefix_len(self.runtime.cached(c.session_id)[0], seq), len(seq) - n_last)
+            uncached = len(seq) - n_last - held  # context to feed before the rows asked for
+            if uncached <= budget:
+                chains[i] = ChainCall(c.session_id, seq, n_last)
+            elif budget:
+                chains[i] = ChainCall(c.session_id, seq[: held + budget], 1)
+            budget -= min(uncached, budget)
+        rows = dict(zip(chains, self.runtime.logits_batch(list(chains.values()))))
         out: list[object] = []
-        for c, logits in zip(calls, rows):
+        for i, c in enumerate(calls):
+            if i not in chains or len(chains[i].seq) < len(c.full) + len(c.item[0]):
+                out.append(FED_IN_PART)
+                continue
             try:
-                out.append(c.item[1](c.full, logits, c.generator))
+                out.append(c.item[1](c.full, rows[i], c.generator))
             except Exception as err:  # this call's own failure
                 out.append(err)
         return out
 
     async def run_batched(
-        self, session_id: str, context: Context, seed: int, item: object, size: int, many: Many
+        self, session_id: str, context: Context, seed: int, item: object, size: int, many: Many, most: int = 0
     ) -> R:
         """A call that runs batched with other sessions' calls of the same `many` (see the
         module's docstring): many(calls) on the worker thread, each call's context resolved,
-        returns one result or exception per call; this call's result, whose `cost` is the time
-        from the batch's start to its end. size: tokens it adds to a pass beyond its context
-        delta, for the token budget."""
+        returns one result or exception per call (FED_IN_PART: run it again in the next
+        pass); this call's result, whose `cost` is the time from its last pass's start to its
+        end. size: tokens it adds to a pass beyond its context delta, for the token budget;
+        most: the most one pass feeds for it (0: no limit)."""
         size += len(context.tokens) if isinstance(context, ContextDelta) else len(context)
+        size = min(size, most) if most else size
 
         def enqueue() -> asyncio.Future:
             waiting = _Waiting(session_id, context, seed, item, many, size)
@@ -165,7 +198,7 @@ class ModelCalls:
                     continue
                 fits = not batch or (tokens + waiting.size <= self.max_batch_tokens and waiting.many == batch[0].many)
                 if fits and waiting.session_id not in sessions:
-                    if not waiting.future.set_running_or_notify_cancel():
+                    if not waiting.future.running() and not waiting.future.set_running_or_notify_cancel():
                         continue
                     batch.append(waiting)
                     sessions.add(waiting.session_id)
@@ -186,10 +219,11 @@ class ModelCalls:
         ready: list[Batched] = []
         for waiting in batch:
             try:
-                full = self._resolve(waiting.session_id, waiting.context)
+                full = waiting.full if waiting.full is not None else self._resolve(waiting.session_id, waiting.context)
             except Exception as err:  # this call's own error (a context miss, bad ids)
                 waiting.future.set_exception(err)
                 continue
+            waiting.full = full
             served.append(waiting)
             ready.append(Batched(waiting.session_id, full, waiting.item, seeded_generator(waiting.seed)))
         if not ready:
@@ -201,12 +235,27 @@ class ModelCalls:
             results = batch[0].many(ready)
         except Exception as err:
             results = [err] * len(ready)
+        self._again([waiting for waiting, result in zip(served, results) if result is FED_IN_PART])
         for waiting, result in zip(served, results):
+            if result is FED_IN_PART:
+                continue
             if isinstance(result, BaseException):
                 waiting.future.set_exception(result)
             else:
                 cost = dataclasses.replace(watch.local_cost(), batch_sessions=len(ready), batch_tokens=tokens)
                 waiting.future.set_result(dataclasses.replace(result, cost=cost))
+
+    def _again(self, calls: list[_Waiting]) -> None:
+        """Puts calls a pass fed only in part back at the front of the queue, oldest first."""
+        if not calls:
+            return
+        with self._lock:
+            self._waiting.extendleft(reversed(calls))
+            self.chunks += len(calls)
+            start = not self._drain_queued
+            self._drain_queued = True
+        if start:
+            self.worker.submit(self._drain)
 
     def _resolve(self, session_id: str, context: Context) -> list[int]:
         full = self.contexts.resolve(session_id, context, self.vocab_size)
@@ -258,3 +307,4 @@ class _Waiting:
     many: Many
     size: int  # tokens it may feed: its context delta and what it adds
     future: Future = dataclasses.field(default_factory=Future)
+    full: list[int] | None = None  # its context, once resolved (a call fed in chunks keeps it)

@@ -95,6 +95,10 @@ class ModelServiceConfig:
     # SPECD_BATCH_WAIT_MS: how long a batched pass may wait for the sessions of the pass before
     # it to send their next call (none missing: no wait)
     batch_wait_ms: float = 20.0
+    # SPECD_PREFILL_CHUNK (verifier): uncached context tokens a pass feeds in all while several
+    # sessions' calls share it or wait, oldest first; the rest in the passes after (chunked
+    # prefill, services/calls.py); 0 = no limit
+    prefill_chunk: int = 64
     grace_seconds: float = 5.0  # SPECD_GRACE_SECONDS: time in-flight calls get on shutdown
     # SPECD_SECOND_STAGE: max-gram tokens a drafter feeds ahead of need while growing a tree
     # (staged's second stage; saves drafter passes where the max-gram model guesses right); 0 = off
@@ -134,6 +138,7 @@ class ModelServiceConfig:
             max_draft=_int(env, "SPECD_MAX_DRAFT", 64, minimum=1),
             max_queue=_int(env, "SPECD_MAX_QUEUE", 64),
             max_batch_tokens=_int(env, "SPECD_MAX_BATCH_TOKENS", 256),
+            prefill_chunk=_int(env, "SPECD_PREFILL_CHUNK", 64),
             batch_wait_ms=_float(env, "SPECD_BATCH_WAIT_MS", 20.0, zero=True),
             grace_seconds=_float(env, "SPECD_GRACE_SECONDS", 5.0),
             second_stage=_int(env, "SPECD_SECOND_STAGE", 4),

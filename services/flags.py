@@ -63,6 +63,7 @@ MODEL_SERVICE = (
     Setting("SPECD_MAX_QUEUE", "calls that may wait for the model; more get RESOURCE_EXHAUSTED and a retry hint (0 = no bound)", "64"),
     Setting("SPECD_MAX_BATCH_TOKENS", "tokens one pass may feed for the calls of different sessions batched into it; 0 = one call per pass", "256"),
     Setting("SPECD_BATCH_WAIT_MS", "how long a batched pass may wait for the sessions of the pass before it", "20"),
+    Setting("SPECD_PREFILL_CHUNK", "verifier: uncached context tokens a pass shared by several sessions feeds (chunked prefill); 0 = no limit", "64"),
     Setting("SPECD_SECOND_STAGE", "drafters: max-gram tokens fed ahead while growing a tree; 0 = off", "4"),
     Setting("SPECD_DRAFT_MIN_CONFIDENCE", "drafters: stop a draft before a position whose top probability is below this", "0"),
     Setting("SPECD_TARGET_TOKENIZER", "drafters: the target's tokenizer; a drafter of another vocabulary translates to it"),

@@ -14,7 +14,7 @@ import pytest
 
 from services.errors import ContextMiss
 from services.sampling import SamplingParams
-from services.context import ContextDelta, fingerprint
+from services.context import ContextDelta, common_prefix_len, fingerprint
 from services.tree import Tree
 from verifier_svc.core import VerifierCore
 
@@ -175,6 +175,74 @@ def test_calls_of_one_session_never_share_a_pass(runtime):
     assert core._calls.passes == 2
     assert core.contexts.state("same").context == [*context, *second.tokens]
     runtime.release("same")
+
+
+def ar_steps(core: VerifierCore, session: str, context: list[int], steps: int, draft: list[int] = ()):
+    """A session's `steps` rounds (the first with `draft`, then `ar`), each over what the last
+    committed; the tokens of each round."""
+
+    async def run() -> list[list[int]]:
+        held, out = list(context), []
+        for step in range(steps):
+            v = await core.verify(session, held, list(draft) if step == 0 else [], [], GREEDY, step)
+            held += v.tokens
+            out.append(v.tokens)
+        return out
+
+    return run()
+
+
+class FedTokens:
+    """A runtime that records, per batched pass, its calls and the uncached context tokens
+    they fed before the rows they asked for."""
+
+    def __init__(self, runtime) -> None:
+        self.runtime = runtime
+        self.passes: list[tuple[int, int]] = []  # (calls, uncached context tokens fed)
+
+    def __getattr__(self, name):
+        return getattr(self.runtime, name)
+
+    def logits_batch(self, calls):
+        fed = 0
+        for c in calls:
+            held = min(common_prefix_len(self.runtime.cached(c.session_id)[0], c.seq), len(c.seq) - c.n_last)
+            fed += len(c.seq) - c.n_last - held
+        self.passes.append((len(calls), fed))
+        return self.runtime.logits_batch(calls)
+
+
+def test_long_prefills_are_fed_in_chunks_while_others_share_their_passes(runtime):
+    """With other sessions decoding, two 70-token contexts share 8 uncached tokens a pass
+    (the others' steps ride along), and every session gets what it gets alone; a lone long
+    call is fed at once."""
+    longs, draft = {"long0": list(range(100, 170)), "long1": list(range(200, 270))}, [7, 9]
+    shorts = {f"d{i}": list(range(20 + i, 30 + i)) for i in range(3)}
+    reference = VerifierCore(runtime, max_batch_tokens=0)
+    expected = {s: asyncio.run(ar_steps(reference, s, c, 6)) for s, c in shorts.items()}
+    expected |= {s: asyncio.run(ar_steps(reference, s, c, 1, draft)) for s, c in longs.items()}
+    for s in expected:
+        runtime.release(s)
+    recorded = FedTokens(runtime)
+    core = VerifierCore(recorded, prefill_chunk=8, batch_wait=0.5)
+
+    async def together():
+        return await asyncio.gather(
+            *(ar_steps(core, s, c, 6) for s, c in shorts.items()),
+            *(ar_steps(core, s, c, 1, draft) for s, c in longs.items()),
+        )
+
+    got = asyncio.run(together())
+    assert dict(zip([*shorts, *longs], got)) == expected
+    shared = [fed for calls, fed in recorded.passes if calls > 1]
+    assert max(shared) <= 8 and sum(shared) >= 3 * 8, f"uncached tokens fed by shared passes: {shared}"
+    assert core._calls.chunks >= 3
+    runtime.release("long0")
+    lone = VerifierCore(runtime, prefill_chunk=8)
+    assert asyncio.run(ar_steps(lone, "long0", longs["long0"], 1, draft)) == expected["long0"]
+    assert lone._calls.chunks == 0 and lone._calls.passes == 1
+    for s in expected:
+        runtime.release(s)
 
 
 # ---------------------------------------------------------------- over real processes

@@ -38,15 +38,17 @@ class VerifierCore:
         max_queue: int = 0,
         max_batch_tokens: int = 256,
         batch_wait: float = 0.0,
+        prefill_chunk: int = 0,
     ) -> None:
         self.runtime = runtime
         self.max_draft = max_draft  # longest draft, most tree nodes, and the slrs tree budget
         # worker: the thread the runtime was loaded on, in a service; max_queue: calls that may
-        # wait for it before more are refused (0: no bound); max_batch_tokens and batch_wait
-        # (seconds): how verify calls of several sessions share passes (services/calls.py)
+        # wait for it before more are refused (0: no bound); max_batch_tokens, batch_wait
+        # (seconds) and prefill_chunk: how verify calls of several sessions share passes
+        # (services/calls.py)
         self._calls = ModelCalls(
             runtime, max_sessions, runtime.info.vocab_size, worker or Worker("verifier"), max_queue=max_queue,
-            max_batch_tokens=max_batch_tokens, batch_wait=batch_wait,
+            max_batch_tokens=max_batch_tokens, batch_wait=batch_wait, prefill_chunk=prefill_chunk,
         )  # fmt: skip
         self.contexts = self._calls.contexts
         self._strings: slrs.PrefixIndex | None = None  # the target vocabulary as bytes, built on first use

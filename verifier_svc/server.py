@@ -60,6 +60,7 @@ def build_core(config: ModelServiceConfig, worker: Worker) -> VerifierCore:
     return VerifierCore(
         runtime, max_draft=config.max_draft, max_sessions=config.max_sessions, worker=worker,
         max_queue=config.max_queue, max_batch_tokens=config.max_batch_tokens, batch_wait=config.batch_wait_ms / 1000,
+        prefill_chunk=config.prefill_chunk,
     )  # fmt: skip
 
 
