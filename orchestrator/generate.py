@@ -474,7 +474,10 @@ class Engine:
                 if outgrown and not drafter_down and stats.fallback_rounds == 0:
                     log.info("session %s: %d tokens outgrow the drafter's context (%d); rounds draft with max-gram",
                              session.id, len(session.tokens), drafting_context)  # fmt: skip
-                if warming is not None:  # the drafter's prefill, begun with the turn's first round
+                if warming is not None and r.k:
+                    # The drafter's prefill, begun with the turn's first round: a round that
+                    # drafts waits for it; one that does not (adaptive chose k = 0: under load,
+                    # where the drafter's queue is long) goes on without it.
                     await warming
                     warming = None
                 if stats.target_forwards == 0 and spec.needs_drafter and spec.same_vocab and not (drafter_down or outgrown):

@@ -24,6 +24,7 @@ from orchestrator.adaptive import (
     PROBE_EVERY,
     START,
     Acceptance,
+    Choice,
     DraftLength,
     PassLoad,
     PooledAcceptance,
@@ -361,3 +362,57 @@ def test_an_adaptive_cascade_round_that_drafts_nothing_is_plain_decoding() -> No
     r = sized("cascade", RoundInput("s", CONTEXT, SamplingParams(), 0, 0, 4, k_matrix=((4,),)), 0)
     result = asyncio.run(STRATEGIES["cascade"].run(backends, r))
     assert r.k_matrix == ((0,),) and result.drafted == 0 and len(result.tokens) == 1
+
+
+class SlowPrefill(DrafterCore):
+    """A drafter whose first call (the turn's prefill, begun beside the first round) answers
+    after `delay` seconds, as a drafter with a long queue does."""
+
+    delay = 3.0
+
+    async def propose(self, session_id, context, k, params, seed):
+        if not getattr(self, "_slowed", False):
+            self._slowed = True
+            await asyncio.sleep(self.delay)
+        return await super().propose(session_id, context, k, params, seed)
+
+
+class Plain(DraftLength):
+    """Adaptive draft length that finds no draft worth its cost (a loaded verifier)."""
+
+    def choose(self, session, step, limit, ar_streak=0):
+        return Choice(0, 1.0, 0.0)
+
+
+def test_a_round_that_drafts_nothing_does_not_wait_for_the_drafters_prefill(tiny_pair) -> None:
+    """The drafter prefills a turn beside its first round; the rounds after it that draft
+    nothing go on without waiting for that prefill, and the output is ar's."""
+    from transformers import AutoTokenizer
+
+    from orchestrator.generate import Engine, GenerationRequest, Limits, TextChunk
+    from orchestrator.store import ChatMessage
+    from services.torch_runtime import load_torch
+    from specd.bench.runner import MemoryStore
+
+    def runtime(folder):
+        return load_torch(folder, dtype="float64", device="cpu", max_sessions=4, threads=1)
+
+    drafter = SlowPrefill(runtime(tiny_pair.drafter_dir), q_top=V)
+    engine = Engine(
+        tokenizer=AutoTokenizer.from_pretrained(tiny_pair.target_dir), store=MemoryStore(),
+        backends=Backends(VerifierCore(runtime(tiny_pair.target_dir)), drafter),
+        limits=Limits(default_strategy="sd", default_k=0, default_max_new_tokens=6, max_new_tokens_limit=64),
+    )  # fmt: skip
+    engine.draft_lengths["sd"] = Plain()
+
+    async def turn(strategy: str) -> tuple[list[int], float]:
+        request = GenerationRequest(messages=(ChatMessage("user", "hello there"),), max_new_tokens=6, strategy=strategy)
+        started, ids = asyncio.get_running_loop().time(), []
+        async for event in engine.generate(request):
+            if isinstance(event, TextChunk):
+                ids += event.token_ids
+        return ids, asyncio.get_running_loop().time() - started
+
+    (plain, _), (ids, seconds) = asyncio.run(turn("ar")), asyncio.run(turn("sd"))
+    assert ids == plain
+    assert seconds < SlowPrefill.delay, f"the turn took {seconds:.1f} s: a plain round waited for the prefill"
