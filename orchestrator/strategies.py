@@ -438,7 +438,7 @@ async def staged_round(backends: Backends, r: RoundInput) -> RoundResult:
     when greedy, draws without replacement when sampling; drafter_svc.draft.propose_tree, whose
     own passes are sped up by a second stage of max-gram speculation), and the target
     verifies the whole tree in one pass with a tree attention mask, keeping only the accepted
-    path in its KV cache (verifier_svc.verify.verify_tree).
+    path in its KV cache (verifier_svc/core.py, verify_tree).
 
     Lossless: greedy keeps the longest path of target argmaxes; sampling walks the tree with
     recursive rejection sampling, exact at every node (services/multidraft.py).

@@ -2,8 +2,8 @@
 the core's worker thread with a seeded generator, and put the measured time into the
 result's cost. Shared by the drafter's and the verifier's cores.
 
-Calls of different sessions are batched (`ModelCalls.run_batched`): a verifier's verify and
-`ar` calls (`run_chain`, one Runtime.logits_batch), a drafter's proposals (grown in lockstep,
+Calls of different sessions are batched (`ModelCalls.run_batched`): a verifier's verify, tree
+and `ar` calls (`run_pass`, one Runtime.logits_batch), a drafter's proposals (grown in lockstep,
 drafter_svc/draft.propose_many). The calls that arrive while the worker is busy wait in a
 queue, and the next pass takes them together, oldest first, calls of one kind, up to a token
 budget and one call per session. Sessions served together drift apart if nothing holds
@@ -40,9 +40,10 @@ from services.context import common_prefix_len
 from services.errors import BadRequest, Busy
 from services.metrics import BATCH_CALLS
 from services.roles import CallCost, Stopwatch
-from services.runtime import ChainCall, Runtime
+from services.runtime import ChainCall, PassCall, Runtime, TreeCall
 from services.sampling import seeded_generator
 from services.sessions import Context, ContextDelta, SessionContexts
+from services.tree import Tree
 from services.worker import Worker
 
 R = TypeVar("R")
@@ -96,44 +97,50 @@ class ModelCalls:
         when max_queue calls are waiting already."""
         return await self._admitted(lambda: self.worker.run(self._timed(session_id, context, seed, work)))
 
-    async def run_chain(
+    async def run_pass(
         self,
         session_id: str,
         context: Context,
         seed: int,
-        draft: list[int],
+        draft: list[int] | Tree,
         finish: Callable[[list[int], torch.Tensor, torch.Generator], R],
     ) -> R:
-        """A pass over the context and then `draft`, batched with other sessions' (see the
-        module's docstring): finish(full context, logits (k+1, V) after the context's last
-        token and each draft token, generator seeded by `seed`) on the worker thread; its
-        result, whose `cost` is the time from the batch's start to this call's finish."""
-        most = self.prefill_chunk + len(draft) + 1 if self.prefill_chunk else 0
-        return await self.run_batched(session_id, context, seed, (draft, finish), len(draft), self._chain_passes, most)
+        """A pass over the context and then `draft` (a chain, or a tree with a tree attention
+        mask), batched with other sessions' (see the module's docstring): finish(full context,
+        logits (N+1, V) after the context's last token and each draft token or node, generator
+        seeded by `seed`) on the worker thread; its result, whose `cost` is the time from its
+        last pass's start to its finish. Only a chain's context is fed in chunks."""
+        most = self.prefill_chunk + len(draft) + 1 if self.prefill_chunk and not isinstance(draft, Tree) else 0
+        return await self.run_batched(session_id, context, seed, (draft, finish), len(draft), self._passes, most)
 
-    def _chain_passes(self, calls: list[Batched]) -> list[object]:
-        """The batch of run_chain: one Runtime.logits_batch, then each call's finish; a call
+    def _passes(self, calls: list[Batched]) -> list[object]:
+        """The batch of run_pass: one Runtime.logits_batch, then each call's finish; a call
         whose pass fed only part of its context (or none of it) gets FED_IN_PART instead."""
         with self._lock:
             shared = len(calls) > 1 or bool(self._waiting)
         budget = self.prefill_chunk if shared and self.prefill_chunk else None
-        chains: dict[int, ChainCall] = {}
+        passes: dict[int, PassCall] = {}
         for i, c in enumerate(calls):  # oldest first: the oldest prefill gets the budget first
-            seq, n_last = [*c.full, *c.item[0]], len(c.item[0]) + 1
+            draft = c.item[0]
+            if isinstance(draft, Tree):
+                passes[i] = TreeCall(c.session_id, c.full, draft, len(draft) + 1)
+                continue
+            seq, n_last = [*c.full, *draft], len(draft) + 1
             if budget is None:
-                chains[i] = ChainCall(c.session_id, seq, n_last)
+                passes[i] = ChainCall(c.session_id, seq, n_last)
                 continue
             held = min(common_prefix_len(self.runtime.cached(c.session_id)[0], seq), len(seq) - n_last)
             uncached = len(seq) - n_last - held  # context to feed before the rows asked for
             if uncached <= budget:
-                chains[i] = ChainCall(c.session_id, seq, n_last)
+                passes[i] = ChainCall(c.session_id, seq, n_last)
             elif budget:
-                chains[i] = ChainCall(c.session_id, seq[: held + budget], 1)
+                passes[i] = ChainCall(c.session_id, seq[: held + budget], 1)
             budget -= min(uncached, budget)
-        rows = dict(zip(chains, self.runtime.logits_batch(list(chains.values()))))
+        rows = dict(zip(passes, self.runtime.logits_batch(list(passes.values()))))
         out: list[object] = []
         for i, c in enumerate(calls):
-            if i not in chains or len(chains[i].seq) < len(c.full) + len(c.item[0]):
+            call = passes.get(i)
+            if call is None or (isinstance(call, ChainCall) and len(call.seq) < len(c.full) + len(c.item[0])):
                 out.append(FED_IN_PART)
                 continue
             try:

@@ -67,7 +67,9 @@ from services.context import common_prefix_len
 from services.metrics import observe_pass
 from services.errors import BadRequest
 from services.lru import Lru
-from services.runtime import ChainCall, ModelInfo, check_batch, eos_token_ids, gguf_file, tokenizer_fingerprint
+from services.runtime import (
+    ChainCall, ModelInfo, PassCall, TreeCall, alone, check_batch, eos_token_ids, gguf_file, tokenizer_fingerprint,
+)  # fmt: skip
 from services.torch_runtime import TREE_PREFILL, _check_n_last, _check_path, continued_path
 from services.tree import ROOT, Tree
 
@@ -226,15 +228,20 @@ class LlamaRuntime:
             slot.tokens += chunk
         return torch.cat(rows)  # (n_last, V)
 
-    def logits_batch(self, calls: Sequence[ChainCall]) -> list[torch.Tensor]:
-        """See services/runtime.py: one llama_decode over every call's new tokens, each in its
-        session's sequence, with logits at each call's last n_last tokens (a drafter's step for
-        many sessions). Every session of the batch is in the cache for it (put back if parked);
-        other sessions are parked as for one. One pass per call when the batch holds more
-        sessions than the cache keeps, or more tokens than a llama_decode takes."""
+    def logits_batch(self, calls: Sequence[PassCall]) -> list[torch.Tensor]:
+        """See services/runtime.py: one llama_decode over every chain call's new tokens, each
+        in its session's sequence, with logits at each call's last n_last tokens (a drafter's
+        step for many sessions); a tree call in a pass of its own. Every session of the batch
+        is in the cache for it (put back if parked); other sessions are parked as for one. One
+        pass per call when the batch holds more sessions than the cache keeps, or more tokens
+        than a llama_decode takes."""
         check_batch(calls)
+        if any(isinstance(call, TreeCall) for call in calls):
+            chains = [call for call in calls if isinstance(call, ChainCall)]
+            rows = iter(self.logits_batch(chains))
+            return [next(rows) if isinstance(call, ChainCall) else alone(self, call) for call in calls]
         if len(calls) < 2 or len(calls) > self._slots.capacity:
-            return [self.logits(call.session_id, call.seq, call.n_last) for call in calls]
+            return [alone(self, call) for call in calls]
         seqs = [list(call.seq) for call in calls]
         for call, seq in zip(calls, seqs):
             _check_n_last(call.n_last, len(seq))
@@ -246,7 +253,7 @@ class LlamaRuntime:
             entries += [(token, keep + i, (slot.seq,)) for i, token in enumerate(seq[keep:])]
             wanted += [i >= len(seq) - keep - call.n_last for i in range(len(seq) - keep)]
         if len(entries) > self.n_batch:
-            return [self.logits(call.session_id, call.seq, call.n_last) for call in calls]
+            return [alone(self, call) for call in calls]
         rows = self._decode(entries, wanted, keep_sessions={call.session_id for call in calls})
         for seq, slot in zip(seqs, slots):
             slot.tokens = seq

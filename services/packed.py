@@ -8,6 +8,9 @@ linears and the LM head, and only attention is done per session, over that sessi
 KV cache (a transformers DynamicCache it keeps between calls, as an unbatched pass does).
 No padding, no copy of any cache.
 
+A session's part may be a draft tree (a staged verify): its tokens carry their depth-based
+positions and a tree attention mask, as an unbatched tree pass does.
+
 Each row comes out as an unbatched pass would give it:
 - the int8 linears (services/int8.py) and the norms compute every row by itself;
 - attention is services/int8.rowwise_attention, row by row over the row's own keys, as the
@@ -40,12 +43,16 @@ LAYOUTS = ("llama", "mistral", "qwen2", "qwen3")
 @dataclass
 class Segment:
     """One session's part of a packed pass: `tokens` fed after `start` cached positions of
-    `cache`, and the logits of its last `n_last` tokens wanted."""
+    `cache`, and the logits of its last `n_last` tokens wanted. A draft tree's segment gives
+    its tokens' positions (depth-based) and which cached and fed entries each may attend to
+    (services/tree.attention_bias); a chain's attend causally from start on."""
 
     cache: object  # a transformers DynamicCache holding exactly `start` positions
     start: int
     tokens: list[int]
     n_last: int
+    positions: torch.Tensor | None = None  # (len(tokens),) position ids; None: start, start + 1, ...
+    mask: torch.Tensor | None = None  # (len(tokens), start + len(tokens)): bool, or additive (0 = attend)
 
 
 def packable(model: torch.nn.Module) -> bool:
@@ -74,8 +81,7 @@ def packed_forward(model: torch.nn.Module, segments: Sequence[Segment]) -> list[
         fed += seg.tokens
     hidden = inner.embed_tokens(torch.tensor([fed], dtype=torch.long, device=device))  # (1, T, H)
     rotary = [
-        inner.rotary_emb(hidden[:, a:b], torch.arange(seg.start, seg.start + b - a, device=device)[None])
-        for seg, (a, b) in zip(segments, bounds)
+        inner.rotary_emb(hidden[:, a:b], _positions(seg, device)[None]) for seg, (a, b) in zip(segments, bounds)
     ]  # per segment: cos, sin (1, t, D)
     for layer in inner.layers[: model.config.num_hidden_layers]:
         residual = hidden
@@ -108,5 +114,12 @@ def _attention(
     for seg, (a, b), (cos, sin) in zip(segments, bounds, rotary):
         q_seg, k_seg = rope(q[:, :, a:b], k[:, :, a:b], cos, sin)
         keys, values = seg.cache.update(k_seg, v[:, :, a:b], attn.layer_idx)
-        out[:, a:b], _ = rowwise_attention(attn, q_seg, keys, values, None, scaling=attn.scaling)
+        mask = None if seg.mask is None else seg.mask[None, None]  # (1, 1, t, S)
+        out[:, a:b], _ = rowwise_attention(attn, q_seg, keys, values, mask, scaling=attn.scaling)
     return attn.o_proj(out.reshape(1, x.shape[1], -1))
+
+
+def _positions(seg: Segment, device: torch.device) -> torch.Tensor:
+    if seg.positions is not None:
+        return seg.positions.to(device)
+    return torch.arange(seg.start, seg.start + len(seg.tokens), device=device)

@@ -71,11 +71,31 @@ class ChainCall:
     n_last: int
 
 
-def check_batch(calls: Sequence[ChainCall]) -> None:
+@dataclass(frozen=True)
+class TreeCall:
+    """One session's draft tree in a batched pass (Runtime.logits_batch): what `tree_logits` takes."""
+
+    session_id: str
+    context: Sequence[int]
+    tree: Tree
+    n_last: int
+
+
+PassCall = ChainCall | TreeCall
+
+
+def check_batch(calls: Sequence[PassCall]) -> None:
     """A batch's calls extend one cache each: two calls of one session cannot share a pass."""
     sessions = [call.session_id for call in calls]
     if len(set(sessions)) < len(sessions):
         raise ValueError("a batch holds at most one call per session")
+
+
+def alone(runtime: Runtime, call: PassCall) -> torch.Tensor:
+    """One call of a batch in a pass of its own: `logits` or `tree_logits`."""
+    if isinstance(call, TreeCall):
+        return runtime.tree_logits(call.session_id, call.context, call.tree, call.n_last)
+    return runtime.logits(call.session_id, call.seq, call.n_last)
 
 
 class Runtime(Protocol):
@@ -92,10 +112,11 @@ class Runtime(Protocol):
         """
         ...
 
-    def logits_batch(self, calls: Sequence[ChainCall]) -> list[torch.Tensor]:
-        """`logits` of several sessions (one call each) in one pass where the runtime can:
-        per call what `logits` alone returns, within the runtime's near-tie bound (bitwise on
-        torch int8). How a verifier serves many sessions at the cost of few passes."""
+    def logits_batch(self, calls: Sequence[PassCall]) -> list[torch.Tensor]:
+        """`logits` (ChainCall) and `tree_logits` (TreeCall) of several sessions (one call
+        each) in one pass where the runtime can: per call what it returns alone, within the
+        runtime's near-tie bound (bitwise on torch int8). How a verifier serves many sessions
+        at the cost of few passes."""
         ...
 
     def tree_logits(self, session_id: str, context: Sequence[int], tree: Tree, n_last: int) -> torch.Tensor:

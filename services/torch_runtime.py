@@ -23,7 +23,7 @@ from services.context import common_prefix_len
 from services.metrics import observe_pass
 from services.lru import Lru
 from services.packed import Segment, packable, packed_forward
-from services.runtime import ChainCall, ModelInfo, check_batch, eos_token_ids, tokenizer_fingerprint
+from services.runtime import ModelInfo, PassCall, TreeCall, alone, check_batch, eos_token_ids, tokenizer_fingerprint
 from services.tree import ROOT, Tree, attention_bias
 
 log = logging.getLogger(__name__)
@@ -83,23 +83,31 @@ class TorchRuntime:
         return _float_rows(out.logits[0, -n_last:])  # (n_last, V)
 
     @torch.inference_mode()
-    def logits_batch(self, calls: Sequence[ChainCall]) -> list[torch.Tensor]:
-        """See services/runtime.py: the sessions' new tokens in one packed pass
-        (services/packed.py) when the model's layout allows, else one pass each."""
+    def logits_batch(self, calls: Sequence[PassCall]) -> list[torch.Tensor]:
+        """See services/runtime.py: the sessions' new tokens, chains and draft trees, in one
+        packed pass (services/packed.py) when the model's layout allows, else one pass each."""
         check_batch(calls)
         if len(calls) < 2 or not self._packable:
-            return [self.logits(call.session_id, call.seq, call.n_last) for call in calls]
+            return [alone(self, call) for call in calls]
         states: list[KvState] = []
         segments: list[Segment] = []
         for call in calls:
-            seq = list(call.seq)
-            state, keep = self._reuse(call.session_id, seq, call.n_last)
-            observe_pass(keep, len(seq) - keep)
+            if isinstance(call, TreeCall):
+                state, segment = self._tree_segment(call.session_id, call.context, call.tree, call.n_last)
+            else:
+                seq = list(call.seq)
+                state, keep = self._reuse(call.session_id, seq, call.n_last)
+                observe_pass(keep, len(seq) - keep)
+                segment = Segment(state.cache, keep, seq[keep:], call.n_last)
             states.append(state)
-            segments.append(Segment(state.cache, keep, seq[keep:], call.n_last))
+            segments.append(segment)
         rows = packed_forward(self.model, segments)
         for state, call in zip(states, calls):
-            state.tokens = list(call.seq)  # (a state a larger batch evicted from the LRU is dropped after)
+            # (a state a larger batch evicted from the LRU is dropped after)
+            if isinstance(call, TreeCall):
+                state.tokens, state.tree = list(call.context), (call.tree if len(call.tree) else None)
+            else:
+                state.tokens = list(call.seq)
         return [_float_rows(r) for r in rows]
 
     def _reuse(self, session_id: str, seq: list[int], n_last: int) -> tuple[KvState, int]:
@@ -119,10 +127,25 @@ class TorchRuntime:
     @torch.inference_mode()
     def tree_logits(self, session_id: str, context: Sequence[int], tree: Tree, n_last: int) -> torch.Tensor:
         """See services/runtime.py. One pass with a tree attention mask and depth-based
-        position ids (services/tree.py). A long uncached stretch of context (a new session's
-        prompt) is first prefilled by an ordinary causal pass, so the tree pass and its mask
-        stay small; a short one (the tokens the last round committed) rides along in the tree
-        pass, which saves a pass per round."""
+        position ids (services/tree.py; prepared by _tree_segment)."""
+        state, segment = self._tree_segment(session_id, context, tree, n_last)
+        out = self.model(
+            input_ids=torch.tensor([segment.tokens], device=self.device),  # (1, T)
+            attention_mask=segment.mask[None, None],  # (1, 1, T, S)
+            position_ids=segment.positions[None],  # (1, T)
+            past_key_values=state.cache,
+            use_cache=True,
+            logits_to_keep=n_last,
+        )
+        state.cache = out.past_key_values
+        state.tokens, state.tree = list(context), (tree if len(tree) else None)
+        return _float_rows(out.logits[0, -n_last:])  # (n_last, V)
+
+    def _tree_segment(self, session_id: str, context: Sequence[int], tree: Tree, n_last: int) -> tuple[KvState, Segment]:
+        """A tree pass's part, with the session's cache cut to what it reuses. A long uncached
+        stretch of context (a new session's prompt) is first prefilled by an ordinary causal
+        pass, so the tree pass and its mask stay small; a short one (the tokens the last round
+        committed) rides along in the tree pass, which saves a pass per round."""
         n = len(tree)
         if not context:
             raise ValueError("a tree pass needs a context")
@@ -149,19 +172,10 @@ class TorchRuntime:
             if held > cached_context + cached_nodes:
                 state.cache.crop(cached_context + cached_nodes - held)
         bias, positions = attention_bias(tree, len(context), cached_context, cached_nodes, self.model.dtype)
-        fed = torch.tensor([context[cached_context:] + list(tree.tokens[cached_nodes:])], device=self.device)  # (1, T)
-        observe_pass(cached_context + cached_nodes, fed.shape[1])
-        out = self.model(
-            input_ids=fed,
-            attention_mask=bias.to(self.device),  # (1, 1, T, S)
-            position_ids=positions.to(self.device),  # (1, T)
-            past_key_values=state.cache,
-            use_cache=True,
-            logits_to_keep=n_last,
-        )
-        state.cache = out.past_key_values
-        state.tokens, state.tree = context, (tree if n else None)
-        return _float_rows(out.logits[0, -n_last:])  # (n_last, V)
+        fed = context[cached_context:] + list(tree.tokens[cached_nodes:])
+        observe_pass(cached_context + cached_nodes, len(fed))
+        start = cached_context + cached_nodes
+        return state, Segment(state.cache, start, fed, n_last, positions[0].to(self.device), bias[0, 0].to(self.device))
 
     def keep_path(self, session_id: str, path: Sequence[int]) -> None:
         self._keep_path(self._state(session_id), list(path))

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from services.runtime import ChainCall, ModelInfo
+from services.runtime import ModelInfo, PassCall, alone
 from services.tree import Tree
 
 
@@ -28,8 +28,8 @@ class TableRuntime:
     def logits(self, session_id: str, seq: Sequence[int], n_last: int) -> torch.Tensor:
         return self.table[len(seq) - n_last : len(seq)]  # (n_last, V)
 
-    def logits_batch(self, calls: Sequence[ChainCall]) -> list[torch.Tensor]:
-        return [self.logits(call.session_id, call.seq, call.n_last) for call in calls]
+    def logits_batch(self, calls: Sequence[PassCall]) -> list[torch.Tensor]:
+        return [alone(self, call) for call in calls]
 
     def tree_logits(self, session_id: str, context: Sequence[int], tree: Tree, n_last: int) -> torch.Tensor:
         rows = [len(context) - 1] + [len(context) - 1 + d for d in tree.depths()]  # by position

@@ -8,11 +8,13 @@ concurrent sessions each produce the target's own greedy output."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from services.errors import ContextMiss
+from services.runtime import ChainCall
 from services.sampling import SamplingParams
 from services.context import ContextDelta, common_prefix_len, fingerprint
 from services.tree import Tree
@@ -66,6 +68,29 @@ def alone(runtime, work, params=GREEDY) -> list:
     return out
 
 
+class FedTokens:
+    """A runtime that records, per batched pass, its calls, the uncached context tokens its
+    chain calls fed before the rows they asked for, and its kinds of call."""
+
+    def __init__(self, runtime) -> None:
+        self.runtime = runtime
+        self.passes: list[tuple[int, int]] = []  # (calls, uncached context tokens fed)
+        self.kinds: list[set[str]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.runtime, name)
+
+    def logits_batch(self, calls):
+        fed = 0
+        for c in calls:
+            if isinstance(c, ChainCall):
+                held = min(common_prefix_len(self.runtime.cached(c.session_id)[0], c.seq), len(c.seq) - c.n_last)
+                fed += len(c.seq) - c.n_last - held
+        self.passes.append((len(calls), fed))
+        self.kinds.append({type(c).__name__ for c in calls})
+        return self.runtime.logits_batch(calls)
+
+
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 def test_concurrent_calls_share_passes_and_get_what_they_get_alone(runtime, params):
     work = calls(8)
@@ -90,20 +115,28 @@ def test_a_tree_call_and_a_context_miss_among_batched_calls(runtime):
     tree = Tree(tokens=(7, 8, 5), parents=(-1, -1, 0))
     tree_alone = asyncio.run(VerifierCore(runtime).verify_tree("tree", list(range(50, 70)), tree, [], GREEDY, 0))
     runtime.release("tree")
-    core = VerifierCore(runtime)
+    recorded = FedTokens(runtime)
+    core = VerifierCore(recorded)
+    gate = threading.Event()
+    core._calls.worker.submit(gate.wait)  # the worker is busy until every call waits
 
     async def mixed():
-        return await asyncio.gather(
+        task = asyncio.gather(
             run_all(core, work),
             core.verify_tree("tree", list(range(50, 70)), tree, [], GREEDY, 0),
             core.verify("unknown", delta("unknown", list(range(10)), [3]), [4], [], GREEDY, 0),
             return_exceptions=True,
         )
+        await until_queued(core, len(work) + 2)
+        gate.set()
+        return await task
 
     chains, tree_got, miss = asyncio.run(mixed())
     assert [v.tokens for v in chains] == [v.tokens for v in expected]
     assert tree_got.tokens == tree_alone.tokens
     assert isinstance(miss, ContextMiss)
+    assert any(kinds == {"ChainCall", "TreeCall"} for kinds in recorded.kinds), "the tree never shared a pass"
+    assert runtime.cached("tree")[1] == 0, "the tree's cache kept more than its accepted path"
     for s in [*(s for s, _, _ in work), "tree"]:
         runtime.release(s)
 
@@ -192,26 +225,6 @@ def ar_steps(core: VerifierCore, session: str, context: list[int], steps: int, d
     return run()
 
 
-class FedTokens:
-    """A runtime that records, per batched pass, its calls and the uncached context tokens
-    they fed before the rows they asked for."""
-
-    def __init__(self, runtime) -> None:
-        self.runtime = runtime
-        self.passes: list[tuple[int, int]] = []  # (calls, uncached context tokens fed)
-
-    def __getattr__(self, name):
-        return getattr(self.runtime, name)
-
-    def logits_batch(self, calls):
-        fed = 0
-        for c in calls:
-            held = min(common_prefix_len(self.runtime.cached(c.session_id)[0], c.seq), len(c.seq) - c.n_last)
-            fed += len(c.seq) - c.n_last - held
-        self.passes.append((len(calls), fed))
-        return self.runtime.logits_batch(calls)
-
-
 def test_long_prefills_are_fed_in_chunks_while_others_share_their_passes(runtime):
     """With other sessions decoding, two 70-token contexts share 8 uncached tokens a pass
     (the others' steps ride along), and every session gets what it gets alone; a lone long
@@ -278,7 +291,7 @@ def batch_calls(url: str) -> tuple[float, float]:
 PROMPTS = [f"def f{i}(x):\n    y = x * {i}\n    return" for i in range(8)]
 
 
-@pytest.mark.parametrize("strategy", ["ar", "sd"])
+@pytest.mark.parametrize("strategy", ["ar", "sd", "staged"])
 def test_eight_concurrent_sessions_produce_the_targets_greedy_tokens(stack, strategy):
     from client import generate
 

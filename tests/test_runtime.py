@@ -58,8 +58,8 @@ def close(rt, a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool((a.double() - b.double()).abs().max() <= rt.tolerance)
 
 
-def path_seq(tree: Tree, node: int) -> list[int]:
-    return CONTEXT + [tree.tokens[i] for i in tree.path(node)]
+def path_seq(tree: Tree, node: int, context: list[int] = CONTEXT) -> list[int]:
+    return context + [tree.tokens[i] for i in tree.path(node)]
 
 
 def test_logits_match_a_fresh_pass_whatever_the_cache_held(runtime):
@@ -222,6 +222,34 @@ def test_a_batch_next_to_a_tree_keeps_both_caches(runtime):
     assert close(runtime, rows[1][0], fresh(runtime, CONTEXT))
     runtime.release("t")
     runtime.release("u")
+
+
+def test_a_tree_shares_a_batch_with_chains(runtime):
+    """A draft tree in a batch (a staged verify among other sessions' verify calls) gives
+    what its own tree pass gives, each node what the chain along its path gives; the cache
+    then holds the context and the tree, and keeping a path makes it a chain again. On torch
+    int8 the rows are bitwise those of its own tree pass."""
+    from services.runtime import ChainCall, TreeCall
+
+    alone = runtime.tree_logits("own", CONTEXT[:-1] + [4], TREE, len(TREE) + 1)
+    runtime.release("own")
+    runtime.logits("verify", CONTEXT[:12], 1)
+    calls = [ChainCall("verify", CONTEXT[:12] + [7, 8], 3), TreeCall("tree", CONTEXT[:-1] + [4], TREE, len(TREE) + 1),
+             ChainCall("new", CONTEXT[:9], 1)]  # fmt: skip
+    chain, tree, new = runtime.logits_batch(calls)
+    assert close(runtime, chain[2], fresh(runtime, CONTEXT[:12] + [7, 8]))
+    assert close(runtime, new[0], fresh(runtime, CONTEXT[:9]))
+    assert close(runtime, tree, alone)
+    if runtime.kind == "torch-int8":
+        assert torch.equal(tree, alone)
+    for node in range(len(TREE)):
+        assert close(runtime, tree[1 + node], fresh(runtime, path_seq(TREE, node, CONTEXT[:-1] + [4]))), node
+    assert runtime.cached("tree") == (CONTEXT[:-1] + [4], len(TREE))
+    runtime.keep_path("tree", [0, 2])
+    step = runtime.logits("tree", path_seq(TREE, 2, CONTEXT[:-1] + [4]) + [3], 1)
+    assert close(runtime, step[0], fresh(runtime, path_seq(TREE, 2, CONTEXT[:-1] + [4]) + [3]))
+    for session in ("verify", "tree", "new"):
+        runtime.release(session)
 
 
 # ---------------------------------------------------------------- what one runtime promises

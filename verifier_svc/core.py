@@ -24,7 +24,7 @@ from services.sampling import SamplingParams, SparseDist
 from services.sessions import Context
 from services.tree import Tree
 from services.worker import Worker
-from verifier_svc.verify import string_index, verify_strings, verify_tree
+from verifier_svc.verify import string_index, tree_verdict, verify_strings
 
 
 class VerifierCore:
@@ -86,7 +86,7 @@ class VerifierCore:
             self.contexts.commit(session_id, [*full, *v.tokens])
             return Verified(v.accepted, v.tokens, PENDING)
 
-        return await self._calls.run_chain(session_id, context, seed, draft, finish)
+        return await self._calls.run_pass(session_id, context, seed, draft, finish)
 
     async def verify_tree(
         self,
@@ -97,7 +97,8 @@ class VerifierCore:
         params: SamplingParams,
         seed: int,
     ) -> Verified:
-        """A draft tree checked in one pass with a tree attention mask (staged)."""
+        """A draft tree checked in one pass with a tree attention mask (staged), which may be
+        shared with other sessions' verify calls (services/calls.py)."""
         vocab = self.runtime.info.vocab_size
         check_token_ids(tree.tokens, vocab, "tree.tokens")
         check_draft_length(len(tree), self.max_draft, "a tree")
@@ -107,12 +108,13 @@ class VerifierCore:
             if q_i is not None:
                 check_token_ids(q_i.ids.tolist(), vocab, f"tree q[{i}].ids")
 
-        def work(full: list[int], generator: torch.Generator) -> Verified:
-            v = verify_tree(self.runtime, session_id, full, tree, list(q), params, generator)
+        def finish(full: list[int], logits: torch.Tensor, generator: torch.Generator) -> Verified:
+            v = tree_verdict(tree, list(q), logits, params, generator)
+            self.runtime.keep_path(session_id, v.path)
             self.contexts.commit(session_id, [*full, *v.tokens])
             return Verified(v.accepted, v.tokens, PENDING)
 
-        return await self._calls.run(session_id, context, seed, work)
+        return await self._calls.run_pass(session_id, context, seed, tree, finish)
 
     async def verify_strings(
         self,

@@ -1,9 +1,9 @@
-"""Verification of a tree: one target pass over the draft tree, then the acceptance rule.
+"""The acceptance rules of a draft tree and of drafted strings over the target's passes.
 
-Plain functions over a runtime (services/runtime.py) and a session's full context; the
-verifier's core (verifier_svc/core.py) resolves context deltas, seeds and times them. A chain
-draft is verified there directly: its pass may be batched with other sessions'
-(services/calls.py), and services.acceptance.accept runs on its rows."""
+Plain functions over a runtime (services/runtime.py) or its logits and a session's full
+context; the verifier's core (verifier_svc/core.py) resolves context deltas, seeds and times
+them. Chain and tree drafts have their passes there, where they may be batched with other
+sessions' (services/calls.py); services.acceptance.accept and tree_verdict run on their rows."""
 
 from __future__ import annotations
 
@@ -24,29 +24,17 @@ from services.vocab import token_bytes
 log = logging.getLogger(__name__)
 
 
-def verify_tree(
-    runtime: Runtime,
-    session_id: str,
-    context: list[int],
-    tree: Tree,
-    q: Sequence[SparseDist | None],
-    params: SamplingParams,
-    generator: torch.Generator,
+def tree_verdict(
+    tree: Tree, q: Sequence[SparseDist | None], logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
 ) -> TreeVerdict:
-    """Verifies a draft tree after the context in one target pass.
-
-    The pass uses a tree attention mask and depth-based position ids (Runtime.tree_logits)
-    and yields p after the context and after every node; greedy keeps the longest path of
-    target argmaxes, sampling walks the tree with recursive rejection sampling
-    (services/multidraft.py). The KV cache then keeps only the accepted path.
-    """
-    logits = runtime.tree_logits(session_id, context, tree, len(tree) + 1)  # (N+1, V)
+    """What the target's logits (N+1, V) after the context and each node accept of a draft
+    tree - from one pass with a tree attention mask and depth-based position ids
+    (Runtime.tree_logits, or a TreeCall in Runtime.logits_batch): greedy the longest path of
+    target argmaxes, sampling a walk of the tree with recursive rejection sampling
+    (services/multidraft.py). The caller then has the KV cache keep only the accepted path."""
     if params.greedy:
-        verdict = verify_tree_greedy(tree, logits.argmax(dim=-1).tolist())
-    else:
-        verdict = verify_tree_sampled(tree, list(q), target_probs(logits, params), generator)
-    runtime.keep_path(session_id, verdict.path)
-    return verdict
+        return verify_tree_greedy(tree, logits.argmax(dim=-1).tolist())
+    return verify_tree_sampled(tree, list(q), target_probs(logits, params), generator)
 
 
 def string_index(tokenizer, rows: int) -> slrs.PrefixIndex:
