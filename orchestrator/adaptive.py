@@ -66,6 +66,7 @@ EXPLORE_EVERY = 10  # every this many rounds, one round drafts one token more (o
 # committed tokens), so T(0) extrapolated from longer drafts would make plain decoding look
 # dearer than it is.
 START = (4, 2, 0)
+SHARED_PASS = 2.0  # sessions per verifier pass from which a round without a draft drafts nothing at all
 
 
 @dataclass
@@ -231,6 +232,10 @@ class Choice:
     k: int
     expected_tokens: float
     seconds: float  # the round's predicted wall time; 0 while the costs are still being measured
+    # k = 0 with passes shared by SHARED_PASS sessions or more: no draft at all, not even the
+    # tokens a strategy drafts for free besides k (cascade's statistical levels), since under
+    # load every fed token costs the pass the other sessions wait for
+    plain: bool = False
 
 
 class DraftLength:
@@ -266,7 +271,8 @@ class DraftLength:
             # Keep the neighbours' costs fresh: alternately one token more and one less.
             up = (step // EXPLORE_EVERY) % 2 == 0
             best = min(best + 1, limit) if up else best - 1
-        return Choice(best, expected_tokens(rates, best), self.costs.seconds(best))
+        plain = best == 0 and self.load.batch >= SHARED_PASS
+        return Choice(best, expected_tokens(rates, best), self.costs.seconds(best), plain)
 
     def observe(
         self,

@@ -468,7 +468,7 @@ class Engine:
                 )  # fmt: skip
                 if adaptive is not None:
                     choice = adaptive.choose(session.acceptance, session.step, room - 1, session.ar_streak)
-                    r = sized(stats.strategy, r, choice.k)
+                    r = sized(stats.strategy, r, choice.k, choice.plain)
                 fallbacks = stats.fallback_rounds
                 outgrown = bool(drafting_context) and len(session.tokens) + _draft_cells(r) >= drafting_context
                 if outgrown and not drafter_down and stats.fallback_rounds == 0:

@@ -81,16 +81,17 @@ class RoundResult:
     verify_cost: CallCost
 
 
-def sized(strategy: str, r: RoundInput, k: int) -> RoundInput:
+def sized(strategy: str, r: RoundInput, k: int, plain: bool = False) -> RoundInput:
     """The round with draft length k, in the strategy's own terms: `sd` and the foreign
     vocabularies draft k tokens; `cascade` gives its top drafter k tokens of the target's
     draft (row 0 of the k-matrix: k = 0 leaves only the statistical levels' tokens, nearly
-    free); `staged` grows its tree k deep (extra depths single paths)."""
+    free; `plain`, none at all: plain decoding); `staged` grows its tree k deep (extra depths
+    single paths)."""
     k = min(k, r.max_draft)
     if strategy == "cascade":
         levels = r.k_matrix or ()
         if levels:
-            top = (k, *levels[0][1:])
+            top = (0,) * len(levels[0]) if plain and k == 0 else (k, *levels[0][1:])
             return replace(r, k=k, k_matrix=(top, *levels[1:]))
         return replace(r, k=k)
     if strategy == "staged":

@@ -161,12 +161,14 @@ def test_drafts_shrink_as_the_verifiers_batch_fills_and_stop_when_they_no_longer
     """The same session, drafting 0.6 s + 0.05 s a token at acceptance 0.8: alone it drafts;
     with 4 sessions a pass it drafts less; with 16 sessions on a compute-bound pass, nothing."""
 
-    def choice(sessions: int, per_token: float) -> int:
+    def choice(sessions: int, per_token: float) -> Choice:
         lengths = loaded(measured(per_token=0.05, verify=0.6, alpha=0.8), sessions, per_token)
-        return lengths.choose(Acceptance(), step=0, limit=20).k
+        return lengths.choose(Acceptance(), step=0, limit=20)
 
     alone, four, sixteen = choice(1, 0.01), choice(4, 0.01), choice(16, 0.03)
-    assert alone > four > sixteen == 0, (alone, four, sixteen)
+    assert alone.k > four.k > sixteen.k == 0, (alone, four, sixteen)
+    # Under that load no draft at all: not even the tokens a strategy drafts for free besides k.
+    assert sixteen.plain and not four.plain and not alone.plain
 
 
 def test_under_load_a_plainly_decoding_session_probes_less_often() -> None:
@@ -206,6 +208,8 @@ def test_sized_sets_each_strategys_own_draft_length() -> None:
     r = RoundInput("s", [1, 2], SamplingParams(), 0, 0, 4, k_matrix=((4, 2), (0, 3)))
     assert sized("sd", r, 7).k == 7
     assert sized("cascade", r, 6).k_matrix == ((6, 2), (0, 3))
+    assert sized("cascade", r, 0).k_matrix == ((0, 2), (0, 3))  # max-gram's tokens, nearly free alone
+    assert sized("cascade", r, 0, plain=True).k_matrix == ((0, 0), (0, 3))  # none under load
     assert sized("staged", r, 2).tree == TreeShape(DEFAULT_TREE.branching[:2], DEFAULT_TREE.budget)
     deep = sized("staged", r, 7).tree
     assert deep.branching == (*DEFAULT_TREE.branching, 1, 1) and deep.budget == DEFAULT_TREE.budget + 2
