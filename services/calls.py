@@ -16,10 +16,10 @@ the batch: its output is what it would have been alone.
 
 A call that brings a long uncached context (a new turn's prompt) would stall every session
 sharing its pass for the whole prefill. So when other sessions' calls share the pass or wait,
-a chain pass feeds at most `prefill_chunk` uncached context tokens in all (SPECD_PREFILL_CHUNK,
-given to the oldest calls first, beside every call's draft); a call it fed only part of goes
-back to the front of the queue for the next pass (chunked prefill). Alone, a call feeds
-everything at once: a lone session pays nothing.
+a pass feeds its chain calls at most `prefill_chunk` uncached context tokens in all
+(SPECD_PREFILL_CHUNK, given to the oldest calls first, beside every call's draft); a call it
+fed only part of goes back to the front of the queue for the next pass (chunked prefill).
+Alone, a call feeds everything at once: a lone session pays nothing.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class ModelCalls:
         # may wait for the sessions of the pass before
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait = batch_wait
-        self.prefill_chunk = prefill_chunk  # uncached tokens a shared chain pass feeds per call (0: all)
+        self.prefill_chunk = prefill_chunk  # uncached context tokens a shared pass feeds in all (0: no limit)
         self._lock = threading.Lock()  # guards what follows (the event loop's and the worker's threads)
         self._waiting: deque[_Waiting] = deque()  # calls waiting for a batched pass
         self._arrived = threading.Condition(self._lock)  # a call was added to _waiting
