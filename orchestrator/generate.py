@@ -143,6 +143,8 @@ class Limits:
     max_new_tokens_limit: int
     default_k_matrix: tuple[tuple[int, ...], ...] = ()  # `cascade`; empty = strategies.default_k_matrix
     default_tree: TreeShape | None = None  # `staged`; None = strategies.DEFAULT_TREE
+    # the drafter prefills a turn beside its first round (SPECD_OVERLAP_PREFILL)
+    overlap_prefill: bool = False
 
 
 @dataclass(frozen=True)
@@ -480,11 +482,13 @@ class Engine:
                     # where the drafter's queue is long) goes on without it.
                     await warming
                     warming = None
-                if stats.target_forwards == 0 and spec.needs_drafter and spec.same_vocab and not (drafter_down or outgrown):
+                first = stats.target_forwards == 0 and self.limits.overlap_prefill
+                if first and spec.needs_drafter and spec.same_vocab and not (drafter_down or outgrown):
                     # A turn's first round prefills its new tokens in the verifier; drafting
-                    # first would put the drafter's own prefill before it. So the first round
-                    # drafts nothing, and the drafter prefills meanwhile: the first token comes
-                    # after the slower of the two prefills, not after both.
+                    # first would put the drafter's own prefill before it. So (where the two
+                    # have cores of their own) the first round drafts nothing, and the drafter
+                    # prefills meanwhile: the first token comes after the slower of the two
+                    # prefills, not after both.
                     r = replace(r, k=0)
                     warming = asyncio.ensure_future(self._prefill_drafter(r))
                     result = await ar_round(self.backends, r)

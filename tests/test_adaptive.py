@@ -405,7 +405,8 @@ def test_a_round_that_drafts_nothing_does_not_wait_for_the_drafters_prefill(tiny
     engine = Engine(
         tokenizer=AutoTokenizer.from_pretrained(tiny_pair.target_dir), store=MemoryStore(),
         backends=Backends(VerifierCore(runtime(tiny_pair.target_dir)), drafter),
-        limits=Limits(default_strategy="sd", default_k=0, default_max_new_tokens=6, max_new_tokens_limit=64),
+        limits=Limits(default_strategy="sd", default_k=0, default_max_new_tokens=6, max_new_tokens_limit=64,
+                      overlap_prefill=True),
     )  # fmt: skip
     engine.draft_lengths["sd"] = Plain()
 
