@@ -105,7 +105,7 @@ class TorchRuntime:
         for state, call in zip(states, calls):
             # (a state a larger batch evicted from the LRU is dropped after)
             if isinstance(call, TreeCall):
-                state.tokens, state.tree = list(call.context), (call.tree if len(call.tree) else None)
+                _tree_cached(state, call.context, call.tree)
             else:
                 state.tokens = list(call.seq)
         return [_float_rows(r) for r in rows]
@@ -138,7 +138,7 @@ class TorchRuntime:
             logits_to_keep=n_last,
         )
         state.cache = out.past_key_values
-        state.tokens, state.tree = list(context), (tree if len(tree) else None)
+        _tree_cached(state, context, tree)
         return _float_rows(out.logits[0, -n_last:])  # (n_last, V)
 
     def _tree_segment(self, session_id: str, context: Sequence[int], tree: Tree, n_last: int) -> tuple[KvState, Segment]:
@@ -199,6 +199,11 @@ class TorchRuntime:
         """Before a pass over seq: keep the cached nodes that continue seq as a path, drop the rest."""
         if state.tree is not None:
             self._keep_path(state, continued_path(state.tree, state.tokens, seq))
+
+
+def _tree_cached(state: KvState, context: Sequence[int], tree: Tree) -> None:
+    """After a tree pass: the cache holds the context, then the tree's nodes (none: no tree)."""
+    state.tokens, state.tree = list(context), (tree if len(tree) else None)
 
 
 def continued_path(tree: Tree, base: list[int], seq: list[int]) -> list[int]:
