@@ -23,6 +23,13 @@ reports with each answer. Alone (B = 1) X is 0; as the batch fills and the pass 
 compute-bound (b near a token's whole cost) only drafts with high acceptance still pay, and
 at some load none does: k = 0 for every session, the most tokens per second the verifier
 can give then.
+
+On cores the drafter shares with the verifier (SPECD_OWN_CORES=0: `specd up` on one
+machine) a draft costs the others more than that: the drafter computes on the cores their
+pass runs on, and two busy thread pools on the same cores slow each other far beyond their
+share. Alone, drafter and verifier take turns and nothing is lost; once passes are shared
+(B >= SHARED_PASS) no round drafts.
+
 k = 0 is plain decoding (`ar`): chosen when no draft pays for itself, with a probe round
 every PROBE_EVERY rounds (times the sessions per pass, under load) so that a session whose
 text turns predictable drafts again.
@@ -42,6 +49,7 @@ drafts a fixed k instead (FIXED_K, or the request's or the server's).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -64,9 +72,16 @@ EXPLORE_EVERY = 10  # every this many rounds, one round drafts one token more (o
 # Draft lengths of the first rounds, until each has been timed: 0 among them, because
 # drafting at all costs more than its tokens (a drafter call, the drafter catching up on the
 # committed tokens), so T(0) extrapolated from longer drafts would make plain decoding look
-# dearer than it is.
+# dearer than it is. One round at a time times a length: sixteen sessions starting together
+# would otherwise all draft 4 at once, and their drafter would prefill sixteen prompts before
+# any of them gets a token. A round with less room than a length does not time it (a length
+# capped by the room left is one nothing chose; one capped by the longest draft allowed is
+# timed as that).
 START = (4, 2, 0)
-SHARED_PASS = 2.0  # sessions per verifier pass from which a round without a draft drafts nothing at all
+TIMING_CLAIM_S = 30.0  # a START length claimed this long ago and still not timed (its round failed): free again
+# Sessions per verifier pass from which a round without a draft drafts nothing at all, and
+# from which, on cores shared with the drafter, no round drafts
+SHARED_PASS = 2.0
 
 
 @dataclass
@@ -241,22 +256,34 @@ class Choice:
 class DraftLength:
     """Chooses each round's draft length for one strategy of one orchestrator."""
 
-    def __init__(self, k_max: int = K_MAX) -> None:
+    def __init__(self, k_max: int = K_MAX, own_cores: bool = True) -> None:
+        """`own_cores`: the drafters run on cores the verifier does not use (SPECD_OWN_CORES)."""
         self.k_max = k_max
+        self.own_cores = own_cores
         self.pooled = PooledAcceptance()
         self.costs = RoundCosts()
         self.load = PassLoad()
+        self.timing: dict[int, float] = {}  # START lengths being timed: when their round claimed them
 
-    def choose(self, session: Acceptance, step: int, limit: int, ar_streak: int = 0) -> Choice:
+    def choose(self, session: Acceptance, step: int, limit: int, ar_streak: int = 0, timed: bool = True) -> Choice:
         """The k for a session's round `step`, at most `limit` (the room left);
-        `ar_streak`: the session's rounds in a row that drafted nothing."""
+        `ar_streak`: the session's rounds in a row that drafted nothing; `timed`: whether the
+        round's wall time will be a sample of its cost (a turn's first round also prefills
+        the turn, so it cannot time a START length)."""
         limit = max(0, min(limit, self.k_max))
         if limit == 0:
             return Choice(0, 1.0, 0.0)
+        if not self.own_cores and self.load.batch >= SHARED_PASS:
+            # The drafter's compute would come out of the cores of the pass the others wait for.
+            return Choice(0, 1.0, 0.0, plain=True)
         measured = self.costs.measured
-        for k in START:  # time the START lengths first (capped by the room left)
-            if min(k, limit) not in measured:
-                return Choice(min(k, limit), 0.0, 0.0)
+        now = time.monotonic()
+        for k in sorted({min(k, self.k_max) for k in START}, reverse=True):  # time them first, one round at a time
+            if timed and k <= limit and k not in measured and now - self.timing.get(k, -math.inf) > TIMING_CLAIM_S:
+                self.timing[k] = now
+                return Choice(k, 0.0, 0.0)
+        if len(measured) < 2:  # other rounds are timing the rest: decode plainly till they have
+            return Choice(0, 1.0, 0.0)
         rates = session.rates(limit, self.pooled)
 
         def rate(k: int) -> float:
@@ -264,8 +291,10 @@ class DraftLength:
 
         best = max(range(limit + 1), key=lambda k: (rate(k), -k))
         # A probe's draft lengthens the pass the other sessions wait for too: under load,
-        # probe as rarely as that cost is higher (every PROBE_EVERY rounds times B).
-        if best == 0 and ar_streak >= PROBE_EVERY * max(1.0, self.load.batch):
+        # probe as rarely as that cost is higher (every PROBE_EVERY rounds times B), and not
+        # at all while even a draft accepted whole would not pay (a compute-bound pass, where
+        # a fed token costs about what a committed one does).
+        if best == 0 and ar_streak >= PROBE_EVERY * max(1.0, self.load.batch) and self._whole_pays(limit, rate(0)):
             best = max(range(1, limit + 1), key=rate)
         elif best and step % EXPLORE_EVERY == EXPLORE_EVERY - 1:
             # Keep the neighbours' costs fresh: alternately one token more and one less.
@@ -273,6 +302,13 @@ class DraftLength:
             best = min(best + 1, limit) if up else best - 1
         plain = best == 0 and self.load.batch >= SHARED_PASS
         return Choice(best, expected_tokens(rates, best), self.costs.seconds(best), plain)
+
+    def _whole_pays(self, limit: int, plain_rate: float) -> bool:
+        """Whether some draft of at most `limit` tokens, every token accepted, would commit
+        more tokens per second than plain decoding does now."""
+        return any(
+            (k + 1) / (self.costs.seconds(k) + self.load.others_cost(k)) > plain_rate for k in range(1, limit + 1)
+        )
 
     def observe(
         self,
@@ -292,6 +328,7 @@ class DraftLength:
         round of that length costs (drafting nothing, a plain round). Drafting more than k is
         a strategy's own terms (cascade's max-gram tail, slem's re-tokenized text): k then.
         `verify`: the round's verify call's cost, with the batched pass it ran in (PassLoad)."""
+        self.timing.pop(k, None)  # timed, or (a first round) to be timed by another round
         if verify is not None and verify.batch_tokens:
             self.load.observe(verify.batch_sessions, verify.batch_tokens, verify.compute_seconds)
         if drafted:

@@ -143,8 +143,9 @@ class Limits:
     max_new_tokens_limit: int
     default_k_matrix: tuple[tuple[int, ...], ...] = ()  # `cascade`; empty = strategies.default_k_matrix
     default_tree: TreeShape | None = None  # `staged`; None = strategies.DEFAULT_TREE
-    # the drafter prefills a turn beside its first round (SPECD_OVERLAP_PREFILL)
-    overlap_prefill: bool = False
+    # drafters and verifiers on cores of their own (SPECD_OWN_CORES): the drafter prefills a
+    # turn beside its first round, and rounds draft under load (orchestrator/adaptive.py)
+    own_cores: bool = False
 
 
 @dataclass(frozen=True)
@@ -432,7 +433,9 @@ class Engine:
         replayed = req.seed is not None and not session.sampling.greedy
         if fixed or replayed or strategy == "ar":
             return None
-        return self.draft_lengths.setdefault(strategy, DraftLength())
+        if strategy not in self.draft_lengths:
+            self.draft_lengths[strategy] = DraftLength(own_cores=self.limits.own_cores)
+        return self.draft_lengths[strategy]
 
     async def _rounds(
         self, req, session, stats, target, shape, drafter_down, drafting_context
@@ -469,7 +472,8 @@ class Engine:
                     lookahead=lookahead,
                 )  # fmt: skip
                 if adaptive is not None:
-                    choice = adaptive.choose(session.acceptance, session.step, room - 1, session.ar_streak)
+                    choice = adaptive.choose(session.acceptance, session.step, room - 1, session.ar_streak,
+                                             timed=stats.target_forwards > 0)  # fmt: skip
                     r = sized(stats.strategy, r, choice.k, choice.plain)
                 fallbacks = stats.fallback_rounds
                 outgrown = bool(drafting_context) and len(session.tokens) + _draft_cells(r) >= drafting_context
@@ -482,7 +486,7 @@ class Engine:
                     # where the drafter's queue is long) goes on without it.
                     await warming
                     warming = None
-                first = stats.target_forwards == 0 and self.limits.overlap_prefill
+                first = stats.target_forwards == 0 and self.limits.own_cores
                 if first and spec.needs_drafter and spec.same_vocab and not (drafter_down or outgrown):
                     # A turn's first round prefills its new tokens in the verifier; drafting
                     # first would put the drafter's own prefill before it. So (where the two

@@ -249,7 +249,7 @@ async def _serve(config: OrchestratorConfig, tokenizer, keys: ApiKeys, token: st
             max_new_tokens_limit=config.max_new_tokens_limit,
             default_k_matrix=config.k_matrix,
             default_tree=config.tree,
-            overlap_prefill=config.overlap_prefill,
+            own_cores=config.own_cores,
         ),
     )
     engine.on_round = metrics.observe_round

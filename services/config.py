@@ -283,11 +283,14 @@ class OrchestratorConfig:
     load_factor: float = 1.25
     redis_timeout_seconds: float = 2.0  # SPECD_REDIS_TIMEOUT: a Redis call slower than this fails as UNAVAILABLE
     turn_lease_seconds: float = 30.0  # SPECD_TURN_LEASE: a turn not advanced for this long may be taken over
-    # SPECD_OVERLAP_PREFILL: the drafter prefills a turn beside its first round (which then
-    # drafts nothing) instead of before the round that first drafts. Pays where drafter and
-    # verifier have cores of their own (separate machines, a pinned stack); on shared cores
-    # the two prefills slow each other down (measured unpinned: sd's first token 9.4 s, not 1.0)
-    overlap_prefill: bool = False
+    # SPECD_OWN_CORES: drafters and verifiers run on cores of their own (separate machines, a
+    # pinned stack). Then the drafter prefills a turn beside its first round (which drafts
+    # nothing), and rounds draft under load. On shared cores (the default: `specd up` on one
+    # machine) the drafter prefills in the first round that drafts, and no round drafts while
+    # the verifier's passes are shared: a drafter's compute is taken from the verifier's cores
+    # then (measured unpinned: sd's first token 9.4 s, not 2.2, with the overlap; cascade at
+    # 16 sessions 0.09x ar while drafting under load)
+    own_cores: bool = False
     metrics_listen: str = ""  # SPECD_METRICS_LISTEN: host:port of the Prometheus endpoint; '' = none
     # REDIS_PASSWORD: Redis' password, when REDIS_URL has none (a Secret, apart from the URL)
     redis_password: str = field(default="", repr=False)
@@ -326,7 +329,7 @@ class OrchestratorConfig:
             load_factor=_float(env, "SPECD_LOAD_FACTOR", 1.25),
             redis_timeout_seconds=_float(env, "SPECD_REDIS_TIMEOUT", 2.0),
             turn_lease_seconds=_float(env, "SPECD_TURN_LEASE", 30.0),
-            overlap_prefill=_bool(env, "SPECD_OVERLAP_PREFILL", False),
+            own_cores=_bool(env, "SPECD_OWN_CORES", False),
             metrics_listen=_listen(env, "SPECD_METRICS_LISTEN"),
             redis_password=_get(env, "REDIS_PASSWORD", ""),
         )

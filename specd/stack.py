@@ -252,8 +252,8 @@ def up(spec: StackSpec, say=print) -> list[Proc]:
             "SPECD_STRATEGY": default_strategy(spec),
             "SPECD_K": str(spec.default_k),
             "REDIS_URL": redis_url,
-            # a pinned stack gives drafter and verifier a core each: their prefills may overlap
-            **({"SPECD_OVERLAP_PREFILL": "1"} if spec.pin else {}),
+            # a pinned stack gives drafter and verifier cores of their own
+            **({"SPECD_OWN_CORES": "1"} if spec.pin else {}),
             **_metrics_env(spec, metrics, "orchestrator"),
             **_keys_env(spec),
         }

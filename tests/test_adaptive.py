@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import time
 from collections import Counter
 
 import pytest
@@ -23,6 +24,7 @@ from orchestrator.adaptive import (
     EXPLORE_EVERY,
     PROBE_EVERY,
     START,
+    TIMING_CLAIM_S,
     Acceptance,
     Choice,
     DraftLength,
@@ -107,7 +109,28 @@ def test_the_first_rounds_time_each_start_length_plain_decoding_included() -> No
         lengths.observe(Acceptance(), k, k, k, 1.0 + 0.1 * k)
     assert chosen == list(START) and 0 in chosen
     assert lengths.choose(Acceptance(), step=0, limit=1).k == 1  # never past the room left
-    assert DraftLength().choose(Acceptance(), step=0, limit=1).k == 1
+    # A round with room for one token does not time 4 or 2 as a capped 1: it times 0, and
+    # then decodes plainly until rounds with room have timed a second length.
+    short = DraftLength()
+    assert [short.choose(Acceptance(), step=0, limit=1).k for _ in range(2)] == [0, 0]
+    short.observe(Acceptance(), 0, 0, 0, 1.0)
+    assert short.costs.measured == [0] and short.choose(Acceptance(), step=1, limit=1).k == 0
+
+
+def test_sessions_starting_together_time_each_start_length_once(monkeypatch) -> None:
+    """One round at a time times a START length; the rounds that start meanwhile decode
+    plainly, instead of all drafting the first length before any was timed. A length whose
+    round never reported back (it failed) is free again after TIMING_CLAIM_S."""
+    lengths = DraftLength()
+    together = [lengths.choose(Acceptance(), step=0, limit=20).k for _ in range(2 * len(START))]
+    assert together == [*START] + [0] * len(START)
+    lengths.observe(Acceptance(), 2, 2, 1, 1.2)
+    lengths.observe(Acceptance(), 0, 0, 0, 1.0)
+    assert lengths.costs.measured == [0, 2]
+    assert lengths.choose(Acceptance(), step=1, limit=20).k != 4  # still claimed by its round
+    later = time.monotonic() + TIMING_CLAIM_S + 1.0
+    monkeypatch.setattr("orchestrator.adaptive.time.monotonic", lambda: later)
+    assert lengths.choose(Acceptance(), step=1, limit=20).k == 4
 
 
 def test_a_turn_with_a_first_round_untimed_times_it_again() -> None:
@@ -115,6 +138,8 @@ def test_a_turn_with_a_first_round_untimed_times_it_again() -> None:
     lengths.observe(Acceptance(), START[0], START[0], 1, None)  # a first round: it prefilled
     assert lengths.costs.measured == []
     assert lengths.choose(Acceptance(), step=1, limit=20).k == START[0]
+    # A turn's first round cannot time a length: it decodes plainly while none is timed.
+    assert DraftLength().choose(Acceptance(), step=0, limit=20, timed=False) == Choice(0, 1.0, 0.0)
 
 
 def test_plain_decoding_when_no_draft_pays_for_itself() -> None:
@@ -177,6 +202,36 @@ def test_under_load_a_plainly_decoding_session_probes_less_often() -> None:
     lengths = loaded(measured(per_token=0.5, alpha=0.2), sessions=4, per_token=0.01)
     assert lengths.choose(Acceptance(), step=0, limit=20, ar_streak=PROBE_EVERY).k == 0
     assert lengths.choose(Acceptance(), step=0, limit=20, ar_streak=4 * PROBE_EVERY).k > 0
+
+
+def test_no_probe_while_even_a_draft_accepted_whole_would_not_pay() -> None:
+    """16 sessions a pass, each fed token adding 0.06 s to it: a round drafting k costs the
+    others 0.9 s a token, more than what any k accepted tokens give back, so however long a
+    session has decoded plainly it does not probe; alone the same session does."""
+    busy = loaded(measured(per_token=0.05, verify=0.6, alpha=0.8), sessions=16, per_token=0.06)
+    assert busy.choose(Acceptance(), step=0, limit=20, ar_streak=10_000).k == 0
+    alone = loaded(measured(per_token=0.5, alpha=0.2), sessions=1, per_token=0.06)
+    assert alone.choose(Acceptance(), step=0, limit=20, ar_streak=PROBE_EVERY).k >= 1
+
+
+def test_on_cores_shared_with_the_drafter_no_round_drafts_once_passes_are_shared() -> None:
+    """The same drafts that pay under a light load on cores of their own: on shared cores
+    alone they still draft (drafter and verifier take turns), at two sessions a pass no round
+    drafts - not a START length, not a probe."""
+
+    def lengths(sessions: int, own_cores: bool) -> DraftLength:
+        fresh = DraftLength(own_cores=own_cores)
+        return loaded(fresh, sessions, per_token=0.001) if sessions > 1 else fresh
+
+    assert lengths(1, own_cores=False).choose(Acceptance(), step=0, limit=20).k == START[0]
+    assert lengths(2, own_cores=True).choose(Acceptance(), step=0, limit=20).k == START[0]
+    shared = lengths(2, own_cores=False)
+    choice = shared.choose(Acceptance(), step=0, limit=20, ar_streak=10_000)
+    assert choice.k == 0 and choice.plain
+    timed = measured(per_token=0.02, alpha=0.95)
+    timed.own_cores = False
+    assert timed.choose(Acceptance(), step=0, limit=20).k >= 8  # alone: as on cores of its own
+    assert loaded(timed, 2, per_token=0.001).choose(Acceptance(), step=0, limit=20).plain
 
 
 def test_a_session_decoding_plainly_probes_again() -> None:
@@ -384,7 +439,7 @@ class SlowPrefill(DrafterCore):
 class Plain(DraftLength):
     """Adaptive draft length that finds no draft worth its cost (a loaded verifier)."""
 
-    def choose(self, session, step, limit, ar_streak=0):
+    def choose(self, session, step, limit, ar_streak=0, timed=True):
         return Choice(0, 1.0, 0.0)
 
 
@@ -406,7 +461,7 @@ def test_a_round_that_drafts_nothing_does_not_wait_for_the_drafters_prefill(tiny
         tokenizer=AutoTokenizer.from_pretrained(tiny_pair.target_dir), store=MemoryStore(),
         backends=Backends(VerifierCore(runtime(tiny_pair.target_dir)), drafter),
         limits=Limits(default_strategy="sd", default_k=0, default_max_new_tokens=6, max_new_tokens_limit=64,
-                      overlap_prefill=True),
+                      own_cores=True),
     )  # fmt: skip
     engine.draft_lengths["sd"] = Plain()
 
