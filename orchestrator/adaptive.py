@@ -11,7 +11,11 @@ sides instead of assuming them:
   the prior of a new session;
 - the wall time of a round as a function of its draft length (`RoundCosts`: drafting,
   verifying, the network and the orchestrator's own work, per strategy, shared by every
-  session of this orchestrator, so it also sees load);
+  session of this orchestrator), measured apart at each load level (sessions per verifier
+  pass, in powers of two): under load a plain round waits for a longer pass and a drafting
+  one for a drafter busy with the others, so a cost timed at one load says little about
+  another (timed alone, a 4-token draft looked cheap to sessions at 16 a pass, where it
+  took seconds of the drafter's catch-up);
 
 and pick k in [0, k_max] maximising E(k) / (T(k) + X(k)), with E(k) = 1 + Σ_{j<=k} Π_{i<=j} α_i.
 
@@ -69,7 +73,7 @@ K_MAX = 12  # the longest draft adaptive chooses
 FIXED_K = 4  # the draft length of a turn that cannot adapt (a seeded sampled turn) and gives none
 PROBE_EVERY = 8  # after this many `ar` rounds, one round drafts again to re-measure acceptance
 EXPLORE_EVERY = 10  # every this many rounds, one round drafts one token more (or less) than the best
-# Draft lengths of the first rounds, until each has been timed: 0 among them, because
+# Draft lengths of the first rounds at each load level, until each has been timed: 0 among them, because
 # drafting at all costs more than its tokens (a drafter call, the drafter catching up on the
 # committed tokens), so T(0) extrapolated from longer drafts would make plain decoding look
 # dearer than it is. One round at a time times a length: sixteen sessions starting together
@@ -198,6 +202,12 @@ class RoundCosts:
         return max(slope, 0.0), my - max(slope, 0.0) * mx
 
 
+def load_level(batch: float) -> int:
+    """The load a round's cost is measured at: sessions per verifier pass in powers of two
+    (0: alone, 1: about 2, 2: about 4, ... 4: about 16)."""
+    return round(math.log2(max(1.0, batch)))
+
+
 class PassLoad:
     """How loaded the verifier's passes are: decayed sums over the verify calls' passes of
     the sessions per pass (B) and of (tokens fed, seconds), for the least-squares slope b of
@@ -261,9 +271,15 @@ class DraftLength:
         self.k_max = k_max
         self.own_cores = own_cores
         self.pooled = PooledAcceptance()
-        self.costs = RoundCosts()
         self.load = PassLoad()
-        self.timing: dict[int, float] = {}  # START lengths being timed: when their round claimed them
+        self.costs_at: dict[int, RoundCosts] = {}  # by load level (load_level)
+        # START lengths being timed, by load level and length: when their round claimed them
+        self.timing: dict[tuple[int, int], float] = {}
+
+    @property
+    def costs(self) -> RoundCosts:
+        """What rounds cost at the load of now."""
+        return self.costs_at.setdefault(load_level(self.load.batch), RoundCosts())
 
     def choose(self, session: Acceptance, step: int, limit: int, ar_streak: int = 0, timed: bool = True) -> Choice:
         """The k for a session's round `step`, at most `limit` (the room left);
@@ -277,10 +293,11 @@ class DraftLength:
             # The drafter's compute would come out of the cores of the pass the others wait for.
             return Choice(0, 1.0, 0.0, plain=True)
         measured = self.costs.measured
-        now = time.monotonic()
+        now, level = time.monotonic(), load_level(self.load.batch)
         for k in sorted({min(k, self.k_max) for k in START}, reverse=True):  # time them first, one round at a time
-            if timed and k <= limit and k not in measured and now - self.timing.get(k, -math.inf) > TIMING_CLAIM_S:
-                self.timing[k] = now
+            claimed = self.timing.get((level, k), -math.inf)
+            if timed and k <= limit and k not in measured and now - claimed > TIMING_CLAIM_S:
+                self.timing[level, k] = now
                 return Choice(k, 0.0, 0.0)
         if len(measured) < 2:  # other rounds are timing the rest: decode plainly till they have
             return Choice(0, 1.0, 0.0)
@@ -328,7 +345,8 @@ class DraftLength:
         round of that length costs (drafting nothing, a plain round). Drafting more than k is
         a strategy's own terms (cascade's max-gram tail, slem's re-tokenized text): k then.
         `verify`: the round's verify call's cost, with the batched pass it ran in (PassLoad)."""
-        self.timing.pop(k, None)  # timed, or (a first round) to be timed by another round
+        for key in [key for key in self.timing if key[1] == k]:  # timed, or (a first round) to be timed by another
+            del self.timing[key]
         if verify is not None and verify.batch_tokens:
             self.load.observe(verify.batch_sessions, verify.batch_tokens, verify.compute_seconds)
         if drafted:

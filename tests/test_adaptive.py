@@ -32,6 +32,7 @@ from orchestrator.adaptive import (
     PooledAcceptance,
     RoundCosts,
     expected_tokens,
+    load_level,
 )
 from orchestrator.strategies import DEFAULT_TREE, STRATEGIES, Backends, Lookahead, RoundInput, sized
 from services.roles import CallCost
@@ -162,13 +163,17 @@ def test_the_choice_follows_the_sessions_own_acceptance() -> None:
     assert lengths.choose(predictable, step=0, limit=20).k > lengths.choose(hard, step=0, limit=20).k == 0
 
 
-def loaded(lengths: DraftLength, sessions: int, per_token: float) -> DraftLength:
+def loaded(lengths: DraftLength, sessions: int, per_token: float, keep_costs: bool = True) -> DraftLength:
     """Rounds whose verify passes were shared by `sessions` sessions, each fed token adding
-    per_token seconds to a pass (fixed part 0.1 s), fed 16 to 80 tokens."""
+    per_token seconds to a pass (fixed part 0.1 s), fed 16 to 80 tokens; the round costs
+    `lengths` had are taken as measured at that load too, unless not `keep_costs`."""
+    alone = lengths.costs
     for i in range(40):
         tokens = 16 + 8 * (i % 9)
         cost = CallCost(0.1 + per_token * tokens, 0.2 + per_token * tokens, batch_sessions=sessions, batch_tokens=tokens)
         lengths.observe(Acceptance(), 0, 0, 0, None, cost)
+    if keep_costs:  # the rounds timed alone cost the same here
+        lengths.costs_at[load_level(lengths.load.batch)] = alone
     return lengths
 
 
@@ -202,6 +207,22 @@ def test_under_load_a_plainly_decoding_session_probes_less_often() -> None:
     lengths = loaded(measured(per_token=0.5, alpha=0.2), sessions=4, per_token=0.01)
     assert lengths.choose(Acceptance(), step=0, limit=20, ar_streak=PROBE_EVERY).k == 0
     assert lengths.choose(Acceptance(), step=0, limit=20, ar_streak=4 * PROBE_EVERY).k > 0
+
+
+def test_round_costs_are_timed_apart_at_each_load() -> None:
+    """Timed alone, long drafts pay. At sixteen sessions a pass what rounds cost alone does
+    not count: the START lengths are timed again (one round at a time), and what they cost
+    there - a drafter busy with the others - decides; alone again, the alone costs hold."""
+    lengths = measured(per_token=0.02, alpha=0.95)
+    assert lengths.choose(Acceptance(), step=0, limit=20).k >= 8
+    busy = loaded(lengths, sessions=16, per_token=0.001, keep_costs=False)
+    assert load_level(busy.load.batch) == 4 and busy.costs.measured == []
+    for k, seconds in ((4, 5.0), (2, 4.0), (0, 0.5)):
+        assert busy.choose(Acceptance(), step=0, limit=20).k == k
+        busy.observe(Acceptance(), k, k, k, seconds)
+    assert busy.choose(Acceptance(), step=0, limit=20).k == 0
+    busy.load = PassLoad()  # alone again
+    assert busy.choose(Acceptance(), step=0, limit=20).k >= 8
 
 
 def test_no_probe_while_even_a_draft_accepted_whole_would_not_pay() -> None:
