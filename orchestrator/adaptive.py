@@ -215,6 +215,7 @@ class PassLoad:
 
     def __init__(self) -> None:
         self.n = self.sessions = self.t = self.y = self.tt = self.ty = 0.0
+        self.streams = 0  # the turns this orchestrator streams now (DraftLength.choose)
 
     def observe(self, sessions: int, tokens: int, seconds: float) -> None:
         """One verify call's pass: `sessions` shared it, feeding `tokens`, in `seconds`."""
@@ -244,8 +245,12 @@ class PassLoad:
 
     @property
     def batch(self) -> float:
-        """B: the sessions that share a pass (1 before any was measured)."""
-        return self.sessions / self.n if self.n else 1.0
+        """B: the sessions that share a pass (1 before any was measured), or the turns this
+        orchestrator streams now if more: the measure follows the passes of about the last
+        twenty calls, so it lags a load that just rose (sixteen sessions starting together
+        would draft as at the load before)."""
+        measured = self.sessions / self.n if self.n else 1.0
+        return max(measured, float(self.streams))
 
     def others_cost(self, k: int) -> float:
         """X(k): the seconds k draft tokens add to the pass the other sessions wait for."""
@@ -281,11 +286,15 @@ class DraftLength:
         """What rounds cost at the load of now."""
         return self.costs_at.setdefault(load_level(self.load.batch), RoundCosts())
 
-    def choose(self, session: Acceptance, step: int, limit: int, ar_streak: int = 0, timed: bool = True) -> Choice:
+    def choose(
+        self, session: Acceptance, step: int, limit: int, ar_streak: int = 0, timed: bool = True, streams: int = 0
+    ) -> Choice:
         """The k for a session's round `step`, at most `limit` (the room left);
         `ar_streak`: the session's rounds in a row that drafted nothing; `timed`: whether the
         round's wall time will be a sample of its cost (a turn's first round also prefills
-        the turn, so it cannot time a START length)."""
+        the turn, so it cannot time a START length); `streams`: the turns this orchestrator
+        streams now (0: not known)."""
+        self.load.streams = streams
         limit = max(0, min(limit, self.k_max))
         if limit == 0:
             return Choice(0, 1.0, 0.0)

@@ -473,7 +473,7 @@ class Engine:
                 )  # fmt: skip
                 if adaptive is not None:
                     choice = adaptive.choose(session.acceptance, session.step, room - 1, session.ar_streak,
-                                             timed=stats.target_forwards > 0)  # fmt: skip
+                                             timed=stats.target_forwards > 0, streams=self.in_flight)  # fmt: skip
                     r = sized(stats.strategy, r, choice.k, choice.plain)
                 fallbacks = stats.fallback_rounds
                 outgrown = bool(drafting_context) and len(session.tokens) + _draft_cells(r) >= drafting_context

@@ -209,6 +209,19 @@ def test_under_load_a_plainly_decoding_session_probes_less_often() -> None:
     assert lengths.choose(Acceptance(), step=0, limit=20, ar_streak=4 * PROBE_EVERY).k > 0
 
 
+def test_a_load_that_just_rose_counts_before_the_passes_show_it() -> None:
+    """Sixteen turns streaming at once, the passes measured still those of one session: the
+    round is priced at sixteen sessions a pass (on shared cores: no draft at all)."""
+    lengths = measured(per_token=0.02, alpha=0.95)
+    assert lengths.choose(Acceptance(), step=0, limit=20, streams=1).k >= 8
+    assert load_level(lengths.load.batch) == 0
+    lengths.choose(Acceptance(), step=0, limit=20, streams=16)
+    assert load_level(lengths.load.batch) == 4
+    shared = measured(per_token=0.02, alpha=0.95)
+    shared.own_cores = False
+    assert shared.choose(Acceptance(), step=0, limit=20, streams=16).plain
+
+
 def test_round_costs_are_timed_apart_at_each_load() -> None:
     """Timed alone, long drafts pay. At sixteen sessions a pass what rounds cost alone does
     not count: the START lengths are timed again (one round at a time), and what they cost
@@ -460,7 +473,7 @@ class SlowPrefill(DrafterCore):
 class Plain(DraftLength):
     """Adaptive draft length that finds no draft worth its cost (a loaded verifier)."""
 
-    def choose(self, session, step, limit, ar_streak=0, timed=True):
+    def choose(self, session, step, limit, ar_streak=0, timed=True, streams=0):
         return Choice(0, 1.0, 0.0)
 
 
