@@ -319,8 +319,10 @@ class DraftLength:
         # A probe's draft lengthens the pass the other sessions wait for too: under load,
         # probe as rarely as that cost is higher (every PROBE_EVERY rounds times B), and not
         # at all while even a draft accepted whole would not pay (a compute-bound pass, where
-        # a fed token costs about what a committed one does).
-        if best == 0 and ar_streak >= PROBE_EVERY * max(1.0, self.load.batch) and self._whole_pays(limit, rate(0)):
+        # a fed token costs about what a committed one does). Alone a probe also re-times
+        # its length (the first timing may have carried the drafter's prefill of the prompt).
+        probe = ar_streak >= PROBE_EVERY * max(1.0, self.load.batch)
+        if best == 0 and probe and (self.load.batch < SHARED_PASS or self._whole_pays(limit, rate(0))):
             best = max(range(1, limit + 1), key=rate)
         elif best and step % EXPLORE_EVERY == EXPLORE_EVERY - 1:
             # Keep the neighbours' costs fresh: alternately one token more and one less.
