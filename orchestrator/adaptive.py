@@ -308,8 +308,12 @@ class DraftLength:
             if timed and k <= limit and k not in measured and now - claimed > TIMING_CLAIM_S:
                 self.timing[level, k] = now
                 return Choice(k, 0.0, 0.0)
-        if len(measured) < 2:  # other rounds are timing the rest: decode plainly till they have
-            return Choice(0, 1.0, 0.0)
+        if len(measured) < 2:
+            # Nothing to choose by yet. A round that cannot time a length (a turn's first,
+            # where the text may repeat the prompt's end at once) drafts the first START
+            # length untimed, as a fresh orchestrator always did; a round that could time one,
+            # but finds them all being timed by others, decodes plainly meanwhile.
+            return Choice(0, 1.0, 0.0) if timed else Choice(min(START[0], limit), 0.0, 0.0)
         rates = session.rates(limit, self.pooled)
 
         def rate(k: int) -> float:

@@ -139,8 +139,10 @@ def test_a_turn_with_a_first_round_untimed_times_it_again() -> None:
     lengths.observe(Acceptance(), START[0], START[0], 1, None)  # a first round: it prefilled
     assert lengths.costs.measured == []
     assert lengths.choose(Acceptance(), step=1, limit=20).k == START[0]
-    # A turn's first round cannot time a length: it decodes plainly while none is timed.
-    assert DraftLength().choose(Acceptance(), step=0, limit=20, timed=False) == Choice(0, 1.0, 0.0)
+    # A turn's first round cannot time a length: it drafts the first one untimed and claims nothing.
+    fresh = DraftLength()
+    assert fresh.choose(Acceptance(), step=0, limit=20, timed=False).k == START[0] and not fresh.timing
+    assert fresh.choose(Acceptance(), step=0, limit=2, timed=False).k == 2
 
 
 def test_plain_decoding_when_no_draft_pays_for_itself() -> None:
