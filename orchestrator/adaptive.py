@@ -301,8 +301,8 @@ class DraftLength:
         if not self.own_cores and self.load.batch >= SHARED_PASS:
             # The drafter's compute would come out of the cores of the pass the others wait for.
             return Choice(0, 1.0, 0.0, plain=True)
-        measured = self.costs.measured
-        now, level = time.monotonic(), load_level(self.load.batch)
+        costs, level = self.costs, load_level(self.load.batch)
+        measured, now = costs.measured, time.monotonic()
         for k in sorted({min(k, self.k_max) for k in START}, reverse=True):  # time them first, one round at a time
             claimed = self.timing.get((level, k), -math.inf)
             if timed and k <= limit and k not in measured and now - claimed > TIMING_CLAIM_S:
@@ -317,7 +317,7 @@ class DraftLength:
         rates = session.rates(limit, self.pooled)
 
         def rate(k: int) -> float:
-            return expected_tokens(rates, k) / (self.costs.seconds(k) + self.load.others_cost(k))
+            return expected_tokens(rates, k) / (costs.seconds(k) + self.load.others_cost(k))
 
         best = max(range(limit + 1), key=lambda k: (rate(k), -k))
         # A probe's draft lengthens the pass the other sessions wait for too: under load,
@@ -326,21 +326,19 @@ class DraftLength:
         # a fed token costs about what a committed one does). Alone a probe also re-times
         # its length (the first timing may have carried the drafter's prefill of the prompt).
         probe = ar_streak >= PROBE_EVERY * max(1.0, self.load.batch)
-        if best == 0 and probe and (self.load.batch < SHARED_PASS or self._whole_pays(limit, rate(0))):
+        if best == 0 and probe and (self.load.batch < SHARED_PASS or self._whole_pays(costs, limit, rate(0))):
             best = max(range(1, limit + 1), key=rate)
         elif best and step % EXPLORE_EVERY == EXPLORE_EVERY - 1:
             # Keep the neighbours' costs fresh: alternately one token more and one less.
             up = (step // EXPLORE_EVERY) % 2 == 0
             best = min(best + 1, limit) if up else best - 1
         plain = best == 0 and self.load.batch >= SHARED_PASS
-        return Choice(best, expected_tokens(rates, best), self.costs.seconds(best), plain)
+        return Choice(best, expected_tokens(rates, best), costs.seconds(best), plain)
 
-    def _whole_pays(self, limit: int, plain_rate: float) -> bool:
+    def _whole_pays(self, costs: RoundCosts, limit: int, plain_rate: float) -> bool:
         """Whether some draft of at most `limit` tokens, every token accepted, would commit
-        more tokens per second than plain decoding does now."""
-        return any(
-            (k + 1) / (self.costs.seconds(k) + self.load.others_cost(k)) > plain_rate for k in range(1, limit + 1)
-        )
+        more tokens per second (at `costs`) than plain decoding does now."""
+        return any((k + 1) / (costs.seconds(k) + self.load.others_cost(k)) > plain_rate for k in range(1, limit + 1))
 
     def observe(
         self,
@@ -360,7 +358,9 @@ class DraftLength:
         round of that length costs (drafting nothing, a plain round). Drafting more than k is
         a strategy's own terms (cascade's max-gram tail, slem's re-tokenized text): k then.
         `verify`: the round's verify call's cost, with the batched pass it ran in (PassLoad)."""
-        for key in [key for key in self.timing if key[1] == k]:  # timed, or (a first round) to be timed by another
+        # The round that claimed k reported (at whatever level the load has moved to since):
+        # timed, or - having drafted less than k - to be timed by another round
+        for key in [key for key in self.timing if key[1] == k]:
             del self.timing[key]
         if verify is not None and verify.batch_tokens:
             self.load.observe(verify.batch_sessions, verify.batch_tokens, verify.compute_seconds)

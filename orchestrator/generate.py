@@ -486,8 +486,8 @@ class Engine:
                     # where the drafter's queue is long) goes on without it.
                     await warming
                     warming = None
-                first = stats.target_forwards == 0 and self.limits.own_cores
-                if first and spec.needs_drafter and spec.same_vocab and not (drafter_down or outgrown):
+                overlap = stats.target_forwards == 0 and self.limits.own_cores
+                if overlap and spec.needs_drafter and spec.same_vocab and not (drafter_down or outgrown):
                     # A turn's first round prefills its new tokens in the verifier; drafting
                     # first would put the drafter's own prefill before it. So (where the two
                     # have cores of their own) the first round drafts nothing, and the drafter
