@@ -231,8 +231,12 @@ async def pipelined_sd_round(backends: Backends, r: RoundInput) -> RoundResult:
     assumed = [*r.context, *d.tokens]
     if r.max_draft > len(d.tokens) + 1:  # room for another round after this one
         # g and round r+1's draft, seeded for round r+1 (a label of its own: `sd`'s draws differ).
+        # One token more than this round's k where the last speculative draft was done before
+        # its verify answered (the drafter has time to spare): round r+1 may draft longer - an
+        # adaptive k growing, or exploring - which a draft of exactly k tokens would cap.
+        more = 1 if ahead.arrived_ready else 0
         seed = round_seed(r.seed, r.step + 1, "lookahead")
-        ahead.start(assumed, drafter.propose(r.session_id, assumed, r.k + 1, r.params, seed))
+        ahead.start(assumed, drafter.propose(r.session_id, assumed, r.k + 1 + more, r.params, seed))
         ahead.started += 1
     v = await backends.verifier.verify(
         r.session_id, r.context, d.tokens, d.q, r.params, round_seed(r.seed, r.step, "verify")

@@ -34,7 +34,15 @@ from orchestrator.adaptive import (
     expected_tokens,
     load_level,
 )
-from orchestrator.strategies import DEFAULT_TREE, STRATEGIES, Backends, Lookahead, RoundInput, sized
+from orchestrator.strategies import (
+    DEFAULT_TREE,
+    STRATEGIES,
+    Backends,
+    Lookahead,
+    RoundInput,
+    pipelined_sd_round,
+    sized,
+)
 from services.roles import CallCost
 from services.sampling import SamplingParams
 from services.tree import TreeShape
@@ -419,6 +427,32 @@ def test_pipelined_sd_uses_a_speculative_draft_only_after_its_assumed_context() 
     assert ahead.hits == 1
 
 
+@pytest.mark.parametrize("slack", [True, False])
+def test_a_pipelined_round_drafts_a_token_more_ahead_where_the_drafter_had_time_to_spare(slack: bool) -> None:
+    """Where the last speculative draft was done before its verify answered, the next one
+    drafts one token more than its round's k, so the round after may draft longer (adaptive
+    k growing, or exploring); where it was not, exactly k (a drafter with no time to spare
+    would only delay the hit)."""
+    target = table(1)
+    backends = Backends(VerifierCore(TableRuntime(target)), DrafterCore(TableRuntime(target), q_top=V))
+    greedy = SamplingParams()
+
+    async def run() -> int:
+        ahead = Lookahead()
+        ahead.arrived_ready = slack  # what the round before this one saw
+        try:
+            first = await pipelined_sd_round(backends, RoundInput("s", CONTEXT, greedy, 0, 0, 2, lookahead=ahead))
+            assert first.accepted == 2  # the drafter is the target: the speculation holds
+            after = [*CONTEXT, *first.tokens]
+            second = await pipelined_sd_round(backends, RoundInput("s", after, greedy, 0, 1, 3, lookahead=ahead))
+            assert ahead.hits == 1
+            return second.drafted
+        finally:
+            await ahead.close()
+
+    assert asyncio.run(run()) == (3 if slack else 2)
+
+
 class SlowTable(TableRuntime):
     """A table runtime whose passes take 20 ms each, counted."""
 
@@ -516,3 +550,4 @@ def test_a_round_that_drafts_nothing_does_not_wait_for_the_drafters_prefill(tiny
     (plain, _), (ids, seconds) = asyncio.run(turn("ar")), asyncio.run(turn("sd"))
     assert ids == plain
     assert seconds < SlowPrefill.delay, f"the turn took {seconds:.1f} s: a plain round waited for the prefill"
+
