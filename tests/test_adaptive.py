@@ -551,3 +551,63 @@ def test_a_round_that_drafts_nothing_does_not_wait_for_the_drafters_prefill(tiny
     assert ids == plain
     assert seconds < SlowPrefill.delay, f"the turn took {seconds:.1f} s: a plain round waited for the prefill"
 
+
+class Recording(DrafterCore):
+    """A drafter that records the context length of every `propose`."""
+
+    async def propose(self, session_id, context, k, params, seed, vocab="native"):
+        self.calls = [*getattr(self, "calls", []), (len(context), k)]
+        return await super().propose(session_id, context, k, params, seed, vocab)
+
+
+class LateDraft(DraftLength):
+    """Plain decoding for the first `plain` rounds of a turn, then drafts of 2."""
+
+    plain = 5
+
+    def choose(self, session, step, limit, ar_streak=0, timed=True, streams=0):
+        return Choice(0 if step < self.plain else min(2, limit), 1.0, 0.0)
+
+
+@pytest.mark.parametrize("own_cores", [True, False])
+def test_on_cores_of_its_own_the_drafter_keeps_up_beside_plain_rounds(tiny_pair, own_cores: bool) -> None:
+    """Drafter and verifier on cores of their own: plain rounds have the drafter feed the
+    context meanwhile, once it is KEEP_UP_TOKENS behind, so the first drafting round after
+    five plain ones finds it at most that far behind, not the whole turn. On shared cores
+    nothing is sent beside a round (it would take the verifier's cores). Either way the
+    output is ar's."""
+    from transformers import AutoTokenizer
+
+    from orchestrator.generate import KEEP_UP_TOKENS, Engine, GenerationRequest, Limits, TextChunk
+    from orchestrator.store import ChatMessage
+    from services.torch_runtime import load_torch
+    from specd.bench.runner import MemoryStore
+
+    def runtime(folder):
+        return load_torch(folder, dtype="float64", device="cpu", max_sessions=4, threads=1)
+
+    drafter = Recording(runtime(tiny_pair.drafter_dir), q_top=V)
+    engine = Engine(
+        tokenizer=AutoTokenizer.from_pretrained(tiny_pair.target_dir), store=MemoryStore(),
+        backends=Backends(VerifierCore(runtime(tiny_pair.target_dir)), drafter),
+        limits=Limits(default_strategy="sd", default_k=0, default_max_new_tokens=10, max_new_tokens_limit=64,
+                      own_cores=own_cores),
+    )  # fmt: skip
+    engine.draft_lengths["sd"] = LateDraft()
+
+    async def turn(strategy: str) -> list[int]:
+        request = GenerationRequest(messages=(ChatMessage("user", "hello there"),), max_new_tokens=10, strategy=strategy)
+        ids: list[int] = []
+        async for event in engine.generate(request):
+            if isinstance(event, TextChunk):
+                ids += event.token_ids
+        return ids
+
+    plain = asyncio.run(turn("ar"))
+    assert asyncio.run(turn("sd")) == plain
+    drafting = [n for n, k in drafter.calls if k == 2]
+    before = [n for n, k in drafter.calls if k == 1 and n < drafting[0]]
+    if own_cores:
+        assert drafting[0] - max(before) <= KEEP_UP_TOKENS, drafter.calls
+    else:
+        assert before == [], drafter.calls
