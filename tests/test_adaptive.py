@@ -517,37 +517,51 @@ class Plain(DraftLength):
         return Choice(0, 1.0, 0.0)
 
 
-def test_a_round_that_drafts_nothing_does_not_wait_for_the_drafters_prefill(tiny_pair) -> None:
-    """The drafter prefills a turn beside its first round; the rounds after it that draft
-    nothing go on without waiting for that prefill, and the output is ar's."""
+def tiny_engine(
+    tiny_pair, drafter_class: type[DrafterCore], lengths: DraftLength, own_cores: bool,
+    verifier_class: type[VerifierCore] = VerifierCore,
+):  # fmt: skip
+    """An Engine over the tiny pair in this process (float64), `sd` choosing by `lengths`."""
     from transformers import AutoTokenizer
 
-    from orchestrator.generate import Engine, GenerationRequest, Limits, TextChunk
-    from orchestrator.store import ChatMessage
+    from orchestrator.generate import Engine, Limits
     from services.torch_runtime import load_torch
     from specd.bench.runner import MemoryStore
 
     def runtime(folder):
         return load_torch(folder, dtype="float64", device="cpu", max_sessions=4, threads=1)
 
-    drafter = SlowPrefill(runtime(tiny_pair.drafter_dir), q_top=V)
     engine = Engine(
         tokenizer=AutoTokenizer.from_pretrained(tiny_pair.target_dir), store=MemoryStore(),
-        backends=Backends(VerifierCore(runtime(tiny_pair.target_dir)), drafter),
-        limits=Limits(default_strategy="sd", default_k=0, default_max_new_tokens=6, max_new_tokens_limit=64,
-                      own_cores=True),
+        backends=Backends(verifier_class(runtime(tiny_pair.target_dir)),
+                          drafter_class(runtime(tiny_pair.drafter_dir), q_top=V)),
+        limits=Limits(default_strategy="sd", default_k=0, default_max_new_tokens=10, max_new_tokens_limit=64,
+                      own_cores=own_cores),
     )  # fmt: skip
-    engine.draft_lengths["sd"] = Plain()
+    engine.draft_lengths["sd"] = lengths
+    return engine
 
-    async def turn(strategy: str) -> tuple[list[int], float]:
-        request = GenerationRequest(messages=(ChatMessage("user", "hello there"),), max_new_tokens=6, strategy=strategy)
-        started, ids = asyncio.get_running_loop().time(), []
-        async for event in engine.generate(request):
-            if isinstance(event, TextChunk):
-                ids += event.token_ids
-        return ids, asyncio.get_running_loop().time() - started
 
-    (plain, _), (ids, seconds) = asyncio.run(turn("ar")), asyncio.run(turn("sd"))
+async def timed_turn(engine, strategy: str, max_new_tokens: int) -> tuple[list[int], float]:
+    """A turn's tokens, and the seconds it took."""
+    from orchestrator.generate import GenerationRequest, TextChunk
+    from orchestrator.store import ChatMessage
+
+    request = GenerationRequest(
+        messages=(ChatMessage("user", "hello there"),), max_new_tokens=max_new_tokens, strategy=strategy
+    )
+    started, ids = asyncio.get_running_loop().time(), []
+    async for event in engine.generate(request):
+        if isinstance(event, TextChunk):
+            ids += event.token_ids
+    return ids, asyncio.get_running_loop().time() - started
+
+
+def test_a_round_that_drafts_nothing_does_not_wait_for_the_drafters_prefill(tiny_pair) -> None:
+    """The drafter prefills a turn beside its first round; the rounds after it that draft
+    nothing go on without waiting for that prefill, and the output is ar's."""
+    engine = tiny_engine(tiny_pair, SlowPrefill, Plain(), own_cores=True)
+    (plain, _), (ids, seconds) = asyncio.run(timed_turn(engine, "ar", 6)), asyncio.run(timed_turn(engine, "sd", 6))
     assert ids == plain
     assert seconds < SlowPrefill.delay, f"the turn took {seconds:.1f} s: a plain round waited for the prefill"
 
@@ -558,6 +572,15 @@ class Recording(DrafterCore):
     async def propose(self, session_id, context, k, params, seed, vocab="native"):
         self.calls = [*getattr(self, "calls", []), (len(context), k)]
         return await super().propose(session_id, context, k, params, seed, vocab)
+
+
+class SlowVerify(VerifierCore):
+    """A verifier whose calls answer 50 ms late, as a real target's pass takes time: what a
+    drafter does beside a round then finishes within it."""
+
+    async def verify(self, *args, **kwargs):
+        await asyncio.sleep(0.05)
+        return await super().verify(*args, **kwargs)
 
 
 class LateDraft(DraftLength):
@@ -576,35 +599,12 @@ def test_on_cores_of_its_own_the_drafter_keeps_up_beside_plain_rounds(tiny_pair,
     five plain ones finds it at most that far behind, not the whole turn. On shared cores
     nothing is sent beside a round (it would take the verifier's cores). Either way the
     output is ar's."""
-    from transformers import AutoTokenizer
+    from orchestrator.generate import KEEP_UP_TOKENS
 
-    from orchestrator.generate import KEEP_UP_TOKENS, Engine, GenerationRequest, Limits, TextChunk
-    from orchestrator.store import ChatMessage
-    from services.torch_runtime import load_torch
-    from specd.bench.runner import MemoryStore
-
-    def runtime(folder):
-        return load_torch(folder, dtype="float64", device="cpu", max_sessions=4, threads=1)
-
-    drafter = Recording(runtime(tiny_pair.drafter_dir), q_top=V)
-    engine = Engine(
-        tokenizer=AutoTokenizer.from_pretrained(tiny_pair.target_dir), store=MemoryStore(),
-        backends=Backends(VerifierCore(runtime(tiny_pair.target_dir)), drafter),
-        limits=Limits(default_strategy="sd", default_k=0, default_max_new_tokens=10, max_new_tokens_limit=64,
-                      own_cores=own_cores),
-    )  # fmt: skip
-    engine.draft_lengths["sd"] = LateDraft()
-
-    async def turn(strategy: str) -> list[int]:
-        request = GenerationRequest(messages=(ChatMessage("user", "hello there"),), max_new_tokens=10, strategy=strategy)
-        ids: list[int] = []
-        async for event in engine.generate(request):
-            if isinstance(event, TextChunk):
-                ids += event.token_ids
-        return ids
-
-    plain = asyncio.run(turn("ar"))
-    assert asyncio.run(turn("sd")) == plain
+    engine = tiny_engine(tiny_pair, Recording, LateDraft(), own_cores=own_cores, verifier_class=SlowVerify)
+    (plain, _), (ids, _) = asyncio.run(timed_turn(engine, "ar", 10)), asyncio.run(timed_turn(engine, "sd", 10))
+    assert ids == plain
+    drafter = engine.backends.drafter
     drafting = [n for n, k in drafter.calls if k == 2]
     before = [n for n, k in drafter.calls if k == 1 and n < drafting[0]]
     if own_cores:
