@@ -259,7 +259,8 @@ def test_no_probe_while_even_a_draft_accepted_whole_would_not_pay() -> None:
     # Alone a probe also re-times a length whose first timing may have been a one-off (the
     # drafter prefilling the prompt): even where a whole draft would not pay by that timing.
     dear = measured(per_token=2.0, alpha=0.2)
-    assert not dear._whole_pays(dear.costs, 20, 1.0) and dear.choose(Acceptance(), step=0, limit=20, ar_streak=PROBE_EVERY).k >= 1
+    assert not dear._whole_pays(dear.costs, 20, 1.0)
+    assert dear.choose(Acceptance(), step=0, limit=20, ar_streak=PROBE_EVERY).k >= 1
 
 
 def test_on_cores_shared_with_the_drafter_no_round_drafts_once_passes_are_shared() -> None:
