@@ -69,6 +69,7 @@ from services.errors import BadRequest
 from services.lru import Lru
 from services.runtime import (
     ChainCall, ModelInfo, PassCall, TreeCall, alone, check_batch, eos_token_ids, gguf_file, tokenizer_fingerprint,
+    weights_id,
 )  # fmt: skip
 from services.torch_runtime import TREE_PREFILL, _check_n_last, _check_path, continued_path
 from services.tree import ROOT, Tree
@@ -100,6 +101,8 @@ class Slot:
 class LlamaRuntime:
     """One GGUF model in one llama.cpp context, and the KV cache of every session. Not
     thread-safe: call from one thread."""
+
+    hidden_states = False  # the context is built without embeddings (a recurrent head needs torch)
 
     def __init__(
         self,
@@ -194,6 +197,9 @@ class LlamaRuntime:
         slot.parked = None
         self._lib.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
         self._free_session_seqs.append(slot.seq)
+
+    def last_hidden(self, session_id: str) -> torch.Tensor | None:
+        return None
 
     def cached(self, session_id: str) -> tuple[list[int], int]:
         slot = self._slots.peek(session_id)
@@ -508,6 +514,7 @@ def load_llama(
         device="cpu",
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer) if tokenizer is not None else "",
         runtime="llama",
+        weights=weights_id(folder if path.is_dir() else file),
     )
     log.info(
         "loaded %s with llama.cpp in %.1fs (%s, vocab %d, %d KV cells, %d threads, %d sequences)",

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from services.sampling import SparseDist
 from services.slrs import StringProposal
@@ -111,3 +113,5 @@ class Verified:
     cost: CallCost
     verified: int = -1  # verify_strings: drafted strings checked (-1: the whole draft)
     tree_nodes: int = 0  # verify_strings: nodes of the tree pass
+    # verify_tree(want_hidden=True): (H,) the target's hidden state whose output is tokens[-1]
+    hidden: torch.Tensor | None = field(default=None, compare=False)

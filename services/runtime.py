@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # the catalog and `specd models list` import this module with
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("llama", "torch")
+HEAD_RUNTIME = "head"  # what a drafter hosting a recurrent draft head reports as its runtime
 GGUF_NAME = "model.gguf"  # the GGUF file inside a prepared catalog folder (services/models.py)
 
 
@@ -55,6 +56,7 @@ class ModelInfo:
     wire_tokenizer_fingerprint: str = ""
     shared_tokens: int = 0
     runtime: str = ""  # llama | torch; "" for a model with no runtime (max-gram)
+    weights: str = ""  # what the weights are (weights_id); a recurrent head: its target's
 
     @property
     def wire_fingerprint(self) -> str:
@@ -103,6 +105,7 @@ class Runtime(Protocol):
 
     info: ModelInfo
     tokenizer: object | None  # the model's own Hugging Face tokenizer (text-level drafting needs it)
+    hidden_states: bool  # last_hidden answers (torch); llama.cpp's context is built without them
 
     def logits(self, session_id: str, seq: Sequence[int], n_last: int) -> torch.Tensor:
         """Logits (n_last, V) float32 that predict the tokens after each of the last n_last of seq.
@@ -137,6 +140,11 @@ class Runtime(Protocol):
 
     def cached(self, session_id: str) -> tuple[list[int], int]:
         """What the cache holds for a session: its chain of tokens and how many tree nodes follow."""
+        ...
+
+    def last_hidden(self, session_id: str) -> torch.Tensor | None:
+        """(n_last, H) float32: the LM head's input (the final norm's output) at the positions
+        whose logits the session's last pass returned, row for row; None without hidden_states."""
         ...
 
     def release(self, session_id: str) -> bool:
@@ -175,6 +183,18 @@ def gguf_file(folder: Path) -> Path | None:
         return own
     found = sorted(folder.glob("*.gguf"))
     return found[0] if len(found) == 1 else None
+
+
+def weights_id(path: Path) -> str:
+    """What a model's weights are: the GGUF's sha256 for a prepared catalog folder, else the
+    names, sizes and times of its weight files. Tells a stale int8 cache, and the target a
+    recurrent draft head was trained for."""
+    folder = path if path.is_dir() else path.parent
+    marker = folder / ".complete"
+    if marker.is_file():
+        return "sha256:" + marker.read_text(encoding="utf-8").strip()
+    files = sorted([*folder.glob("model*.safetensors"), *folder.glob("*.gguf")]) if path.is_dir() else [path]
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
 def has_torch_weights(folder: Path) -> bool:

@@ -23,7 +23,9 @@ from services.context import common_prefix_len
 from services.metrics import observe_pass
 from services.lru import Lru
 from services.packed import Segment, packable, packed_forward
-from services.runtime import ModelInfo, PassCall, TreeCall, alone, check_batch, eos_token_ids, tokenizer_fingerprint
+from services.runtime import (
+    ModelInfo, PassCall, TreeCall, alone, check_batch, eos_token_ids, tokenizer_fingerprint, weights_id,
+)  # fmt: skip
 from services.tree import ROOT, Tree, attention_bias
 
 log = logging.getLogger(__name__)
@@ -40,10 +42,13 @@ class KvState:
     cache: object | None = None
     tokens: list[int] = field(default_factory=list)
     tree: Tree | None = None  # nodes cached after `tokens` by the last tree pass
+    hidden: torch.Tensor | None = None  # (n_last, H) the LM head's input rows of the last pass
 
 
 class TorchRuntime:
     """Owns one transformers model and its per-session caches. Not thread-safe: call from one thread."""
+
+    hidden_states = True  # last_hidden answers (a recurrent draft head drafts from it)
 
     def __init__(self, model: torch.nn.Module, info: ModelInfo, *, max_sessions: int, tokenizer=None) -> None:
         self.model = model
@@ -52,6 +57,25 @@ class TorchRuntime:
         self._caches: Lru[str, KvState] = Lru(max_sessions, what="KV cache of session")
         self.device = next(model.parameters()).device
         self._packable = packable(model)
+        # The LM head's input of the last pass (1, rows, H), rows in the order of the logits
+        # it returned: the hidden states a recurrent draft head reads (last_hidden).
+        self._head_input: torch.Tensor | None = None
+        model.get_output_embeddings().register_forward_hook(self._record_head_input)
+
+    def _record_head_input(self, module, args, output) -> None:
+        self._head_input = args[0]
+
+    def _take_hidden(self) -> torch.Tensor:
+        """(rows, H) the last pass's LM head input, copied (a view would keep the whole pass's
+        activations alive), and forgotten here."""
+        rows, self._head_input = self._head_input[0].float().clone(), None
+        return rows
+
+    def last_hidden(self, session_id: str) -> torch.Tensor | None:
+        """(n_last, H) float32: the LM head's input at the positions whose logits the
+        session's last pass returned, row for row."""
+        state = self._caches.peek(session_id)
+        return None if state is None else state.hidden
 
     def _state(self, session_id: str) -> KvState:
         return self._caches.get_or_create(session_id, KvState)
@@ -80,6 +104,7 @@ class TorchRuntime:
         out = self.model(input_ids=fed, past_key_values=state.cache, use_cache=True, logits_to_keep=n_last)
         state.cache = out.past_key_values
         state.tokens = seq
+        state.hidden = self._take_hidden()
         return _float_rows(out.logits[0, -n_last:])  # (n_last, V)
 
     @torch.inference_mode()
@@ -102,7 +127,9 @@ class TorchRuntime:
             states.append(state)
             segments.append(segment)
         rows = packed_forward(self.model, segments)
-        for state, call in zip(states, calls):
+        hidden = self._take_hidden().split([call.n_last for call in calls])
+        for state, call, h in zip(states, calls, hidden):
+            state.hidden = h
             # (a state a larger batch evicted from the LRU is dropped after)
             if isinstance(call, TreeCall):
                 _tree_cached(state, call.context, call.tree)
@@ -139,6 +166,7 @@ class TorchRuntime:
         )
         state.cache = out.past_key_values
         _tree_cached(state, context, tree)
+        state.hidden = self._take_hidden()
         return _float_rows(out.logits[0, -n_last:])  # (n_last, V)
 
     def _tree_segment(self, session_id: str, context: Sequence[int], tree: Tree, n_last: int) -> tuple[KvState, Segment]:
@@ -315,6 +343,7 @@ def load_torch(
         device=device,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         runtime="torch",
+        weights=weights_id(path),
     )
     log.info(
         "loaded %s in %.1fs (vocab %d, context %d, %s on %s, %s linears, %d threads)",
@@ -342,7 +371,7 @@ def _load_int8(path: Path) -> torch.nn.Module:
         CACHE_NAME, load_quantized, quantize_model, save_quantized, stack_projections, use_rowwise_attention,
     )  # fmt: skip
 
-    source = _weights_id(path)
+    source = weights_id(path)
     cache = path / CACHE_NAME
     model = load_quantized(path, cache, source)
     if model is None:
@@ -358,16 +387,6 @@ def _load_int8(path: Path) -> torch.nn.Module:
     _trim_heap()
     use_rowwise_attention(model)
     return model
-
-
-def _weights_id(path: Path) -> str:
-    """What a folder's weights are, to tell a stale int8 cache: the GGUF's sha256 for a prepared
-    catalog folder, else the size and time of its weight files."""
-    marker = path / ".complete"
-    if marker.is_file():
-        return "sha256:" + marker.read_text(encoding="utf-8").strip()
-    files = sorted([*path.glob("model*.safetensors"), *path.glob("*.gguf")])
-    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
 def _release_checkpoint(model: torch.nn.Module) -> None:

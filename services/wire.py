@@ -8,7 +8,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+from torch import Tensor
 
 from services.context import ContextDelta
 from services.errors import BadRequest, check_token_ids
@@ -80,6 +82,8 @@ def info_to_pb(info: ModelInfo) -> pb.ModelInfo:
         tokenizer_fingerprint=info.tokenizer_fingerprint,
         wire_tokenizer_fingerprint=info.wire_tokenizer_fingerprint,
         shared_tokens=info.shared_tokens,
+        weights=info.weights,
+        runtime=info.runtime,
     )
 
 
@@ -94,6 +98,8 @@ def info_from_pb(msg: pb.ModelInfo) -> ModelInfo:
         tokenizer_fingerprint=msg.tokenizer_fingerprint,
         wire_tokenizer_fingerprint=msg.wire_tokenizer_fingerprint,
         shared_tokens=msg.shared_tokens,
+        weights=msg.weights,
+        runtime=msg.runtime,
     )
 
 
@@ -179,3 +185,15 @@ def strings_from_pb(msgs: Sequence[pb.StringDraft], max_bytes: int = 256) -> tup
             raise BadRequest(f"draft[{i}]: probs must be a distribution (sum {total:.4f}) giving the text a positive probability")
         proposals.append(StringProposal(bytes(msg.text), q))
     return tuple(proposals)
+
+
+def hidden_to_bytes(h: Tensor) -> bytes:
+    """h (H,) as the wire carries it: float16, little-endian."""
+    return h.to(torch.float16).contiguous().numpy().astype("<f2").tobytes()
+
+
+def hidden_from_bytes(raw: bytes) -> Tensor:
+    """(H,) float32 from hidden_to_bytes's bytes."""
+    if len(raw) % 2:
+        raise BadRequest(f"hidden has {len(raw)} bytes; it carries float16 values, 2 bytes each")
+    return torch.from_numpy(np.frombuffer(raw, dtype="<f2").astype(np.float32))

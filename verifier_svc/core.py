@@ -96,9 +96,18 @@ class VerifierCore:
         q: Sequence[SparseDist | None],
         params: SamplingParams,
         seed: int,
+        want_hidden: bool = False,
     ) -> Verified:
-        """A draft tree checked in one pass with a tree attention mask (staged), which may be
-        shared with other sessions' verify calls (services/calls.py)."""
+        """A draft tree checked in one pass with a tree attention mask (staged, redrafter),
+        which may be shared with other sessions' verify calls (services/calls.py). A tree of
+        no nodes is a plain step. want_hidden: the result carries the target's hidden state
+        at the position whose logits gave the last returned token (the accepted path's last
+        node, or the context's end), which a recurrent draft head drafts from."""
+        if want_hidden and not self.runtime.hidden_states:
+            raise Unsupported(
+                f"this verifier's runtime ({self.runtime.info.runtime}) returns no hidden states; "
+                "run it with SPECD_RUNTIME=torch for redrafter"
+            )
         vocab = self.runtime.info.vocab_size
         check_token_ids(tree.tokens, vocab, "tree.tokens")
         check_draft_length(len(tree), self.max_draft, "a tree")
@@ -110,9 +119,12 @@ class VerifierCore:
 
         def finish(full: list[int], logits: torch.Tensor, generator: torch.Generator) -> Verified:
             v = tree_verdict(tree, list(q), logits, params, generator)
+            hidden = None
+            if want_hidden:  # row 0 follows the context, row 1 + i node i
+                hidden = self.runtime.last_hidden(session_id)[v.path[-1] + 1 if v.path else 0].clone()
             self.runtime.keep_path(session_id, v.path)
             self.contexts.commit(session_id, [*full, *v.tokens])
-            return Verified(v.accepted, v.tokens, PENDING)
+            return Verified(v.accepted, v.tokens, PENDING, hidden=hidden)
 
         return await self._calls.run_pass(session_id, context, seed, tree, finish)
 

@@ -13,7 +13,9 @@ from services.hosting import ModelServicer, rpc, run_model_service
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
 from services.runtime import load_runtime
-from services.wire import delta_from_pb, dists_from_pb, sampling_from_pb, strings_from_pb, tree_from_pb
+from services.wire import (
+    delta_from_pb, dists_from_pb, hidden_to_bytes, sampling_from_pb, strings_from_pb, tree_from_pb,
+)  # fmt: skip
 from services.worker import Worker
 from verifier_svc.core import VerifierCore
 
@@ -39,9 +41,12 @@ class VerifierServicer(ModelServicer, pb_grpc.VerifierServicer):
         tree, q = tree_from_pb(request.tree)
         v = await self.core.verify_tree(
             request.context.session_id, delta_from_pb(request.context), tree, q, sampling_from_pb(request.sampling),
-            request.seed,
+            request.seed, request.want_hidden,
         )  # fmt: skip
-        return pb.VerifyTreeResponse(accepted=v.accepted, tokens=v.tokens, compute_seconds=v.cost.compute_seconds)
+        return pb.VerifyTreeResponse(
+            accepted=v.accepted, tokens=v.tokens, compute_seconds=v.cost.compute_seconds,
+            hidden=hidden_to_bytes(v.hidden) if v.hidden is not None else b"",
+        )  # fmt: skip
 
     @rpc(pb.VerifyStringsResponse)
     async def VerifyStrings(self, request: pb.VerifyStringsRequest) -> pb.VerifyStringsResponse:

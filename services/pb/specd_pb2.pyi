@@ -47,7 +47,7 @@ class SparseDist(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "vocab_size", "max_context", "eos_token_ids", "dtype", "device", "tokenizer_fingerprint", "wire_tokenizer_fingerprint", "shared_tokens")
+    __slots__ = ("model", "vocab_size", "max_context", "eos_token_ids", "dtype", "device", "tokenizer_fingerprint", "wire_tokenizer_fingerprint", "shared_tokens", "weights", "runtime")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,8 @@ class ModelInfo(_message.Message):
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     WIRE_TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SHARED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     max_context: int
@@ -66,7 +68,9 @@ class ModelInfo(_message.Message):
     tokenizer_fingerprint: str
     wire_tokenizer_fingerprint: str
     shared_tokens: int
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., wire_tokenizer_fingerprint: _Optional[str] = ..., shared_tokens: _Optional[int] = ...) -> None: ...
+    weights: str
+    runtime: str
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., wire_tokenizer_fingerprint: _Optional[str] = ..., shared_tokens: _Optional[int] = ..., weights: _Optional[str] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -240,6 +244,26 @@ class ProposeTreeResponse(_message.Message):
     drafter_forwards: int
     def __init__(self, context_miss: _Optional[bool] = ..., tree: _Optional[_Union[DraftTree, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., drafter_forwards: _Optional[int] = ...) -> None: ...
 
+class ProposeBeamsRequest(_message.Message):
+    __slots__ = ("hidden", "last_token", "width", "depth")
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    LAST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    hidden: bytes
+    last_token: int
+    width: int
+    depth: int
+    def __init__(self, hidden: _Optional[bytes] = ..., last_token: _Optional[int] = ..., width: _Optional[int] = ..., depth: _Optional[int] = ...) -> None: ...
+
+class ProposeBeamsResponse(_message.Message):
+    __slots__ = ("tree", "compute_seconds")
+    TREE_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    tree: DraftTree
+    compute_seconds: float
+    def __init__(self, tree: _Optional[_Union[DraftTree, _Mapping]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+
 class VerifyRequest(_message.Message):
     __slots__ = ("context", "draft", "q", "sampling", "seed")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -271,28 +295,32 @@ class VerifyResponse(_message.Message):
     def __init__(self, context_miss: _Optional[bool] = ..., accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., compute_seconds: _Optional[float] = ..., batch_sessions: _Optional[int] = ..., batch_tokens: _Optional[int] = ...) -> None: ...
 
 class VerifyTreeRequest(_message.Message):
-    __slots__ = ("context", "tree", "sampling", "seed")
+    __slots__ = ("context", "tree", "sampling", "seed", "want_hidden")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     TREE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    WANT_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     context: Context
     tree: DraftTree
     sampling: Sampling
     seed: int
-    def __init__(self, context: _Optional[_Union[Context, _Mapping]] = ..., tree: _Optional[_Union[DraftTree, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    want_hidden: bool
+    def __init__(self, context: _Optional[_Union[Context, _Mapping]] = ..., tree: _Optional[_Union[DraftTree, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., seed: _Optional[int] = ..., want_hidden: _Optional[bool] = ...) -> None: ...
 
 class VerifyTreeResponse(_message.Message):
-    __slots__ = ("context_miss", "accepted", "tokens", "compute_seconds")
+    __slots__ = ("context_miss", "accepted", "tokens", "compute_seconds", "hidden")
     CONTEXT_MISS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
     context_miss: bool
     accepted: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     compute_seconds: float
-    def __init__(self, context_miss: _Optional[bool] = ..., accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    hidden: bytes
+    def __init__(self, context_miss: _Optional[bool] = ..., accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., compute_seconds: _Optional[float] = ..., hidden: _Optional[bytes] = ...) -> None: ...
 
 class VerifyStringsRequest(_message.Message):
     __slots__ = ("context", "draft", "sampling", "seed")

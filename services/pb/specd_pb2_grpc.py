@@ -69,6 +69,11 @@ class DrafterStub:
                 request_serializer=services_dot_pb_dot_specd__pb2.ProposeStringsRequest.SerializeToString,
                 response_deserializer=services_dot_pb_dot_specd__pb2.ProposeStringsResponse.FromString,
                 _registered_method=True)
+        self.ProposeBeams = channel.unary_unary(
+                '/specd.v1.Drafter/ProposeBeams',
+                request_serializer=services_dot_pb_dot_specd__pb2.ProposeBeamsRequest.SerializeToString,
+                response_deserializer=services_dot_pb_dot_specd__pb2.ProposeBeamsResponse.FromString,
+                _registered_method=True)
 
 
 class DrafterServicer:
@@ -116,6 +121,12 @@ class DrafterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProposeBeams(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DrafterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +164,11 @@ def add_DrafterServicer_to_server(servicer, server):
                     servicer.ProposeStrings,
                     request_deserializer=services_dot_pb_dot_specd__pb2.ProposeStringsRequest.FromString,
                     response_serializer=services_dot_pb_dot_specd__pb2.ProposeStringsResponse.SerializeToString,
+            ),
+            'ProposeBeams': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProposeBeams,
+                    request_deserializer=services_dot_pb_dot_specd__pb2.ProposeBeamsRequest.FromString,
+                    response_serializer=services_dot_pb_dot_specd__pb2.ProposeBeamsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +360,33 @@ class Drafter:
             '/specd.v1.Drafter/ProposeStrings',
             services_dot_pb_dot_specd__pb2.ProposeStringsRequest.SerializeToString,
             services_dot_pb_dot_specd__pb2.ProposeStringsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProposeBeams(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specd.v1.Drafter/ProposeBeams',
+            services_dot_pb_dot_specd__pb2.ProposeBeamsRequest.SerializeToString,
+            services_dot_pb_dot_specd__pb2.ProposeBeamsResponse.FromString,
             options,
             channel_credentials,
             insecure,
