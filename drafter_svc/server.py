@@ -10,20 +10,26 @@ from __future__ import annotations
 import logging
 import sys
 
+import torch
+
 from drafter_svc.core import DrafterCore
 from drafter_svc.foreign import Translation
+from drafter_svc.head import HeadDrafter, load_head_drafter
 from services import maxgram
 from services.config import ModelServiceConfig
+from services.errors import Unsupported
 from services.hosting import ModelServicer, rpc, run_model_service
 from services.maxgram import MaxGramDrafter
 from services.models import resolve
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
+from services.redrafter import is_head
 from services.runtime import Runtime, load_runtime, tokenizer_fingerprint
 from services.wire import (
     delta_from_pb,
     dists_from_pb,
     dists_to_pb,
+    hidden_from_bytes,
     sampling_from_pb,
     shape_from_pb,
     strings_to_pb,
@@ -38,7 +44,7 @@ DEFAULT_LISTEN = "127.0.0.1:50052"
 
 
 class DrafterServicer(ModelServicer, pb_grpc.DrafterServicer):
-    core: DrafterCore | MaxGramDrafter
+    core: DrafterCore | MaxGramDrafter | HeadDrafter
 
     @rpc(pb.ProposeResponse)
     async def Propose(self, request: pb.ProposeRequest) -> pb.ProposeResponse:
@@ -76,10 +82,24 @@ class DrafterServicer(ModelServicer, pb_grpc.DrafterServicer):
             tree=tree_to_pb(t.tree, t.q), compute_seconds=t.cost.compute_seconds, drafter_forwards=t.forwards
         )
 
+    @rpc(pb.ProposeBeamsResponse)
+    async def ProposeBeams(self, request: pb.ProposeBeamsRequest) -> pb.ProposeBeamsResponse:
+        if not isinstance(self.core, HeadDrafter):
+            raise Unsupported("this drafter hosts no recurrent draft head; start one with SPECD_MODEL=<a trained head>")
+        t = await self.core.propose_beams(
+            "", hidden_from_bytes(request.hidden), request.last_token, request.width, request.depth
+        )
+        return pb.ProposeBeamsResponse(tree=tree_to_pb(t.tree, t.q), compute_seconds=t.cost.compute_seconds)
+
 
 def build_core(config: ModelServiceConfig, worker: Worker) -> DrafterCore | MaxGramDrafter:
     if config.model == maxgram.NAME:
         return MaxGramDrafter(max_sessions=config.max_sessions, max_draft=config.max_draft)
+    path = resolve(config.model, config.home)
+    if is_head(path):
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        return load_head_drafter(path, config.home, max_draft=config.max_draft, worker=worker)
     runtime = load_runtime(config, "drafter")
     return DrafterCore(
         runtime, q_top=config.q_top, second_stage=config.second_stage, max_draft=config.max_draft,

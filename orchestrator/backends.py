@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, TypeVar
 
 import grpc
+import torch
 
 from services.context import ContextTracker
 from services.pb import specd_pb2 as pb
@@ -27,6 +28,8 @@ from services.tree import Tree, TreeShape
 from services.wire import (
     delta_to_pb,
     dists_from_pb,
+    hidden_from_bytes,
+    hidden_to_bytes,
     dists_to_pb,
     info_from_pb,
     sampling_to_pb,
@@ -116,7 +119,23 @@ class TreeVerifier(Verifier, Protocol):
         q: Sequence[SparseDist | None],
         params: SamplingParams,
         seed: int,
-    ) -> Verified: ...
+        want_hidden: bool = False,
+    ) -> Verified:
+        """want_hidden: the result carries the target's hidden state behind its last token (redrafter)."""
+        ...
+
+
+class BeamDrafter(Protocol):
+    """A recurrent draft head (redrafter): drafts from the target's hidden state alone."""
+
+    async def propose_beams(
+        self, session_id: str, hidden: torch.Tensor, last_token: int, width: int, depth: int
+    ) -> TreeDraft:
+        """The session's id only routes the call (a pool spreads sessions over its replicas):
+        a head holds no session."""
+        ...
+
+    async def info(self) -> ModelInfo: ...
 
 
 class ServiceUnavailable(RuntimeError):
@@ -252,6 +271,14 @@ class RemoteDrafter(_Remote):
         tree, q = tree_from_pb(reply.tree)
         return TreeDraft(tree, q, reply.drafter_forwards, CallCost(reply.compute_seconds, wall, sent, received))
 
+    async def propose_beams(self, session_id, hidden, last_token, width, depth) -> TreeDraft:
+        request = pb.ProposeBeamsRequest(hidden=hidden_to_bytes(hidden), last_token=last_token, width=width, depth=depth)
+        started = time.perf_counter()
+        reply = await self.call(self.stub.ProposeBeams, request)
+        tree, _ = tree_from_pb(reply.tree)
+        cost = CallCost(reply.compute_seconds, time.perf_counter() - started, request.ByteSize(), reply.ByteSize())
+        return TreeDraft(tree, (), depth, cost)
+
     async def info(self) -> ModelInfo:
         return await self.model_info(self.stub.Info)
 
@@ -288,17 +315,19 @@ class RemoteVerifier(_Remote):
         cost = CallCost(reply.compute_seconds, wall, sent, received)
         return Verified(reply.accepted, tokens, cost, reply.verified, reply.tree_nodes)
 
-    async def verify_tree(self, session_id, context, tree, q, params, seed) -> Verified:
+    async def verify_tree(self, session_id, context, tree, q, params, seed, want_hidden=False) -> Verified:
         async def send(ctx: pb.Context) -> tuple[pb.VerifyTreeResponse, int]:
             request = pb.VerifyTreeRequest(
-                context=ctx, tree=tree_to_pb(tree, q), sampling=sampling_to_pb(params), seed=seed
-            )
+                context=ctx, tree=tree_to_pb(tree, q), sampling=sampling_to_pb(params), seed=seed,
+                want_hidden=want_hidden,
+            )  # fmt: skip
             return await self.call(self.stub.VerifyTree, request), request.ByteSize()
 
         reply, sent, received, wall = await self.with_context(session_id, context, send)
         tokens = tuple(reply.tokens)
         self.tracker.acknowledge(session_id, [*context, *tokens])
-        return Verified(reply.accepted, tokens, CallCost(reply.compute_seconds, wall, sent, received))
+        hidden = hidden_from_bytes(reply.hidden) if reply.hidden else None
+        return Verified(reply.accepted, tokens, CallCost(reply.compute_seconds, wall, sent, received), hidden=hidden)
 
     async def info(self) -> ModelInfo:
         return await self.model_info(self.stub.Info)

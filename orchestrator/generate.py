@@ -27,6 +27,7 @@ from orchestrator.strategies import (
     STRATEGIES,
     Backends,
     NotServable,
+    Carry,
     Lookahead,
     RoundInput,
     RoundResult,
@@ -38,7 +39,7 @@ from orchestrator.strategies import (
 )
 from orchestrator.text import TextStream
 from services.roles import CallCost, Stopwatch
-from services.runtime import ModelInfo
+from services.runtime import HEAD_RUNTIME, ModelInfo
 from services.sampling import SamplingParams, round_seed
 from services.tree import TreeShape
 
@@ -279,6 +280,26 @@ class Engine:
             )
         if strategy == "cascade":
             await self._check_cascade(target)
+        if info.runtime == HEAD_RUNTIME:
+            raise NotServable(
+                f"drafter {info.model} is a recurrent draft head: it drafts for the strategy redrafter only, "
+                "given as SPECD_HEAD"
+            )
+
+    async def _check_head(self, target: ModelInfo) -> None:
+        """redrafter's head drafter exists, hosts a head, and was trained for this target."""
+        if self.backends.head is None:
+            raise NotServable("strategy 'redrafter' needs a recurrent head drafter (SPECD_HEAD), and none is configured")
+        info = await self._info(self.backends.head)
+        if info.runtime != HEAD_RUNTIME:
+            raise NotServable(
+                f"SPECD_HEAD's drafter serves {info.model}, not a trained recurrent head (`specd train redrafter`)"
+            )
+        if info.weights != target.weights:
+            raise NotServable(
+                f"the recurrent head {info.model} was trained for a target with weights {info.weights}; the verifier "
+                f"serves {target.model} with {target.weights}: train a head for it with `specd train redrafter`"
+            )
 
     async def _check_cascade(self, target: ModelInfo) -> None:
         """Every level shares the target's vocabulary, or translates to it (a tli/slem level,
@@ -392,6 +413,14 @@ class Engine:
                     raise
                 log.warning("%s: this turn drafts with max-gram", err)
                 drafter_down = True
+        if spec.needs_head:
+            try:
+                await self._check_head(target)
+            except NoReplica as err:
+                if err.role != "drafter":
+                    raise
+                log.warning("%s: this turn drafts with max-gram", err)
+                drafter_down = True
         t0 = time.perf_counter()
         session, resumed = await self._open_turn(req, strategy, k, target)
         turn = session.turn
@@ -455,6 +484,7 @@ class Engine:
         stats.adaptive = adaptive is not None
         k = k or FIXED_K  # the draft length of a turn that does not adapt, when none is given
         lookahead = Lookahead()  # a pipelined strategy's next draft, begun during a verify
+        carry = Carry()  # the target's hidden state behind the last round (redrafter)
         warming: asyncio.Future | None = None  # the drafter's catch-up beside a plain round
         drafter_fed = 0  # context tokens this turn has sent the drafter so far
         out = TurnOutput(TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), req.stop),
@@ -474,7 +504,7 @@ class Engine:
                 r = RoundInput(
                     session.id, session.tokens, session.sampling, session.seed, session.step, min(k, room - 1),
                     max_draft=room - 1, k_matrix=k_matrix, tree=req.tree or self.limits.default_tree,
-                    lookahead=lookahead,
+                    lookahead=lookahead, carry=carry,
                 )  # fmt: skip
                 if adaptive is not None:
                     choice = adaptive.choose(session.acceptance, session.step, room - 1, session.ar_streak,

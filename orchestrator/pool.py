@@ -345,6 +345,9 @@ class DrafterPool(_Pooled[RemoteDrafter]):
     async def propose_tree(self, session_id, context, shape, params, seed):
         return await self.pool.call(session_id, lambda d: d.propose_tree(session_id, context, shape, params, seed))
 
+    async def propose_beams(self, session_id, hidden, last_token, width, depth):
+        return await self.pool.call(session_id, lambda d: d.propose_beams(session_id, hidden, last_token, width, depth))
+
 
 class VerifierPool(_Pooled[RemoteVerifier]):
     """The Verifier (and TreeVerifier, StringVerifier) Protocols over a replica pool."""
@@ -357,5 +360,7 @@ class VerifierPool(_Pooled[RemoteVerifier]):
             session_id, lambda v: v.verify_strings(session_id, context, proposals, params, seed)
         )
 
-    async def verify_tree(self, session_id, context, tree, q, params, seed):
-        return await self.pool.call(session_id, lambda v: v.verify_tree(session_id, context, tree, q, params, seed))
+    async def verify_tree(self, session_id, context, tree, q, params, seed, want_hidden=False):
+        return await self.pool.call(
+            session_id, lambda v: v.verify_tree(session_id, context, tree, q, params, seed, want_hidden)
+        )

@@ -34,7 +34,7 @@ from orchestrator.pool import DrafterPool, drafter_pool, verifier_pool
 from orchestrator.store import ChatMessage, SessionStore, TurnInProgress, TurnLost
 from orchestrator.strategies import Backends, k_matrix_problems
 from services.auth import OPEN_WARNING, ApiKeys, Unauthenticated, internal_token
-from services.config import ConfigError, OrchestratorConfig
+from services.config import ConfigError, OrchestratorConfig, parse_targets
 from services.errors import BadRequest, Unsupported
 from services.flags import ORCHESTRATOR, environment
 from services.maxgram import MaxGramDrafter
@@ -231,12 +231,13 @@ async def _serve(config: OrchestratorConfig, tokenizer, keys: ApiKeys, token: st
         default = drafters_at(drafter_targets[""])
         by_language = {label: drafters_at(t) for label, t in drafter_targets.items() if label}
         drafter = LanguagePools(default, by_language) if by_language else default
+    head = drafters_at(parse_targets(config.head)) if config.head else None
     maxgram = MaxGramDrafter()
     cascade = tuple(level(mode, targets) for mode, targets in cascade_levels)
     pools = [verifier.pool, *(d.pool for d in drafters.values())]
     for pool in pools:
         await pool.start()
-    backends = Backends(verifier=verifier, drafter=drafter, cascade=cascade, maxgram=maxgram)
+    backends = Backends(verifier=verifier, drafter=drafter, cascade=cascade, maxgram=maxgram, head=head)
     redis_client = redis_from_url(config.redis_url, config.redis_timeout_seconds, config.redis_password)
     engine = Engine(
         tokenizer=tokenizer,

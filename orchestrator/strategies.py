@@ -13,7 +13,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar, cast
 
+import torch
+
 from orchestrator.backends import (
+    BeamDrafter,
     Drafter,
     Reviewer,
     StringDrafter,
@@ -25,7 +28,7 @@ from orchestrator.backends import (
 from services.maxgram import MaxGramDrafter
 from services.roles import CallCost, Draft, total_cost
 from services.sampling import SamplingParams, SparseDist, round_seed
-from services.tree import TreeShape
+from services.tree import Tree, TreeShape
 
 Capability = TypeVar("Capability")
 
@@ -44,6 +47,7 @@ class Backends:
     maxgram: MaxGramDrafter = field(default_factory=MaxGramDrafter)  # the in-process statistical drafter
     # `lookup`'s: the same model, drafting only where the context repeats itself
     lookup: MaxGramDrafter = field(default_factory=lambda: MaxGramDrafter(matched_only=True))
+    head: BeamDrafter | None = None  # `redrafter`'s: a drafter service hosting a trained recurrent head
 
     def cascade_levels(self) -> tuple[Drafter, ...]:
         if self.cascade:
@@ -54,7 +58,8 @@ class Backends:
 def needs(backend: object | None, capability: type[Capability], strategy: str) -> Capability:
     """The drafter (or verifier) a strategy calls, typed by what it calls on it."""
     if backend is None:
-        raise NotServable(f"strategy {strategy!r} needs a drafter, and none is configured (SPECD_DRAFTER)")
+        where = "a recurrent head drafter (SPECD_HEAD)" if strategy == "redrafter" else "a drafter (SPECD_DRAFTER)"
+        raise NotServable(f"strategy {strategy!r} needs {where}, and none is configured")
     return cast(capability, backend)
 
 
@@ -70,6 +75,7 @@ class RoundInput:
     k_matrix: tuple[tuple[int, ...], ...] = ()  # `cascade`; empty = default_k_matrix
     tree: TreeShape | None = None  # `staged`; None = DEFAULT_TREE
     lookahead: Lookahead | None = None  # the turn's speculative next draft (pipelined strategies)
+    carry: Carry | None = None  # the target's hidden state the turn's last round left (redrafter)
 
 
 @dataclass(frozen=True)
@@ -464,6 +470,54 @@ async def staged_round(backends: Backends, r: RoundInput) -> RoundResult:
     return RoundResult(v.tokens, t.tree.depth, v.accepted, t.cost, v.cost)
 
 
+# -- redrafter ---------------------------------------------------------------------------
+
+DEFAULT_BEAMS = 3  # beams a redrafter round keeps when the request gives no tree shape
+
+
+@dataclass
+class Carry:
+    """What a recurrent head drafts a turn's next round from: the target's hidden state behind
+    the context's last token, which holds while the context is `length` tokens long."""
+
+    hidden: torch.Tensor | None = None  # (H,)
+    length: int = -1
+
+
+async def redrafter_round(backends: Backends, r: RoundInput) -> RoundResult:
+    """Recurrent drafting (Cheng et al. 2024, "Recurrent Drafter for Fast Speculative Decoding
+    in Large Language Models"): the drafter's recurrent head turns the target's hidden state
+    behind the context's last token into `width` beams of k tokens (services/redrafter.py),
+    merged into a prefix tree, which the target verifies in one tree pass as in `staged`; the
+    verify also returns the hidden state behind the round's last token, which the next round
+    drafts from.
+
+    A round without that hidden state (a turn's first, or after a round that drafted
+    elsewhere) or with k = 0 verifies an empty tree: a plain step that returns it.
+
+    Lossless: the beams are chosen deterministically, so every node is verified as a point
+    mass - greedy keeps the longest path of target argmaxes, sampling walks the tree by
+    recursive rejection sampling (services/multidraft.py), exact whatever the head drafts.
+    Statistics count the tree's depth as drafted tokens, as `staged` does.
+    """
+    verifier = cast(TreeVerifier, backends.verifier)
+    carry = r.carry if r.carry is not None else Carry()
+    width = r.tree.branching[0] if r.tree is not None else DEFAULT_BEAMS
+    depth = min(r.k, r.max_draft)
+    draft = None
+    if depth > 0 and carry.hidden is not None and carry.length == len(r.context):
+        head = needs(backends.head, BeamDrafter, "redrafter")
+        draft = await head.propose_beams(r.session_id, carry.hidden, r.context[-1], width, depth)
+    tree = draft.tree if draft is not None else Tree((), ())
+    v = await verifier.verify_tree(
+        r.session_id, r.context, tree, (), r.params, round_seed(r.seed, r.step, "verify"), want_hidden=True
+    )
+    carry.hidden, carry.length = v.hidden, len(r.context) + len(v.tokens)
+    if draft is None:
+        return RoundResult(v.tokens, 0, 0, None, v.cost)
+    return RoundResult(v.tokens, tree.depth, v.accepted, draft.cost, v.cost)
+
+
 Strategy = Callable[[Backends, RoundInput], Awaitable[RoundResult]]
 
 
@@ -475,6 +529,7 @@ class StrategySpec:
     # the target's (SPECD_TARGET_TOKENIZER), or one of the target's own vocabulary.
     same_vocab: bool = True
     drafts: bool = True  # a round's k is a draft length (`ar` verifies no draft)
+    needs_head: bool = False  # drafts with a recurrent head (Backends.head, SPECD_HEAD)
 
 
 STRATEGIES: dict[str, StrategySpec] = {
@@ -487,4 +542,5 @@ STRATEGIES: dict[str, StrategySpec] = {
     "slem": StrategySpec(slem_round, needs_drafter=True, same_vocab=False),
     "tli": StrategySpec(tli_round, needs_drafter=True, same_vocab=False),
     "slrs": StrategySpec(slrs_round, needs_drafter=True, same_vocab=False),
+    "redrafter": StrategySpec(redrafter_round, needs_drafter=False, needs_head=True),
 }

@@ -291,6 +291,9 @@ class OrchestratorConfig:
     # then (measured unpinned: sd's first token 9.4 s, not 2.2, with the overlap; cascade at
     # 16 sessions 0.09x ar while drafting under load)
     own_cores: bool = False
+    # SPECD_HEAD: the replicas of a drafter service hosting a trained recurrent head, as
+    # SPECD_VERIFIER ('' = none): what the strategy redrafter drafts with
+    head: str = ""
     metrics_listen: str = ""  # SPECD_METRICS_LISTEN: host:port of the Prometheus endpoint; '' = none
     # REDIS_PASSWORD: Redis' password, when REDIS_URL has none (a Secret, apart from the URL)
     redis_password: str = field(default="", repr=False)
@@ -330,6 +333,7 @@ class OrchestratorConfig:
             redis_timeout_seconds=_float(env, "SPECD_REDIS_TIMEOUT", 2.0),
             turn_lease_seconds=_float(env, "SPECD_TURN_LEASE", 30.0),
             own_cores=_bool(env, "SPECD_OWN_CORES", False),
+            head=_get(env, "SPECD_HEAD", ""),
             metrics_listen=_listen(env, "SPECD_METRICS_LISTEN"),
             redis_password=_get(env, "REDIS_PASSWORD", ""),
         )

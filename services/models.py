@@ -66,6 +66,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MARKER = ".complete"
+HEADS_DIR = "heads"  # under SPECD_HOME: trained draft heads (`specd train`), one folder each
+HEAD_MANIFEST = "redrafter.json"  # a trained recurrent head's manifest (services/redrafter.py)
 ROLES = ("target", "drafter")
 # Text the converted tokenizer must give back unchanged: code, runs of spaces and tabs,
 # blank lines, and non-ASCII (accents, CJK, an emoji outside the BMP). A byte-level BPE
@@ -230,9 +232,14 @@ def resolve(name_or_path: str | Path, home: Path, known: Catalog | None = None) 
     if path.suffix == ".gguf" and path.is_file():
         return path
     if path.is_dir():
-        if (path / "config.json").is_file():
+        if (path / "config.json").is_file() or (path / HEAD_MANIFEST).is_file():
             return path
-        raise ModelNotFound(f"{path} is a folder without config.json, so not a Hugging Face model folder")
+        raise ModelNotFound(
+            f"{path} is a folder without config.json (a Hugging Face model) or {HEAD_MANIFEST} (a trained head)"
+        )
+    heads = home / HEADS_DIR / str(name_or_path)
+    if (heads / HEAD_MANIFEST).is_file():
+        return heads
     known = catalog() if known is None else known
     name = str(name_or_path)
     if name not in known:

@@ -69,6 +69,11 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
         help=f"drafter: catalog name, folder or 'none' (default {DEFAULT_DRAFTER})",
     )
     where.add_argument(
+        "--head",
+        help="a trained recurrent head for redrafter: name under HOME/heads or folder (default "
+        "redrafter-TARGET, when --strategies names redrafter)",
+    )
+    where.add_argument(
         "--verifier-runtime",
         default="auto",
         choices=["auto", "llama", "torch"],
@@ -305,6 +310,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
 
 
+def _head(args: argparse.Namespace, home: Path) -> str:
+    """The recurrent head to serve when the run measures redrafter: --head, else the one
+    `specd train redrafter` wrote for this target by default; "" when redrafter is not run,
+    or no head was trained (redrafter is then skipped, saying so)."""
+    from services.models import HEAD_MANIFEST, HEADS_DIR
+    from specd.bench.runner import default_systems
+
+    wanted = _split(args.strategies) or (() if args.concurrency else default_systems())
+    if not any(s.split(":")[0] == "redrafter" for s in wanted):
+        return ""
+    if args.head:
+        return args.head
+    default = home / HEADS_DIR / f"redrafter-{Path(args.target).name}"
+    if not (default / HEAD_MANIFEST).is_file():
+        log.warning("no trained head in %s: redrafter is skipped (`specd train redrafter` makes one)", default)
+        return ""
+    return str(default)
+
+
 def _start_stack(
     args: argparse.Namespace, home: Path, target_dir: Path, drafter_dir: Path | None, k: int
 ) -> tuple[StackSpec, str, DelayProxies | None]:
@@ -314,7 +338,7 @@ def _start_stack(
     from specd.bench.netem import DelayProxies
     from specd.stack import up
 
-    orchestrator_port, verifier_port, drafter_port, redis_port = _free_ports(4)
+    orchestrator_port, verifier_port, drafter_port, redis_port, head_port = _free_ports(5)
     levels = _levels(args)
     spec = StackSpec(
         home=home / "bench", target=str(target_dir), drafter=str(drafter_dir or ""),
@@ -322,6 +346,7 @@ def _start_stack(
         redis_port=redis_port, redis_url=args.redis_url, dtype=args.dtype, default_k=k,
         verifier_runtime=args.verifier_runtime, drafter_runtime=args.drafter_runtime, pin=args.pin,
         max_sessions=max(levels) + 4 if levels else 0,  # every concurrent session keeps its KV cache
+        head=_head(args, home), head_port=head_port,
     )  # fmt: skip
     proxies = None
     if args.rtt_ms:

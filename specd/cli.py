@@ -52,6 +52,8 @@ def _spec(args: argparse.Namespace):
         http_listen="" if getattr(args, "http_listen", "none") == "none" else args.http_listen,
         metrics_port=getattr(args, "metrics_port", 0),
         api_keys_file=getattr(args, "api_keys_file", None) or "",
+        head=args.head or "",
+        head_port=args.port - 1,
     )
 
 
@@ -289,6 +291,10 @@ def _listen_or_none(text: str) -> str:
 def _add_stack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"target model: catalog name or folder (default {DEFAULT_TARGET})")
     p.add_argument("--drafter", default=DEFAULT_DRAFTER, help=f"drafter model, or 'none' (default {DEFAULT_DRAFTER})")
+    p.add_argument(
+        "--head", help="a trained recurrent head (`specd train redrafter`) to serve for the strategy redrafter, on "
+        "the port before the orchestrator's (default: none)",
+    )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind every service to (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50050, help="orchestrator port; the verifiers and drafters use the next ones (default 50050)")
     p.add_argument("--redis-port", type=int, default=6399, help="port of the redis-server started when REDIS_URL is unset (default 6399)")
@@ -351,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     from specd.bench_cli import add_bench_command
 
     add_bench_command(sub)
+    from specd.train_cli import add_train_command
+
+    add_train_command(sub)
 
     p = sub.add_parser("up", help="start redis, verifier, drafter, orchestrator and the HTTP gateway on this machine")
     _add_stack_options(p)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 from services.models import (
+    HEAD_MANIFEST,
+    HEADS_DIR,
     ModelNotFound,
     ModelPrepareError,
     catalog,
@@ -94,10 +97,31 @@ def cmd_list(args: argparse.Namespace) -> int:
         folder = model_dir(home, entry.name)
         state = f"yes, {_gb(folder_bytes(folder))} in {folder}" if is_prepared(folder, entry.sha256) else "no"
         rows.append((entry.name, entry.role, str(entry.vocab_size), _gb(entry.gguf_bytes), state))
+    _print_table(rows)
+    heads = sorted(p.parent for p in (home / HEADS_DIR).glob(f"*/{HEAD_MANIFEST}"))
+    if heads:
+        print()
+        rows = [("HEAD", "TARGET", "STEPS", "POSITIONS", "HELD-OUT AGREEMENT BY POSITION")]
+        for folder in heads:
+            rows.append(_head_row(folder))
+        _print_table(rows)
+    return 0
+
+
+def _head_row(folder: Path) -> tuple[str, ...]:
+    """One trained head as `models list` shows it, read from its manifest without loading it."""
+    try:
+        raw = json.loads((folder / HEAD_MANIFEST).read_text(encoding="utf-8"))
+        agreement = " ".join(f"{a:.2f}" for a in raw["held_out"]["agreement_by_position"])
+        return folder.name, raw["target"]["model"], str(raw["steps"]), str(raw["data"]["positions"]), agreement
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return folder.name, "?", "?", "?", f"unreadable manifest ({err})"
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
-    return 0
 
 
 def _gb(n: int) -> str:

@@ -55,6 +55,10 @@ class StackSpec:
     metrics_port: int = 0
     api_keys_file: str = ""  # SPECD_API_KEYS_FILE of the orchestrator and the gateway ("" = an open API)
     max_sessions: int = 0  # SPECD_MAX_SESSIONS of the model services (0 = their default)
+    # A trained recurrent head (`specd train redrafter`: its name under home/heads, or a
+    # folder) served by a drafter process of its own for the strategy redrafter; "" = none
+    head: str = ""
+    head_port: int = 50049
 
     def address(self, port: int) -> str:
         return f"{self.host}:{port}"
@@ -70,6 +74,8 @@ class StackSpec:
                 (_replica("drafter", i), "drafter_svc", self.drafter, self.drafter_port + i, self.drafter_runtime)
                 for i in range(self.drafter_replicas)
             ]
+        if self.head:
+            services.append(("head", "drafter_svc", self.head, self.head_port, "torch"))
         return services
 
     def pool(self, role: str) -> str:
@@ -248,6 +254,7 @@ def up(spec: StackSpec, say=print) -> list[Proc]:
             "SPECD_LISTEN": spec.address(spec.orchestrator_port),
             "SPECD_VERIFIER": spec.pool("verifier"),
             "SPECD_DRAFTER": spec.pool("drafter"),
+            "SPECD_HEAD": spec.pool("head"),
             "SPECD_TOKENIZER": spec.target,
             "SPECD_STRATEGY": default_strategy(spec),
             "SPECD_K": str(spec.default_k),

@@ -18,7 +18,7 @@ from tables import TableRuntime
 from test_acceptance import FAIL, PASS, chi_square_pvalue, random_dist
 
 from drafter_svc.core import DrafterCore
-from orchestrator.strategies import STRATEGIES, Backends, RoundInput, default_k_matrix, k_matrix_problems
+from orchestrator.strategies import STRATEGIES, Backends, Carry, RoundInput, default_k_matrix, k_matrix_problems
 from services.maxgram import MaxGramDrafter
 from services.roles import CallCost, Reviewed
 from services.sampling import SamplingParams, SparseDist, truncated
@@ -62,10 +62,11 @@ async def decode(backends: Backends, strategy: str, context: list[int], n: int, 
     round_fn = STRATEGIES[strategy].run
     out: list[int] = []
     results = []
+    carry = Carry()  # what redrafter's rounds pass on to the next
     while len(out) < n:
         # No cap on the draft from the tokens still wanted (the Engine's max_draft): the
         # statistical tests look at the first tokens of full-length rounds.
-        r = RoundInput(session, context + out, params, seed, len(results), 4, k_matrix=k_matrix)
+        r = RoundInput(session, context + out, params, seed, len(results), 4, k_matrix=k_matrix, carry=carry)
         results.append(await round_fn(backends, r))
         out += results[-1].tokens
     return out[:n], results

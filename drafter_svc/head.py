@@ -1,0 +1,173 @@
+"""A drafter service that hosts a trained recurrent draft head (redrafter) instead of a model.
+
+The head (services/redrafter.py) drafts from the target's hidden state, which each call
+carries, so it holds no session and no cache: any replica serves any round. It reads the
+target's token embedding E and LM head O, loaded from the target's folder and quantized to
+int8 rows (services/int8.py): for the 1.5B target 2 x 151,936 x 1,536 weights, 0.47 GB
+instead of 1.9 GB in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from services.errors import BadRequest, Unsupported, check_draft_length
+from services.redrafter import Manifest, RecurrentHead, beam_search, beams_to_tree, load_head
+from services.roles import Stopwatch, TreeDraft
+from services.runtime import HEAD_RUNTIME, ModelInfo, gguf_file, has_torch_weights, weights_id
+from services.sessions import SessionContexts
+from services.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def target_tables(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's token embedding E and LM head O, (V, H) float32 each (one tensor twice
+    when they are tied): from its safetensors weights, else dequantized from its GGUF."""
+    if has_torch_weights(folder):
+        return _safetensors_tables(folder)
+    gguf = gguf_file(folder)
+    if gguf is None:
+        raise FileNotFoundError(f"{folder} holds neither safetensors weights nor a GGUF file")
+    import gguf as gguf_lib
+
+    found = {}
+    for tensor in gguf_lib.GGUFReader(gguf).tensors:
+        if tensor.name in ("token_embd.weight", "output.weight"):
+            found[tensor.name] = torch.from_numpy(gguf_lib.quants.dequantize(tensor.data, tensor.tensor_type).copy())
+    embed = found["token_embd.weight"]
+    return embed, found.get("output.weight", embed)
+
+
+def _safetensors_tables(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    import json
+
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    files = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+
+    def read(name: str) -> torch.Tensor | None:
+        file = folder / (files.get(name, "") if files is not None else "model.safetensors")
+        if not file.is_file():
+            return None
+        with safe_open(file, framework="pt") as f:
+            return f.get_tensor(name).float() if name in f.keys() else None
+
+    embed = read("model.embed_tokens.weight")
+    if embed is None:
+        raise FileNotFoundError(f"{folder}'s weights hold no model.embed_tokens.weight")
+    out = read("lm_head.weight")
+    return embed, out if out is not None else embed
+
+
+def int8_tables(embed: torch.Tensor, out: torch.Tensor) -> tuple[nn.Module, nn.Module]:
+    """E as an int8 embedding and O as an int8 linear layer (row-wise scales)."""
+    from services.int8 import Int8Embedding, Int8Linear, quantize_rows
+
+    q, scale = quantize_rows(embed)
+    q_out, scale_out = (q, scale) if out is embed else quantize_rows(out)
+    return Int8Embedding(q, scale, None), Int8Linear.from_quantized(q_out, scale_out, None)
+
+
+class HeadDrafter:
+    """The Drafter core of a service started with SPECD_MODEL naming a trained head's folder."""
+
+    def __init__(
+        self,
+        head: RecurrentHead,
+        manifest: Manifest,
+        embed: nn.Module,
+        lm_head: nn.Module,
+        *,
+        name: str,
+        max_draft: int = 64,
+        worker: Worker | None = None,
+    ) -> None:
+        self.head = head
+        self.manifest = manifest
+        self.embed = embed
+        self.lm_head = lm_head
+        self.max_draft = max_draft  # the most tree nodes a call may ask for
+        self.worker = worker or Worker("drafter")
+        self.contexts = SessionContexts(1)  # none is ever held: a call carries all the head reads
+        self.queued = 0
+        target = manifest.target
+        self._info = ModelInfo(
+            model=name, vocab_size=target.vocab_size, max_context=1 << 30, eos_token_ids=(), dtype="head",
+            device="cpu", tokenizer_fingerprint=target.tokenizer_fingerprint, runtime=HEAD_RUNTIME,
+            weights=target.weights,
+        )  # fmt: skip
+
+    async def info(self) -> ModelInfo:
+        return self._info
+
+    async def release(self, session_id: str) -> bool:
+        return False
+
+    async def propose_beams(
+        self, session_id: str, hidden: torch.Tensor, last_token: int, width: int, depth: int
+    ) -> TreeDraft:
+        """The prefix tree of the head's `width` best drafts of `depth` tokens after last_token,
+        drafted from the target's hidden state (services/redrafter.beam_search)."""
+        H, V = self.head.config.hidden_size, self._info.vocab_size
+        if hidden.shape != (H,):
+            raise BadRequest(f"hidden has {hidden.numel()} values; this head reads the target's {H}")
+        if not bool(torch.isfinite(hidden).all()):
+            raise BadRequest("hidden holds values that are not finite")
+        if not 0 <= last_token < V:
+            raise BadRequest(f"last_token {last_token} is outside [0, {V})")
+        if width < 1 or depth < 1:
+            raise BadRequest(f"width and depth must be >= 1, got {width} and {depth}")
+        check_draft_length(width * depth, self.max_draft, "a beam tree of width x depth nodes")
+
+        def work() -> TreeDraft:
+            watch = Stopwatch()
+            beams = beam_search(self.head, self.embed, self.lm_head, hidden, last_token, width, depth)
+            tree = beams_to_tree([b.tokens for b in beams])
+            return TreeDraft(tree, (), depth, watch.local_cost())
+
+        self.queued += 1
+        try:
+            return await self.worker.run(work)
+        finally:
+            self.queued -= 1
+
+    async def propose(self, *args, **kwargs):
+        raise Unsupported(self._only_beams())
+
+    async def review(self, *args, **kwargs):
+        raise Unsupported(self._only_beams())
+
+    async def propose_tree(self, *args, **kwargs):
+        raise Unsupported(self._only_beams())
+
+    async def propose_strings(self, *args, **kwargs):
+        raise Unsupported(self._only_beams())
+
+    def _only_beams(self) -> str:
+        return (
+            f"this drafter hosts a recurrent draft head ({self._info.model}); it drafts for the strategy redrafter only"
+        )
+
+
+def load_head_drafter(folder: Path, home: Path, *, max_draft: int, worker: Worker) -> HeadDrafter:
+    """A trained head and its target's tables, checked against the target it was trained for."""
+    from services.models import resolve
+
+    watch = Stopwatch()
+    head, manifest = load_head(folder)
+    target_dir = resolve(manifest.target.model, home)
+    found = weights_id(target_dir)
+    if found != manifest.target.weights:
+        raise ValueError(
+            f"the head in {folder} was trained for {manifest.target.model} with weights {manifest.target.weights}, "
+            f"but {target_dir} now holds {found}; train it again with `specd train redrafter`"
+        )
+    embed, lm_head = int8_tables(*target_tables(target_dir))
+    log.info("loaded the recurrent head %s for %s in %.1fs", folder, manifest.target.model, watch.seconds)
+    return HeadDrafter(head, manifest, embed, lm_head, name=str(folder), max_draft=max_draft, worker=worker)

@@ -1,0 +1,270 @@
+"""A recurrent draft head (Cheng et al. 2024, "Recurrent Drafter for Fast Speculative Decoding
+in Large Language Models", ReDrafter): drafting from the target's own last hidden state.
+
+Vocabulary (the notation of services/acceptance.py): the context c_1..c_T was committed by
+the target; its last token c_T came out of the target's LM head at position T-1, whose input
+(the final norm's output) is h. The head drafts d_1..d_k after c_T from h alone, without
+the target and without a model of its own over the context:
+
+    s_0 = 0,  e_0 = E[c_T]                        E: the target's token embedding (frozen)
+    s_j = silu(W e_{j-1} + U s_{j-1} + b)         the recurrence over what was drafted so far
+    x_j = r_L(... r_1(P [h; s_j]))                r(x) = x + silu(R x): residual blocks
+    q_j = softmax(O x_j)                          O: the target's LM head (frozen)
+    d_j drawn from q_j, e_j = E[d_j]
+
+Beam search over q (width b, depth k) gives b candidate drafts; their common prefixes are
+merged into one prefix tree (`beams_to_tree`), which the verifier checks in one tree pass
+(services/multidraft.py). The tree's children are chosen deterministically, so every node is
+verified as a point mass: greedy output is the target's argmax path, sampled output exact by
+recursive rejection sampling over point masses - lossless whatever the head drafts.
+
+Worked example: beams (5, 7, 2), (5, 7, 9), (5, 3, 3) become
+
+    node  token  parent  path
+    0     5      -1      5
+    1     7      0       5 7
+    2     2      1       5 7 2
+    3     9      1       5 7 9
+    4     3      0       5 3
+    5     3      4       5 3 3
+
+Deviations from the paper: the head's first step takes e_0 = E[c_T] with s_0 = 0 rather than
+a learned start; the target's LM head is shared and frozen (the paper trains its own), which
+keeps the head to a few million parameters and lets LM-head grouping (CORAL) cut its cost
+later.
+
+Pure: torch, safetensors and the standard library; the tables E and O are passed in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from services.models import HEAD_MANIFEST
+from services.tree import ROOT, Tree
+
+MANIFEST = HEAD_MANIFEST  # what a trained head's folder holds, beside its weights
+WEIGHTS = "head.safetensors"
+KIND = "redrafter"
+
+
+@dataclass(frozen=True)
+class TargetId:
+    """The target a head was trained for: it reads that model's hidden states and tables only."""
+
+    model: str  # catalog name or folder, as given to `specd train`
+    weights: str  # what its weights are (services/models.weights_id)
+    tokenizer_fingerprint: str
+    hidden_size: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    hidden_size: int  # H: the target's hidden size (h, E's rows and O's columns)
+    # residual blocks after the projection of [h; s] (4 measured no better than 2, and
+    # slower; a narrower head, d = 256 or 128 inside with x = h + Up z, learned less:
+    # docs/trained-drafters.md)
+    blocks: int = 2
+
+
+@dataclass
+class Manifest:
+    """What `specd train` wrote, and how: read back by the drafter and `specd models list`."""
+
+    kind: str
+    target: TargetId
+    config: HeadConfig
+    seed: int
+    data: dict = field(default_factory=dict)  # sources, tokens, positions, held-out split
+    steps: int = 0
+    loss: list[float] = field(default_factory=list)  # training loss, one entry per logged step
+    held_out: dict = field(default_factory=dict)  # acceptance on held-out text by draft position
+    seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        raw = json.loads(text)
+        return cls(
+            kind=raw["kind"], target=TargetId(**raw["target"]), config=HeadConfig(**raw["config"]), seed=raw["seed"],
+            data=raw.get("data", {}), steps=raw.get("steps", 0), loss=raw.get("loss", []),
+            held_out=raw.get("held_out", {}), seconds=raw.get("seconds", 0.0),
+        )  # fmt: skip
+
+
+class RecurrentHead(nn.Module):
+    """The head's own parameters (W, U, b, P, R_1..R_L); E and O are the target's, passed to each call."""
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        H = config.hidden_size
+        self.config = config
+        self.rnn_w = nn.Linear(H, H)  # W, b
+        self.rnn_u = nn.Linear(H, H, bias=False)  # U
+        self.proj = nn.Linear(2 * H, H)  # P
+        self.blocks = nn.ModuleList(nn.Linear(H, H) for _ in range(config.blocks))  # R_1..R_L
+        with torch.no_grad():  # start each block near the identity, so O sees something like h
+            for block in self.blocks:
+                block.weight.mul_(0.1)
+                block.bias.zero_()
+
+    def step(self, h: Tensor, s: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+        """One recurrence step: (s_j, x_j) from h (B, H), s_{j-1} (B, H) and e_{j-1} (B, H)."""
+        s = F.silu(self.rnn_w(e) + self.rnn_u(s))  # (B, H)
+        x = self.proj(torch.cat([h, s], dim=-1))  # (B, H)
+        for block in self.blocks:
+            x = x + F.silu(block(x))
+        return s, x
+
+    def start(self, h: Tensor) -> Tensor:
+        """s_0 for a batch of hidden states h (B, H): zeros."""
+        return torch.zeros_like(h)
+
+
+@dataclass(frozen=True)
+class Beam:
+    tokens: tuple[int, ...]
+    logprob: float  # sum of log q_j(d_j) along the beam
+
+
+@torch.inference_mode()
+def beam_search(
+    head: RecurrentHead, embed: nn.Module, lm_head: nn.Module, h: Tensor, last_token: int, width: int, depth: int
+) -> list[Beam]:
+    """The `width` most likely drafts of `depth` tokens under the head's q, best first.
+
+    h: (H,) the target's hidden state that produced last_token (c_T). Each step extends every
+    beam by every token and keeps the `width` best by summed log q (ties: the lower beam
+    index, then the lower token id, as torch.topk orders them on CPU).
+    """
+    assert h.dim() == 1 and h.shape[0] == head.config.hidden_size, (
+        f"h must be ({head.config.hidden_size},), got {tuple(h.shape)}"
+    )
+    assert width >= 1 and depth >= 1, f"width and depth must be >= 1, got {width}, {depth}"
+    h = h.to(torch.float32)[None]  # (1, H)
+    s = head.start(h)  # (1, d)
+    e = embed(torch.tensor([last_token]))  # (1, H)
+    tokens = torch.empty(1, 0, dtype=torch.int64)  # (beams, j)
+    scores = torch.zeros(1)  # (beams,)
+    for _ in range(depth):
+        s, x = head.step(h.expand(s.shape[0], -1), s, e)
+        logq = torch.log_softmax(lm_head(x).float(), dim=-1)  # (beams, V)
+        total = (scores[:, None] + logq).flatten()  # (beams * V,)
+        scores, flat = torch.topk(total, min(width, total.numel()))  # (width,) each
+        beam, token = flat // logq.shape[1], flat % logq.shape[1]
+        tokens = torch.cat([tokens[beam], token[:, None]], dim=1)
+        s = s[beam]
+        e = embed(token)
+    return [Beam(tuple(t.tolist()), float(score)) for t, score in zip(tokens, scores)]
+
+
+def beams_to_tree(beams: Sequence[Sequence[int]], budget: int | None = None) -> Tree:
+    """The prefix tree of the beams (see the module's worked example): one node per distinct
+    prefix, created in beam order, so a node's parent is always earlier and better beams'
+    nodes come first among siblings. budget: the most nodes; a beam that would pass it is
+    left out whole (the ones before it are kept)."""
+    index: dict[tuple[int, ...], int] = {}
+    tokens: list[int] = []
+    parents: list[int] = []
+    for beam in beams:
+        new = [j for j in range(1, len(beam) + 1) if tuple(beam[:j]) not in index]
+        if budget is not None and len(tokens) + len(new) > budget:
+            continue
+        for j in new:
+            prefix = tuple(beam[:j])
+            index[prefix] = len(tokens)
+            tokens.append(prefix[-1])
+            parents.append(index[prefix[:-1]] if j > 1 else ROOT)
+    return Tree(tuple(tokens), tuple(parents))
+
+
+def distill_loss(
+    head: RecurrentHead,
+    embed: Callable[[Tensor], Tensor],
+    out_rows: Tensor,
+    h: Tensor,
+    inputs: Tensor,
+    label_ids: Tensor,
+    label_probs: Tensor,
+    candidates: Tensor,
+    aligned: Tensor | None = None,
+    align: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """The multi-step distillation loss of a batch, over a candidate subset of the vocabulary.
+
+    h: (B, H) the target's hidden state at position t; inputs: (B, k) the tokens the head
+    reads at steps 1..k (teacher forcing: x_{t+1}..x_{t+k}); label_ids / label_probs: (B, k, K)
+    the target's top-K distribution at positions t+1..t+k (renormalised), what steps 1..k
+    should draft; candidates: (C,) vocabulary ids whose rows of O (out_rows: (C, H)) the
+    softmax runs over - every label id among them. A softmax over C rows instead of V keeps a
+    step of training cheap on a CPU (sampled softmax); the random rows among the candidates
+    push the rest of the vocabulary down.
+
+    aligned: (B, k, H) the target's own hidden states H_{t+1}..H_{t+k}, whose LM-head outputs
+    are the labels. With align > 0, each step's features x_j are also pulled towards H_{t+j}
+    (smooth L1, weighted by align): CORAL's cross-step representation alignment ("Learning
+    Consistent Representations across Multi-step Training with Lighter Speculative Drafter",
+    2025; here towards the target's features, as EAGLE's regression), which gives every step the target's whole representation to learn from rather
+    than K label probabilities, and keeps the steps' inputs to O alike (the head reuses one
+    O for every step).
+
+    Returns (loss, top-1 agreement per step (k,)): the soft cross-entropy summed over steps
+    plus the weighted alignment term, averaged over the batch.
+    """
+    B, k = inputs.shape
+    position = torch.full((int(candidates.max()) + 1,), -1, dtype=torch.int64)
+    position[candidates] = torch.arange(candidates.numel())
+    target_pos = position[label_ids]  # (B, k, K)
+    assert bool((target_pos >= 0).all()), "every label id must be among the candidates"
+    s = head.start(h)
+    e = embed(inputs[:, 0])
+    loss = h.new_zeros(())
+    agree = []
+    for j in range(k):
+        s, x = head.step(h, s, e)
+        logq = torch.log_softmax(x @ out_rows.T, dim=-1)  # (B, C)
+        picked = logq.gather(1, target_pos[:, j])  # (B, K)
+        loss = loss - (label_probs[:, j] * picked).sum(-1).mean()
+        if aligned is not None and align > 0:
+            loss = loss + align * F.smooth_l1_loss(x, aligned[:, j])
+        agree.append((logq.argmax(-1) == target_pos[:, j, 0]).float().mean())
+        if j + 1 < k:
+            e = embed(inputs[:, j + 1])
+    return loss, torch.stack(agree)
+
+
+def save_head(folder: Path, head: RecurrentHead, manifest: Manifest) -> None:
+    """Writes a trained head: its weights and its manifest, the manifest last (a folder with a
+    manifest is complete)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({name: t.detach().contiguous() for name, t in head.state_dict().items()}, folder / WEIGHTS)
+    (folder / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+
+
+def is_head(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file()
+
+
+def load_head(folder: Path) -> tuple[RecurrentHead, Manifest]:
+    from safetensors.torch import load_file
+
+    if not is_head(folder):
+        raise FileNotFoundError(f"{folder} holds no trained head ({MANIFEST}); train one with `specd train redrafter`")
+    manifest = Manifest.from_json((folder / MANIFEST).read_text(encoding="utf-8"))
+    if manifest.kind != KIND:
+        raise ValueError(f"{folder} holds a {manifest.kind!r} drafter, not a recurrent head")
+    head = RecurrentHead(manifest.config)
+    head.load_state_dict(load_file(folder / WEIGHTS))
+    return head.eval(), manifest

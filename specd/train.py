@@ -1,0 +1,292 @@
+"""`specd train redrafter`: a recurrent draft head distilled from the target on this machine.
+
+Data: text that is on the machine without a download - the Python standard library's source
+(code, like HumanEval's answers) - cut into chunks the target reads teacher-forced, one pass
+per chunk. Each position i of a chunk gives one example: the target's hidden state H_i (its
+LM head's input, the same runtime and dtype the verifier runs, so the same numbers it returns
+at serving time), the next k text tokens the head reads, and the target's own top-K
+distribution at the k positions after i as soft labels (distillation: what the target would
+draft, not what the text says). The last files (HELD_OUT_SHARE) are held out: the manifest
+reports the head's agreement with the target's argmax there, by draft position. No bench
+prompt is ever in the data (`bench_prompts_excluded` checks it).
+
+Training: services/redrafter.distill_loss, a softmax over the batch's label ids plus random
+negatives instead of the whole vocabulary, AdamW with a cosine schedule, within a time
+budget. The head, its manifest (target fingerprint, data, seed, loss curve, held-out
+agreement) go to HOME/heads/NAME, where `specd models list` shows it and a drafter loads it
+(SPECD_MODEL=NAME).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import sysconfig
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.redrafter import KIND, HeadConfig, Manifest, RecurrentHead, TargetId, distill_loss, save_head
+
+log = logging.getLogger(__name__)
+
+HELD_OUT_SHARE = 0.05  # of the text files, kept out of training to measure the head on
+TOP_K = 8  # entries of the target's distribution kept as a soft label
+NEGATIVES = 2048  # random vocabulary rows in each step's softmax besides the labels
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    depth: int = 4  # k: draft positions trained (the head drafts deeper, less well)
+    chunk: int = 128  # tokens per teacher-forced target pass
+    batch: int = 64  # positions per training step
+    lr: float = 1e-3
+    blocks: int = 2  # residual blocks of the head
+    seed: int = 0
+    minutes: float = 45.0  # the whole run's budget: data first (DATA_SHARE of it), then training
+    max_tokens: int = 0  # stop reading text after this many tokens (0: the data budget decides)
+    max_steps: int = 0  # training steps (0: the training budget decides)
+    fresh_data: bool = False  # run the target's passes again even where a cache of them exists
+    # weight of cross-step representation alignment (CORAL): each step's features x_j pulled
+    # towards the target's own hidden state at the position it drafts; 0 = distillation only
+    align: float = 1.0
+
+
+DATA_SHARE = 0.4
+HELD_OUT_TOKENS = 2048  # of the held-out files, read teacher-forced to measure the head on
+
+
+def data_cache(heads: Path, weights: str, dtype: str, settings: TrainSettings) -> Path:
+    """Where the target's passes for these settings are kept: a later run with other head or
+    training settings reuses them, and the budget that would have gone to them trains."""
+    key = f"{weights}|{dtype}|{settings.seed}|{settings.depth}|{settings.chunk}|{TOP_K}"
+    return heads / ".data" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+@dataclass
+class Examples:
+    """Teacher-forced examples: N positions, k steps each, top-K labels."""
+
+    rows: torch.Tensor  # (M, H) float16: the target's hidden states, chunk after chunk
+    at: torch.Tensor  # (N,) int64: the row of each example's H_i; H_{i+j} is row at + j
+    inputs: torch.Tensor  # (N, k) int64: x_{i+1}..x_{i+k}, what the head reads
+    label_ids: torch.Tensor  # (N, k, K) int64: the target's top-K after x_{..i+j}
+    label_probs: torch.Tensor  # (N, k, K) float32, renormalised over the K
+
+    def __len__(self) -> int:
+        return self.at.shape[0]
+
+    def hidden(self, pick: torch.Tensor) -> torch.Tensor:
+        """(B, H) float32: H_i of the picked examples."""
+        return self.rows[self.at[pick]].float()
+
+    def aligned(self, pick: torch.Tensor) -> torch.Tensor:
+        """(B, k, H) float32: H_{i+1}..H_{i+k}, the target's own features at the positions the
+        head drafts (what cross-step alignment pulls each step's x_j towards)."""
+        steps = torch.arange(1, self.inputs.shape[1] + 1)
+        return self.rows[self.at[pick][:, None] + steps[None]].float()
+
+
+def stdlib_files(seed: int) -> tuple[list[Path], list[Path]]:
+    """The standard library's .py files in a seeded order, split into (training, held out)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.stat().st_size > 2000)
+    random.Random(seed).shuffle(files)
+    held = max(1, int(len(files) * HELD_OUT_SHARE))
+    return files[held:], files[:held]
+
+
+def bench_prompts_excluded(texts: Sequence[str], prompts: Sequence[str], probe: int = 60) -> list[str]:
+    """The bench prompts (their first `probe` characters of body) found in training texts:
+    must be none."""
+    found = []
+    for prompt in prompts:
+        body = prompt.strip()[:probe]
+        if len(body) >= 20 and any(body in text for text in texts):
+            found.append(body)
+    return found
+
+
+def teacher_examples(
+    runtime, texts: Sequence[str], tokenizer, settings: TrainSettings, deadline: float, progress: Callable[[int], None]
+) -> Examples:
+    """Runs the target over the texts' chunks (one pass each) until `deadline` or max_tokens."""
+    k, T = settings.depth, settings.chunk
+    hidden, at, inputs, ids, probs = [], [], [], [], []
+    tokens_read = rows_kept = 0
+    for text in texts:
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(tokens) - k - 2, T):
+            chunk = tokens[start : start + T]
+            if len(chunk) < k + 2 or time.monotonic() > deadline:
+                continue
+            logits = runtime.logits("train", chunk, len(chunk))  # (T, V): row i predicts x_{i+1}
+            rows = runtime.last_hidden("train")  # (T, H)
+            runtime.release("train")
+            top_p, top_i = torch.softmax(logits, dim=-1).topk(TOP_K, dim=-1)  # (T, K)
+            top_p = top_p / top_p.sum(-1, keepdim=True)
+            n = len(chunk) - k - 1  # positions with k steps after them inside the chunk
+            x = torch.tensor(chunk)
+            steps = torch.arange(1, k + 1)
+            positions = torch.arange(n)[:, None] + steps[None]  # (n, k): i+1..i+k
+            hidden.append(rows.to(torch.float16))
+            at.append(rows_kept + torch.arange(n))
+            rows_kept += rows.shape[0]
+            inputs.append(x[positions])
+            ids.append(top_i[positions])
+            probs.append(top_p[positions])
+            tokens_read += len(chunk)
+            progress(len(chunk))
+            if settings.max_tokens and tokens_read >= settings.max_tokens:
+                return _stack(hidden, at, inputs, ids, probs)
+        if time.monotonic() > deadline:
+            break
+    if not hidden:
+        raise ValueError("no text long enough to train on")
+    return _stack(hidden, at, inputs, ids, probs)
+
+
+def _stack(hidden, at, inputs, ids, probs) -> Examples:
+    return Examples(
+        torch.cat(hidden), torch.cat(at), torch.cat(inputs), torch.cat(ids).long(), torch.cat(probs).float()
+    )
+
+
+def train_head(
+    data: Examples,
+    embed: torch.Tensor,
+    out: torch.Tensor,
+    settings: TrainSettings,
+    deadline: float,
+    progress: Callable[[float, torch.Tensor], None],
+) -> tuple[RecurrentHead, list[float], int]:
+    """The head trained on `data` until `deadline` or max_steps: (head, loss per step, steps).
+
+    embed, out: the target's E and O, (V, H) float32, frozen."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    head = RecurrentHead(HeadConfig(embed.shape[1], settings.blocks))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=0.01)
+    planned = settings.max_steps or 10**9
+    losses: list[float] = []
+    step = 0
+    started, budget = time.monotonic(), max(deadline - time.monotonic(), 1e-3)
+    while step < planned and time.monotonic() < deadline:
+        done = step / planned if settings.max_steps else (time.monotonic() - started) / budget
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+        pick = torch.randint(len(data), (settings.batch,), generator=generator)
+        labels = data.label_ids[pick]
+        candidates = torch.cat(
+            [labels.flatten(), torch.randint(out.shape[0], (NEGATIVES,), generator=generator)]
+        ).unique()
+        loss, agree = distill_loss(
+            head, lambda ids: embed[ids], out[candidates], data.hidden(pick), data.inputs[pick], labels,
+            data.label_probs[pick], candidates, data.aligned(pick) if settings.align else None, settings.align,
+        )  # fmt: skip
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        step += 1
+        progress(losses[-1], agree.detach())
+    return head.eval(), losses, step
+
+
+@torch.inference_mode()
+def agreement(
+    head: RecurrentHead, data: Examples, embed: torch.Tensor, out: torch.Tensor, limit: int = 512
+) -> list[float]:
+    """How often the head's argmax over the whole vocabulary is the target's, by draft
+    position, teacher-forced (the chance a greedy chain draft is accepted at that position
+    given the ones before were)."""
+    n = min(limit, len(data))
+    h, inputs, target = data.hidden(torch.arange(n)), data.inputs[:n], data.label_ids[:n, :, 0]
+    s, e = head.start(h), embed[inputs[:, 0]]
+    rates = []
+    for j in range(inputs.shape[1]):
+        s, x = head.step(h, s, e)
+        rates.append(float(((x @ out.T).argmax(-1) == target[:, j]).float().mean()))
+        if j + 1 < inputs.shape[1]:
+            e = embed[inputs[:, j + 1]]
+    return rates
+
+
+def run(
+    target: str, name: str, home: Path, settings: TrainSettings, *, dtype: str, threads: int, progress: bool
+) -> Path:
+    """The whole `specd train redrafter`: data, training, held-out agreement, written to HOME/heads/NAME."""
+    from tqdm import tqdm
+
+    from drafter_svc.head import target_tables
+    from services.models import HEADS_DIR, resolve, torch_folder
+    from services.runtime import choose_dtype, weights_id
+    from services.torch_runtime import load_torch
+
+    started = time.monotonic()
+    budget = settings.minutes * 60
+    path = resolve(target, home)
+    dtype = choose_dtype(dtype, "cpu")
+    runtime = load_torch(
+        path if dtype == "int8" and path.is_dir() else torch_folder(path), dtype=dtype, device="cpu", max_sessions=1,
+        threads=threads,
+    )  # fmt: skip
+    tokenizer = runtime.tokenizer
+    train_files, held_files = stdlib_files(settings.seed)
+    read = lambda files: [f.read_text(encoding="utf-8", errors="replace") for f in files]  # noqa: E731
+    cache = data_cache(home / HEADS_DIR, weights_id(path), dtype, settings)
+    cached = cache.is_file() and not settings.fresh_data
+    if cached:
+        raw = torch.load(cache)
+        data, held = Examples(**raw["train"]), Examples(**raw["held"])
+        log.info("read %d examples of the target's passes from %s (--fresh-data runs them again)", len(data), cache)
+    else:
+        data_deadline = started + budget * DATA_SHARE
+        with tqdm(desc="target passes", unit="tok", disable=not progress, dynamic_ncols=True) as bar:
+            held_settings = TrainSettings(**{**settings.__dict__, "max_tokens": HELD_OUT_TOKENS})
+            held = teacher_examples(runtime, read(held_files), tokenizer, held_settings, math.inf, bar.update)
+            data = teacher_examples(runtime, read(train_files), tokenizer, settings, data_deadline, bar.update)
+        if not settings.max_tokens:  # a --quick run's few tokens are not worth keeping
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"train": data.__dict__, "held": held.__dict__}, cache)
+    info = runtime.info
+    del runtime
+    embed, out = target_tables(path)
+    with tqdm(desc="training", unit="step", disable=not progress, dynamic_ncols=True) as bar:
+
+        def shown(loss: float, agree: torch.Tensor) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", agree="/".join(f"{a:.2f}" for a in agree.tolist()))
+
+        head, losses, steps = train_head(data, embed, out, settings, started + budget, shown)
+    manifest = Manifest(
+        kind=KIND,
+        target=TargetId(target, weights_id(path), info.tokenizer_fingerprint, embed.shape[1], out.shape[0]),
+        config=head.config,
+        seed=settings.seed,
+        data={
+            "source": "python standard library",
+            "dtype": dtype,
+            "files": len(train_files),
+            "held_out_files": len(held_files),
+            "positions": len(data),
+            "held_out_positions": len(held),
+            "depth": settings.depth,
+            "chunk": settings.chunk,
+            "top_k": TOP_K,
+            "cached": cached,
+        },  # fmt: skip
+        steps=steps,
+        loss=[round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 4) for i in range(0, len(losses), 50)],
+        held_out={"agreement_by_position": [round(a, 4) for a in agreement(head, held, embed, out)]},
+        seconds=round(time.monotonic() - started, 1),
+    )
+    folder = home / HEADS_DIR / name
+    save_head(folder, head, manifest)
+    return folder

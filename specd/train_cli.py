@@ -1,0 +1,69 @@
+"""`specd train`: the command-line face of specd/train.py (which imports torch only when run)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def add_train_command(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train", help="train a draft head for a target on this machine")
+    kinds = train.add_subparsers(dest="train_command", required=True, metavar="DRAFTER")
+    p = kinds.add_parser(
+        "redrafter",
+        help="a recurrent draft head over the target's hidden state (strategy redrafter)",
+        description="Distils a recurrent draft head from TARGET: the target reads the Python standard library's "
+        "source teacher-forced, and the head learns to predict the target's own next tokens from its hidden state. "
+        "Writes HOME/heads/NAME; serve it with a drafter started with SPECD_MODEL=NAME.",
+    )
+    p.add_argument(
+        "--target", default="qwen2.5-coder-1.5b-instruct", help="catalog name or model folder (default %(default)s)"
+    )
+    p.add_argument("--name", help="the head's name under HOME/heads (default redrafter-TARGET)")
+    p.add_argument("--minutes", type=float, default=45.0, help="time budget of the whole run (default %(default)s)")
+    p.add_argument("--depth", type=int, default=4, help="draft positions trained (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data order, the head's start and its batches")
+    p.add_argument(
+        "--dtype", default="auto", help="the target's dtype, as the verifier runs it (default auto: int8 on CPU)"
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument(
+        "--fresh-data", action="store_true",
+        help="run the target over the text again, even where an earlier run's passes are kept (HOME/heads/.data)",
+    )  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="a few hundred tokens and 30 steps: to check the pipeline")
+    p.add_argument("--home", help="where models and heads are kept (default $SPECD_HOME or ~/.cache/specd)")
+    p.set_defaults(func=cmd_train_redrafter)
+
+
+def cmd_train_redrafter(args: argparse.Namespace) -> int:
+    import logging
+
+    from services.models import ModelNotFound, default_home
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    home = Path(args.home or os.environ.get("SPECD_HOME") or default_home()).expanduser()
+    if args.depth < 1 or args.minutes <= 0:
+        print("specd train redrafter: --depth must be >= 1 and --minutes > 0", file=sys.stderr)
+        return 2
+    from specd.train import TrainSettings, run
+
+    settings = TrainSettings(depth=args.depth, seed=args.seed, minutes=args.minutes, fresh_data=args.fresh_data)
+    if args.quick:
+        settings = TrainSettings(depth=args.depth, seed=args.seed, minutes=args.minutes, chunk=64, max_tokens=640,
+                                 max_steps=30)  # fmt: skip
+    name = args.name or f"redrafter-{Path(args.target).name}"
+    try:
+        folder = run(args.target, name, home, settings, dtype=args.dtype, threads=args.threads, progress=True)
+    except (ModelNotFound, FileNotFoundError, ValueError) as err:
+        print(f"specd train redrafter: {err}", file=sys.stderr)
+        return 2
+    from services.redrafter import load_head
+
+    _, manifest = load_head(folder)
+    print(f"wrote {folder} ({manifest.steps} steps on {manifest.data['positions']} positions, {manifest.seconds:.0f}s)")
+    print("held-out agreement with the target by draft position: "
+          + " ".join(f"{a:.2f}" for a in manifest.held_out["agreement_by_position"]))  # fmt: skip
+    return 0

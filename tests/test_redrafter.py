@@ -1,0 +1,289 @@
+"""The recurrent draft head (services/redrafter.py, strategy redrafter) in this process: the
+beam-to-tree merge and beam search, table-driven; training that lowers its loss; the
+verifier's hidden state; greedy output equal to plain decoding on a tiny model, with a head
+that drafts badly and with beams that hold the target's own continuation; sampled output
+distributed as the target's p. The real-process tests are in tests/test_redrafter_services.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from tables import TableRuntime
+from test_acceptance import PASS, chi_square_pvalue
+from test_cascade import decode
+
+from drafter_svc.head import HeadDrafter, int8_tables, target_tables
+from orchestrator.strategies import Backends, Carry, NotServable, RoundInput, redrafter_round
+from services.redrafter import (
+    HeadConfig,
+    Manifest,
+    RecurrentHead,
+    TargetId,
+    beam_search,
+    beams_to_tree,
+    distill_loss,
+    load_head,
+    save_head,
+)  # fmt: skip
+from services.roles import CallCost, TreeDraft
+from services.sampling import SamplingParams, target_probs
+from services.torch_runtime import load_torch
+from services.tree import ROOT, Tree
+from specd.train import Examples, TrainSettings, bench_prompts_excluded, train_head
+from verifier_svc.core import VerifierCore
+
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
+GREEDY = SamplingParams()
+
+
+# ---------------------------------------------------------------- beams -> tree
+
+TREES = {
+    "the module's worked example": (
+        [(5, 7, 2), (5, 7, 9), (5, 3, 3)],
+        None,
+        ((5, 7, 2, 9, 3, 3), (ROOT, 0, 1, 1, 0, 4)),
+    ),
+    "one beam is a chain": ([(1, 2, 3)], None, ((1, 2, 3), (ROOT, 0, 1))),
+    "disjoint first tokens": ([(1, 2), (3, 4)], None, ((1, 2, 3, 4), (ROOT, 0, ROOT, 2))),
+    "a repeated beam adds nothing": ([(1, 2), (1, 2)], None, ((1, 2), (ROOT, 0))),
+    "a beam past the budget is left out whole": ([(1, 2), (3, 4), (1, 5)], 3, ((1, 2, 5), (ROOT, 0, 0))),
+    "no beams": ([], None, ((), ())),
+}
+
+
+@pytest.mark.parametrize("beams, budget, expected", TREES.values(), ids=TREES.keys())
+def test_beams_merge_into_their_prefix_tree(beams, budget, expected) -> None:
+    tree = beams_to_tree(beams, budget)
+    assert (tree.tokens, tree.parents) == expected
+    paths = {tuple(tree.tokens[i] for i in tree.path(leaf)) for leaf in range(len(tree)) if not tree.children(leaf)}
+    assert paths <= set(map(tuple, beams))  # every leaf ends a beam
+
+
+def small_head(H: int = 8, V: int = 11, seed: int = 0) -> tuple[RecurrentHead, torch.nn.Embedding, torch.nn.Linear]:
+    torch.manual_seed(seed)
+    head = RecurrentHead(HeadConfig(H, blocks=1))
+    embed, out = torch.nn.Embedding(V, H), torch.nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        out.weight.mul_(3.0)  # peaked distributions: beams differ in score
+    return head.eval(), embed, out
+
+
+def chain_logprob(head, embed, out, h, last: int, tokens) -> float:
+    """log q of one draft, step by step as the head defines it."""
+    s, e, total = head.start(h[None]), embed(torch.tensor([last])), 0.0
+    for t in tokens:
+        s, x = head.step(h[None], s, e)
+        total += float(torch.log_softmax(out(x), -1)[0, t])
+        e = embed(torch.tensor([t]))
+    return total
+
+
+@pytest.mark.parametrize("width, depth", [(1, 1), (1, 4), (3, 3), (5, 2)])
+def test_beam_search_keeps_the_best_drafts_by_their_own_probability(width, depth) -> None:
+    head, embed, out = small_head()
+    h = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        beams = beam_search(head, embed, out, h, 4, width, depth)
+        scores = [chain_logprob(head, embed, out, h, 4, b.tokens) for b in beams]
+        everything = sorted(
+            (chain_logprob(head, embed, out, h, 4, t) for t in itertools.product(range(11), repeat=depth)), reverse=True
+        ) if depth <= 2 else None  # fmt: skip
+    assert len(beams) == width and all(len(b.tokens) == depth for b in beams)
+    assert [round(b.logprob, 4) for b in beams] == [round(s, 4) for s in scores]  # each score is its chain's log q
+    assert scores == sorted(scores, reverse=True)
+    if everything is not None and depth == 1:  # one step: exactly the top `width` tokens
+        assert [round(s, 4) for s in scores] == [round(s, 4) for s in everything[:width]]
+
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("align", [0.0, 1.0], ids=["distillation", "with alignment"])
+def test_training_lowers_the_distillation_loss(align) -> None:
+    """A head learns labels that follow from h and the tokens it reads (a made-up target)."""
+    H, V, N, k = 16, 40, 512, 3
+    g = torch.Generator().manual_seed(0)
+    embed, out = torch.randn(V, H, generator=g), torch.randn(V, H, generator=g)
+    hidden = torch.randn(N, H, generator=g)
+    inputs = torch.randint(V, (N, k), generator=g)
+    # step 1's label follows from h (O's favourite token for it), later ones from the token read
+    label = torch.stack([(hidden @ out.T).argmax(-1), *(inputs[:, j] for j in range(1, k))], dim=1)  # (N, k)
+    rows = torch.cat([hidden, torch.randn(k, H, generator=g)])  # H_{i+j} of the last examples too
+    data = Examples(rows.half(), torch.arange(N), inputs, label[..., None], torch.ones(N, k, 1))
+    settings = TrainSettings(depth=k, batch=64, lr=3e-3, blocks=1, max_steps=300, align=align)
+    _, losses, steps = train_head(data, embed, out, settings, math.inf, lambda loss, agree: None)
+    assert steps == 300
+    assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
+
+
+def test_the_loss_is_the_soft_cross_entropy_over_the_candidates() -> None:
+    head, embed, out = small_head(V=11)
+    h, inputs = torch.randn(2, 8), torch.tensor([[1, 2], [3, 4]])
+    ids = torch.tensor([[[5, 6], [7, 5]], [[1, 2], [3, 4]]])  # (B, k, K)
+    probs = torch.tensor([[[0.75, 0.25], [1.0, 0.0]], [[0.5, 0.5], [0.25, 0.75]]])
+    candidates = torch.arange(11)
+    with torch.no_grad():
+        loss, _ = distill_loss(head, embed, out.weight[candidates], h, inputs, ids, probs, candidates)
+        expected = 0.0
+        for b in range(2):
+            s, e = head.start(h[b : b + 1]), embed(inputs[b, :1])
+            for j in range(2):
+                s, x = head.step(h[b : b + 1], s, e)
+                logq = torch.log_softmax(out(x), -1)[0]
+                expected -= float((probs[b, j] * logq[ids[b, j]]).sum()) / 2
+                e = embed(inputs[b, j + 1 : j + 2])
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_no_bench_prompt_is_in_the_training_text() -> None:
+    from specd.bench.prompts import read_gsm8k, read_humaneval
+    from specd.train import stdlib_files
+
+    train, held = stdlib_files(seed=0)
+    assert train and held and not set(train) & set(held)
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in train]
+    prompts = [p.text.split("```python\n")[-1] for p in read_humaneval()] + [p.text for p in read_gsm8k()]
+    assert bench_prompts_excluded(texts, prompts) == []
+    assert bench_prompts_excluded(["x" * 10 + prompts[0].strip()[:80]], prompts)  # the check itself finds one
+
+
+def test_a_saved_head_loads_the_same_and_refuses_another_kind(tmp_path: Path) -> None:
+    head, _, _ = small_head()
+    manifest = Manifest("redrafter", TargetId("t", "w", "f", 8, 11), head.config, seed=3, loss=[1.0, 0.5])
+    save_head(tmp_path / "h", head, manifest)
+    loaded, read = load_head(tmp_path / "h")
+    assert read == manifest
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="specd train redrafter"):
+        load_head(tmp_path)
+
+
+# ---------------------------------------------------------------- on a tiny target
+
+
+@pytest.fixture(scope="module")
+def tiny_head(tiny_pair, tmp_path_factory) -> tuple[Path, HeadDrafter]:
+    """An untrained head for the tiny target (its drafts are mostly rejected) and its tables."""
+    target = load_torch(tiny_pair.target_dir, dtype="float32", device="cpu", max_sessions=1)
+    H = target.model.config.hidden_size
+    torch.manual_seed(0)
+    head = RecurrentHead(HeadConfig(H, blocks=1)).eval()
+    manifest = Manifest("redrafter", TargetId(str(tiny_pair.target_dir), target.info.weights,
+                                              target.info.tokenizer_fingerprint, H, target.info.vocab_size), head.config, 0)  # fmt: skip
+    embed, lm_head = int8_tables(*target_tables(tiny_pair.target_dir))
+    return tiny_pair.target_dir, HeadDrafter(head, manifest, embed, lm_head, name="tiny-head")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "int8"])
+def test_the_verifier_returns_the_hidden_state_behind_its_last_token(tiny_pair, dtype) -> None:
+    runtime = load_torch(tiny_pair.target_dir, dtype=dtype, device="cpu", max_sessions=2)
+    core = VerifierCore(runtime)
+    context = [5, 9, 14, 3, 7]
+    tree = Tree((4, 8, 2), (ROOT, 0, ROOT))
+    v = asyncio.run(core.verify_tree("s", context, tree, (), GREEDY, 0, want_hidden=True))
+    with torch.no_grad():
+        logits = runtime.model.get_output_embeddings()(v.hidden.to(runtime.model.dtype)[None]).float()[0]
+    assert int(logits.argmax()) == v.tokens[-1]  # the LM head's input whose output is the last token
+    full = runtime.logits("check", [*context, *v.tokens[:-1]], 1)[0]
+    assert torch.allclose(logits, full.float(), atol=1e-4)
+    plain = asyncio.run(core.verify_tree("s", [*context, *v.tokens], Tree((), ()), (), GREEDY, 0, want_hidden=True))
+    assert plain.accepted == 0 and len(plain.tokens) == 1 and plain.hidden.shape == v.hidden.shape
+
+
+class ContinuationBeams:
+    """A BeamDrafter whose second beam is the target's own greedy continuation (so drafts are
+    accepted, in part when the room cuts them), the first a wrong one."""
+
+    def __init__(self, expected: list[int], context: list[int]) -> None:
+        self.expected, self.context = expected, context
+        self.at = 0
+
+    async def propose_beams(self, session_id, hidden, last_token, width, depth) -> TreeDraft:
+        right = tuple(self.expected[self.at : self.at + depth])
+        wrong = tuple((t + 1) % 50 for t in right)
+        tree = beams_to_tree([wrong, right]) if right else Tree((), ())
+        return TreeDraft(tree, (), depth, CallCost(0.0, 0.0))
+
+
+@pytest.mark.parametrize("drafter", ["untrained head", "beams holding the continuation"])
+def test_greedy_redrafter_equals_plain_decoding(tiny_pair, tiny_head, drafter) -> None:
+    target = load_torch(tiny_pair.target_dir, dtype="int8", device="cpu", max_sessions=4)
+    core = VerifierCore(target)
+    context = [11, 12, 13, 14, 15, 11, 12]
+    expected, _ = asyncio.run(decode(Backends(core), "ar", context, 30, GREEDY, session="ar"))
+    beams = tiny_head[1] if drafter == "untrained head" else ContinuationBeams(expected, context)
+    backends = Backends(core, head=beams)
+    carry, out, accepted, step = Carry(), [], 0, 0
+    while len(out) < 30:
+        if isinstance(beams, ContinuationBeams):
+            beams.at = len(out)
+        r = RoundInput("rd", context + out, GREEDY, 0, step, 4, max_draft=30 - len(out) - 1, carry=carry)
+        result = asyncio.run(redrafter_round(backends, r))
+        assert len(result.tokens) == result.accepted + 1 and carry.length == len(context + out) + len(result.tokens)
+        out += result.tokens
+        accepted += result.accepted
+        step += 1
+    assert out == expected
+    if isinstance(beams, ContinuationBeams):
+        assert accepted >= 20  # most tokens came from accepted drafts
+
+
+def test_redrafter_without_a_head_says_what_to_configure(tiny_pair) -> None:
+    core = VerifierCore(load_torch(tiny_pair.target_dir, dtype="float64", device="cpu", max_sessions=1))
+    r = RoundInput("s", [3, 4, 5], GREEDY, 0, 0, 3, carry=Carry(torch.zeros(64), 3))
+    with pytest.raises(NotServable, match="SPECD_HEAD"):
+        asyncio.run(redrafter_round(Backends(core), r))
+
+
+# ---------------------------------------------------------------- sampling, on tables
+
+V = 5
+CONTEXT = [0, 1, 2]
+SAMPLED = SamplingParams(temperature=1.0)
+
+
+class HiddenTable(TableRuntime):
+    """A table target that also answers last_hidden (zeros: the fake head ignores it)."""
+
+    hidden_states = True
+
+    def last_hidden(self, session_id: str) -> torch.Tensor:
+        return torch.zeros(len(self.table), 4)
+
+
+class FixedBeams:
+    async def propose_beams(self, session_id, hidden, last_token, width, depth) -> TreeDraft:
+        return TreeDraft(beams_to_tree([(1, 2), (1, 0), (3, 3)]), (), 2, CallCost(0.0, 0.0))
+
+
+def test_sampled_redrafter_is_distributed_as_p() -> None:
+    """The first two tokens of rounds that verify a fixed beam tree, against p_1 x p_2."""
+    g = torch.Generator().manual_seed(4)
+    table = torch.randn(8, V, generator=g, dtype=torch.float64) * 1.5
+    backends = Backends(VerifierCore(HiddenTable(table)), head=FixedBeams())
+    n = 1500
+
+    async def runs() -> Counter:
+        counts: Counter = Counter()
+        for seed in range(n):
+            out: list[int] = []
+            carry = Carry(torch.zeros(4), len(CONTEXT))
+            while len(out) < 2:
+                carry.length = len(CONTEXT) + len(out)  # the fake's hidden state holds for any context
+                r = RoundInput("s", CONTEXT + out, SAMPLED, seed, len(out), 2, carry=carry)
+                out += (await redrafter_round(backends, r)).tokens
+            counts[tuple(out[:2])] += 1
+        return counts
+
+    p = target_probs(table[len(CONTEXT) - 1 :], SAMPLED)
+    expected = {cell: float(p[0, cell[0]] * p[1, cell[1]]) for cell in itertools.product(range(V), repeat=2)}
+    assert chi_square_pvalue(asyncio.run(runs()), expected, n) > PASS

@@ -1,0 +1,146 @@
+"""Integration: redrafter through real processes - `specd train redrafter --quick` writes a
+head for the tiny target, a drafter service hosts it, the verifier returns hidden states over
+gRPC - with a real redis-server. Greedy output equals plain decoding (`ar`); seeded sampling
+replays; a head meets only the strategy and the target it was made for.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from client import ROOT, ServiceStack, generate
+
+from drafter_svc.head import load_head_drafter
+from services.pb import specd_pb2 as pb
+from services.pb import specd_pb2_grpc as pb_grpc
+from services.redrafter import MANIFEST
+from services.worker import Worker
+
+PROMPTS = ["def add(a, b):\n    return a + b\n\ndef add(a, b):\n", "The quick brown fox"]
+NEW = 24
+
+
+def train(target: Path, home: Path, name: str) -> Path:
+    """`specd train redrafter --quick` as a user runs it; the head's folder."""
+    command = [sys.executable, "-m", "specd.cli", "train", "redrafter", "--target", str(target), "--quick", "--name",
+               name, "--home", str(home), "--dtype", "float64", "--threads", "1"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "held-out agreement" in done.stdout
+    return home / "heads" / name
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_pair, redis_server, tmp_path_factory):
+    """orchestrator: the tiny drafter model (SPECD_DRAFTER) and a drafter hosting a head
+    trained for the target (SPECD_HEAD); orchestrator2: the two swapped; orchestrator3: a
+    head trained for another model (the tiny drafter) as SPECD_HEAD."""
+    root = tmp_path_factory.mktemp("redrafter")
+    head = train(tiny_pair.target_dir, root / "home", "tiny")
+    other = train(tiny_pair.drafter_dir, root / "home", "other")
+
+    def extra_env(stack: ServiceStack, name: str) -> dict[str, str]:
+        models = {"drafter": str(head), "drafter2": str(tiny_pair.drafter_dir), "drafter3": str(other)}
+        if name in models:
+            return {"SPECD_MODEL": models[name], "SPECD_RUNTIME": "torch"}
+        head_at, drafter_at = {"orchestrator": ("drafter", "drafter2"), "orchestrator2": ("drafter2", "drafter"),
+                               "orchestrator3": ("drafter3", "drafter2")}.get(name, (None, None))  # fmt: skip
+        if head_at is None:
+            return {}
+        return {"SPECD_HEAD": stack.address(head_at), "SPECD_DRAFTER": stack.address(drafter_at)}
+
+    s = ServiceStack(
+        tiny_pair.target_dir, tiny_pair.drafter_dir, redis_server.url, root / "logs",
+        services=("verifier", "drafter", "drafter2", "drafter3", "orchestrator", "orchestrator2", "orchestrator3"),
+        extra_env=extra_env,
+    )  # fmt: skip
+    s.up()
+    yield s, head
+    s.down()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_redrafter_equals_ar(stack, prompt):
+    s, _ = stack
+    address = s.address("orchestrator")
+    expected = generate(address, prompt, strategy="ar", max_new_tokens=NEW).token_ids
+    for k in (0, 3):  # adaptive, then a fixed depth
+        options = {"options": pb.StrategyOptions(k=k)} if k else {}
+        result = generate(address, prompt, strategy="redrafter", max_new_tokens=NEW, **options)
+        assert result.token_ids == expected, k
+    assert result.stats.drafted > 0  # the fixed depth drafted in every round after the first
+    assert generate(address, prompt, strategy="sd", max_new_tokens=NEW).token_ids == expected  # one stack serves both
+
+
+def test_sampled_redrafter_replays_with_its_seed(stack):
+    s, _ = stack
+    address = s.address("orchestrator")
+    kwargs = dict(strategy="redrafter", max_new_tokens=NEW, temperature=1.2, options=pb.StrategyOptions(k=3))
+    first = generate(address, PROMPTS[1], seed=5, **kwargs)
+    assert generate(address, PROMPTS[1], seed=5, **kwargs).token_ids == first.token_ids
+    assert generate(address, PROMPTS[1], seed=6, **kwargs).token_ids != first.token_ids
+
+
+CASES = {
+    "another strategy on the head": ("orchestrator2", "sd", "drafts for the strategy redrafter only"),
+    "redrafter with a model as its head": ("orchestrator2", "redrafter", "not a trained recurrent head"),
+    "a head for another target": ("orchestrator3", "redrafter", "train a head for it"),
+}
+
+
+@pytest.mark.parametrize("orchestrator, strategy, words", CASES.values(), ids=CASES.keys())
+def test_a_head_serves_only_its_strategy_and_target(stack, orchestrator, strategy, words):
+    s, _ = stack
+    with pytest.raises(grpc.RpcError) as err:
+        generate(s.address(orchestrator), PROMPTS[0], strategy=strategy, max_new_tokens=4)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert words in err.value.details()
+
+
+def test_a_head_whose_target_changed_is_refused_at_load(stack, tmp_path):
+    _, head = stack
+    copy = tmp_path / "head"
+    copy.mkdir()
+    for f in head.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    manifest = (copy / MANIFEST).read_text()
+    (copy / MANIFEST).write_text(manifest.replace('"weights": "', '"weights": "stale-'))
+    with pytest.raises(ValueError, match="train it again"):
+        load_head_drafter(copy, tmp_path, max_draft=64, worker=Worker("test"))
+
+
+def test_models_list_shows_the_trained_heads(stack):
+    _, head = stack
+    command = [sys.executable, "-m", "specd.cli", "models", "list", "--home", str(head.parent.parent)]
+    listed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines() if line.strip()}
+    assert {"HEAD", "tiny", "other"} <= set(rows)
+    assert " 30 " in rows["tiny"]  # --quick's steps, from the manifest
+
+
+def test_bad_beam_calls_get_a_status_that_says_what_to_fix(stack):
+    s, _ = stack
+    good = bytes(2 * 64)  # the tiny target's hidden size, float16
+    cases = [
+        (s.address("drafter"), dict(hidden=b"\x00" * 3), grpc.StatusCode.INVALID_ARGUMENT, "2 bytes each"),
+        (s.address("drafter"), dict(hidden=bytes(8)), grpc.StatusCode.INVALID_ARGUMENT, "reads the target's 64"),
+        (s.address("drafter"), dict(hidden=good, last_token=10**6), grpc.StatusCode.INVALID_ARGUMENT, "outside"),
+        (s.address("drafter"), dict(hidden=good, width=0), grpc.StatusCode.INVALID_ARGUMENT, ">= 1"),
+        (s.address("drafter2"), dict(hidden=good), grpc.StatusCode.FAILED_PRECONDITION, "no recurrent draft head"),
+    ]
+    for address, fields, code, words in cases:
+        request = pb.ProposeBeamsRequest(**{"last_token": 1, "width": 2, "depth": 2, **fields})
+        with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as err:
+            pb_grpc.DrafterStub(channel).ProposeBeams(request, timeout=30)
+        assert err.value.code() == code, fields
+        assert words in err.value.details(), fields
+    with grpc.insecure_channel(s.address("drafter")) as channel:
+        reply = pb_grpc.DrafterStub(channel).ProposeBeams(
+            pb.ProposeBeamsRequest(hidden=good, last_token=1, width=2, depth=3)
+        )
+    assert 3 <= len(reply.tree.tokens) <= 6 and not reply.tree.q  # two beams of three, merged; point masses
