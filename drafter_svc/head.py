@@ -161,7 +161,8 @@ def load_head_drafter(folder: Path, home: Path, *, max_draft: int, worker: Worke
 
     watch = Stopwatch()
     head, manifest = load_head(folder)
-    target_dir = resolve(manifest.target.model, home)
+    trained_on = Path(manifest.target.folder) if manifest.target.folder else None
+    target_dir = trained_on if trained_on is not None and trained_on.is_dir() else resolve(manifest.target.model, home)
     found = weights_id(target_dir)
     if found != manifest.target.weights:
         raise ValueError(

@@ -64,6 +64,7 @@ class TargetId:
     tokenizer_fingerprint: str
     hidden_size: int
     vocab_size: int
+    folder: str = ""  # where it was when the head was trained (tried first; else `model` is resolved)
 
 
 @dataclass(frozen=True)

@@ -267,7 +267,9 @@ def run(
         head, losses, steps = train_head(data, embed, out, settings, started + budget, shown)
     manifest = Manifest(
         kind=KIND,
-        target=TargetId(target, weights_id(path), info.tokenizer_fingerprint, embed.shape[1], out.shape[0]),
+        target=TargetId(
+            target, weights_id(path), info.tokenizer_fingerprint, embed.shape[1], out.shape[0], str(path.resolve())
+        ),
         config=head.config,
         seed=settings.seed,
         data={

@@ -103,6 +103,8 @@ def test_a_head_serves_only_its_strategy_and_target(stack, orchestrator, strateg
 
 def test_a_head_whose_target_changed_is_refused_at_load(stack, tmp_path):
     _, head = stack
+    # another SPECD_HOME (the bench's run folder) still finds the target where it was trained
+    assert load_head_drafter(head, tmp_path / "elsewhere", max_draft=64, worker=Worker("test")).head is not None
     copy = tmp_path / "head"
     copy.mkdir()
     for f in head.iterdir():
