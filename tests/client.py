@@ -112,12 +112,18 @@ class ServiceStack:
         self.wait(name)
 
     def up(self) -> ServiceStack:
+        """Starts every service and waits for each; if one fails, stops those started (a fixture
+        that fails in its set-up never reaches its own teardown)."""
         for name in self.services:
             self.ports.setdefault(name, free_port())
-        for name in self.services:
-            self.start(name)
-        for name in self.services:
-            self.wait(name)
+        try:
+            for name in self.services:
+                self.start(name)
+            for name in self.services:
+                self.wait(name)
+        except BaseException:
+            self.down()
+            raise
         return self
 
     def down(self) -> None:
