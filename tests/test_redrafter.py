@@ -287,3 +287,13 @@ def test_sampled_redrafter_is_distributed_as_p() -> None:
     p = target_probs(table[len(CONTEXT) - 1 :], SAMPLED)
     expected = {cell: float(p[0, cell[0]] * p[1, cell[1]]) for cell in itertools.product(range(V), repeat=2)}
     assert chi_square_pvalue(asyncio.run(runs()), expected, n) > PASS
+
+
+def test_tables_quantized_in_blocks_equal_the_whole() -> None:
+    from drafter_svc.head import _int8_rows
+    from services.int8 import quantize_rows
+
+    w = torch.randn(1000, 16, generator=torch.Generator().manual_seed(0))
+    q, scale = _int8_rows(w, chunk=300)  # blocks of 300, 300, 300, 100
+    q_all, scale_all = quantize_rows(w)
+    assert torch.equal(q, q_all) and torch.equal(scale, scale_all)
