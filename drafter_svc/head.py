@@ -67,20 +67,11 @@ def _safetensors_tables(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_tables(embed: torch.Tensor, out: torch.Tensor) -> tuple[nn.Module, nn.Module]:
     """E as an int8 embedding and O as an int8 linear layer (row-wise scales)."""
-    from services.int8 import Int8Embedding, Int8Linear
+    from services.int8 import Int8Embedding, Int8Linear, quantize_rows
 
-    q, scale = _int8_rows(embed)
-    q_out, scale_out = (q, scale) if out is embed else _int8_rows(out)
+    q, scale = quantize_rows(embed)
+    q_out, scale_out = (q, scale) if out is embed else quantize_rows(out)
     return Int8Embedding(q, scale, None), Int8Linear.from_quantized(q_out, scale_out, None)
-
-
-def _int8_rows(w: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """services.int8.quantize_rows a block of rows at a time: the same result, without
-    float32 temporaries of the whole table (the 1.5B target's: 0.93 GB each)."""
-    from services.int8 import quantize_rows
-
-    parts = [quantize_rows(w[i : i + chunk]) for i in range(0, w.shape[0], chunk)]
-    return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
 
 
 class HeadDrafter:

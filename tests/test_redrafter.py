@@ -290,10 +290,9 @@ def test_sampled_redrafter_is_distributed_as_p() -> None:
 
 
 def test_tables_quantized_in_blocks_equal_the_whole() -> None:
-    from drafter_svc.head import _int8_rows
     from services.int8 import quantize_rows
 
     w = torch.randn(1000, 16, generator=torch.Generator().manual_seed(0))
-    q, scale = _int8_rows(w, chunk=300)  # blocks of 300, 300, 300, 100
-    q_all, scale_all = quantize_rows(w)
+    q, scale = quantize_rows(w, block=300)  # blocks of 300, 300, 300, 100
+    q_all, scale_all = quantize_rows(w, block=1000)
     assert torch.equal(q, q_all) and torch.equal(scale, scale_all)
