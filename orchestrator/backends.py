@@ -28,9 +28,9 @@ from services.tree import Tree, TreeShape
 from services.wire import (
     delta_to_pb,
     dists_from_pb,
+    dists_to_pb,
     hidden_from_bytes,
     hidden_to_bytes,
-    dists_to_pb,
     info_from_pb,
     sampling_to_pb,
     shape_to_pb,

@@ -26,9 +26,9 @@ from orchestrator.strategies import (
     DEFAULT_TREE,
     STRATEGIES,
     Backends,
-    NotServable,
     Carry,
     Lookahead,
+    NotServable,
     RoundInput,
     RoundResult,
     ar_round,
@@ -404,23 +404,17 @@ class Engine:
         spec = STRATEGIES[strategy]
         drafter_down = False
         drafting_context = 0  # the longest context the turn's drafters take (0: no limit)
-        if spec.needs_drafter:
-            try:
+        try:
+            if spec.needs_drafter:
                 await self._check_drafter(target, strategy, spec.same_vocab)
                 drafting_context = await self._drafting_context(strategy, target)
-            except NoReplica as err:
-                if err.role != "drafter":
-                    raise
-                log.warning("%s: this turn drafts with max-gram", err)
-                drafter_down = True
-        if spec.needs_head:
-            try:
+            if spec.needs_head:
                 await self._check_head(target)
-            except NoReplica as err:
-                if err.role != "drafter":
-                    raise
-                log.warning("%s: this turn drafts with max-gram", err)
-                drafter_down = True
+        except NoReplica as err:
+            if err.role != "drafter":
+                raise
+            log.warning("%s: this turn drafts with max-gram", err)
+            drafter_down = True
         t0 = time.perf_counter()
         session, resumed = await self._open_turn(req, strategy, k, target)
         turn = session.turn

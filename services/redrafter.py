@@ -39,7 +39,7 @@ Pure: torch, safetensors and the standard library; the tables E and O are passed
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -131,6 +131,14 @@ class RecurrentHead(nn.Module):
         """s_0 for a batch of hidden states h (B, H): zeros."""
         return torch.zeros_like(h)
 
+    def teacher_forced(self, h: Tensor, embed: Callable[[Tensor], Tensor], inputs: Tensor) -> Iterator[Tensor]:
+        """x_1..x_k (each (B, H)) with the head reading the given tokens inputs (B, k) rather
+        than its own drafts: what training and the held-out agreement walk."""
+        s = self.start(h)
+        for j in range(inputs.shape[1]):
+            s, x = self.step(h, s, embed(inputs[:, j]))
+            yield x
+
 
 @dataclass(frozen=True)
 class Beam:
@@ -153,7 +161,7 @@ def beam_search(
     )
     assert width >= 1 and depth >= 1, f"width and depth must be >= 1, got {width}, {depth}"
     h = h.to(torch.float32)[None]  # (1, H)
-    s = head.start(h)  # (1, d)
+    s = head.start(h)  # (1, H)
     e = embed(torch.tensor([last_token]))  # (1, H)
     tokens = torch.empty(1, 0, dtype=torch.int64)  # (beams, j)
     scores = torch.zeros(1)  # (beams,)
@@ -215,32 +223,30 @@ def distill_loss(
     are the labels. With align > 0, each step's features x_j are also pulled towards H_{t+j}
     (smooth L1, weighted by align): CORAL's cross-step representation alignment ("Learning
     Consistent Representations across Multi-step Training with Lighter Speculative Drafter",
-    2025; here towards the target's features, as EAGLE's regression), which gives every step the target's whole representation to learn from rather
-    than K label probabilities, and keeps the steps' inputs to O alike (the head reuses one
-    O for every step).
+    2025; here towards the target's features, as EAGLE's regression), which gives every
+    step the target's whole representation to learn from rather than K label
+    probabilities, and keeps the steps' inputs to O alike (the head reuses one O for every
+    step).
 
     Returns (loss, top-1 agreement per step (k,)): the soft cross-entropy summed over steps
     plus the weighted alignment term, averaged over the batch.
     """
-    B, k = inputs.shape
+    assert inputs.dim() == 2 and label_ids.shape[:2] == inputs.shape == label_probs.shape[:2], (
+        f"inputs (B, k) and labels (B, k, K) must agree, got {tuple(inputs.shape)} and {tuple(label_ids.shape)}"
+    )
     position = torch.full((int(candidates.max()) + 1,), -1, dtype=torch.int64)
     position[candidates] = torch.arange(candidates.numel())
     target_pos = position[label_ids]  # (B, k, K)
     assert bool((target_pos >= 0).all()), "every label id must be among the candidates"
-    s = head.start(h)
-    e = embed(inputs[:, 0])
     loss = h.new_zeros(())
     agree = []
-    for j in range(k):
-        s, x = head.step(h, s, e)
+    for j, x in enumerate(head.teacher_forced(h, embed, inputs)):
         logq = torch.log_softmax(x @ out_rows.T, dim=-1)  # (B, C)
         picked = logq.gather(1, target_pos[:, j])  # (B, K)
         loss = loss - (label_probs[:, j] * picked).sum(-1).mean()
         if aligned is not None and align > 0:
             loss = loss + align * F.smooth_l1_loss(x, aligned[:, j])
         agree.append((logq.argmax(-1) == target_pos[:, j, 0]).float().mean())
-        if j + 1 < k:
-            e = embed(inputs[:, j + 1])
     return loss, torch.stack(agree)
 
 

@@ -314,7 +314,7 @@ def _head(args: argparse.Namespace, home: Path) -> str:
     """The recurrent head to serve when the run measures redrafter: --head, else the one
     `specd train redrafter` wrote for this target by default; "" when redrafter is not run,
     or no head was trained (redrafter is then skipped, saying so)."""
-    from services.models import HEAD_MANIFEST, HEADS_DIR
+    from services.models import HEAD_MANIFEST, HEADS_DIR, default_head_name
     from specd.bench.runner import default_systems
 
     wanted = _split(args.strategies) or (() if args.concurrency else default_systems())
@@ -322,7 +322,7 @@ def _head(args: argparse.Namespace, home: Path) -> str:
         return ""
     if args.head:
         return args.head
-    default = home / HEADS_DIR / f"redrafter-{Path(args.target).name}"
+    default = home / HEADS_DIR / default_head_name(args.target)
     if not (default / HEAD_MANIFEST).is_file():
         log.warning("no trained head in %s: redrafter is skipped (`specd train redrafter` makes one)", default)
         return ""

@@ -208,14 +208,8 @@ def agreement(
     given the ones before were)."""
     n = min(limit, len(data))
     h, inputs, target = data.hidden(torch.arange(n)), data.inputs[:n], data.label_ids[:n, :, 0]
-    s, e = head.start(h), embed[inputs[:, 0]]
-    rates = []
-    for j in range(inputs.shape[1]):
-        s, x = head.step(h, s, e)
-        rates.append(float(((x @ out.T).argmax(-1) == target[:, j]).float().mean()))
-        if j + 1 < inputs.shape[1]:
-            e = embed[inputs[:, j + 1]]
-    return rates
+    steps = head.teacher_forced(h, lambda ids: embed[ids], inputs)
+    return [float(((x @ out.T).argmax(-1) == target[:, j]).float().mean()) for j, x in enumerate(steps)]
 
 
 def run(
@@ -233,30 +227,31 @@ def run(
     budget = settings.minutes * 60
     path = resolve(target, home)
     dtype = choose_dtype(dtype, "cpu")
-    runtime = load_torch(
-        path if dtype == "int8" and path.is_dir() else torch_folder(path), dtype=dtype, device="cpu", max_sessions=1,
-        threads=threads,
-    )  # fmt: skip
-    tokenizer = runtime.tokenizer
+    weights = weights_id(path)
     train_files, held_files = stdlib_files(settings.seed)
-    read = lambda files: [f.read_text(encoding="utf-8", errors="replace") for f in files]  # noqa: E731
-    cache = data_cache(home / HEADS_DIR, weights_id(path), dtype, settings)
-    cached = cache.is_file() and not settings.fresh_data
-    if cached:
-        raw = torch.load(cache)
-        data, held = Examples(**raw["train"]), Examples(**raw["held"])
+    cache = data_cache(home / HEADS_DIR, weights, dtype, settings)
+    raw = torch.load(cache) if cache.is_file() and not settings.fresh_data else {}
+    cached = "tokenizer_fingerprint" in raw
+    if cached:  # the target itself is not even loaded
+        data, held, fingerprint = Examples(**raw["train"]), Examples(**raw["held"]), raw["tokenizer_fingerprint"]
         log.info("read %d examples of the target's passes from %s (--fresh-data runs them again)", len(data), cache)
     else:
-        data_deadline = started + budget * DATA_SHARE
+        runtime = load_torch(
+            path if dtype == "int8" and path.is_dir() else torch_folder(path), dtype=dtype, device="cpu",
+            max_sessions=1, threads=threads,
+        )  # fmt: skip
+        read = lambda files: [f.read_text(encoding="utf-8", errors="replace") for f in files]  # noqa: E731
+        held_settings = TrainSettings(**{**settings.__dict__, "max_tokens": HELD_OUT_TOKENS})
         with tqdm(desc="target passes", unit="tok", disable=not progress, dynamic_ncols=True) as bar:
-            held_settings = TrainSettings(**{**settings.__dict__, "max_tokens": HELD_OUT_TOKENS})
-            held = teacher_examples(runtime, read(held_files), tokenizer, held_settings, math.inf, bar.update)
-            data = teacher_examples(runtime, read(train_files), tokenizer, settings, data_deadline, bar.update)
+            held = teacher_examples(runtime, read(held_files), runtime.tokenizer, held_settings, math.inf, bar.update)
+            data = teacher_examples(
+                runtime, read(train_files), runtime.tokenizer, settings, started + budget * DATA_SHARE, bar.update
+            )
+        fingerprint = runtime.info.tokenizer_fingerprint
+        del runtime
         if not settings.max_tokens:  # a --quick run's few tokens are not worth keeping
             cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"train": data.__dict__, "held": held.__dict__}, cache)
-    info = runtime.info
-    del runtime
+            torch.save({"train": data.__dict__, "held": held.__dict__, "tokenizer_fingerprint": fingerprint}, cache)
     embed, out = target_tables(path)
     with tqdm(desc="training", unit="step", disable=not progress, dynamic_ncols=True) as bar:
 
@@ -267,9 +262,7 @@ def run(
         head, losses, steps = train_head(data, embed, out, settings, started + budget, shown)
     manifest = Manifest(
         kind=KIND,
-        target=TargetId(
-            target, weights_id(path), info.tokenizer_fingerprint, embed.shape[1], out.shape[0], str(path.resolve())
-        ),
+        target=TargetId(target, weights, fingerprint, embed.shape[1], out.shape[0], str(path.resolve())),
         config=head.config,
         seed=settings.seed,
         data={

@@ -41,7 +41,7 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
 def cmd_train_redrafter(args: argparse.Namespace) -> int:
     import logging
 
-    from services.models import ModelNotFound, default_home
+    from services.models import ModelNotFound, default_head_name, default_home
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     home = Path(args.home or os.environ.get("SPECD_HOME") or default_home()).expanduser()
@@ -54,7 +54,7 @@ def cmd_train_redrafter(args: argparse.Namespace) -> int:
     if args.quick:
         settings = TrainSettings(depth=args.depth, seed=args.seed, minutes=args.minutes, chunk=64, max_tokens=640,
                                  max_steps=30)  # fmt: skip
-    name = args.name or f"redrafter-{Path(args.target).name}"
+    name = args.name or default_head_name(args.target)
     try:
         folder = run(args.target, name, home, settings, dtype=args.dtype, threads=args.threads, progress=True)
     except (ModelNotFound, FileNotFoundError, ValueError) as err:

@@ -14,8 +14,13 @@ from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
 from services.runtime import load_runtime
 from services.wire import (
-    delta_from_pb, dists_from_pb, hidden_to_bytes, sampling_from_pb, strings_from_pb, tree_from_pb,
-)  # fmt: skip
+    delta_from_pb,
+    dists_from_pb,
+    hidden_to_bytes,
+    sampling_from_pb,
+    strings_from_pb,
+    tree_from_pb,
+)
 from services.worker import Worker
 from verifier_svc.core import VerifierCore
 
