@@ -338,7 +338,10 @@ def _start_stack(
     from specd.bench.netem import DelayProxies
     from specd.stack import up
 
-    orchestrator_port, verifier_port, drafter_port, redis_port, head_port = _free_ports(5)
+    roles = (["verifier", "drafter"] if drafter_dir else ["verifier"]) if args.rtt_ms else []
+    # One draw for every port, the proxies' too: a port the OS picks for a proxy later could be
+    # one just chosen (and released) for a service.
+    orchestrator_port, verifier_port, drafter_port, redis_port, head_port, *proxy_ports = _free_ports(5 + len(roles))
     levels = _levels(args)
     spec = StackSpec(
         home=home / "bench", target=str(target_dir), drafter=str(drafter_dir or ""),
@@ -349,9 +352,8 @@ def _start_stack(
         head=_head(args, home), head_port=head_port,
     )  # fmt: skip
     proxies = None
-    if args.rtt_ms:
-        roles = ["verifier", "drafter"] if drafter_dir else ["verifier"]
-        proxies = DelayProxies({role: spec.pool(role) for role in roles})
+    if roles:
+        proxies = DelayProxies({role: spec.pool(role) for role in roles}, dict(zip(roles, proxy_ports)))
         spec = dataclasses.replace(spec, routes={role: proxies.address(role) for role in roles})
         log.info("delay proxies: %s", ", ".join(f"{r} via {proxies.address(r)}" for r in roles))
     try:

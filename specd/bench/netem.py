@@ -94,8 +94,10 @@ class DelayProxy:
 class DelayProxies:
     """Proxies for several upstreams, served by one event loop on a thread of their own."""
 
-    def __init__(self, upstreams: dict[str, str]) -> None:
-        self.proxies = {name: DelayProxy(address) for name, address in upstreams.items()}
+    def __init__(self, upstreams: dict[str, str], ports: dict[str, int] | None = None) -> None:
+        """`ports` names the port each proxy listens on (0 or absent: a free one)."""
+        ports = ports or {}
+        self.proxies = {name: DelayProxy(address, port=ports.get(name, 0)) for name, address in upstreams.items()}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="delay-proxies", daemon=True)
         self._thread.start()
