@@ -79,7 +79,7 @@ class ModelServiceConfig:
     device: str = "cpu"  # SPECD_DEVICE: cpu, cuda, cuda:1, ...
     threads: int = 0  # SPECD_THREADS: threads of a forward pass; 0 = every core
     onednn: bool = True  # SPECD_ONEDNN: oneDNN linears on CPU fp32 (multi-token passes ~2x cheaper)
-    kv_tokens: int = 0  # SPECD_KV_TOKENS (llama): KV cells shared by all sessions; 0 = the model's context
+    kv_tokens: int = 0  # SPECD_KV_TOKENS (llama): KV cells shared by all sessions; 0 = 8192 (drafter), the model's context (verifier)
     # SPECD_KV_RESIDENT (llama): KV cells other sessions may keep in the cache while one runs;
     # the rest are parked in host memory (a pass attends over every cell held: services/llama_runtime.py)
     kv_resident: int = 0

@@ -56,7 +56,7 @@ import ctypes
 import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +78,12 @@ log = logging.getLogger(__name__)
 
 LLAMA_MAX_SEQ = 256  # llama.cpp's bound on sequence ids in one context
 N_BATCH = 512  # tokens per llama_decode; a longer prefill is fed in chunks
+# A drafter's KV cells unless SPECD_KV_TOKENS says otherwise. Other sessions are parked in
+# host memory while one runs, so the cache holds one session's context and its trees; past
+# this many tokens a session's rounds go on without drafts (the orchestrator reads the
+# drafter's max_context). The 0.5B drafter's cache at the model's 32,768 cells costs 400 MB
+# resident; at 8,192, 100 MB.
+DRAFTER_KV_TOKENS = 8192
 
 
 @dataclass
@@ -110,7 +116,7 @@ class LlamaRuntime:
         model,
         context,
         info: ModelInfo,
-        tokenizer,
+        tokenizer: Callable[[], object] | None,
         *,
         max_sessions: int,
         n_seq_max: int,
@@ -122,7 +128,8 @@ class LlamaRuntime:
         self._ctx = context
         self._mem = lib.llama_get_memory(context)
         self.info = info
-        self.tokenizer = tokenizer
+        self._load_tokenizer = tokenizer
+        self._tokenizer = None
         self.n_batch = n_batch
         self.resident_cells = resident_cells  # cells other sessions may keep cached while one runs
         self.parks = self.unparks = 0  # sessions parked and put back, for Status
@@ -131,6 +138,17 @@ class LlamaRuntime:
         self._slots: Lru[str, Slot] = Lru(max_sessions, on_evict=self._free_slot, what="KV cache of session")
         self._batch = lib.llama_batch_init(n_batch, 0, n_seq_max)
         self._n_vocab = info.vocab_size
+
+    @property
+    def tokenizer(self):
+        """The model's Hugging Face tokenizer, read on first use (None when it has none).
+
+        Only text-level work needs it (slrs, a translation between vocabularies); the ids a
+        pass takes and returns do not. Held by every drafter, Qwen2.5's 151k-token tokenizer
+        costs ~120 MB resident, an eighth of the 0.5B drafter's memory."""
+        if self._tokenizer is None and self._load_tokenizer is not None:
+            self._tokenizer = self._load_tokenizer()
+        return self._tokenizer
 
     def close(self) -> None:
         """Frees the context, the model and the batch (also done when the process ends)."""
@@ -500,7 +518,8 @@ def load_llama(
     if not context:
         llama_cpp.llama_model_free(model)
         raise OSError(f"llama.cpp could not create a context for {file} ({params.n_ctx} KV cells)")
-    tokenizer = _tokenizer(tokenizer_dir or folder, file)
+    load_tokenizer = functools.partial(_tokenizer, tokenizer_dir or folder, file)
+    tokenizer = load_tokenizer()  # for the fingerprint and end ids; dropped below, read again on demand
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
     desc = ctypes.create_string_buffer(256)
@@ -509,10 +528,10 @@ def load_llama(
         model=str(path),
         vocab_size=n_vocab,
         max_context=min(n_ctx_train, llama_cpp.llama_n_ctx(context)),
-        eos_token_ids=eos_token_ids(folder, tokenizer) if tokenizer is not None else (),
+        eos_token_ids=eos_token_ids(folder, tokenizer),
         dtype=desc.value.decode(errors="replace").rsplit(" ", 1)[-1] if desc.value else "gguf",
         device="cpu",
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer) if tokenizer is not None else "",
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         runtime="llama",
         weights=weights_id(folder if path.is_dir() else file),
     )
@@ -522,7 +541,7 @@ def load_llama(
         params.n_threads, n_seq_max,
     )
     return LlamaRuntime(
-        llama_cpp, model, context, info, tokenizer, max_sessions=max_sessions, n_seq_max=n_seq_max, n_batch=N_BATCH,
+        llama_cpp, model, context, info, load_tokenizer, max_sessions=max_sessions, n_seq_max=n_seq_max, n_batch=N_BATCH,
         resident_cells=resident_cells,
     )  # fmt: skip
 
