@@ -74,6 +74,11 @@ class HeadConfig:
     # slower; a narrower head, d = 256 or 128 inside with x = h + Up z, learned less:
     # docs/trained-drafters.md)
     blocks: int = 2
+    # CORAL's LM-head grouping (`LmHeadGroups`): the vocabulary in `groups` groups (0: none),
+    # of which each step computes only the rows of the `active` groups its router ranks best
+    groups: int = 0
+    active: int = 0
+    vocab_size: int = 0  # V: the rows of O the groups partition (0 without groups)
 
 
 @dataclass
@@ -103,8 +108,66 @@ class Manifest:
         )  # fmt: skip
 
 
+class LmHeadGroups(nn.Module):
+    """CORAL's LM-head weight grouping: the rows of O (one per vocabulary entry) partitioned
+    into G groups, and a router that scores the groups from a step's features x, so that a
+    step computes only the rows of its `active` best groups instead of all V.
+
+    The groups are a spherical k-means over O's rows (`group_vocabulary`: tokens whose output
+    rows point the same way share a group); the router starts as each group's mean row (x
+    scores a group as it would score its average token) and is then trained on the head's own
+    features against the target's label mass per group (`train_router`). Exactness is not at
+    stake: a draft from fewer rows is still verified by the target.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, count: int, active: int) -> None:
+        super().__init__()
+        self.active = active
+        self.router = nn.Linear(hidden_size, count)  # (G, H)
+        self.register_buffer("group_of", torch.zeros(vocab_size, dtype=torch.int64))  # (V,)
+
+    @property
+    def count(self) -> int:
+        return self.router.out_features
+
+    def active_groups(self, x: Tensor) -> Tensor:
+        """(B, active) the best groups of each row of x (B, H)."""
+        return self.router(x).topk(min(self.active, self.count), dim=-1).indices
+
+    def mask(self, x: Tensor) -> Tensor:
+        """(B, V) True at the vocabulary rows each row of x computes."""
+        chosen = torch.zeros(x.shape[0], self.count, dtype=torch.bool).scatter_(1, self.active_groups(x), True)
+        return chosen[:, self.group_of]
+
+
+def group_vocabulary(out: Tensor, count: int, seed: int, iterations: int = 8, block: int = 16384) -> Tensor:
+    """(V,) the group of each row of O (V, H): spherical k-means, seeded (rows compared by
+    direction, `block` rows at a time; a group left empty keeps its centre)."""
+    generator = torch.Generator().manual_seed(seed)
+    norms = out.norm(dim=1).clamp_min(1e-12)  # (V,)
+    picked = torch.randperm(out.shape[0], generator=generator)[:count]
+    centres = out[picked].float() / norms[picked, None]  # (G, H): G distinct rows to start from
+    group_of = torch.empty(out.shape[0], dtype=torch.int64)
+    for _ in range(iterations):
+        sums = torch.zeros_like(centres)
+        for i in range(0, out.shape[0], block):
+            rows = out[i : i + block].float() / norms[i : i + block, None]
+            group_of[i : i + block] = (rows @ centres.T).argmax(dim=1)
+            sums.index_add_(0, group_of[i : i + block], rows)
+        length = sums.norm(dim=1, keepdim=True)
+        centres = torch.where(length > 0, sums / length.clamp_min(1e-12), centres)
+    return group_of
+
+
+def group_means(out: Tensor, group_of: Tensor, count: int) -> Tensor:
+    """(G, H) each group's mean row of O: the router's starting weights."""
+    sums = torch.zeros(count, out.shape[1]).index_add_(0, group_of, out.float())
+    return sums / torch.bincount(group_of, minlength=count).clamp_min(1)[:, None]
+
+
 class RecurrentHead(nn.Module):
-    """The head's own parameters (W, U, b, P, R_1..R_L); E and O are the target's, passed to each call."""
+    """The head's own parameters (W, U, b, P, R_1..R_L, and the LM-head groups' router when
+    config.groups > 0); E and O are the target's, passed to each call."""
 
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()
@@ -118,6 +181,7 @@ class RecurrentHead(nn.Module):
             for block in self.blocks:
                 block.weight.mul_(0.1)
                 block.bias.zero_()
+        self.groups = LmHeadGroups(H, config.vocab_size, config.groups, config.active) if config.groups > 0 else None
 
     def step(self, h: Tensor, s: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
         """One recurrence step: (s_j, x_j) from h (B, H), s_{j-1} (B, H) and e_{j-1} (B, H)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -33,6 +34,12 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
         "--fresh-data", action="store_true",
         help="run the target over the text again, even where an earlier run's passes are kept (HOME/heads/.data)",
     )  # fmt: skip
+    p.add_argument(
+        "--groups", type=int, default=256,
+        help="LM-head groups (CORAL): the vocabulary in this many groups, a router picks which a step computes "
+        "(default %(default)s; 0 = every row, every step)",
+    )  # fmt: skip
+    p.add_argument("--active-groups", type=int, default=4, help="groups a drafting step computes (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="a few hundred tokens and 30 steps: to check the pipeline")
     p.add_argument("--home", help="where models and heads are kept (default $SPECD_HOME or ~/.cache/specd)")
     p.set_defaults(func=cmd_train_redrafter)
@@ -45,15 +52,20 @@ def cmd_train_redrafter(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     home = Path(args.home or os.environ.get("SPECD_HOME") or default_home()).expanduser()
-    if args.depth < 1 or args.minutes <= 0:
-        print("specd train redrafter: --depth must be >= 1 and --minutes > 0", file=sys.stderr)
+    if args.depth < 1 or args.minutes <= 0 or args.groups < 0 or args.active_groups < 1:
+        print(
+            "specd train redrafter: --depth and --active-groups must be >= 1, --groups >= 0 and --minutes > 0",
+            file=sys.stderr,
+        )
         return 2
     from specd.train import TrainSettings, run
 
-    settings = TrainSettings(depth=args.depth, seed=args.seed, minutes=args.minutes, fresh_data=args.fresh_data)
+    settings = TrainSettings(
+        depth=args.depth, seed=args.seed, minutes=args.minutes, fresh_data=args.fresh_data, groups=args.groups,
+        active_groups=args.active_groups,
+    )  # fmt: skip
     if args.quick:
-        settings = TrainSettings(depth=args.depth, seed=args.seed, minutes=args.minutes, chunk=64, max_tokens=640,
-                                 max_steps=30)  # fmt: skip
+        settings = dataclasses.replace(settings, chunk=64, max_tokens=640, max_steps=30, fresh_data=False)
     name = args.name or default_head_name(args.target)
     try:
         folder = run(args.target, name, home, settings, dtype=args.dtype, threads=args.threads, progress=True)
@@ -64,6 +76,10 @@ def cmd_train_redrafter(args: argparse.Namespace) -> int:
 
     _, manifest = load_head(folder)
     print(f"wrote {folder} ({manifest.steps} steps on {manifest.data['positions']} positions, {manifest.seconds:.0f}s)")
+    held = manifest.held_out
     print("held-out agreement with the target by draft position: "
-          + " ".join(f"{a:.2f}" for a in manifest.held_out["agreement_by_position"]))  # fmt: skip
+          + " ".join(f"{a:.2f}" for a in held["agreement_by_position"]))  # fmt: skip
+    if "grouped_agreement_by_position" in held:
+        print(f"  computing {held['grouped_rows_per_step']:.0f} of {manifest.target.vocab_size} LM-head rows a step: "
+              + " ".join(f"{a:.2f}" for a in held["grouped_agreement_by_position"]))  # fmt: skip
     return 0

@@ -8,6 +8,7 @@ distributed as the target's p. The real-process tests are in tests/test_redrafte
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import math
 from collections import Counter
@@ -19,16 +20,19 @@ from tables import TableRuntime
 from test_acceptance import PASS, chi_square_pvalue
 from test_cascade import decode
 
-from drafter_svc.head import HeadDrafter, int8_tables, target_tables
+from drafter_svc.head import GroupedLmHead, HeadDrafter, int8_tables, target_tables
 from orchestrator.strategies import Backends, Carry, NotServable, RoundInput, redrafter_round
 from services.redrafter import (
     HeadConfig,
+    LmHeadGroups,
     Manifest,
     RecurrentHead,
     TargetId,
     beam_search,
     beams_to_tree,
     distill_loss,
+    group_means,
+    group_vocabulary,
     load_head,
     save_head,
 )  # fmt: skip
@@ -36,7 +40,7 @@ from services.roles import CallCost, TreeDraft
 from services.sampling import SamplingParams, target_probs
 from services.torch_runtime import load_torch
 from services.tree import ROOT, Tree
-from specd.train import Examples, TrainSettings, bench_prompts_excluded, train_head
+from specd.train import Examples, TrainSettings, agreement, bench_prompts_excluded, fit_groups, train_head
 from verifier_svc.core import VerifierCore
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
@@ -167,6 +171,114 @@ def test_a_saved_head_loads_the_same_and_refuses_another_kind(tmp_path: Path) ->
         load_head(tmp_path)
 
 
+# ---------------------------------------------------------------- LM-head groups (CORAL)
+
+
+def test_the_vocabulary_is_grouped_by_the_direction_of_its_output_rows() -> None:
+    """Three directions, four tokens along each at different lengths and a little noise:
+    three groups are exactly the three directions, whatever the lengths."""
+    g = torch.Generator().manual_seed(0)
+    directions = torch.eye(3, 6) * 4.0  # (3, H)
+    rows, truth = [], []
+    for d in range(3):
+        for length in (0.5, 1.0, 2.0, 5.0):
+            rows.append(directions[d] * length + 0.05 * torch.randn(6, generator=g))
+            truth.append(d)
+    group_of = group_vocabulary(torch.stack(rows), 3, seed=1)
+    by_group = {frozenset(i for i, x in enumerate(group_of.tolist()) if x == grp) for grp in set(group_of.tolist())}
+    by_direction = {frozenset(i for i, t in enumerate(truth) if t == d) for d in range(3)}
+    assert group_of.shape == (12,) and by_group == by_direction
+
+
+# (router weight (3 groups, H=2), group of each of 6 tokens, active, x) -> tokens computed
+MASKS = {
+    "one active group": ([[1, 0], [0, 1], [-1, 0]], [0, 1, 2, 0, 1, 2], 1, [[2.0, 1.0]], [[1, 0, 0, 1, 0, 0]]),
+    "two active groups": ([[1, 0], [0, 1], [-1, 0]], [0, 1, 2, 0, 1, 2], 2, [[2.0, 1.0]], [[1, 1, 0, 1, 1, 0]]),
+    "each row its own groups": (
+        [[1, 0], [0, 1], [-1, 0]],
+        [0, 0, 1, 1, 2, 2],
+        1,
+        [[1.0, 0.0], [-1.0, 0.0]],
+        [[1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1]],
+    ),
+    "every group active": ([[1, 0], [0, 1], [-1, 0]], [2, 1, 0, 2, 1, 0], 3, [[0.0, 3.0]], [[1, 1, 1, 1, 1, 1]]),
+}
+
+
+@pytest.mark.parametrize("weight, group_of, active, x, expected", MASKS.values(), ids=MASKS.keys())
+def test_a_step_computes_the_rows_of_the_groups_its_router_ranks_best(weight, group_of, active, x, expected) -> None:
+    groups = LmHeadGroups(2, 6, 3, active)
+    with torch.no_grad():
+        groups.router.weight.copy_(torch.tensor(weight, dtype=torch.float32))
+        groups.router.bias.zero_()
+        groups.group_of.copy_(torch.tensor(group_of))
+    assert groups.mask(torch.tensor(x)).int().tolist() == expected
+
+
+@pytest.mark.parametrize("active", [1, 3, 8])
+def test_the_grouped_lm_head_equals_the_whole_one_on_the_rows_it_computes(active) -> None:
+    from services.int8 import Int8Linear, quantize_rows
+
+    H, V, G = 16, 200, 8
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(V, H, generator=g)
+    groups = LmHeadGroups(H, V, G, active)
+    with torch.no_grad():
+        groups.group_of.copy_(group_vocabulary(out, G, seed=0))
+    q, scale = quantize_rows(out)
+    whole, grouped = Int8Linear.from_quantized(q, scale, None), GroupedLmHead(q, scale, groups)
+    x = torch.randn(3, H, generator=g)
+    with torch.no_grad():
+        full, part = whole(x), grouped(x)
+    computed = torch.isfinite(part)
+    union = groups.mask(x).any(dim=0)  # rows of the groups any row of x picks
+    assert torch.equal(computed, union[None].expand_as(computed))
+    assert torch.equal(part[computed], full[computed])  # bitwise: the same int8 rows and scales
+    if active == G:
+        assert torch.equal(part, full)
+
+
+def test_fitted_groups_keep_the_head_and_route_to_the_target_tokens() -> None:
+    """On a made-up target whose labels follow from h, a trained router's groups hold the
+    label more often than the router's start does, and the head's own weights are kept."""
+    H, V, N, k = 16, 120, 512, 2
+    g = torch.Generator().manual_seed(0)
+    embed, out = torch.randn(V, H, generator=g), torch.randn(V, H, generator=g)
+    hidden = torch.randn(N, H, generator=g)
+    inputs = torch.randint(V, (N, k), generator=g)
+    label = torch.stack([(hidden @ out.T).argmax(-1), inputs[:, 1]], dim=1)
+    data = Examples(torch.cat([hidden, torch.randn(k, H, generator=g)]).half(), torch.arange(N), inputs,
+                    label[..., None], torch.ones(N, k, 1))  # fmt: skip
+    settings = TrainSettings(depth=k, batch=64, lr=3e-3, blocks=1, max_steps=200, groups=12, active_groups=2)
+    head, _, _ = train_head(data, embed, out, settings, math.inf, lambda loss, agree: None)
+    grouped = fit_groups(head, data, embed, out, settings)
+    assert grouped.config.groups == 12 and grouped.config.vocab_size == V and grouped.groups.active == 2
+    assert all(torch.equal(a, grouped.state_dict()[name]) for name, a in head.state_dict().items())
+    found = agreement(grouped, data, embed, out)
+    assert len(found["grouped_agreement_by_position"]) == k and 0 < found["grouped_rows_per_step"] < V
+    start = copy.deepcopy(grouped)  # the same groups, the router as it starts: each group's mean row
+    with torch.no_grad():
+        start.groups.router.weight.copy_(group_means(out, start.groups.group_of, 12))
+        start.groups.router.bias.zero_()
+
+    def holds_label(h: RecurrentHead) -> float:
+        x = next(h.teacher_forced(hidden, lambda ids: embed[ids], inputs))  # step 1's features
+        return float(h.groups.mask(x).gather(1, label[:, :1]).float().mean())
+
+    assert holds_label(grouped) > holds_label(start)
+
+
+def test_a_grouped_head_saves_and_loads_its_groups(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    head = RecurrentHead(HeadConfig(8, blocks=1, groups=3, active=2, vocab_size=11)).eval()
+    with torch.no_grad():
+        head.groups.group_of.copy_(torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1]))
+    save_head(tmp_path / "h", head, Manifest("redrafter", TargetId("t", "w", "f", 8, 11), head.config, seed=0))
+    loaded, manifest = load_head(tmp_path / "h")
+    assert manifest.config.groups == 3 and loaded.groups.active == 2
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), loaded.state_dict().values()))
+
+
 # ---------------------------------------------------------------- on a tiny target
 
 
@@ -181,6 +293,21 @@ def tiny_head(tiny_pair, tmp_path_factory) -> tuple[Path, HeadDrafter]:
                                               target.info.tokenizer_fingerprint, H, target.info.vocab_size), head.config, 0)  # fmt: skip
     embed, lm_head = int8_tables(*target_tables(tiny_pair.target_dir))
     return tiny_pair.target_dir, HeadDrafter(head, manifest, embed, lm_head, name="tiny-head")
+
+
+@pytest.fixture(scope="module")
+def tiny_grouped_head(tiny_pair) -> HeadDrafter:
+    """An untrained head for the tiny target whose steps compute 2 of its LM head's 8 groups."""
+    target = load_torch(tiny_pair.target_dir, dtype="float32", device="cpu", max_sessions=1)
+    H, V = target.model.config.hidden_size, target.info.vocab_size
+    torch.manual_seed(0)
+    head = RecurrentHead(HeadConfig(H, blocks=1, groups=8, active=2, vocab_size=V)).eval()
+    embed, out = target_tables(tiny_pair.target_dir)
+    with torch.no_grad():
+        head.groups.group_of.copy_(group_vocabulary(out, 8, seed=0))
+    manifest = Manifest("redrafter", TargetId(str(tiny_pair.target_dir), target.info.weights,
+                                              target.info.tokenizer_fingerprint, H, V), head.config, 0)  # fmt: skip
+    return HeadDrafter(head, manifest, *int8_tables(embed, out, head.groups), name="tiny-grouped-head")
 
 
 @pytest.mark.parametrize("dtype", ["float64", "int8"])
@@ -214,13 +341,16 @@ class ContinuationBeams:
         return TreeDraft(tree, (), depth, CallCost(0.0, 0.0))
 
 
-@pytest.mark.parametrize("drafter", ["untrained head", "beams holding the continuation"])
-def test_greedy_redrafter_equals_plain_decoding(tiny_pair, tiny_head, drafter) -> None:
+@pytest.mark.parametrize(
+    "drafter", ["untrained head", "untrained head with LM-head groups", "beams holding the continuation"]
+)
+def test_greedy_redrafter_equals_plain_decoding(tiny_pair, tiny_head, tiny_grouped_head, drafter) -> None:
     target = load_torch(tiny_pair.target_dir, dtype="int8", device="cpu", max_sessions=4)
     core = VerifierCore(target)
     context = [11, 12, 13, 14, 15, 11, 12]
     expected, _ = asyncio.run(decode(Backends(core), "ar", context, 30, GREEDY, session="ar"))
-    beams = tiny_head[1] if drafter == "untrained head" else ContinuationBeams(expected, context)
+    heads = {"untrained head": tiny_head[1], "untrained head with LM-head groups": tiny_grouped_head}
+    beams = heads.get(drafter) or ContinuationBeams(expected, context)
     backends = Backends(core, head=beams)
     carry, out, accepted, step = Carry(), [], 0, 0
     while len(out) < 30:
