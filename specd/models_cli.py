@@ -101,7 +101,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     heads = sorted(p.parent for p in (home / HEADS_DIR).glob(f"*/{HEAD_MANIFEST}"))
     if heads:
         print()
-        rows = [("HEAD", "TARGET", "STEPS", "POSITIONS", "HELD-OUT AGREEMENT BY POSITION")]
+        rows = [("HEAD", "TARGET", "STEPS", "POSITIONS", "LM-HEAD ROWS A STEP", "HELD-OUT AGREEMENT BY POSITION")]
         for folder in heads:
             rows.append(_head_row(folder))
         _print_table(rows)
@@ -112,10 +112,13 @@ def _head_row(folder: Path) -> tuple[str, ...]:
     """One trained head as `models list` shows it, read from its manifest without loading it."""
     try:
         raw = json.loads((folder / HEAD_MANIFEST).read_text(encoding="utf-8"))
-        agreement = " ".join(f"{a:.2f}" for a in raw["held_out"]["agreement_by_position"])
-        return folder.name, raw["target"]["model"], str(raw["steps"]), str(raw["data"]["positions"]), agreement
+        held, groups = raw["held_out"], raw["config"].get("groups", 0)
+        grouped = groups and "grouped_agreement_by_position" in held  # what the drafter serves
+        agreement = " ".join(f"{a:.2f}" for a in held["grouped_agreement_by_position" if grouped else "agreement_by_position"])
+        rows = f"{held['grouped_rows_per_step']:.0f} ({groups} groups)" if grouped else "all"
+        return folder.name, raw["target"]["model"], str(raw["steps"]), str(raw["data"]["positions"]), rows, agreement
     except (OSError, ValueError, KeyError, TypeError) as err:
-        return folder.name, "?", "?", "?", f"unreadable manifest ({err})"
+        return folder.name, "?", "?", "?", "?", f"unreadable manifest ({err})"
 
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:

@@ -123,6 +123,7 @@ def test_models_list_shows_the_trained_heads(stack):
     rows = {line.split()[0]: line for line in listed.stdout.splitlines() if line.strip()}
     assert {"HEAD", "tiny", "other"} <= set(rows)
     assert " 30 " in rows["tiny"]  # --quick's steps, from the manifest
+    assert " groups) " in rows["tiny"]  # the rows its LM-head groups compute a step
 
 
 def test_bad_beam_calls_get_a_status_that_says_what_to_fix(stack):
