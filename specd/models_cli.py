@@ -114,7 +114,8 @@ def _head_row(folder: Path) -> tuple[str, ...]:
         raw = json.loads((folder / HEAD_MANIFEST).read_text(encoding="utf-8"))
         held, groups = raw["held_out"], raw["config"].get("groups", 0)
         grouped = groups and "grouped_agreement_by_position" in held  # what the drafter serves
-        agreement = " ".join(f"{a:.2f}" for a in held["grouped_agreement_by_position" if grouped else "agreement_by_position"])
+        served = held["grouped_agreement_by_position" if grouped else "agreement_by_position"]
+        agreement = " ".join(f"{a:.2f}" for a in served)
         rows = f"{held['grouped_rows_per_step']:.0f} ({groups} groups)" if grouped else "all"
         return folder.name, raw["target"]["model"], str(raw["steps"]), str(raw["data"]["positions"]), rows, agreement
     except (OSError, ValueError, KeyError, TypeError) as err:
