@@ -1,4 +1,5 @@
-"""A drafter service that hosts a trained recurrent draft head (redrafter) instead of a model.
+"""A drafter service that hosts a trained draft head instead of a model: recurrent (strategy
+redrafter) or parallel (strategy parallel).
 
 The head (services/redrafter.py) drafts from the target's hidden state, which each call
 carries, so it holds no session and no cache: any replica serves any round. It reads the
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from services.errors import BadRequest, Unsupported, check_draft_length
-from services.redrafter import LmHeadGroups, Manifest, RecurrentHead, beam_search, beams_to_tree, load_head
+from services.redrafter import Head, LmHeadGroups, Manifest, ParallelHead, beams_to_tree, load_head
 from services.roles import Stopwatch, TreeDraft
 from services.runtime import HEAD_RUNTIME, ModelInfo, gguf_file, has_torch_weights, trim_heap, weights_id
 from services.sessions import SessionContexts
@@ -113,7 +114,7 @@ class HeadDrafter:
 
     def __init__(
         self,
-        head: RecurrentHead,
+        head: Head,
         manifest: Manifest,
         embed: nn.Module,
         lm_head: nn.Module,
@@ -132,7 +133,8 @@ class HeadDrafter:
         self.queued = 0
         target = manifest.target
         self._info = ModelInfo(
-            model=name, vocab_size=target.vocab_size, max_context=1 << 30, eos_token_ids=(), dtype="head",
+            # dtype: the head's kind (redrafter, parallel), which the orchestrator matches to the strategy
+            model=name, vocab_size=target.vocab_size, max_context=1 << 30, eos_token_ids=(), dtype=manifest.kind,
             device="cpu", tokenizer_fingerprint=target.tokenizer_fingerprint, runtime=HEAD_RUNTIME,
             weights=target.weights,
         )  # fmt: skip
@@ -147,7 +149,8 @@ class HeadDrafter:
         self, session_id: str, hidden: torch.Tensor, last_token: int, width: int, depth: int
     ) -> TreeDraft:
         """The prefix tree of the head's `width` best drafts of `depth` tokens after last_token,
-        drafted from the target's hidden state (services/redrafter.beam_search)."""
+        drafted from the target's hidden state (the head's own `draft`: a recurrent head's beam
+        search, one step a token; a parallel head's one pass, at most its trained depth)."""
         H, V = self.head.config.hidden_size, self._info.vocab_size
         if hidden.shape != (H,):
             raise BadRequest(f"hidden has {hidden.numel()} values; this head reads the target's {H}")
@@ -161,9 +164,10 @@ class HeadDrafter:
 
         def work() -> TreeDraft:
             watch = Stopwatch()
-            beams = beam_search(self.head, self.embed, self.lm_head, hidden, last_token, width, depth)
+            beams = self.head.draft(self.embed, self.lm_head, hidden, last_token, width, depth)
             tree = beams_to_tree([b.tokens for b in beams])
-            return TreeDraft(tree, (), depth, watch.local_cost())
+            passes = 1 if isinstance(self.head, ParallelHead) else depth
+            return TreeDraft(tree, (), passes, watch.local_cost())
 
         self.queued += 1
         try:
@@ -185,7 +189,8 @@ class HeadDrafter:
 
     def _only_beams(self) -> str:
         return (
-            f"this drafter hosts a recurrent draft head ({self._info.model}); it drafts for the strategy redrafter only"
+            f"this drafter hosts a trained {self.manifest.kind} head ({self._info.model}); "
+            f"it drafts for the strategy {self.manifest.kind} only"
         )
 
 
@@ -201,9 +206,9 @@ def load_head_drafter(folder: Path, home: Path, *, max_draft: int, worker: Worke
     if found != manifest.target.weights:
         raise ValueError(
             f"the head in {folder} was trained for {manifest.target.model} with weights {manifest.target.weights}, "
-            f"but {target_dir} now holds {found}; train it again with `specd train redrafter`"
+            f"but {target_dir} now holds {found}; train it again with `specd train {manifest.kind}`"
         )
     embed, lm_head = int8_tables(*target_tables(target_dir), head.groups)
     trim_heap()  # the float32 tables' pages back to the OS
-    log.info("loaded the recurrent head %s for %s in %.1fs", folder, manifest.target.model, watch.seconds)
+    log.info("loaded the %s head %s for %s in %.1fs", manifest.kind, folder, manifest.target.model, watch.seconds)
     return HeadDrafter(head, manifest, embed, lm_head, name=str(folder), max_draft=max_draft, worker=worker)

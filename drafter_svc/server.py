@@ -85,7 +85,7 @@ class DrafterServicer(ModelServicer, pb_grpc.DrafterServicer):
     @rpc(pb.ProposeBeamsResponse)
     async def ProposeBeams(self, request: pb.ProposeBeamsRequest) -> pb.ProposeBeamsResponse:
         if not isinstance(self.core, HeadDrafter):
-            raise Unsupported("this drafter hosts no recurrent draft head; start one with SPECD_MODEL=<a trained head>")
+            raise Unsupported("this drafter hosts no trained draft head; start one with SPECD_MODEL=<a trained head>")
         t = await self.core.propose_beams(
             "", hidden_from_bytes(request.hidden), request.last_token, request.width, request.depth
         )

@@ -282,23 +282,29 @@ class Engine:
             await self._check_cascade(target)
         if info.runtime == HEAD_RUNTIME:
             raise NotServable(
-                f"drafter {info.model} is a recurrent draft head: it drafts for the strategy redrafter only, "
+                f"drafter {info.model} is a trained draft head: it drafts for the strategy {info.dtype} only, "
                 "given as SPECD_HEAD"
             )
 
-    async def _check_head(self, target: ModelInfo) -> None:
-        """redrafter's head drafter exists, hosts a head, and was trained for this target."""
+    async def _check_head(self, target: ModelInfo, strategy: str) -> None:
+        """The strategy's head drafter exists, hosts a head of the strategy's kind (redrafter,
+        parallel; a head reports it as its dtype), and was trained for this target."""
         if self.backends.head is None:
-            raise NotServable("strategy 'redrafter' needs a recurrent head drafter (SPECD_HEAD), and none is configured")
+            raise NotServable(f"strategy {strategy!r} needs a head drafter (SPECD_HEAD), and none is configured")
         info = await self._info(self.backends.head)
         if info.runtime != HEAD_RUNTIME:
             raise NotServable(
-                f"SPECD_HEAD's drafter serves {info.model}, not a trained recurrent head (`specd train redrafter`)"
+                f"SPECD_HEAD's drafter serves {info.model}, not a trained head (`specd train {strategy}`)"
+            )
+        if info.dtype != strategy:
+            raise NotServable(
+                f"strategy {strategy!r} needs a {strategy} head; SPECD_HEAD serves the {info.dtype} head {info.model} "
+                f"(train one with `specd train {strategy}`, or ask for the strategy {info.dtype})"
             )
         if info.weights != target.weights:
             raise NotServable(
-                f"the recurrent head {info.model} was trained for a target with weights {info.weights}; the verifier "
-                f"serves {target.model} with {target.weights}: train a head for it with `specd train redrafter`"
+                f"the head {info.model} was trained for a target with weights {info.weights}; the verifier "
+                f"serves {target.model} with {target.weights}: train a head for it with `specd train {strategy}`"
             )
 
     async def _check_cascade(self, target: ModelInfo) -> None:
@@ -409,7 +415,7 @@ class Engine:
                 await self._check_drafter(target, strategy, spec.same_vocab)
                 drafting_context = await self._drafting_context(strategy, target)
             if spec.needs_head:
-                await self._check_head(target)
+                await self._check_head(target, strategy)
         except NoReplica as err:
             if err.role != "drafter":
                 raise

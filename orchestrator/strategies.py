@@ -47,7 +47,7 @@ class Backends:
     maxgram: MaxGramDrafter = field(default_factory=MaxGramDrafter)  # the in-process statistical drafter
     # `lookup`'s: the same model, drafting only where the context repeats itself
     lookup: MaxGramDrafter = field(default_factory=lambda: MaxGramDrafter(matched_only=True))
-    head: BeamDrafter | None = None  # `redrafter`'s: a drafter service hosting a trained recurrent head
+    head: BeamDrafter | None = None  # `redrafter`'s and `parallel`'s: a drafter service hosting a trained head
 
     def cascade_levels(self) -> tuple[Drafter, ...]:
         if self.cascade:
@@ -58,7 +58,7 @@ class Backends:
 def needs(backend: object | None, capability: type[Capability], strategy: str) -> Capability:
     """The drafter (or verifier) a strategy calls, typed by what it calls on it."""
     if backend is None:
-        where = "a recurrent head drafter (SPECD_HEAD)" if strategy == "redrafter" else "a drafter (SPECD_DRAFTER)"
+        where = "a head drafter (SPECD_HEAD)" if strategy in ("redrafter", "parallel") else "a drafter (SPECD_DRAFTER)"
         raise NotServable(f"strategy {strategy!r} needs {where}, and none is configured")
     return cast(capability, backend)
 
@@ -493,7 +493,21 @@ async def redrafter_round(backends: Backends, r: RoundInput) -> RoundResult:
     behind the context's last token into `width` beams of k tokens (services/redrafter.py),
     merged into a prefix tree, which the target verifies in one tree pass as in `staged`; the
     verify also returns the hidden state behind the round's last token, which the next round
-    drafts from.
+    drafts from (`head_round`)."""
+    return await head_round(backends, r, "redrafter")
+
+
+async def parallel_round(backends: Backends, r: RoundInput) -> RoundResult:
+    """Parallel drafting (Xiao et al. 2024, "ParallelSpec: Parallel Drafter for Efficient
+    Speculative Decoding"): the drafter's parallel head drafts all k positions in one pass
+    from the target's hidden state and k mask embeddings (services/redrafter.ParallelHead):
+    one drafter pass a round, a chain (or, for a request's tree shape, the best joint drafts
+    merged into a tree), verified as redrafter's are (`head_round`)."""
+    return await head_round(backends, r, "parallel")
+
+
+async def head_round(backends: Backends, r: RoundInput, strategy: str) -> RoundResult:
+    """A round drafted by a trained head (Backends.head) from the target's hidden state.
 
     A round without that hidden state (a turn's first, or after a round that drafted
     elsewhere) or with k = 0 verifies an empty tree: a plain step that returns it.
@@ -509,7 +523,7 @@ async def redrafter_round(backends: Backends, r: RoundInput) -> RoundResult:
     depth = min(r.k, r.max_draft)
     draft = None
     if depth > 0 and carry.hidden is not None and carry.length == len(r.context):
-        head = needs(backends.head, BeamDrafter, "redrafter")
+        head = needs(backends.head, BeamDrafter, strategy)
         draft = await head.propose_beams(r.session_id, carry.hidden, r.context[-1], width, depth)
     tree = draft.tree if draft is not None else Tree((), ())
     v = await verifier.verify_tree(
@@ -532,7 +546,7 @@ class StrategySpec:
     # the target's (SPECD_TARGET_TOKENIZER), or one of the target's own vocabulary.
     same_vocab: bool = True
     drafts: bool = True  # a round's k is a draft length (`ar` verifies no draft)
-    needs_head: bool = False  # drafts with a recurrent head (Backends.head, SPECD_HEAD)
+    needs_head: bool = False  # drafts with a trained head of the strategy's name (Backends.head, SPECD_HEAD)
 
 
 STRATEGIES: dict[str, StrategySpec] = {
@@ -546,4 +560,5 @@ STRATEGIES: dict[str, StrategySpec] = {
     "tli": StrategySpec(tli_round, needs_drafter=True, same_vocab=False),
     "slrs": StrategySpec(slrs_round, needs_drafter=True, same_vocab=False),
     "redrafter": StrategySpec(redrafter_round, needs_drafter=False, needs_head=True),
+    "parallel": StrategySpec(parallel_round, needs_drafter=False, needs_head=True),
 }

@@ -291,8 +291,8 @@ class OrchestratorConfig:
     # then (measured unpinned: sd's first token 9.4 s, not 2.2, with the overlap; cascade at
     # 16 sessions 0.09x ar while drafting under load)
     own_cores: bool = False
-    # SPECD_HEAD: the replicas of a drafter service hosting a trained recurrent head, as
-    # SPECD_VERIFIER ('' = none): what the strategy redrafter drafts with
+    # SPECD_HEAD: the replicas of a drafter service hosting a trained head, as
+    # SPECD_VERIFIER ('' = none): what the strategy redrafter (or parallel, by the head's kind) drafts with
     head: str = ""
     metrics_listen: str = ""  # SPECD_METRICS_LISTEN: host:port of the Prometheus endpoint; '' = none
     # REDIS_PASSWORD: Redis' password, when REDIS_URL has none (a Secret, apart from the URL)

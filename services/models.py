@@ -70,9 +70,9 @@ HEADS_DIR = "heads"  # under SPECD_HOME: trained draft heads (`specd train`), on
 HEAD_MANIFEST = "redrafter.json"  # a trained recurrent head's manifest (services/redrafter.py)
 
 
-def default_head_name(target: str) -> str:
-    """The name `specd train redrafter` gives a head for this target, where `specd bench` looks for it."""
-    return f"redrafter-{Path(target).name}"
+def default_head_name(target: str, kind: str = "redrafter") -> str:
+    """The name `specd train KIND` gives a head for this target, where `specd bench` looks for it."""
+    return f"{kind}-{Path(target).name}"
 ROLES = ("target", "drafter")
 # Text the converted tokenizer must give back unchanged: code, runs of spaces and tabs,
 # blank lines, and non-ASCII (accents, CJK, an emoji outside the BMP). A byte-level BPE

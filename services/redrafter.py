@@ -28,6 +28,10 @@ Worked example: beams (5, 7, 2), (5, 7, 9), (5, 3, 3) become
     4     3      0       5 3
     5     3      4       5 3 3
 
+A parallel head (`ParallelHead`, strategy `parallel`) drafts all k positions in one pass
+from learned mask embeddings instead of a recurrence; it is served, verified and trained the
+same way.
+
 Deviations from the paper: the head's first step takes e_0 = E[c_T] with s_0 = 0 rather than
 a learned start; the target's LM head is shared and frozen (the paper trains its own), which
 keeps the head to a few million parameters and lets LM-head grouping (CORAL) cut its cost
@@ -53,6 +57,7 @@ from services.tree import ROOT, Tree
 MANIFEST = HEAD_MANIFEST  # what a trained head's folder holds, beside its weights
 WEIGHTS = "head.safetensors"
 KIND = "redrafter"
+PARALLEL = "parallel"  # the kind of a ParallelHead
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class HeadConfig:
     groups: int = 0
     active: int = 0
     vocab_size: int = 0  # V: the rows of O the groups partition (0 without groups)
+    depth: int = 0  # a parallel head's positions drafted in one pass (its mask embeddings); 0 for a recurrent head
 
 
 @dataclass
@@ -203,6 +209,71 @@ class RecurrentHead(nn.Module):
             s, x = self.step(h, s, embed(inputs[:, j]))
             yield x
 
+    def draft(self, embed: nn.Module, lm_head: nn.Module, h: Tensor, last_token: int, width: int, depth: int):
+        """The `width` best drafts of `depth` tokens (`beam_search`)."""
+        return beam_search(self, embed, lm_head, h, last_token, width, depth)
+
+
+class ParallelHead(nn.Module):
+    """A parallel drafter (Xiao et al. 2024, "ParallelSpec: Parallel Drafter for Efficient
+    Speculative Decoding"): k positions drafted in one pass, from k learned mask embeddings.
+
+    ParallelSpec appends k [MASK] tokens to the context of a small language model and reads
+    its k next tokens off one forward pass. Here the context is the target's own hidden state
+    h behind c_T (as the recurrent head reads it), so the drafter is a head, not a model over
+    the context: each position j reads h, the last token's embedding and its mask m_j,
+
+        x_j = r_L(... r_1(P [h; E[c_T] + m_j]))       j = 1..k, all in one batch
+        q_j = softmax(O x_j)
+
+    No position sees the tokens drafted before it (that is what makes it one pass); position
+    j learns the target's distribution there marginalised over what comes between. Trained
+    as the recurrent head is (`distill_loss`, through `teacher_forced`), groups and all.
+    """
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        H = config.hidden_size
+        assert config.depth >= 1, f"a parallel head drafts >= 1 positions, got depth {config.depth}"
+        self.config = config
+        self.masks = nn.Parameter(0.02 * torch.randn(config.depth, H))  # m_1..m_k
+        self.proj = nn.Linear(2 * H, H)  # P
+        self.blocks = nn.ModuleList(nn.Linear(H, H) for _ in range(config.blocks))  # R_1..R_L
+        with torch.no_grad():
+            for block in self.blocks:
+                block.weight.mul_(0.1)
+                block.bias.zero_()
+        self.groups = LmHeadGroups(H, config.vocab_size, config.groups, config.active) if config.groups > 0 else None
+
+    def features(self, h: Tensor, e: Tensor, depth: int) -> Tensor:
+        """x_1..x_depth, (B, depth, H), from h (B, H) and E[c_T] (B, H), in one pass."""
+        B, H = h.shape
+        reads = e[:, None] + self.masks[None, :depth]  # (B, depth, H)
+        x = self.proj(torch.cat([h[:, None].expand(B, depth, H), reads], dim=-1))  # (B, depth, H)
+        for block in self.blocks:
+            x = x + F.silu(block(x))
+        return x
+
+    def teacher_forced(self, h: Tensor, embed: Callable[[Tensor], Tensor], inputs: Tensor) -> Iterator[Tensor]:
+        """x_1..x_k for inputs (B, k): only inputs[:, 0] (c_T) is read."""
+        x = self.features(h, embed(inputs[:, 0]), min(inputs.shape[1], self.config.depth))
+        yield from x.unbind(dim=1)
+
+    @torch.inference_mode()
+    def draft(self, embed: nn.Module, lm_head: nn.Module, h: Tensor, last_token: int, width: int, depth: int):
+        """The `width` best drafts of min(depth, k) tokens by summed log q_j, from one pass."""
+        depth = min(depth, self.config.depth)
+        x = self.features(h.to(torch.float32)[None], embed(torch.tensor([last_token])), depth)[0]  # (depth, H)
+        logq = torch.log_softmax(lm_head(x).float(), dim=-1)  # (depth, V)
+        tokens, scores = torch.empty(1, 0, dtype=torch.int64), torch.zeros(1)
+        for j in range(depth):
+            tokens, scores, _ = _extend(tokens, scores, logq[j].expand(len(scores), -1), width)
+        return [Beam(tuple(t.tolist()), float(score)) for t, score in zip(tokens, scores)]
+
+
+Head = RecurrentHead | ParallelHead
+HEADS: dict[str, type[Head]] = {KIND: RecurrentHead, PARALLEL: ParallelHead}  # by Manifest.kind
+
 
 @dataclass(frozen=True)
 class Beam:
@@ -232,13 +303,20 @@ def beam_search(
     for _ in range(depth):
         s, x = head.step(h.expand(s.shape[0], -1), s, e)
         logq = torch.log_softmax(lm_head(x).float(), dim=-1)  # (beams, V)
-        total = (scores[:, None] + logq).flatten()  # (beams * V,)
-        scores, flat = torch.topk(total, min(width, total.numel()))  # (width,) each
-        beam, token = flat // logq.shape[1], flat % logq.shape[1]
-        tokens = torch.cat([tokens[beam], token[:, None]], dim=1)
+        tokens, scores, beam = _extend(tokens, scores, logq, width)
         s = s[beam]
-        e = embed(token)
+        e = embed(tokens[:, -1])
     return [Beam(tuple(t.tolist()), float(score)) for t, score in zip(tokens, scores)]
+
+
+def _extend(tokens: Tensor, scores: Tensor, logq: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One beam-search step: every beam (tokens (b, j), scores (b,)) extended by every token
+    under its log q (b, V), the `width` best kept: (tokens (w, j + 1), scores (w,), the beam
+    each came from (w,))."""
+    total = (scores[:, None] + logq).flatten()  # (b * V,)
+    scores, flat = torch.topk(total, min(width, total.numel()))  # (w,) each
+    beam, token = flat // logq.shape[1], flat % logq.shape[1]
+    return torch.cat([tokens[beam], token[:, None]], dim=1), scores, beam
 
 
 def beams_to_tree(beams: Sequence[Sequence[int]], budget: int | None = None) -> Tree:
@@ -314,7 +392,7 @@ def distill_loss(
     return loss, torch.stack(agree)
 
 
-def save_head(folder: Path, head: RecurrentHead, manifest: Manifest) -> None:
+def save_head(folder: Path, head: Head, manifest: Manifest) -> None:
     """Writes a trained head: its weights and its manifest, the manifest last (a folder with a
     manifest is complete)."""
     from safetensors.torch import save_file
@@ -328,14 +406,14 @@ def is_head(folder: Path) -> bool:
     return (folder / MANIFEST).is_file()
 
 
-def load_head(folder: Path) -> tuple[RecurrentHead, Manifest]:
+def load_head(folder: Path) -> tuple[Head, Manifest]:
     from safetensors.torch import load_file
 
     if not is_head(folder):
         raise FileNotFoundError(f"{folder} holds no trained head ({MANIFEST}); train one with `specd train redrafter`")
     manifest = Manifest.from_json((folder / MANIFEST).read_text(encoding="utf-8"))
-    if manifest.kind != KIND:
-        raise ValueError(f"{folder} holds a {manifest.kind!r} drafter, not a recurrent head")
-    head = RecurrentHead(manifest.config)
+    if manifest.kind not in HEADS:
+        raise ValueError(f"{folder} holds a {manifest.kind!r} drafter, not a head this version serves ({', '.join(HEADS)})")
+    head = HEADS[manifest.kind](manifest.config)
     head.load_state_dict(load_file(folder / WEIGHTS))
     return head.eval(), manifest

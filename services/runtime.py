@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # the catalog and `specd models list` import this module with
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("llama", "torch")
-HEAD_RUNTIME = "head"  # what a drafter hosting a recurrent draft head reports as its runtime
+HEAD_RUNTIME = "head"  # what a drafter hosting a trained draft head reports as its runtime (its kind as dtype)
 GGUF_NAME = "model.gguf"  # the GGUF file inside a prepared catalog folder (services/models.py)
 
 

@@ -70,8 +70,8 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     )
     where.add_argument(
         "--head",
-        help="a trained recurrent head for redrafter: name under HOME/heads or folder (default "
-        "redrafter-TARGET, when --strategies names redrafter)",
+        help="a trained head for redrafter or parallel: name under HOME/heads or folder (default "
+        "STRATEGY-TARGET, when --strategies names one of them)",
     )
     where.add_argument(
         "--verifier-runtime",
@@ -265,6 +265,8 @@ def _problems(args: argparse.Namespace, s: Sizes, systems: list[str], known: tup
             found.append("--concurrency and --rtt-ms are separate runs: give one of them")
     if args.pin and args.address:
         found.append("--pin applies to the stack the bench starts, not one given with --address")
+    if len(_head_strategies(args)) > 1:
+        found.append(f"--strategies names {' and '.join(_head_strategies(args))}: a run serves one trained head, so measure them apart")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         found.append("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
     return found
@@ -310,21 +312,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
 
 
-def _head(args: argparse.Namespace, home: Path) -> str:
-    """The recurrent head to serve when the run measures redrafter: --head, else the one
-    `specd train redrafter` wrote for this target by default; "" when redrafter is not run,
-    or no head was trained (redrafter is then skipped, saying so)."""
-    from services.models import HEAD_MANIFEST, HEADS_DIR, default_head_name
+def _head_strategies(args: argparse.Namespace) -> list[str]:
+    """The strategies of the run that draft with a trained head (redrafter, parallel)."""
+    from orchestrator.strategies import STRATEGIES
     from specd.bench.runner import default_systems
 
     wanted = _split(args.strategies) or (() if args.concurrency else default_systems())
-    if not any(s.split(":")[0] == "redrafter" for s in wanted):
+    names = {s.split(":")[0] for s in wanted}
+    return sorted(n for n in names if n in STRATEGIES and STRATEGIES[n].needs_head)
+
+
+def _head(args: argparse.Namespace, home: Path) -> str:
+    """The head to serve when the run measures a strategy that drafts with one: --head, else
+    the one `specd train STRATEGY` wrote for this target by default; "" when no such strategy
+    runs, or no head was trained (the strategy is then skipped, saying so)."""
+    from services.models import HEAD_MANIFEST, HEADS_DIR, default_head_name
+
+    strategies = _head_strategies(args)
+    if not strategies:
         return ""
     if args.head:
         return args.head
-    default = home / HEADS_DIR / default_head_name(args.target)
+    default = home / HEADS_DIR / default_head_name(args.target, strategies[0])
     if not (default / HEAD_MANIFEST).is_file():
-        log.warning("no trained head in %s: redrafter is skipped (`specd train redrafter` makes one)", default)
+        log.warning(
+            "no trained head in %s: %s is skipped (`specd train %s` makes one)", default, strategies[0], strategies[0]
+        )
         return ""
     return str(default)
 

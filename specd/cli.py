@@ -292,7 +292,7 @@ def _add_stack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"target model: catalog name or folder (default {DEFAULT_TARGET})")
     p.add_argument("--drafter", default=DEFAULT_DRAFTER, help=f"drafter model, or 'none' (default {DEFAULT_DRAFTER})")
     p.add_argument(
-        "--head", help="a trained recurrent head (`specd train redrafter`) to serve for the strategy redrafter, on "
+        "--head", help="a trained head (`specd train redrafter|parallel`) to serve for the strategy of its kind, on "
         "the port before the orchestrator's (default: none)",
     )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind every service to (default 127.0.0.1)")

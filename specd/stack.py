@@ -55,8 +55,8 @@ class StackSpec:
     metrics_port: int = 0
     api_keys_file: str = ""  # SPECD_API_KEYS_FILE of the orchestrator and the gateway ("" = an open API)
     max_sessions: int = 0  # SPECD_MAX_SESSIONS of the model services (0 = their default)
-    # A trained recurrent head (`specd train redrafter`: its name under home/heads, or a
-    # folder) served by a drafter process of its own for the strategy redrafter; "" = none
+    # A trained head (`specd train redrafter|parallel`: its name under home/heads, or a
+    # folder) served by a drafter process of its own for the strategy of its kind; "" = none
     head: str = ""
     head_port: int = 50049
 

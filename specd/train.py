@@ -1,4 +1,5 @@
-"""`specd train redrafter`: a recurrent draft head distilled from the target on this machine.
+"""`specd train redrafter` and `specd train parallel`: a draft head distilled from the target on
+this machine - recurrent (services/redrafter.RecurrentHead) or parallel (ParallelHead).
 
 Data: text that is on the machine without a download - the Python standard library's source
 (code, like HumanEval's answers) - cut into chunks the target reads teacher-forced, one pass
@@ -36,10 +37,12 @@ from pathlib import Path
 import torch
 
 from services.redrafter import (
+    HEADS,
     KIND,
+    PARALLEL,
+    Head,
     HeadConfig,
     Manifest,
-    RecurrentHead,
     TargetId,
     distill_loss,
     group_means,
@@ -69,6 +72,7 @@ class TrainSettings:
     # weight of cross-step representation alignment (CORAL): each step's features x_j pulled
     # towards the target's own hidden state at the position it drafts; 0 = distillation only
     align: float = 1.0
+    kind: str = KIND  # the head: redrafter (recurrent) or parallel (services/redrafter.HEADS)
     # CORAL's LM-head grouping (services/redrafter.LmHeadGroups): vocabulary groups (0: none)
     # and how many of them a drafting step computes. 256 groups, 4 active: about 3,300 of
     # the 1.5B target's 151,936 rows a step, held-out agreement 0.152 against 0.148 with
@@ -186,13 +190,14 @@ def train_head(
     settings: TrainSettings,
     deadline: float,
     progress: Callable[[float, torch.Tensor], None],
-) -> tuple[RecurrentHead, list[float], int]:
+) -> tuple[Head, list[float], int]:
     """The head trained on `data` until `deadline` or max_steps: (head, loss per step, steps).
 
     embed, out: the target's E and O, (V, H) float32, frozen."""
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
-    head = RecurrentHead(HeadConfig(embed.shape[1], settings.blocks))
+    depth = settings.depth if settings.kind == PARALLEL else 0
+    head = HEADS[settings.kind](HeadConfig(embed.shape[1], settings.blocks, depth=depth))
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=0.01)
     planned = settings.max_steps or 10**9
     losses: list[float] = []
@@ -221,7 +226,7 @@ def train_head(
     return head.eval(), losses, step
 
 
-def fit_groups(head: RecurrentHead, data: Examples, embed: torch.Tensor, out: torch.Tensor, settings: TrainSettings):
+def fit_groups(head: Head, data: Examples, embed: torch.Tensor, out: torch.Tensor, settings: TrainSettings) -> Head:
     """The head with CORAL's LM-head groups (services/redrafter.LmHeadGroups): the vocabulary
     grouped by a k-means over O's rows, and the router, started at each group's mean row,
     trained on the head's own teacher-forced features against the target's label mass in
@@ -230,7 +235,7 @@ def fit_groups(head: RecurrentHead, data: Examples, embed: torch.Tensor, out: to
     config = dataclasses.replace(
         head.config, groups=count, active=min(settings.active_groups, count), vocab_size=out.shape[0]
     )
-    grouped = RecurrentHead(config)
+    grouped = type(head)(config)
     grouped.load_state_dict(head.state_dict(), strict=False)  # all but the groups
     groups = grouped.groups
     generator = torch.Generator().manual_seed(settings.seed)
@@ -259,7 +264,7 @@ def fit_groups(head: RecurrentHead, data: Examples, embed: torch.Tensor, out: to
 
 @torch.inference_mode()
 def agreement(
-    head: RecurrentHead, data: Examples, embed: torch.Tensor, out: torch.Tensor, limit: int = 512
+    head: Head, data: Examples, embed: torch.Tensor, out: torch.Tensor, limit: int = 512
 ) -> dict[str, list[float] | float]:
     """How often the head's argmax is the target's, by draft position, teacher-forced (the
     chance a greedy chain draft is accepted at that position given the ones before were):
@@ -285,7 +290,8 @@ def agreement(
 def run(
     target: str, name: str, home: Path, settings: TrainSettings, *, dtype: str, threads: int, progress: bool
 ) -> Path:
-    """The whole `specd train redrafter`: data, training, held-out agreement, written to HOME/heads/NAME."""
+    """The whole `specd train redrafter|parallel` (settings.kind): data, training, held-out
+    agreement, written to HOME/heads/NAME."""
     from tqdm import tqdm
 
     from drafter_svc.head import target_tables
@@ -334,7 +340,7 @@ def run(
         log.info("grouping the LM head's rows in %d groups and training their router", settings.groups)
         head = fit_groups(head, data, embed, out, settings)
     manifest = Manifest(
-        kind=KIND,
+        kind=settings.kind,
         target=TargetId(target, weights, fingerprint, embed.shape[1], out.shape[0], str(path.resolve())),
         config=head.config,
         seed=settings.seed,

@@ -12,17 +12,33 @@ from pathlib import Path
 def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="train a draft head for a target on this machine")
     kinds = train.add_subparsers(dest="train_command", required=True, metavar="DRAFTER")
+    heads = {
+        "redrafter": (
+            "a recurrent draft head over the target's hidden state (strategy redrafter)",
+            "Distils a recurrent draft head from TARGET (ReDrafter): the target reads the Python standard library's "
+            "source teacher-forced, and the head learns to predict the target's own next tokens from its hidden "
+            "state, one token after another.",
+        ),
+        "parallel": (
+            "a parallel draft head: every draft position in one pass (strategy parallel)",
+            "Distils a parallel draft head from TARGET (ParallelSpec): on the same data as redrafter, the head learns "
+            "to predict the target's next --depth tokens at once, from its hidden state and one mask embedding per "
+            "position.",
+        ),
+    }
+    for kind, (summary, description) in heads.items():
+        _add_head_command(kinds, kind, summary, description)
+
+
+def _add_head_command(kinds: argparse._SubParsersAction, kind: str, summary: str, description: str) -> None:
     p = kinds.add_parser(
-        "redrafter",
-        help="a recurrent draft head over the target's hidden state (strategy redrafter)",
-        description="Distils a recurrent draft head from TARGET: the target reads the Python standard library's "
-        "source teacher-forced, and the head learns to predict the target's own next tokens from its hidden state. "
-        "Writes HOME/heads/NAME; serve it with a drafter started with SPECD_MODEL=NAME.",
-    )
+        kind, help=summary,
+        description=description + " Writes HOME/heads/NAME; serve it with a drafter started with SPECD_MODEL=NAME.",
+    )  # fmt: skip
     p.add_argument(
         "--target", default="qwen2.5-coder-1.5b-instruct", help="catalog name or model folder (default %(default)s)"
     )
-    p.add_argument("--name", help="the head's name under HOME/heads (default redrafter-TARGET)")
+    p.add_argument("--name", help=f"the head's name under HOME/heads (default {kind}-TARGET)")
     p.add_argument("--minutes", type=float, default=45.0, help="time budget of the whole run (default %(default)s)")
     p.add_argument("--depth", type=int, default=4, help="draft positions trained (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order, the head's start and its batches")
@@ -42,10 +58,10 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--active-groups", type=int, default=4, help="groups a drafting step computes (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="a few hundred tokens and 30 steps: to check the pipeline")
     p.add_argument("--home", help="where models and heads are kept (default $SPECD_HOME or ~/.cache/specd)")
-    p.set_defaults(func=cmd_train_redrafter)
+    p.set_defaults(func=cmd_train_head, kind=kind)
 
 
-def cmd_train_redrafter(args: argparse.Namespace) -> int:
+def cmd_train_head(args: argparse.Namespace) -> int:
     import logging
 
     from services.models import ModelNotFound, default_head_name, default_home
@@ -54,7 +70,7 @@ def cmd_train_redrafter(args: argparse.Namespace) -> int:
     home = Path(args.home or os.environ.get("SPECD_HOME") or default_home()).expanduser()
     if args.depth < 1 or args.minutes <= 0 or args.groups < 0 or args.active_groups < 1:
         print(
-            "specd train redrafter: --depth and --active-groups must be >= 1, --groups >= 0 and --minutes > 0",
+            f"specd train {args.kind}: --depth and --active-groups must be >= 1, --groups >= 0 and --minutes > 0",
             file=sys.stderr,
         )
         return 2
@@ -62,15 +78,15 @@ def cmd_train_redrafter(args: argparse.Namespace) -> int:
 
     settings = TrainSettings(
         depth=args.depth, seed=args.seed, minutes=args.minutes, fresh_data=args.fresh_data, groups=args.groups,
-        active_groups=args.active_groups,
+        active_groups=args.active_groups, kind=args.kind,
     )  # fmt: skip
     if args.quick:
         settings = dataclasses.replace(settings, chunk=64, max_tokens=640, max_steps=30, fresh_data=False)
-    name = args.name or default_head_name(args.target)
+    name = args.name or default_head_name(args.target, args.kind)
     try:
         folder = run(args.target, name, home, settings, dtype=args.dtype, threads=args.threads, progress=True)
     except (ModelNotFound, FileNotFoundError, ValueError) as err:
-        print(f"specd train redrafter: {err}", file=sys.stderr)
+        print(f"specd train {args.kind}: {err}", file=sys.stderr)
         return 2
     from services.redrafter import load_head
 

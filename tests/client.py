@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from procs import free_port, start_process, stop_process
+from procs import free_port, free_ports, start_process, stop_process
 
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
@@ -114,8 +114,8 @@ class ServiceStack:
     def up(self) -> ServiceStack:
         """Starts every service and waits for each; if one fails, stops those started (a fixture
         that fails in its set-up never reaches its own teardown)."""
-        for name in self.services:
-            self.ports.setdefault(name, free_port())
+        unassigned = [name for name in self.services if name not in self.ports]
+        self.ports.update(zip(unassigned, free_ports(len(unassigned))))
         try:
             for name in self.services:
                 self.start(name)

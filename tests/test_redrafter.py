@@ -21,11 +21,13 @@ from test_acceptance import PASS, chi_square_pvalue
 from test_cascade import decode
 
 from drafter_svc.head import GroupedLmHead, HeadDrafter, int8_tables, target_tables
-from orchestrator.strategies import Backends, Carry, NotServable, RoundInput, redrafter_round
+from orchestrator.strategies import Backends, Carry, NotServable, RoundInput, parallel_round, redrafter_round
 from services.redrafter import (
+    MANIFEST,
     HeadConfig,
     LmHeadGroups,
     Manifest,
+    ParallelHead,
     RecurrentHead,
     TargetId,
     beam_search,
@@ -108,24 +110,62 @@ def test_beam_search_keeps_the_best_drafts_by_their_own_probability(width, depth
         assert [round(s, 4) for s in scores] == [round(s, 4) for s in everything[:width]]
 
 
+def small_parallel_head(
+    H: int = 8, V: int = 11, depth: int = 3
+) -> tuple[ParallelHead, torch.nn.Embedding, torch.nn.Linear]:
+    torch.manual_seed(0)
+    head = ParallelHead(HeadConfig(H, blocks=1, depth=depth))
+    embed, out = torch.nn.Embedding(V, H), torch.nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        out.weight.mul_(3.0)
+    return head.eval(), embed, out
+
+
+@pytest.mark.parametrize("width, depth", [(1, 1), (1, 3), (4, 2), (3, 5)])
+def test_a_parallel_head_keeps_the_best_joint_drafts_of_one_pass(width, depth) -> None:
+    """Positions drafted in one pass are independent, so a draft's log q is the sum of its
+    positions' and the best drafts are the top of that sum (depth capped by the head's 3)."""
+    head, embed, out = small_parallel_head()
+    h = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        beams = head.draft(embed, out, h, 4, width, depth)
+        steps = min(depth, 3)
+        x = head.features(h[None], embed(torch.tensor([4])), steps)[0]  # (steps, H)
+        logq = torch.log_softmax(out(x), dim=-1)  # (steps, V)
+    joint = sorted(
+        ((sum(float(logq[j, t]) for j, t in enumerate(draft)), draft) for draft in itertools.product(range(11), repeat=steps)),
+        reverse=True,
+    )  # fmt: skip
+    assert [len(b.tokens) for b in beams] == [steps] * width
+    assert [round(b.logprob, 4) for b in beams] == [round(score, 4) for score, _ in joint[:width]]
+    assert all(
+        b.logprob == pytest.approx(sum(float(logq[j, t]) for j, t in enumerate(b.tokens)), abs=1e-5) for b in beams
+    )
+
+
 # ---------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("align", [0.0, 1.0], ids=["distillation", "with alignment"])
-def test_training_lowers_the_distillation_loss(align) -> None:
-    """A head learns labels that follow from h and the tokens it reads (a made-up target)."""
+@pytest.mark.parametrize(
+    "kind, align", [("redrafter", 0.0), ("redrafter", 1.0), ("parallel", 0.0)],
+    ids=["distillation", "with alignment", "parallel head"],
+)  # fmt: skip
+def test_training_lowers_the_distillation_loss(kind, align) -> None:
+    """A head learns labels that follow from h and the tokens it reads (a made-up target; for
+    a parallel head, which reads only the first, the later labels repeat that one)."""
     H, V, N, k = 16, 40, 512, 3
     g = torch.Generator().manual_seed(0)
     embed, out = torch.randn(V, H, generator=g), torch.randn(V, H, generator=g)
     hidden = torch.randn(N, H, generator=g)
     inputs = torch.randint(V, (N, k), generator=g)
     # step 1's label follows from h (O's favourite token for it), later ones from the token read
-    label = torch.stack([(hidden @ out.T).argmax(-1), *(inputs[:, j] for j in range(1, k))], dim=1)  # (N, k)
+    later = [inputs[:, 0] if kind == "parallel" else inputs[:, j] for j in range(1, k)]
+    label = torch.stack([(hidden @ out.T).argmax(-1), *later], dim=1)  # (N, k)
     rows = torch.cat([hidden, torch.randn(k, H, generator=g)])  # H_{i+j} of the last examples too
     data = Examples(rows.half(), torch.arange(N), inputs, label[..., None], torch.ones(N, k, 1))
-    settings = TrainSettings(depth=k, batch=64, lr=3e-3, blocks=1, max_steps=300, align=align)
-    _, losses, steps = train_head(data, embed, out, settings, math.inf, lambda loss, agree: None)
-    assert steps == 300
+    settings = TrainSettings(depth=k, batch=64, lr=3e-3, blocks=1, max_steps=300, align=align, kind=kind)
+    head, losses, steps = train_head(data, embed, out, settings, math.inf, lambda loss, agree: None)
+    assert steps == 300 and isinstance(head, ParallelHead if kind == "parallel" else RecurrentHead)
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
 
 
@@ -268,6 +308,17 @@ def test_fitted_groups_keep_the_head_and_route_to_the_target_tokens() -> None:
     assert holds_label(grouped) > holds_label(start)
 
 
+def test_a_parallel_head_loads_as_one(tmp_path: Path) -> None:
+    head, _, _ = small_parallel_head()
+    save_head(tmp_path / "p", head, Manifest("parallel", TargetId("t", "w", "f", 8, 11), head.config, seed=0))
+    loaded, manifest = load_head(tmp_path / "p")
+    assert isinstance(loaded, ParallelHead) and manifest.kind == "parallel" and loaded.config.depth == 3
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), loaded.state_dict().values()))
+    (tmp_path / "p" / MANIFEST).write_text(manifest.to_json().replace('"parallel"', '"medusa"'))
+    with pytest.raises(ValueError, match="not a head this version serves"):
+        load_head(tmp_path / "p")
+
+
 def test_a_grouped_head_saves_and_loads_its_groups(tmp_path: Path) -> None:
     torch.manual_seed(0)
     head = RecurrentHead(HeadConfig(8, blocks=1, groups=3, active=2, vocab_size=11)).eval()
@@ -293,6 +344,18 @@ def tiny_head(tiny_pair, tmp_path_factory) -> tuple[Path, HeadDrafter]:
                                               target.info.tokenizer_fingerprint, H, target.info.vocab_size), head.config, 0)  # fmt: skip
     embed, lm_head = int8_tables(*target_tables(tiny_pair.target_dir))
     return tiny_pair.target_dir, HeadDrafter(head, manifest, embed, lm_head, name="tiny-head")
+
+
+@pytest.fixture(scope="module")
+def tiny_parallel_head(tiny_pair) -> HeadDrafter:
+    """An untrained parallel head of depth 3 for the tiny target."""
+    target = load_torch(tiny_pair.target_dir, dtype="float32", device="cpu", max_sessions=1)
+    H = target.model.config.hidden_size
+    torch.manual_seed(0)
+    head = ParallelHead(HeadConfig(H, blocks=1, depth=3)).eval()
+    manifest = Manifest("parallel", TargetId(str(tiny_pair.target_dir), target.info.weights,
+                                             target.info.tokenizer_fingerprint, H, target.info.vocab_size), head.config, 0)  # fmt: skip
+    return HeadDrafter(head, manifest, *int8_tables(*target_tables(tiny_pair.target_dir)), name="tiny-parallel-head")
 
 
 @pytest.fixture(scope="module")
@@ -341,23 +404,33 @@ class ContinuationBeams:
         return TreeDraft(tree, (), depth, CallCost(0.0, 0.0))
 
 
-@pytest.mark.parametrize(
-    "drafter", ["untrained head", "untrained head with LM-head groups", "beams holding the continuation"]
-)
-def test_greedy_redrafter_equals_plain_decoding(tiny_pair, tiny_head, tiny_grouped_head, drafter) -> None:
+DRAFTERS = [
+    "untrained head",
+    "untrained head with LM-head groups",
+    "untrained parallel head",
+    "beams holding the continuation",
+]
+
+
+@pytest.mark.parametrize("drafter", DRAFTERS)
+def test_greedy_head_strategies_equal_plain_decoding(
+    tiny_pair, tiny_head, tiny_grouped_head, tiny_parallel_head, drafter
+) -> None:
     target = load_torch(tiny_pair.target_dir, dtype="int8", device="cpu", max_sessions=4)
     core = VerifierCore(target)
     context = [11, 12, 13, 14, 15, 11, 12]
     expected, _ = asyncio.run(decode(Backends(core), "ar", context, 30, GREEDY, session="ar"))
-    heads = {"untrained head": tiny_head[1], "untrained head with LM-head groups": tiny_grouped_head}
+    heads = {"untrained head": tiny_head[1], "untrained head with LM-head groups": tiny_grouped_head,
+             "untrained parallel head": tiny_parallel_head}  # fmt: skip
     beams = heads.get(drafter) or ContinuationBeams(expected, context)
+    round_ = parallel_round if drafter == "untrained parallel head" else redrafter_round
     backends = Backends(core, head=beams)
     carry, out, accepted, step = Carry(), [], 0, 0
     while len(out) < 30:
         if isinstance(beams, ContinuationBeams):
             beams.at = len(out)
         r = RoundInput("rd", context + out, GREEDY, 0, step, 4, max_draft=30 - len(out) - 1, carry=carry)
-        result = asyncio.run(redrafter_round(backends, r))
+        result = asyncio.run(round_(backends, r))
         assert len(result.tokens) == result.accepted + 1 and carry.length == len(context + out) + len(result.tokens)
         out += result.tokens
         accepted += result.accepted
@@ -395,7 +468,8 @@ class FixedBeams:
         return TreeDraft(beams_to_tree([(1, 2), (1, 0), (3, 3)]), (), 2, CallCost(0.0, 0.0))
 
 
-def test_sampled_redrafter_is_distributed_as_p() -> None:
+@pytest.mark.parametrize("round_", [redrafter_round, parallel_round], ids=["redrafter", "parallel"])
+def test_sampled_head_strategies_are_distributed_as_p(round_) -> None:
     """The first two tokens of rounds that verify a fixed beam tree, against p_1 x p_2."""
     g = torch.Generator().manual_seed(4)
     table = torch.randn(8, V, generator=g, dtype=torch.float64) * 1.5
@@ -410,7 +484,7 @@ def test_sampled_redrafter_is_distributed_as_p() -> None:
             while len(out) < 2:
                 carry.length = len(CONTEXT) + len(out)  # the fake's hidden state holds for any context
                 r = RoundInput("s", CONTEXT + out, SAMPLED, seed, len(out), 2, carry=carry)
-                out += (await redrafter_round(backends, r)).tokens
+                out += (await round_(backends, r)).tokens
             counts[tuple(out[:2])] += 1
         return counts
 

@@ -24,9 +24,9 @@ PROMPTS = ["def add(a, b):\n    return a + b\n\ndef add(a, b):\n", "The quick br
 NEW = 24
 
 
-def train(target: Path, home: Path, name: str) -> Path:
-    """`specd train redrafter --quick` as a user runs it; the head's folder."""
-    command = [sys.executable, "-m", "specd.cli", "train", "redrafter", "--target", str(target), "--quick", "--name",
+def train(target: Path, home: Path, name: str, kind: str = "redrafter") -> Path:
+    """`specd train KIND --quick` as a user runs it; the head's folder."""
+    command = [sys.executable, "-m", "specd.cli", "train", kind, "--target", str(target), "--quick", "--name",
                name, "--home", str(home), "--dtype", "float64", "--threads", "1"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -38,24 +38,29 @@ def train(target: Path, home: Path, name: str) -> Path:
 def stack(tiny_pair, redis_server, tmp_path_factory):
     """orchestrator: the tiny drafter model (SPECD_DRAFTER) and a drafter hosting a head
     trained for the target (SPECD_HEAD); orchestrator2: the two swapped; orchestrator3: a
-    head trained for another model (the tiny drafter) as SPECD_HEAD."""
+    head trained for another model (the tiny drafter) as SPECD_HEAD; orchestrator4: a
+    parallel head trained for the target as SPECD_HEAD."""
     root = tmp_path_factory.mktemp("redrafter")
     head = train(tiny_pair.target_dir, root / "home", "tiny")
     other = train(tiny_pair.drafter_dir, root / "home", "other")
+    parallel = train(tiny_pair.target_dir, root / "home", "tiny-parallel", kind="parallel")
 
     def extra_env(stack: ServiceStack, name: str) -> dict[str, str]:
-        models = {"drafter": str(head), "drafter2": str(tiny_pair.drafter_dir), "drafter3": str(other)}
+        models = {"drafter": str(head), "drafter2": str(tiny_pair.drafter_dir), "drafter3": str(other),
+                  "drafter4": str(parallel)}  # fmt: skip
         if name in models:
             return {"SPECD_MODEL": models[name], "SPECD_RUNTIME": "torch"}
         head_at, drafter_at = {"orchestrator": ("drafter", "drafter2"), "orchestrator2": ("drafter2", "drafter"),
-                               "orchestrator3": ("drafter3", "drafter2")}.get(name, (None, None))  # fmt: skip
+                               "orchestrator3": ("drafter3", "drafter2"),
+                               "orchestrator4": ("drafter4", "drafter2")}.get(name, (None, None))  # fmt: skip
         if head_at is None:
             return {}
         return {"SPECD_HEAD": stack.address(head_at), "SPECD_DRAFTER": stack.address(drafter_at)}
 
     s = ServiceStack(
         tiny_pair.target_dir, tiny_pair.drafter_dir, redis_server.url, root / "logs",
-        services=("verifier", "drafter", "drafter2", "drafter3", "orchestrator", "orchestrator2", "orchestrator3"),
+        services=("verifier", "drafter", "drafter2", "drafter3", "drafter4", "orchestrator", "orchestrator2",
+                  "orchestrator3", "orchestrator4"),
         extra_env=extra_env,
     )  # fmt: skip
     s.up()
@@ -76,6 +81,18 @@ def test_greedy_redrafter_equals_ar(stack, prompt):
     assert generate(address, prompt, strategy="sd", max_new_tokens=NEW).token_ids == expected  # one stack serves both
 
 
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_parallel_equals_ar(stack, prompt):
+    s, _ = stack
+    address = s.address("orchestrator4")
+    expected = generate(address, prompt, strategy="ar", max_new_tokens=NEW).token_ids
+    for k in (0, 3):  # adaptive, then a fixed depth (the head's own: --depth 4)
+        options = {"options": pb.StrategyOptions(k=k)} if k else {}
+        result = generate(address, prompt, strategy="parallel", max_new_tokens=NEW, **options)
+        assert result.token_ids == expected, k
+    assert result.stats.drafted > 0
+
+
 def test_sampled_redrafter_replays_with_its_seed(stack):
     s, _ = stack
     address = s.address("orchestrator")
@@ -87,8 +104,10 @@ def test_sampled_redrafter_replays_with_its_seed(stack):
 
 CASES = {
     "another strategy on the head": ("orchestrator2", "sd", "drafts for the strategy redrafter only"),
-    "redrafter with a model as its head": ("orchestrator2", "redrafter", "not a trained recurrent head"),
+    "redrafter with a model as its head": ("orchestrator2", "redrafter", "not a trained head"),
     "a head for another target": ("orchestrator3", "redrafter", "train a head for it"),
+    "parallel with a recurrent head": ("orchestrator", "parallel", "needs a parallel head"),
+    "redrafter with a parallel head": ("orchestrator4", "redrafter", "needs a redrafter head"),
 }
 
 
@@ -121,7 +140,7 @@ def test_models_list_shows_the_trained_heads(stack):
     listed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert listed.returncode == 0, listed.stderr
     rows = {line.split()[0]: line for line in listed.stdout.splitlines() if line.strip()}
-    assert {"HEAD", "tiny", "other"} <= set(rows)
+    assert {"HEAD", "tiny", "other", "tiny-parallel"} <= set(rows)
     assert " 30 " in rows["tiny"]  # --quick's steps, from the manifest
     assert " groups) " in rows["tiny"]  # the rows its LM-head groups compute a step
 
@@ -134,7 +153,7 @@ def test_bad_beam_calls_get_a_status_that_says_what_to_fix(stack):
         (s.address("drafter"), dict(hidden=bytes(8)), grpc.StatusCode.INVALID_ARGUMENT, "reads the target's 64"),
         (s.address("drafter"), dict(hidden=good, last_token=10**6), grpc.StatusCode.INVALID_ARGUMENT, "outside"),
         (s.address("drafter"), dict(hidden=good, width=0), grpc.StatusCode.INVALID_ARGUMENT, ">= 1"),
-        (s.address("drafter2"), dict(hidden=good), grpc.StatusCode.FAILED_PRECONDITION, "no recurrent draft head"),
+        (s.address("drafter2"), dict(hidden=good), grpc.StatusCode.FAILED_PRECONDITION, "no trained draft head"),
     ]
     for address, fields, code, words in cases:
         request = pb.ProposeBeamsRequest(**{"last_token": 1, "width": 2, "depth": 2, **fields})
