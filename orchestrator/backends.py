@@ -121,12 +121,12 @@ class TreeVerifier(Verifier, Protocol):
         seed: int,
         want_hidden: bool = False,
     ) -> Verified:
-        """want_hidden: the result carries the target's hidden state behind its last token (redrafter)."""
+        """want_hidden: the result carries the target's hidden state behind its last token (redrafter, parallel)."""
         ...
 
 
 class BeamDrafter(Protocol):
-    """A recurrent draft head (redrafter): drafts from the target's hidden state alone."""
+    """A trained draft head (redrafter, parallel): drafts from the target's hidden state alone."""
 
     async def propose_beams(
         self, session_id: str, hidden: torch.Tensor, last_token: int, width: int, depth: int

@@ -484,7 +484,7 @@ class Engine:
         stats.adaptive = adaptive is not None
         k = k or FIXED_K  # the draft length of a turn that does not adapt, when none is given
         lookahead = Lookahead()  # a pipelined strategy's next draft, begun during a verify
-        carry = Carry()  # the target's hidden state behind the last round (redrafter)
+        carry = Carry()  # the target's hidden state behind the last round (redrafter, parallel)
         warming: asyncio.Future | None = None  # the drafter's catch-up beside a plain round
         drafter_fed = 0  # context tokens this turn has sent the drafter so far
         out = TurnOutput(TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), req.stop),

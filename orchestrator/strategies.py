@@ -58,7 +58,7 @@ class Backends:
 def needs(backend: object | None, capability: type[Capability], strategy: str) -> Capability:
     """The drafter (or verifier) a strategy calls, typed by what it calls on it."""
     if backend is None:
-        where = "a head drafter (SPECD_HEAD)" if strategy in ("redrafter", "parallel") else "a drafter (SPECD_DRAFTER)"
+        where = "a head drafter (SPECD_HEAD)" if strategy in HEAD_STRATEGIES else "a drafter (SPECD_DRAFTER)"
         raise NotServable(f"strategy {strategy!r} needs {where}, and none is configured")
     return cast(capability, backend)
 
@@ -75,7 +75,7 @@ class RoundInput:
     k_matrix: tuple[tuple[int, ...], ...] = ()  # `cascade`; empty = default_k_matrix
     tree: TreeShape | None = None  # `staged`; None = DEFAULT_TREE
     lookahead: Lookahead | None = None  # the turn's speculative next draft (pipelined strategies)
-    carry: Carry | None = None  # the target's hidden state the turn's last round left (redrafter)
+    carry: Carry | None = None  # the target's hidden state the turn's last round left (redrafter, parallel)
 
 
 @dataclass(frozen=True)
@@ -476,6 +476,7 @@ async def staged_round(backends: Backends, r: RoundInput) -> RoundResult:
 # `specd train redrafter` makes here, a second beam added a tree row's cost to every verify
 # and no acceptance (HumanEval, 1.5B target: 0.71x `ar` with one beam, 0.62x with two).
 DEFAULT_BEAMS = 1
+HEAD_STRATEGIES = ("redrafter", "parallel")  # the strategies a trained head drafts for (its kind)
 
 
 @dataclass

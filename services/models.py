@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 MARKER = ".complete"
 HEADS_DIR = "heads"  # under SPECD_HOME: trained draft heads (`specd train`), one folder each
-HEAD_MANIFEST = "redrafter.json"  # a trained recurrent head's manifest (services/redrafter.py)
+HEAD_MANIFEST = "redrafter.json"  # a trained head's manifest, whatever its kind (services/redrafter.py)
 
 
 def default_head_name(target: str, kind: str = "redrafter") -> str:

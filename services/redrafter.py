@@ -122,7 +122,7 @@ class LmHeadGroups(nn.Module):
     The groups are a spherical k-means over O's rows (`group_vocabulary`: tokens whose output
     rows point the same way share a group); the router starts as each group's mean row (x
     scores a group as it would score its average token) and is then trained on the head's own
-    features against the target's label mass per group (`train_router`). Exactness is not at
+    features against the target's label mass per group (specd/train.fit_groups). Exactness is not at
     stake: a draft from fewer rows is still verified by the target.
     """
 
@@ -171,6 +171,17 @@ def group_means(out: Tensor, group_of: Tensor, count: int) -> Tensor:
     return sums / torch.bincount(group_of, minlength=count).clamp_min(1)[:, None]
 
 
+def residual_blocks(hidden_size: int, count: int) -> nn.ModuleList:
+    """R_1..R_L of r(x) = x + silu(R x), each started near zero so that the blocks start near
+    the identity and O first sees something like the projection of h."""
+    blocks = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(count))
+    with torch.no_grad():
+        for block in blocks:
+            block.weight.mul_(0.1)
+            block.bias.zero_()
+    return blocks
+
+
 class RecurrentHead(nn.Module):
     """The head's own parameters (W, U, b, P, R_1..R_L, and the LM-head groups' router when
     config.groups > 0); E and O are the target's, passed to each call."""
@@ -182,11 +193,7 @@ class RecurrentHead(nn.Module):
         self.rnn_w = nn.Linear(H, H)  # W, b
         self.rnn_u = nn.Linear(H, H, bias=False)  # U
         self.proj = nn.Linear(2 * H, H)  # P
-        self.blocks = nn.ModuleList(nn.Linear(H, H) for _ in range(config.blocks))  # R_1..R_L
-        with torch.no_grad():  # start each block near the identity, so O sees something like h
-            for block in self.blocks:
-                block.weight.mul_(0.1)
-                block.bias.zero_()
+        self.blocks = residual_blocks(H, config.blocks)  # R_1..R_L
         self.groups = LmHeadGroups(H, config.vocab_size, config.groups, config.active) if config.groups > 0 else None
 
     def step(self, h: Tensor, s: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
@@ -209,7 +216,9 @@ class RecurrentHead(nn.Module):
             s, x = self.step(h, s, embed(inputs[:, j]))
             yield x
 
-    def draft(self, embed: nn.Module, lm_head: nn.Module, h: Tensor, last_token: int, width: int, depth: int):
+    def draft(
+        self, embed: nn.Module, lm_head: nn.Module, h: Tensor, last_token: int, width: int, depth: int
+    ) -> list[Beam]:
         """The `width` best drafts of `depth` tokens (`beam_search`)."""
         return beam_search(self, embed, lm_head, h, last_token, width, depth)
 
@@ -234,15 +243,12 @@ class ParallelHead(nn.Module):
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()
         H = config.hidden_size
-        assert config.depth >= 1, f"a parallel head drafts >= 1 positions, got depth {config.depth}"
+        if config.depth < 1:
+            raise ValueError(f"a parallel head drafts >= 1 positions, got depth {config.depth}")
         self.config = config
         self.masks = nn.Parameter(0.02 * torch.randn(config.depth, H))  # m_1..m_k
         self.proj = nn.Linear(2 * H, H)  # P
-        self.blocks = nn.ModuleList(nn.Linear(H, H) for _ in range(config.blocks))  # R_1..R_L
-        with torch.no_grad():
-            for block in self.blocks:
-                block.weight.mul_(0.1)
-                block.bias.zero_()
+        self.blocks = residual_blocks(H, config.blocks)  # R_1..R_L
         self.groups = LmHeadGroups(H, config.vocab_size, config.groups, config.active) if config.groups > 0 else None
 
     def features(self, h: Tensor, e: Tensor, depth: int) -> Tensor:
@@ -260,7 +266,9 @@ class ParallelHead(nn.Module):
         yield from x.unbind(dim=1)
 
     @torch.inference_mode()
-    def draft(self, embed: nn.Module, lm_head: nn.Module, h: Tensor, last_token: int, width: int, depth: int):
+    def draft(
+        self, embed: nn.Module, lm_head: nn.Module, h: Tensor, last_token: int, width: int, depth: int
+    ) -> list[Beam]:
         """The `width` best drafts of min(depth, k) tokens by summed log q_j, from one pass."""
         depth = min(depth, self.config.depth)
         x = self.features(h.to(torch.float32)[None], embed(torch.tensor([last_token])), depth)[0]  # (depth, H)
@@ -413,7 +421,9 @@ def load_head(folder: Path) -> tuple[Head, Manifest]:
         raise FileNotFoundError(f"{folder} holds no trained head ({MANIFEST}); train one with `specd train redrafter`")
     manifest = Manifest.from_json((folder / MANIFEST).read_text(encoding="utf-8"))
     if manifest.kind not in HEADS:
-        raise ValueError(f"{folder} holds a {manifest.kind!r} drafter, not a head this version serves ({', '.join(HEADS)})")
+        raise ValueError(
+            f"{folder} holds a {manifest.kind!r} drafter, not a head this version serves ({', '.join(HEADS)})"
+        )
     head = HEADS[manifest.kind](manifest.config)
     head.load_state_dict(load_file(folder / WEIGHTS))
     return head.eval(), manifest

@@ -265,8 +265,9 @@ def _problems(args: argparse.Namespace, s: Sizes, systems: list[str], known: tup
             found.append("--concurrency and --rtt-ms are separate runs: give one of them")
     if args.pin and args.address:
         found.append("--pin applies to the stack the bench starts, not one given with --address")
-    if len(_head_strategies(args)) > 1:
-        found.append(f"--strategies names {' and '.join(_head_strategies(args))}: a run serves one trained head, so measure them apart")
+    heads = _head_strategies(args)
+    if len(heads) > 1 and args.strategies:  # told nothing, the bench measures the first
+        found.append(f"--strategies names {' and '.join(heads)}: a run serves one trained head, so measure them apart")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         found.append("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
     return found
@@ -313,13 +314,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _head_strategies(args: argparse.Namespace) -> list[str]:
-    """The strategies of the run that draft with a trained head (redrafter, parallel)."""
-    from orchestrator.strategies import STRATEGIES
+    """The strategies of the run that draft with a trained head, redrafter first."""
+    from orchestrator.strategies import HEAD_STRATEGIES
     from specd.bench.runner import default_systems
 
     wanted = _split(args.strategies) or (() if args.concurrency else default_systems())
     names = {s.split(":")[0] for s in wanted}
-    return sorted(n for n in names if n in STRATEGIES and STRATEGIES[n].needs_head)
+    return [n for n in HEAD_STRATEGIES if n in names]
 
 
 def _head(args: argparse.Namespace, home: Path) -> str:
@@ -331,6 +332,8 @@ def _head(args: argparse.Namespace, home: Path) -> str:
     strategies = _head_strategies(args)
     if not strategies:
         return ""
+    for other in strategies[1:]:
+        log.warning("a run serves one trained head: %s is skipped (`--strategies ar,%s` measures it)", other, other)
     if args.head:
         return args.head
     default = home / HEADS_DIR / default_head_name(args.target, strategies[0])

@@ -575,3 +575,10 @@ def test_a_bad_concurrency_list_is_a_usage_error(value, capsys):
 
     assert main(["bench", "--concurrency", value]) == 2
     assert "--concurrency" in capsys.readouterr().err
+
+
+def test_a_bench_serves_one_trained_head_a_run(capsys):
+    from specd.cli import main
+
+    assert main(["bench", "--strategies", "ar,redrafter,parallel:k3"]) == 2
+    assert "names redrafter and parallel: a run serves one trained head" in capsys.readouterr().err
