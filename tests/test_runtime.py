@@ -374,3 +374,25 @@ def test_llama_a_full_cache_parks_rather_than_forgets(tiny_pair):
     assert rt.parks >= 1 and rt._slots.peek("a").cells == 0 and rt.cached("a") == (seqs["a"], 0)
     assert close(rt, rt.logits("a", seqs["a"] + [3], 1)[0], fresh(rt, seqs["a"] + [3]))
     rt.close()
+
+
+def test_a_llama_drafter_gets_its_own_kv_budget_and_reads_the_tokenizer_on_demand(tiny_pair):
+    """SPECD_KV_TOKENS unset: a drafter's cache holds DRAFTER_KV_TOKENS cells, a verifier's the
+    model's context; the tokenizer is dropped after load (its fingerprint kept) and read again
+    on first use."""
+    from services.config import ModelServiceConfig
+    from services.llama_runtime import DRAFTER_KV_TOKENS
+    from services.runtime import load_runtime, tokenizer_fingerprint
+
+    config = ModelServiceConfig(model=str(tiny_pair.target_dir), listen="", home=tiny_pair.target_dir, runtime="llama",
+                                threads=1, max_sessions=2)  # fmt: skip
+    cells = {}
+    for role in ("drafter", "verifier"):
+        rt = load_runtime(config, role)
+        cells[role] = rt._lib.llama_n_ctx(rt._ctx)
+        if role == "drafter":
+            assert rt._tokenizer is None and rt.info.tokenizer_fingerprint
+            assert tokenizer_fingerprint(rt.tokenizer) == rt.info.tokenizer_fingerprint  # read on first use
+        rt.close()
+    n_ctx_train = cells["verifier"]
+    assert cells["drafter"] == DRAFTER_KV_TOKENS and n_ctx_train != DRAFTER_KV_TOKENS
