@@ -82,6 +82,12 @@ class TrainSettings:
 
 
 DATA_SHARE = 0.4
+# Of the data budget, the share spent on the target's own answers to chat prompts (it
+# generates one token a pass, ~10 a second here, where it reads ~140 teacher-forced), and the
+# share of each training batch drawn from those answers
+CONTINUATION_SHARE = 0.3
+CONTINUATION_BATCH_SHARE = 0.25
+CONTINUATION_TOKENS = 96  # the longest answer generated to one prompt
 ROUTER_POSITIONS = 10_000  # training positions whose head features the groups' router learns from
 ROUTER_STEPS = 600  # of 512 features each (seconds on a CPU)
 HELD_OUT_TOKENS = 2048  # of the held-out files, read teacher-forced to measure the head on
@@ -106,6 +112,14 @@ class Examples:
 
     def __len__(self) -> int:
         return self.at.shape[0]
+
+    def merged(self, other: Examples) -> Examples:
+        """These examples, then other's."""
+        return Examples(
+            torch.cat([self.rows, other.rows]), torch.cat([self.at, other.at + self.rows.shape[0]]),
+            torch.cat([self.inputs, other.inputs]), torch.cat([self.label_ids, other.label_ids]),
+            torch.cat([self.label_probs, other.label_probs]),
+        )  # fmt: skip
 
     def hidden(self, pick: torch.Tensor) -> torch.Tensor:
         """(B, H) float32: H_i of the picked examples."""
@@ -138,49 +152,124 @@ def bench_prompts_excluded(texts: Sequence[str], prompts: Sequence[str], probe: 
     return found
 
 
+class _Collected:
+    """Examples gathered pass by pass (`add`), stacked at the end (`examples`)."""
+
+    def __init__(self) -> None:
+        self.hidden, self.at, self.inputs, self.ids, self.probs = [], [], [], [], []
+        self.rows = 0
+
+    def add(self, runtime, seq: Sequence[int], k: int, first: int = 0) -> None:
+        """One teacher-forced pass of the target over seq; an example for each position i in
+        first..len(seq) - k - 2 (each with k steps after it inside seq)."""
+        logits = runtime.logits("train", list(seq), len(seq))  # (T, V): row i predicts x_{i+1}
+        rows = runtime.last_hidden("train")  # (T, H)
+        runtime.release("train")
+        top_p, top_i = torch.softmax(logits, dim=-1).topk(TOP_K, dim=-1)  # (T, K)
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+        x = torch.tensor(list(seq))
+        positions = torch.arange(first, len(seq) - k - 1)  # (n,)
+        steps = positions[:, None] + torch.arange(1, k + 1)[None]  # (n, k): i+1..i+k
+        self.hidden.append(rows.to(torch.float16))
+        self.at.append(self.rows + positions)
+        self.rows += rows.shape[0]
+        self.inputs.append(x[steps])
+        self.ids.append(top_i[steps])
+        self.probs.append(top_p[steps])
+
+    def __len__(self) -> int:
+        return sum(len(a) for a in self.at)
+
+    def examples(self) -> Examples:
+        if not self.hidden:
+            raise ValueError("no text long enough to train on")
+        return Examples(
+            torch.cat(self.hidden), torch.cat(self.at), torch.cat(self.inputs), torch.cat(self.ids).long(),
+            torch.cat(self.probs).float(),
+        )  # fmt: skip
+
+
 def teacher_examples(
     runtime, texts: Sequence[str], tokenizer, settings: TrainSettings, deadline: float, progress: Callable[[int], None]
 ) -> Examples:
     """Runs the target over the texts' chunks (one pass each) until `deadline` or max_tokens."""
     k, T = settings.depth, settings.chunk
-    hidden, at, inputs, ids, probs = [], [], [], [], []
-    tokens_read = rows_kept = 0
+    collected = _Collected()
+    tokens_read = 0
     for text in texts:
         tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
         for start in range(0, len(tokens) - k - 2, T):
             chunk = tokens[start : start + T]
             if len(chunk) < k + 2 or time.monotonic() > deadline:
                 continue
-            logits = runtime.logits("train", chunk, len(chunk))  # (T, V): row i predicts x_{i+1}
-            rows = runtime.last_hidden("train")  # (T, H)
-            runtime.release("train")
-            top_p, top_i = torch.softmax(logits, dim=-1).topk(TOP_K, dim=-1)  # (T, K)
-            top_p = top_p / top_p.sum(-1, keepdim=True)
-            n = len(chunk) - k - 1  # positions with k steps after them inside the chunk
-            x = torch.tensor(chunk)
-            steps = torch.arange(1, k + 1)
-            positions = torch.arange(n)[:, None] + steps[None]  # (n, k): i+1..i+k
-            hidden.append(rows.to(torch.float16))
-            at.append(rows_kept + torch.arange(n))
-            rows_kept += rows.shape[0]
-            inputs.append(x[positions])
-            ids.append(top_i[positions])
-            probs.append(top_p[positions])
+            collected.add(runtime, chunk, k)
             tokens_read += len(chunk)
             progress(len(chunk))
             if settings.max_tokens and tokens_read >= settings.max_tokens:
-                return _stack(hidden, at, inputs, ids, probs)
+                return collected.examples()
         if time.monotonic() > deadline:
             break
-    if not hidden:
-        raise ValueError("no text long enough to train on")
-    return _stack(hidden, at, inputs, ids, probs)
+    return collected.examples()
 
 
-def _stack(hidden, at, inputs, ids, probs) -> Examples:
-    return Examples(
-        torch.cat(hidden), torch.cat(at), torch.cat(inputs), torch.cat(ids).long(), torch.cat(probs).float()
-    )
+def function_stubs(files: Sequence[Path], limit: int) -> list[str]:
+    """Up to `limit` chat prompts in HumanEval's shape (the bench's instruction around a
+    function's signature and docstring) from the public, documented top-level functions of
+    the given (training) files."""
+    import ast
+
+    from specd.bench.prompts import HUMANEVAL_INSTRUCTION
+
+    stubs: list[str] = []
+    for file in files:
+        text = file.read_text(encoding="utf-8", errors="replace")
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue
+        lines = text.splitlines()
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_") and ast.get_docstring(node):
+                doc = node.body[0]
+                stubs.append(
+                    HUMANEVAL_INSTRUCTION.format(stub="\n".join(lines[node.lineno - 1 : doc.end_lineno]) + "\n")
+                )
+                if len(stubs) >= limit:
+                    return stubs
+    return stubs
+
+
+def continuation_examples(
+    runtime, prompts: Sequence[str], settings: TrainSettings, deadline: float, progress: Callable[[int], None]
+) -> Examples | None:
+    """The target's own greedy answers to chat prompts (CONTINUATION_TOKENS each, one token a
+    pass, the prompt's cache reused), then one teacher-forced pass over prompt + answer: an
+    example for each position of the answer. Until `deadline`; None when no answer was long
+    enough."""
+    tokenizer, k = runtime.tokenizer, settings.depth
+    eos = set(runtime.info.eos_token_ids)
+    collected = _Collected()
+    for prompt in prompts:
+        if time.monotonic() > deadline:
+            break
+        if getattr(tokenizer, "chat_template", None):
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            seq = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        else:
+            seq = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        start = len(seq)
+        while len(seq) - start < CONTINUATION_TOKENS and time.monotonic() < deadline:
+            token = int(runtime.logits("answer", seq, 1)[0].argmax())
+            seq.append(token)
+            progress(1)
+            if token in eos:
+                break
+        runtime.release("answer")
+        if len(seq) - start >= k + 2:
+            collected.add(runtime, seq, k, first=start - 1)  # from the position that answers the prompt
+    return collected.examples() if len(collected) else None
 
 
 def train_head(
@@ -190,10 +279,13 @@ def train_head(
     settings: TrainSettings,
     deadline: float,
     progress: Callable[[float, torch.Tensor], None],
+    answers_from: int | None = None,
 ) -> tuple[Head, list[float], int]:
     """The head trained on `data` until `deadline` or max_steps: (head, loss per step, steps).
 
-    embed, out: the target's E and O, (V, H) float32, frozen."""
+    embed, out: the target's E and O, (V, H) float32, frozen. answers_from: where the target's
+    own answers start among the examples (`continuation_examples`); a CONTINUATION_BATCH_SHARE
+    of each batch is drawn from them, however few they are."""
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
     depth = settings.depth if settings.kind == PARALLEL else 0
@@ -207,7 +299,14 @@ def train_head(
         done = step / planned if settings.max_steps else (time.monotonic() - started) / budget
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
-        pick = torch.randint(len(data), (settings.batch,), generator=generator)
+        if answers_from is not None and answers_from < len(data):
+            n = max(1, round(settings.batch * CONTINUATION_BATCH_SHARE))
+            pick = torch.cat([
+                torch.randint(answers_from, (settings.batch - n,), generator=generator),
+                answers_from + torch.randint(len(data) - answers_from, (n,), generator=generator),
+            ])  # fmt: skip
+        else:
+            pick = torch.randint(len(data), (settings.batch,), generator=generator)
         labels = data.label_ids[pick]
         candidates = torch.cat(
             [labels.flatten(), torch.randint(out.shape[0], (NEGATIVES,), generator=generator)]
@@ -308,7 +407,8 @@ def run(
     cache = data_cache(home / HEADS_DIR, weights, dtype, settings)
     raw = torch.load(cache) if cache.is_file() and not settings.fresh_data else {}
     cached = "tokenizer_fingerprint" in raw
-    if cached:  # the target itself is not even loaded
+    answers = Examples(**raw["answers"]) if raw.get("answers") else None
+    if cached and "answers" in raw:  # the target itself is not even loaded
         data, held, fingerprint = Examples(**raw["train"]), Examples(**raw["held"]), raw["tokenizer_fingerprint"]
         log.info("read %d examples of the target's passes from %s (--fresh-data runs them again)", len(data), cache)
     else:
@@ -316,18 +416,35 @@ def run(
             path if dtype == "int8" and path.is_dir() else torch_folder(path), dtype=dtype, device="cpu",
             max_sessions=1, threads=threads,
         )  # fmt: skip
-        read = lambda files: [f.read_text(encoding="utf-8", errors="replace") for f in files]  # noqa: E731
-        held_settings = TrainSettings(**{**settings.__dict__, "max_tokens": HELD_OUT_TOKENS})
-        with tqdm(desc="target passes", unit="tok", disable=not progress, dynamic_ncols=True) as bar:
-            held = teacher_examples(runtime, read(held_files), runtime.tokenizer, held_settings, math.inf, bar.update)
-            data = teacher_examples(
-                runtime, read(train_files), runtime.tokenizer, settings, started + budget * DATA_SHARE, bar.update
-            )
-        fingerprint = runtime.info.tokenizer_fingerprint
+        # The target's own answers get CONTINUATION_SHARE of the data budget, all of it when
+        # the text's passes were kept by an earlier run.
+        answers_at = started + budget * DATA_SHARE * (1 if cached else 1 - CONTINUATION_SHARE)
+        if cached:
+            data, held, fingerprint = Examples(**raw["train"]), Examples(**raw["held"]), raw["tokenizer_fingerprint"]
+            log.info("read %d examples of the target's passes from %s", len(data), cache)
+        else:
+            read = lambda files: [f.read_text(encoding="utf-8", errors="replace") for f in files]  # noqa: E731
+            held_settings = TrainSettings(**{**settings.__dict__, "max_tokens": HELD_OUT_TOKENS})
+            with tqdm(desc="target passes", unit="tok", disable=not progress, dynamic_ncols=True) as bar:
+                held = teacher_examples(
+                    runtime, read(held_files), runtime.tokenizer, held_settings, math.inf, bar.update
+                )
+                data = teacher_examples(runtime, read(train_files), runtime.tokenizer, settings, answers_at, bar.update)
+            fingerprint = runtime.info.tokenizer_fingerprint
+        with tqdm(desc="target answers", unit="tok", disable=not progress, dynamic_ncols=True) as bar:
+            prompts = function_stubs(train_files, 10**6)
+            random.Random(settings.seed).shuffle(prompts)
+            prompts = prompts[:2] if settings.max_tokens else prompts  # --quick: two answers
+            answers = continuation_examples(runtime, prompts, settings, started + budget * DATA_SHARE, bar.update)
         del runtime
         if not settings.max_tokens:  # a --quick run's few tokens are not worth keeping
             cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"train": data.__dict__, "held": held.__dict__, "tokenizer_fingerprint": fingerprint}, cache)
+            kept = {"train": data.__dict__, "held": held.__dict__, "tokenizer_fingerprint": fingerprint}
+            torch.save({**kept, "answers": answers.__dict__ if answers is not None else {}}, cache)
+    answers_from = len(data) if answers is not None else None
+    if answers is not None:
+        log.info("%d examples of the target's own answers, %d of its passes over text", len(answers), len(data))
+        data = data.merged(answers)
     embed, out = target_tables(path)
     with tqdm(desc="training", unit="step", disable=not progress, dynamic_ncols=True) as bar:
 
@@ -335,7 +452,7 @@ def run(
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", agree="/".join(f"{a:.2f}" for a in agree.tolist()))
 
-        head, losses, steps = train_head(data, embed, out, settings, started + budget, shown)
+        head, losses, steps = train_head(data, embed, out, settings, started + budget, shown, answers_from)
     if settings.groups > 0:
         log.info("grouping the LM head's rows in %d groups and training their router", settings.groups)
         head = fit_groups(head, data, embed, out, settings)
@@ -345,11 +462,12 @@ def run(
         config=head.config,
         seed=settings.seed,
         data={
-            "source": "python standard library",
+            "source": "python standard library; the target's answers to its documented functions' stubs",
             "dtype": dtype,
             "files": len(train_files),
             "held_out_files": len(held_files),
             "positions": len(data),
+            "answer_positions": len(data) - answers_from if answers_from is not None else 0,
             "held_out_positions": len(held),
             "depth": settings.depth,
             "chunk": settings.chunk,

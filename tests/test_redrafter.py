@@ -200,6 +200,41 @@ def test_no_bench_prompt_is_in_the_training_text() -> None:
     assert bench_prompts_excluded(["x" * 10 + prompts[0].strip()[:80]], prompts)  # the check itself finds one
 
 
+def test_answer_prompts_are_stubs_of_the_training_files_and_no_bench_prompt(tmp_path: Path) -> None:
+    from specd.bench.prompts import read_humaneval
+    from specd.train import function_stubs, stdlib_files
+
+    train, held = stdlib_files(seed=0)
+    stubs = function_stubs(train[:200], 200)
+    assert len(stubs) > 20 and all("```python\ndef " in s and s.endswith("```") for s in stubs)
+    assert not set(function_stubs(held, 10**6)) & set(stubs)  # held-out files give none of them
+    bench = [p.text for p in read_humaneval()]
+    assert (
+        not set(stubs) & set(bench) and bench_prompts_excluded(stubs, [b.split("```python\n")[-1] for b in bench]) == []
+    )
+    module = tmp_path / "m.py"
+    module.write_text(
+        'import os\n\n@cache\ndef f(a,\n      b):\n    """Adds."""\n    return a + b\n\ndef _g():\n    """No."""\n'
+    )
+    assert function_stubs([module], 5) == [
+        'Complete the following Python function.\n\n```python\ndef f(a,\n      b):\n    """Adds."""\n```'
+    ]
+
+
+def test_answers_are_the_targets_greedy_continuations_read_teacher_forced(tiny_pair) -> None:
+    """Each example of an answer reads answer tokens, and its labels (the target's top-1 at the
+    positions it drafts) are the answer's next tokens: the answer is the target's own greedy
+    output, read back in one pass."""
+    from specd.train import continuation_examples
+
+    runtime = load_torch(tiny_pair.target_dir, dtype="float64", device="cpu", max_sessions=2)
+    found = continuation_examples(runtime, ["def add(a, b):", "The quick brown fox"], TrainSettings(depth=3), math.inf,
+                                  lambda n: None)  # fmt: skip
+    assert found is not None and len(found) > 10
+    assert torch.equal(found.label_ids[:, :-1, 0], found.inputs[:, 1:])
+    assert found.rows.shape[0] > len(found)  # the prompts' rows are read, not drafted from
+
+
 def test_a_saved_head_loads_the_same_and_refuses_another_kind(tmp_path: Path) -> None:
     head, _, _ = small_head()
     manifest = Manifest("redrafter", TargetId("t", "w", "f", 8, 11), head.config, seed=3, loss=[1.0, 0.5])
