@@ -22,7 +22,6 @@ import dataclasses
 import importlib.util
 import logging
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,22 +205,6 @@ def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct loopback ports that were free a moment ago.
-
-    All n sockets stay bound until every port is chosen: closing each before asking for
-    the next lets the OS hand out the same port twice.
-    """
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _model_dir(name: str, home: Path) -> Path:
     """A catalog name (prepared on first use) or a model folder."""
     from services.models import catalog, prepare, resolve
@@ -352,12 +335,12 @@ def _start_stack(
     `specd up` stack (which owns home/run) neither blocks it nor is stopped by it. With
     --rtt-ms, the orchestrator calls the model services through delay proxies."""
     from specd.bench.netem import DelayProxies
-    from specd.stack import up
+    from specd.stack import free_ports, up
 
     roles = (["verifier", "drafter"] if drafter_dir else ["verifier"]) if args.rtt_ms else []
     # One draw for every port, the proxies' too: a port the OS picks for a proxy later could be
     # one just chosen (and released) for a service.
-    orchestrator_port, verifier_port, drafter_port, redis_port, head_port, *proxy_ports = _free_ports(5 + len(roles))
+    orchestrator_port, verifier_port, drafter_port, redis_port, head_port, *proxy_ports = free_ports(5 + len(roles))
     levels = _levels(args)
     spec = StackSpec(
         home=home / "bench", target=str(target_dir), drafter=str(drafter_dir or ""),

@@ -110,6 +110,22 @@ def state_file(home: Path) -> Path:
     return run_dir(home) / "stack.json"
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports on host that were free a moment ago.
+
+    All n sockets stay bound until every port is chosen: closing each before asking for
+    the next lets the OS hand out the same port twice.
+    """
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex((host, port)) != 0

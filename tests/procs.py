@@ -34,19 +34,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct loopback TCP ports that were free a moment ago: every socket stays bound
-    until all are chosen (closing each first lets the OS hand out one port twice)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
 def free_port_run(n: int, attempts: int = 50) -> int:
     """The first of n consecutive loopback ports that were all free a moment ago."""
     for _ in range(attempts):
