@@ -16,8 +16,8 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
         "redrafter": (
             "a recurrent draft head over the target's hidden state (strategy redrafter)",
             "Distils a recurrent draft head from TARGET (ReDrafter): the target reads the Python standard library's "
-            "source teacher-forced, and the head learns to predict the target's own next tokens from its hidden "
-            "state, one token after another.",
+            "source teacher-forced and answers chat prompts made from its documented functions, and the head learns "
+            "to predict the target's own next tokens from its hidden state, one token after another.",
         ),
         "parallel": (
             "a parallel draft head: every draft position in one pass (strategy parallel)",
