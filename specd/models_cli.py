@@ -101,7 +101,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     heads = sorted(p.parent for p in (home / HEADS_DIR).glob(f"*/{HEAD_MANIFEST}"))
     if heads:
         print()
-        rows = [("HEAD", "TARGET", "STEPS", "POSITIONS", "LM-HEAD ROWS A STEP", "HELD-OUT AGREEMENT BY POSITION")]
+        rows = [("HEAD", "KIND", "TARGET", "STEPS", "POSITIONS", "LM-HEAD ROWS A STEP", "HELD-OUT AGREEMENT")]
         for folder in heads:
             rows.append(_head_row(folder))
         _print_table(rows)
@@ -117,9 +117,10 @@ def _head_row(folder: Path) -> tuple[str, ...]:
         served = held["grouped_agreement_by_position" if grouped else "agreement_by_position"]
         agreement = " ".join(f"{a:.2f}" for a in served)
         rows = f"{held['grouped_rows_per_step']:.0f} ({groups} groups)" if grouped else "all"
-        return folder.name, raw["target"]["model"], str(raw["steps"]), str(raw["data"]["positions"]), rows, agreement
+        target, positions = raw["target"]["model"], str(raw["data"]["positions"])
+        return folder.name, raw["kind"], target, str(raw["steps"]), positions, rows, agreement
     except (OSError, ValueError, KeyError, TypeError) as err:
-        return folder.name, "?", "?", "?", "?", f"unreadable manifest ({err})"
+        return folder.name, "?", "?", "?", "?", "?", f"unreadable manifest ({err})"
 
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:

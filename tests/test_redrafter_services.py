@@ -143,6 +143,7 @@ def test_models_list_shows_the_trained_heads(stack):
     assert {"HEAD", "tiny", "other", "tiny-parallel"} <= set(rows)
     assert " 30 " in rows["tiny"]  # --quick's steps, from the manifest
     assert " groups) " in rows["tiny"]  # the rows its LM-head groups compute a step
+    assert rows["tiny"].split()[1] == "redrafter" and rows["tiny-parallel"].split()[1] == "parallel"
 
 
 def test_bad_beam_calls_get_a_status_that_says_what_to_fix(stack):
