@@ -37,7 +37,7 @@ from orchestrator.strategies import (
     sd_round,
     sized,
 )
-from orchestrator.text import TextStream
+from orchestrator.text import TextStream, chat_ids
 from services.roles import CallCost, Stopwatch
 from services.runtime import HEAD_RUNTIME, ModelInfo
 from services.sampling import SamplingParams, round_seed
@@ -699,12 +699,7 @@ class Engine:
         session.messages.extend(new)
         # Chat turns re-render the whole conversation: the model services keep their
         # caches by longest common prefix, so only the changed tail is prefilled again.
-        rendered = self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in session.messages],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        return self.tokenizer.encode(rendered, add_special_tokens=False)
+        return chat_ids(self.tokenizer, [(m.role, m.content) for m in session.messages])
 
     async def _timed(self, stats: Stats, op) -> None:
         t0 = time.perf_counter()

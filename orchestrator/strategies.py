@@ -476,12 +476,11 @@ async def staged_round(backends: Backends, r: RoundInput) -> RoundResult:
 # `specd train redrafter` makes here, a second beam added a tree row's cost to every verify
 # and no acceptance (HumanEval, 1.5B target: 0.71x `ar` with one beam, 0.62x with two).
 DEFAULT_BEAMS = 1
-HEAD_STRATEGIES = ("redrafter", "parallel")  # the strategies a trained head drafts for (its kind)
 
 
 @dataclass
 class Carry:
-    """What a recurrent head drafts a turn's next round from: the target's hidden state behind
+    """What a trained head drafts a turn's next round from: the target's hidden state behind
     the context's last token, which holds while the context is `length` tokens long."""
 
     hidden: torch.Tensor | None = None  # (H,)
@@ -563,3 +562,5 @@ STRATEGIES: dict[str, StrategySpec] = {
     "redrafter": StrategySpec(redrafter_round, needs_drafter=False, needs_head=True),
     "parallel": StrategySpec(parallel_round, needs_drafter=False, needs_head=True),
 }
+# The strategies a trained head drafts for, each named by the head's kind (redrafter first)
+HEAD_STRATEGIES = tuple(name for name, spec in STRATEGIES.items() if spec.needs_head)

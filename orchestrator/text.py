@@ -1,8 +1,19 @@
-"""Streaming text from committed token ids: incremental detokenisation and stop strings."""
+"""Text and token ids: a chat turn as the target reads it, and streaming text from committed
+token ids (incremental detokenisation and stop strings)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+
+
+def chat_ids(tokenizer, messages: Sequence[tuple[str, str]]) -> list[int]:
+    """The token ids of a conversation ((role, content) pairs) rendered by the tokenizer's
+    chat template, ready for the assistant's answer: how the orchestrator tokenizes a chat
+    turn, and so how the bench and `specd train` must."""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": role, "content": content} for role, content in messages], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer.encode(rendered, add_special_tokens=False)
 
 
 class TextStream:

@@ -246,6 +246,8 @@ def continuation_examples(
     pass, the prompt's cache reused), then one teacher-forced pass over prompt + answer: an
     example for each position of the answer. Until `deadline`; None when no answer was long
     enough."""
+    from orchestrator.text import chat_ids
+
     tokenizer, k = runtime.tokenizer, settings.depth
     eos = set(runtime.info.eos_token_ids)
     collected = _Collected()
@@ -253,10 +255,7 @@ def continuation_examples(
         if time.monotonic() > deadline:
             break
         if getattr(tokenizer, "chat_template", None):
-            rendered = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-            seq = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+            seq = chat_ids(tokenizer, [("user", prompt)])
         else:
             seq = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         start = len(seq)
@@ -408,10 +407,10 @@ def run(
     raw = torch.load(cache) if cache.is_file() and not settings.fresh_data else {}
     cached = "tokenizer_fingerprint" in raw
     answers = Examples(**raw["answers"]) if raw.get("answers") else None
-    if cached and "answers" in raw:  # the target itself is not even loaded
+    if cached:
         data, held, fingerprint = Examples(**raw["train"]), Examples(**raw["held"]), raw["tokenizer_fingerprint"]
         log.info("read %d examples of the target's passes from %s (--fresh-data runs them again)", len(data), cache)
-    else:
+    if not cached or "answers" not in raw:  # else the target itself is not even loaded
         runtime = load_torch(
             path if dtype == "int8" and path.is_dir() else torch_folder(path), dtype=dtype, device="cpu",
             max_sessions=1, threads=threads,
@@ -419,10 +418,7 @@ def run(
         # The target's own answers get CONTINUATION_SHARE of the data budget, all of it when
         # the text's passes were kept by an earlier run.
         answers_at = started + budget * DATA_SHARE * (1 if cached else 1 - CONTINUATION_SHARE)
-        if cached:
-            data, held, fingerprint = Examples(**raw["train"]), Examples(**raw["held"]), raw["tokenizer_fingerprint"]
-            log.info("read %d examples of the target's passes from %s", len(data), cache)
-        else:
+        if not cached:
             read = lambda files: [f.read_text(encoding="utf-8", errors="replace") for f in files]  # noqa: E731
             held_settings = TrainSettings(**{**settings.__dict__, "max_tokens": HELD_OUT_TOKENS})
             with tqdm(desc="target passes", unit="tok", disable=not progress, dynamic_ncols=True) as bar:

@@ -102,11 +102,11 @@ class VerifierCore:
         which may be shared with other sessions' verify calls (services/calls.py). A tree of
         no nodes is a plain step. want_hidden: the result carries the target's hidden state
         at the position whose logits gave the last returned token (the accepted path's last
-        node, or the context's end), which a recurrent draft head drafts from."""
+        node, or the context's end), which a trained draft head drafts from."""
         if want_hidden and not self.runtime.hidden_states:
             raise Unsupported(
                 f"this verifier's runtime ({self.runtime.info.runtime}) returns no hidden states; "
-                "run it with SPECD_RUNTIME=torch for redrafter"
+                "run it with SPECD_RUNTIME=torch for redrafter and parallel"
             )
         vocab = self.runtime.info.vocab_size
         check_token_ids(tree.tokens, vocab, "tree.tokens")

@@ -36,6 +36,7 @@ from drafter_svc.foreign import Translation
 from orchestrator.generate import Engine, GenerationRequest, Limits, NotServable, Stats, TextChunk
 from orchestrator.store import ChatMessage, Session
 from orchestrator.strategies import STRATEGIES, Backends
+from orchestrator.text import chat_ids
 from services.config import ModelServiceConfig
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
@@ -256,10 +257,7 @@ class LocalModels:
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """The prompt as the orchestrator tokenizes a chat turn (generate.py, _turn_context)."""
-        rendered = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt.text}], tokenize=False, add_generation_prompt=True
-        )
-        return self.tokenizer.encode(rendered, add_special_tokens=False)
+        return chat_ids(self.tokenizer, [("user", prompt.text)])
 
 
 def service_config(base: ModelServiceConfig, model: Path, runtime: str) -> ModelServiceConfig:
