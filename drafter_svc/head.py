@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from services.errors import BadRequest, Unsupported, check_draft_length
+from services.int8 import choose_kernel
 from services.redrafter import Head, LmHeadGroups, Manifest, ParallelHead, beams_to_tree, load_head
 from services.roles import Stopwatch, TreeDraft
 from services.runtime import HEAD_RUNTIME, ModelInfo, gguf_file, has_torch_weights, trim_heap, weights_id
@@ -67,16 +68,18 @@ def _safetensors_tables(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_tables(
-    embed: torch.Tensor, out: torch.Tensor, groups: LmHeadGroups | None = None
+    embed: torch.Tensor, out: torch.Tensor, groups: LmHeadGroups | None = None, kernel: str = "auto"
 ) -> tuple[nn.Module, nn.Module]:
-    """E as an int8 embedding and O as an int8 linear layer (row-wise scales), or, for a head
-    with LM-head groups, as a GroupedLmHead."""
+    """E as an int8 embedding and O as an int8 linear layer (row-wise scales) on `kernel`
+    (services/int8.choose_kernel), or, for a head with LM-head groups, as a GroupedLmHead."""
     from services.int8 import Int8Embedding, Int8Linear, quantize_rows
 
     q, scale = quantize_rows(embed)
     q_out, scale_out = (q, scale) if out is embed else quantize_rows(out)
     lm_head = (
-        Int8Linear.from_quantized(q_out, scale_out, None) if groups is None else GroupedLmHead(q_out, scale_out, groups)
+        Int8Linear.from_quantized(q_out, scale_out, None, kernel)
+        if groups is None
+        else GroupedLmHead(q_out, scale_out, groups, kernel)
     )
     return Int8Embedding(q, scale, None), lm_head
 
@@ -90,7 +93,7 @@ class GroupedLmHead(nn.Module):
     sees the same rows (one call per group, not per beam and group). With 256 groups, 4
     active, a step computes ~3,300 of the 1.5B target's 151,936 rows."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, groups: LmHeadGroups) -> None:
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, groups: LmHeadGroups, kernel: str = "auto") -> None:
         from services.int8 import Int8Linear
 
         super().__init__()
@@ -99,7 +102,7 @@ class GroupedLmHead(nn.Module):
         order = torch.argsort(groups.group_of, stable=True)  # vocabulary ids, group by group
         sizes = torch.bincount(groups.group_of, minlength=groups.count).tolist()
         self.ids = list(torch.split(order, sizes))  # group g's ids
-        self.parts = [Int8Linear.from_quantized(q[ids], scale[ids], None) if len(ids) else None for ids in self.ids]
+        self.parts = [Int8Linear.from_quantized(q[ids], scale[ids], None, kernel) if len(ids) else None for ids in self.ids]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, V)
         logits = x.new_full((x.shape[0], self.vocab_size), -torch.inf, dtype=torch.float32)
@@ -194,8 +197,11 @@ class HeadDrafter:
         )
 
 
-def load_head_drafter(folder: Path, home: Path, *, max_draft: int, worker: Worker) -> HeadDrafter:
-    """A trained head and its target's tables, checked against the target it was trained for."""
+def load_head_drafter(
+    folder: Path, home: Path, *, max_draft: int, worker: Worker, int8_kernel: str = "auto"
+) -> HeadDrafter:
+    """A trained head and its target's tables (int8, on `int8_kernel`), checked against the
+    target it was trained for."""
     from services.models import resolve
 
     watch = Stopwatch()
@@ -208,7 +214,7 @@ def load_head_drafter(folder: Path, home: Path, *, max_draft: int, worker: Worke
             f"the head in {folder} was trained for {manifest.target.model} with weights {manifest.target.weights}, "
             f"but {target_dir} now holds {found}; train it again with `specd train {manifest.kind}`"
         )
-    embed, lm_head = int8_tables(*target_tables(target_dir), head.groups)
+    embed, lm_head = int8_tables(*target_tables(target_dir), head.groups, choose_kernel(int8_kernel, "drafter"))
     trim_heap()  # the float32 tables' pages back to the OS
     log.info("loaded the %s head %s for %s in %.1fs", manifest.kind, folder, manifest.target.model, watch.seconds)
     return HeadDrafter(head, manifest, embed, lm_head, name=str(folder), max_draft=max_draft, worker=worker)

@@ -99,7 +99,9 @@ def build_core(config: ModelServiceConfig, worker: Worker) -> DrafterCore | MaxG
     if is_head(path):
         if config.threads > 0:
             torch.set_num_threads(config.threads)
-        return load_head_drafter(path, config.home, max_draft=config.max_draft, worker=worker)
+        return load_head_drafter(
+            path, config.home, max_draft=config.max_draft, worker=worker, int8_kernel=config.int8_kernel
+        )
     runtime = load_runtime(config, "drafter")
     return DrafterCore(
         runtime, q_top=config.q_top, second_stage=config.second_stage, max_draft=config.max_draft,

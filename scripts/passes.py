@@ -20,7 +20,11 @@ import time
 
 TOKENS = (1, 3, 5, 8)
 CONTEXT = 200
-RUNTIMES = {"llama": ("llama", "auto"), "int8": ("torch", "int8"), "fp32": ("torch", "float32")}
+# name: (SPECD_RUNTIME, SPECD_DTYPE, SPECD_INT8_KERNEL); int8: the kernel this CPU gets by default
+RUNTIMES = {
+    "llama": ("llama", "auto", "auto"), "int8": ("torch", "int8", "auto"), "fp32": ("torch", "float32", "auto"),
+    "int8-onednn": ("torch", "int8", "onednn"), "int8-fbgemm": ("torch", "int8", "fbgemm"),
+}  # fmt: skip
 
 
 def measure(model: str, runtime: str, threads: int, repeats: int) -> dict:
@@ -31,10 +35,10 @@ def measure(model: str, runtime: str, threads: int, repeats: int) -> dict:
     from services.runtime import load_runtime
     from services.server import rss_bytes
 
-    name, dtype = RUNTIMES[runtime]
+    name, dtype, kernel = RUNTIMES[runtime]
     config = ModelServiceConfig(
         model=model, listen="", home=default_home(), runtime=name, dtype=dtype, threads=threads, max_sessions=2,
-        kv_tokens=4096,
+        kv_tokens=4096, int8_kernel=kernel,
     )  # fmt: skip
     rt = load_runtime(config, "verifier")
     generator = torch.Generator().manual_seed(0)

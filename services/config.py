@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # services.tree needs torch: a process that only reads its co
     from services.tree import TreeShape
 
 DTYPES = ("auto", "int8", "float32", "bfloat16", "float16", "float64")
+INT8_KERNELS = ("auto", "onednn", "fbgemm")  # services/int8.KERNELS, and auto
 
 
 class ConfigError(ValueError):
@@ -79,6 +80,9 @@ class ModelServiceConfig:
     device: str = "cpu"  # SPECD_DEVICE: cpu, cuda, cuda:1, ...
     threads: int = 0  # SPECD_THREADS: threads of a forward pass; 0 = every core
     onednn: bool = True  # SPECD_ONEDNN: oneDNN linears on CPU fp32 (multi-token passes ~2x cheaper)
+    # SPECD_INT8_KERNEL: the int8 GEMM, auto (oneDNN on CPUs with AMX, fbgemm elsewhere), onednn
+    # or fbgemm (services/int8.py)
+    int8_kernel: str = "auto"
     kv_tokens: int = 0  # SPECD_KV_TOKENS (llama): KV cells shared by all sessions; 0 = 8192 (drafter), the model's context (verifier)
     # SPECD_KV_RESIDENT (llama): KV cells other sessions may keep in the cache while one runs;
     # the rest are parked in host memory (a pass attends over every cell held: services/llama_runtime.py)
@@ -119,6 +123,9 @@ class ModelServiceConfig:
         dtype = _get(env, "SPECD_DTYPE", "auto")
         if dtype not in DTYPES:
             raise ConfigError(f"SPECD_DTYPE must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        int8_kernel = _get(env, "SPECD_INT8_KERNEL", "auto")
+        if int8_kernel not in INT8_KERNELS:
+            raise ConfigError(f"SPECD_INT8_KERNEL must be one of {', '.join(INT8_KERNELS)}, got {int8_kernel!r}")
         runtime = _get(env, "SPECD_RUNTIME", "auto")
         if runtime not in ("auto", "llama", "torch"):
             raise ConfigError(f"SPECD_RUNTIME must be auto, llama or torch, got {runtime!r}")
@@ -131,6 +138,7 @@ class ModelServiceConfig:
             device=_get(env, "SPECD_DEVICE", "cpu"),
             threads=_int(env, "SPECD_THREADS", 0),
             onednn=_bool(env, "SPECD_ONEDNN", True),
+            int8_kernel=int8_kernel,
             kv_tokens=_int(env, "SPECD_KV_TOKENS", 0),
             kv_resident=_int(env, "SPECD_KV_RESIDENT", 0),
             max_sessions=_int(env, "SPECD_MAX_SESSIONS", 16, minimum=1),

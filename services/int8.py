@@ -1,5 +1,5 @@
 """int8 linears for the torch runtime on CPU (SPECD_DTYPE=int8): int8 weights per output
-channel, 7-bit activations per row (per token), on fbgemm's int8 GEMM.
+channel, 7-bit activations per row (per token), on fbgemm's or oneDNN's int8 GEMM.
 
 Why these choices, measured on the 1.5B target's linears (28 layers of 1536/8960-wide
 projections, 1.3 B weights in all, 2 threads; a pass over 1 / 3 / 5 / 8 tokens):
@@ -9,7 +9,6 @@ projections, 1.3 B weights in all, 2 threads; a pass over 1 / 3 / 5 / 8 tokens):
 | fp32, oneDNN (the fp32 default)                          | 220 ms | 306 ms | 317 ms | 361 ms |
 | int8 weight-only (`_weight_int8pack_mm`, bf16)           | 115 ms | 145 ms | 244 ms | 290 ms |
 | int8 per token, torchao Int8DynamicActivationInt8Weight  | 160 ms | 155 ms | 160 ms | 165 ms |
-| int8 per token, oneDNN `qlinear_pointwise`               | 165 ms | 166 ms | 168 ms | 147 ms |
 | int8 per tensor, fbgemm (`quantize_dynamic`)             | 82 ms  | 94 ms  | 101 ms | 111 ms |
 | int8 per token, fbgemm (this module)                     | 80 ms  | 99 ms  | 110 ms | 107 ms |
 
@@ -17,7 +16,7 @@ Per-tensor dynamic quantization is as fast, but its activation scale is the larg
 the whole pass: each row of a verify pass would be quantized by a scale that depends on the
 other draft tokens, so a token's logits would change with the batch it is verified in, and
 the greedy output would no longer be the model's own. Here each row is divided by its own
-scale first, so fbgemm's static per-tensor quantization (scale 1, zero point 128) is exactly
+scale first, so static per-tensor quantization (scale 1, zero point 64) is exactly
 per-row quantization; the integer products are exact and the row scale is applied after, in
 fp32. A row's result is bitwise the same whatever other rows share the pass
 (tests/test_runtime.py) - the property speculative decoding needs of its verifier.
@@ -33,10 +32,33 @@ the 1.5B target it ran 1.1 B weights in 48 ms a token, no faster per weight than
 int8 here (24 G weights/s), so the whole one-token pass went from 96 to 94 ms only, and a
 pass over 5 rows cost 158 ms against int8's 135 (its kernel switches from 4-row to larger
 blocks past 4 rows).
+
+Two kernels multiply the same int8 rows (`KERNELS`; SPECD_INT8_KERNEL, `choose_kernel`):
+fbgemm's, and oneDNN's `qlinear_pointwise` on a prepacked weight. On a CPU with AMX tiles
+(Intel Sapphire Rapids and later) oneDNN multiplies the rows of a pass in AMX and stays flat
+where fbgemm's VNNI kernel grows by a row's compute. The 1.5B target's linears (28 layers and
+the LM head, 2 threads, a pass over 1 / 3 / 5 / 8 / 16 rows, on AMX-capable Xeon cores):
+
+| kernel                                   | 1     | 3     | 5     | 8      | 16     |
+|------------------------------------------|-------|-------|-------|--------|--------|
+| fbgemm                                   | 69 ms | 82 ms | 95 ms | 105 ms | 124 ms |
+| oneDNN, AMX                              | 74 ms | 74 ms | 74 ms | 75 ms  | 76 ms  |
+| oneDNN capped at AVX512-VNNI             | 72 ms | 77 ms | 80 ms | 88 ms  | 108 ms |
+| oneDNN capped at AVX2                    | 343 ms| 823 ms| 841 ms| 644 ms | 707 ms |
+
+Through the services, on the same Xeon, the one-row pass runs ~10% slower on oneDNN (101 against
+92 ms in a service's thread), so plain decoding loses what every verify over several tokens
+gains: `specd bench` (2 prompts a category, 96 tokens) measured the best strategy at 46.1
+against 35.9 tok/s on HumanEval, 11.2 against 10.3 on GSM8K, 8.8 against 10.0 on MT-bench.
+So a verifier runs oneDNN where the CPU has AMX, and a drafter (one-row passes; a trained
+head's draft of 3 took 10.2 ms on oneDNN, 9.3 on fbgemm) and other CPUs fbgemm. Both compute float(Σ q_x q_w) · s_w
+exactly (the integer sum, then one float product) from the same q_x: the same model, bitwise,
+at every row count (tests/test_int8.py).
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -44,7 +66,7 @@ import torch
 from torch import Tensor, nn
 
 QMAX = 127  # weights: symmetric int8
-# Activations: 7 bits, travelling as uint8 x + 64 (fbgemm's int8 GEMM takes unsigned
+# Activations: 7 bits, travelling as uint8 x + 64 (both int8 GEMMs take unsigned
 # activations). On CPUs without VNNI, fbgemm multiplies with vpmaddubsw, which adds pairs of
 # uint8 x int8 products in int16 with saturation: 8-bit activations (up to 255 x 127 x 2)
 # overflow it, and the "exact" integer product is not (measured on an AVX2 EPYC: the tiny
@@ -52,6 +74,31 @@ QMAX = 127  # weights: symmetric int8
 # activations in [1, 127] a pair stays below 2^15 on every x86 CPU (PyTorch's reduce_range).
 ACT_QMAX = 63
 ZERO_POINT = 64
+KERNELS = ("onednn", "fbgemm")
+
+
+def choose_kernel(requested: str = "auto", role: str = "verifier") -> str:
+    """The int8 GEMM `requested` (SPECD_INT8_KERNEL): one of KERNELS, or auto - for a verifier
+    oneDNN on a CPU with AMX int8 tiles, fbgemm elsewhere and for a drafter, whose passes are
+    one row (the table above: fbgemm's one-row pass is the cheaper)."""
+    if requested in KERNELS:
+        return requested
+    if requested != "auto":
+        raise ValueError(f"the int8 kernel must be auto, {' or '.join(KERNELS)}; got {requested!r}")
+    return "onednn" if role == "verifier" and _amx() else "fbgemm"
+
+
+@functools.cache
+def _amx() -> bool:
+    return _has_amx_int8() and torch.backends.mkldnn.is_available()
+
+
+def _has_amx_int8() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: fbgemm, the kernel that needs no particular CPU
+        return False
+    return "amx_int8" in flags.split()
 
 
 def quantize_rows(w: Tensor, block: int = 8192) -> tuple[Tensor, Tensor]:
@@ -72,39 +119,63 @@ class Int8Linear(nn.Module):
     """nn.Linear with int8 weights (per output channel) and activations quantized per row.
 
     y[i] = s_x[i] * (q_x[i] @ q_w^T) * s_w + b, with q_x[i] = round(x[i] / s_x[i]) and
-    s_x[i] = max|x[i]| / 63: the (exact) integer product runs in fbgemm on the prepacked weight.
+    s_x[i] = max|x[i]| / 63: the (exact) integer product runs in `kernel` (KERNELS) on the
+    weight prepacked for it.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, kernel: str = "auto") -> None:
         super().__init__()
         q, scale = quantize_rows(linear.weight.detach())
-        self._pack(q, scale, None if linear.bias is None else linear.bias.detach().float())
+        self._pack(q, scale, None if linear.bias is None else linear.bias.detach().float(), kernel)
 
     @classmethod
-    def from_quantized(cls, q: Tensor, scale: Tensor, bias: Tensor | None) -> Int8Linear:
+    def from_quantized(cls, q: Tensor, scale: Tensor, bias: Tensor | None, kernel: str = "auto") -> Int8Linear:
         """From int8 rows q (out, in), their scales (out,) and a bias (out,) or None."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._pack(q, scale.float(), bias)
+        layer._pack(q, scale.float(), bias, kernel)
         return layer
 
-    def _pack(self, q: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+    def _pack(self, q: Tensor, scale: Tensor, bias: Tensor | None, kernel: str) -> None:
         self.out_features, self.in_features = q.shape
+        self.kernel = choose_kernel(kernel)
         zero = torch.zeros(self.out_features, dtype=torch.long)
-        with warnings.catch_warnings():
-            # torch deprecates quantized tensors in favour of torchao, whose CPU int8 path
-            # is twice as slow here (see the table above); fbgemm's prepack still takes one.
-            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-            weight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
-        self._packed = torch.ops.quantized.linear_prepack(weight, None)  # fbgemm's layout
+        if self.kernel == "onednn":
+            # Packed for a pass of one row (what decoding runs most); every row count runs on it.
+            self._packed = torch.ops.onednn.qlinear_prepack(q.contiguous(), [1, self.in_features])
+            self._scale, self._zero = scale.contiguous(), zero
+        else:
+            with warnings.catch_warnings():
+                # torch deprecates quantized tensors in favour of torchao, whose CPU int8 path
+                # is twice as slow here (see the table above); fbgemm's prepack still takes one.
+                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+                weight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+            self._packed = torch.ops.quantized.linear_prepack(weight, None)  # fbgemm's layout
         # Added after the row scale (a bias packed with the weight would be scaled by it).
         self.register_buffer("bias", None if bias is None else bias.clone())
+
+    def rows(self) -> tuple[Tensor, Tensor]:
+        """The int8 rows (out, in) and their scales (out,), as quantized."""
+        if self.kernel == "onednn":
+            return self._packed.to_dense().t().contiguous(), self._scale
+        weight, _ = torch.ops.quantized.linear_unpack(self._packed)
+        return weight.int_repr().contiguous(), weight.q_per_channel_scales().float().contiguous()
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         shape = x.shape
         rows = x.reshape(-1, self.in_features).float()  # (M, in)
         scale = (rows.abs().amax(dim=1, keepdim=True) / ACT_QMAX).clamp_min(torch.finfo(torch.float32).tiny)  # (M, 1)
-        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows / scale, 1.0, ZERO_POINT, self._packed)
+        # q_x rounded here (half to even), never by a kernel: fbgemm's vectorized quantization
+        # of a large input (14 rows of 8,960 and more) adds the zero point before it rounds,
+        # which moves halves, so a row's q_x would depend on the rows beside it.
+        q_x = torch.round(rows / scale)
+        if self.kernel == "onednn":
+            y = torch.ops.onednn.qlinear_pointwise(
+                q_x.add_(ZERO_POINT).to(torch.uint8), 1.0, ZERO_POINT, self._packed, self._scale, self._zero, None,
+                1.0, 0, torch.float32, "none", [], "",
+            )  # fmt: skip
+        else:
+            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(q_x, 1.0, ZERO_POINT, self._packed)
         y = y * scale  # (M, out)
         if self.bias is not None:
             y = y + self.bias
@@ -125,9 +196,10 @@ class Int8Embedding(nn.Module):
         return self.q[ids].float() * self.scale[ids].unsqueeze(-1)
 
 
-def quantize_model(model: nn.Module) -> int:
+def quantize_model(model: nn.Module, kernel: str = "auto") -> int:
     """Replaces every nn.Linear of a transformers causal LM (LM head included) by an
-    Int8Linear, and its input embedding by an Int8Embedding; returns the linears replaced.
+    Int8Linear on `kernel`, and its input embedding by an Int8Embedding; returns the linears
+    replaced.
 
     A model that ties its embedding to its LM head gets the same int8 rows in both (they are
     quantized from the one fp32 matrix the two shared)."""
@@ -136,7 +208,7 @@ def quantize_model(model: nn.Module) -> int:
     embedding = model.get_input_embeddings()
     q, scale = quantize_rows(embedding.weight.detach())
     model.set_input_embeddings(Int8Embedding(q, scale, embedding.padding_idx))
-    return replace_linears(model, Int8Linear)
+    return replace_linears(model, lambda linear: Int8Linear(linear, kernel))
 
 
 # -- projections that read one input, as one GEMM ---------------------------------------------
@@ -146,7 +218,7 @@ FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # sibling li
 
 class StackedInt8(nn.Module):
     """The int8 rows of several linears that read the same input, stacked into one Int8Linear:
-    one activation quantization and one fbgemm call instead of one per projection.
+    one activation quantization and one GEMM call instead of one per projection.
 
     Every output channel is its own int8 dot product (exact) times its own weight scale and
     the row's activation scale, so the stacked result is bitwise the parts' results side by
@@ -157,15 +229,15 @@ class StackedInt8(nn.Module):
 
     def __init__(self, parts: list[Int8Linear]) -> None:
         super().__init__()
-        unpacked = [torch.ops.quantized.linear_unpack(p._packed)[0] for p in parts]
-        q = torch.cat([w.int_repr() for w in unpacked])
-        scale = torch.cat([w.q_per_channel_scales().float() for w in unpacked])
+        rows = [p.rows() for p in parts]
+        q = torch.cat([q for q, _ in rows])
+        scale = torch.cat([scale for _, scale in rows])
         biases = [p.bias for p in parts]
         if all(b is None for b in biases):
             bias = None
         else:
             bias = torch.cat([torch.zeros(p.out_features) if b is None else b for p, b in zip(parts, biases)])
-        self.linear = Int8Linear.from_quantized(q, scale, bias)
+        self.linear = Int8Linear.from_quantized(q, scale, bias, parts[0].kernel)
         self.parts = len(parts)
         self._input: Tensor | None = None
         self._output: Tensor | None = None
@@ -291,9 +363,7 @@ def save_quantized(model: nn.Module, path: Path, source: str) -> None:
     tensors: dict[str, Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, Int8Linear):
-            weight, _ = torch.ops.quantized.linear_unpack(module._packed)
-            tensors[f"{name}.q"] = weight.int_repr().contiguous()
-            tensors[f"{name}.scale"] = weight.q_per_channel_scales().float().contiguous()
+            tensors[f"{name}.q"], tensors[f"{name}.scale"] = module.rows()
             if module.bias is not None:
                 tensors[f"{name}.bias"] = module.bias.contiguous()
         elif not list(module.children()) or isinstance(module, Int8Embedding):
@@ -305,9 +375,10 @@ def save_quantized(model: nn.Module, path: Path, source: str) -> None:
     partial.replace(path)
 
 
-def load_quantized(folder: Path, path: Path, source: str) -> nn.Module | None:
-    """The quantized model saved at path for this folder's config and `source`; None when
-    there is none, it was made from something else, or it does not fit the architecture."""
+def load_quantized(folder: Path, path: Path, source: str, kernel: str = "auto") -> nn.Module | None:
+    """The quantized model saved at path for this folder's config and `source`, its linears on
+    `kernel`; None when there is none, it was made from something else, or it does not fit the
+    architecture."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -324,7 +395,8 @@ def load_quantized(folder: Path, path: Path, source: str) -> nn.Module | None:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and f"{name}.q" in tensors:
-            _set_module(model, name, Int8Linear.from_quantized(tensors.pop(f"{name}.q"), tensors.pop(f"{name}.scale"), tensors.pop(f"{name}.bias", None)))
+            q, scale, bias = tensors.pop(f"{name}.q"), tensors.pop(f"{name}.scale"), tensors.pop(f"{name}.bias", None)
+            _set_module(model, name, Int8Linear.from_quantized(q, scale, bias, kernel))
         elif isinstance(module, nn.Embedding) and f"{name}.q" in tensors:
             _set_module(model, name, Int8Embedding(tensors.pop(f"{name}.q"), tensors.pop(f"{name}.scale"), module.padding_idx))
     for key, tensor in tensors.items():

@@ -248,6 +248,7 @@ def load_runtime(config, role: str) -> Runtime:
             kv_tokens=kv_tokens, resident_cells=config.kv_resident,
         )  # fmt: skip
     else:
+        from services.int8 import choose_kernel
         from services.torch_runtime import load_torch
 
         dtype = choose_dtype(config.dtype, config.device)
@@ -256,7 +257,7 @@ def load_runtime(config, role: str) -> Runtime:
         folder = path if dtype == "int8" and path.is_dir() else torch_folder(path)
         loaded = load_torch(
             folder, dtype=dtype, device=config.device, max_sessions=config.max_sessions, threads=config.threads,
-            onednn=config.onednn,
+            onednn=config.onednn, int8_kernel=choose_kernel(config.int8_kernel, role),
         )  # fmt: skip
     trim_heap()
     return loaded

@@ -314,15 +314,16 @@ def use_onednn_linears(module: torch.nn.Module) -> int:
 
 
 def load_torch(
-    path: Path, *, dtype: str, device: str, max_sessions: int, threads: int = 0, onednn: bool = True
-) -> TorchRuntime:
+    path: Path, *, dtype: str, device: str, max_sessions: int, threads: int = 0, onednn: bool = True,
+    int8_kernel: str = "auto",
+) -> TorchRuntime:  # fmt: skip
     """Loads a Hugging Face model folder into a TorchRuntime.
 
     dtype int8 (CPU only): the weights quantized at the first load (services/int8.py) and kept
     next to them (int8.safetensors), so later loads read int8 tensors only; a prepared folder
     without safetensors weights is quantized from its GGUF, dequantized in memory, and never
-    written out in fp32. onednn: on CPU in float32, run the linear layers through oneDNN
-    (see use_onednn_linears).
+    written out in fp32, its linears on `int8_kernel` (services/int8.choose_kernel). onednn: on
+    CPU in float32, run the linear layers through oneDNN (see use_onednn_linears).
     """
     from transformers import AutoTokenizer
 
@@ -332,7 +333,10 @@ def load_torch(
         torch.set_num_threads(threads)
     watch = Stopwatch()
     if dtype == "int8":
-        model, kernels = _load_int8(path), "int8 (fbgemm), row-wise attention"
+        from services.int8 import choose_kernel
+
+        kernel = choose_kernel(int8_kernel)
+        model, kernels = _load_int8(path, kernel), f"int8 ({kernel})"
     else:
         model = _from_pretrained(path, DTYPES[dtype]).to(device).eval()
         kernels = "torch"
@@ -371,19 +375,19 @@ def _from_pretrained(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file(path).name, dtype=dtype)
 
 
-def _load_int8(path: Path) -> torch.nn.Module:
-    """The int8 model of a folder: from its cache when that was made from these weights,
-    else quantized now and cached (when the folder is writable)."""
+def _load_int8(path: Path, kernel: str) -> torch.nn.Module:
+    """The int8 model of a folder, its linears on `kernel`: from its cache when that was made
+    from these weights, else quantized now and cached (when the folder is writable)."""
     from services.int8 import (
         CACHE_NAME, load_quantized, quantize_model, save_quantized, stack_projections, use_rowwise_attention,
     )  # fmt: skip
 
     source = weights_id(path)
     cache = path / CACHE_NAME
-    model = load_quantized(path, cache, source)
+    model = load_quantized(path, cache, source, kernel)
     if model is None:
         model = _from_pretrained(path, torch.float32).eval()
-        quantize_model(model)
+        quantize_model(model, kernel)
         _release_checkpoint(model)
         try:
             save_quantized(model, cache, source)

@@ -255,9 +255,12 @@ def test_a_tree_shares_a_batch_with_chains(runtime):
 # ---------------------------------------------------------------- what one runtime promises
 
 
-@pytest.fixture(scope="module")
-def int8(tiny_pair):
-    return load("torch-int8", tiny_pair.target_dir)
+@pytest.fixture(scope="module", params=["onednn", "fbgemm"])
+def int8(tiny_pair, request):
+    """The int8 runtime on each kernel (services/int8.KERNELS)."""
+    from services.torch_runtime import load_torch
+
+    return load_torch(tiny_pair.target_dir, dtype="int8", device="cpu", max_sessions=4, threads=1, int8_kernel=request.param)
 
 
 def test_int8_rows_do_not_depend_on_their_batch(int8):
@@ -291,14 +294,14 @@ def test_stacked_projections_change_no_bit(tiny_pair, int8):
     """The int8 runtime stacks q, k, v and gate, up into one GEMM each (services/int8.py):
     its logits are bitwise those of the same int8 model calling them one by one, in a
     prefill, a decode step and a packed pass of two sessions."""
-    from services.int8 import StackedPart, quantize_model, use_rowwise_attention
+    from services.int8 import Int8Linear, StackedPart, quantize_model, use_rowwise_attention
     from services.packed import Segment, packed_forward
     from services.torch_runtime import _new_cache
 
     parts = [m for m in int8.model.modules() if isinstance(m, StackedPart)]
     assert len(parts) == 5 * int8.model.config.num_hidden_layers
     separate = AutoModelForCausalLM.from_pretrained(tiny_pair.target_dir, dtype=torch.float32).eval()
-    quantize_model(separate)
+    quantize_model(separate, next(m for m in int8.model.modules() if isinstance(m, Int8Linear)).kernel)
     use_rowwise_attention(separate)
     models = (int8.model, separate)
     seq = list(range(40, 80))
