@@ -102,7 +102,9 @@ class GroupedLmHead(nn.Module):
         order = torch.argsort(groups.group_of, stable=True)  # vocabulary ids, group by group
         sizes = torch.bincount(groups.group_of, minlength=groups.count).tolist()
         self.ids = list(torch.split(order, sizes))  # group g's ids
-        self.parts = [Int8Linear.from_quantized(q[ids], scale[ids], None, kernel) if len(ids) else None for ids in self.ids]
+        self.parts = [
+            Int8Linear.from_quantized(q[ids], scale[ids], None, kernel) if len(ids) else None for ids in self.ids
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, V)
         logits = x.new_full((x.shape[0], self.vocab_size), -torch.inf, dtype=torch.float32)

@@ -51,9 +51,9 @@ Through the services, on the same Xeon, the one-row pass runs ~10% slower on one
 gains: `specd bench` (2 prompts a category, 96 tokens) measured the best strategy at 46.1
 against 35.9 tok/s on HumanEval, 11.2 against 10.3 on GSM8K, 8.8 against 10.0 on MT-bench.
 So a verifier runs oneDNN where the CPU has AMX, and a drafter (one-row passes; a trained
-head's draft of 3 took 10.2 ms on oneDNN, 9.3 on fbgemm) and other CPUs fbgemm. Both compute float(Σ q_x q_w) · s_w
-exactly (the integer sum, then one float product) from the same q_x: the same model, bitwise,
-at every row count (tests/test_int8.py).
+head's draft of 3 took 10.2 ms on oneDNN, 9.3 on fbgemm) and other CPUs fbgemm. Both compute
+float(Σ q_x q_w) · s_w exactly (the integer sum, then one float product) from the same q_x:
+the same model, bitwise, at every row count (tests/test_int8.py).
 """
 
 from __future__ import annotations
@@ -78,9 +78,9 @@ KERNELS = ("onednn", "fbgemm")
 
 
 def choose_kernel(requested: str = "auto", role: str = "verifier") -> str:
-    """The int8 GEMM `requested` (SPECD_INT8_KERNEL): one of KERNELS, or auto - for a verifier
-    oneDNN on a CPU with AMX int8 tiles, fbgemm elsewhere and for a drafter, whose passes are
-    one row (the table above: fbgemm's one-row pass is the cheaper)."""
+    """The int8 GEMM `requested` (SPECD_INT8_KERNEL): one of KERNELS, or auto - oneDNN for a
+    verifier on a CPU with AMX int8 tiles; fbgemm for a drafter (its passes are one row, which
+    fbgemm runs the cheaper: the table above) and on other CPUs."""
     if requested in KERNELS:
         return requested
     if requested != "auto":

@@ -260,7 +260,9 @@ def int8(tiny_pair, request):
     """The int8 runtime on each kernel (services/int8.KERNELS)."""
     from services.torch_runtime import load_torch
 
-    return load_torch(tiny_pair.target_dir, dtype="int8", device="cpu", max_sessions=4, threads=1, int8_kernel=request.param)
+    return load_torch(
+        tiny_pair.target_dir, dtype="int8", device="cpu", max_sessions=4, threads=1, int8_kernel=request.param
+    )
 
 
 def test_int8_rows_do_not_depend_on_their_batch(int8):
