@@ -2,12 +2,13 @@
 
     .venv/bin/python scripts/passes.py                      # the default target and drafter
     .venv/bin/python scripts/passes.py --threads 1 --runtimes llama,int8
+    .venv/bin/python scripts/passes.py --runtimes int8-fbgemm,int8-onednn   # the int8 kernels
 
 For each model and runtime: the pass over 1, 3, 5 and 8 new tokens after a context of 200
-(best of --repeats, the runtimes interleaved round by round so that machine noise hits them
+(best of --repeats, the lengths interleaved round by round so that machine noise hits them
 alike), the ratio of the 5-token pass to the 1-token pass (a verifier's need: <= 1.3), and
 the process's resident memory with the model loaded. Each runtime is measured in a process of
-its own, so that one model's memory never counts towards another's.
+its own, one after another, so that one model's memory never counts towards another's.
 """
 
 from __future__ import annotations
