@@ -121,11 +121,14 @@ def test_a_drafter_killed_mid_stream_fails_nothing_and_changes_no_token(stack, r
 
 
 def test_a_drafter_that_starts_receives_new_sessions(stack):
+    """With a fixed draft length every turn reaches a drafter (adaptive may decode a short turn
+    plainly, and then no turn would show where sessions go)."""
     address = stack.address("orchestrator")
+    fixed = pb.StrategyOptions(k=2)
     kill(stack, "drafter3")
     try:
         time.sleep(1.5)
-        first = generate(address, PROMPTS[0], strategy="sd", max_new_tokens=8)
+        first = generate(address, PROMPTS[0], strategy="sd", max_new_tokens=8, options=fixed)
         assert stack.address("drafter3") not in first.stats.replicas
     finally:
         restart(stack, ["drafter3"])
@@ -133,7 +136,8 @@ def test_a_drafter_that_starts_receives_new_sessions(stack):
     seen = False
     i = 0
     while not seen and time.monotonic() < deadline:
-        seen = stack.address("drafter3") in generate(address, f"x{i} = ", strategy="sd", max_new_tokens=4).stats.replicas
+        turn = generate(address, f"x{i} = ", strategy="sd", max_new_tokens=4, options=fixed)
+        seen = stack.address("drafter3") in turn.stats.replicas
         i += 1
     assert seen, "no new session reached the restarted drafter within 10 s"
 
