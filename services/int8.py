@@ -90,15 +90,12 @@ def choose_kernel(requested: str = "auto", role: str = "verifier") -> str:
 
 @functools.cache
 def _amx() -> bool:
-    return _has_amx_int8() and torch.backends.mkldnn.is_available()
-
-
-def _has_amx_int8() -> bool:
+    """Whether this CPU has AMX int8 tiles (Linux's amx_int8 flag) and torch has oneDNN."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: fbgemm, the kernel that needs no particular CPU
         return False
-    return "amx_int8" in flags.split()
+    return "amx_int8" in flags.split() and torch.backends.mkldnn.is_available()
 
 
 def quantize_rows(w: Tensor, block: int = 8192) -> tuple[Tensor, Tensor]:

@@ -14,9 +14,8 @@ from procs import free_port, start_process, stop_process
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
 from specd import client
-from specd.stack import free_ports
 from specd.client import Result  # noqa: F401 (for tests)
-from specd.stack import wait_healthy
+from specd.stack import free_ports, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 
