@@ -20,7 +20,7 @@ from services.errors import BadRequest, Unsupported, check_draft_length
 from services.int8 import choose_kernel
 from services.redrafter import Head, LmHeadGroups, Manifest, ParallelHead, beams_to_tree, load_head
 from services.roles import Stopwatch, TreeDraft
-from services.runtime import HEAD_RUNTIME, ModelInfo, gguf_file, has_torch_weights, trim_heap, weights_id
+from services.runtime import HEAD_RUNTIME, ModelInfo, gguf_file, has_torch_weights, settle_memory, weights_id
 from services.sessions import SessionContexts
 from services.worker import Worker
 
@@ -200,7 +200,7 @@ class HeadDrafter:
 
 
 def load_head_drafter(
-    folder: Path, home: Path, *, max_draft: int, worker: Worker, int8_kernel: str = "auto"
+    folder: Path, home: Path, *, max_draft: int, worker: Worker, int8_kernel: str = "auto", huge_pages: bool = True
 ) -> HeadDrafter:
     """A trained head and its target's tables (int8, on `int8_kernel`), checked against the
     target it was trained for."""
@@ -217,6 +217,6 @@ def load_head_drafter(
             f"but {target_dir} now holds {found}; train it again with `specd train {manifest.kind}`"
         )
     embed, lm_head = int8_tables(*target_tables(target_dir), head.groups, choose_kernel(int8_kernel, "drafter"))
-    trim_heap()  # the float32 tables' pages back to the OS
+    settle_memory(huge_pages)  # the float32 tables' pages back to the OS, the int8 ones in 2 MB pages
     log.info("loaded the %s head %s for %s in %.1fs", manifest.kind, folder, manifest.target.model, watch.seconds)
     return HeadDrafter(head, manifest, embed, lm_head, name=str(folder), max_draft=max_draft, worker=worker)

@@ -100,7 +100,8 @@ def build_core(config: ModelServiceConfig, worker: Worker) -> DrafterCore | MaxG
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         return load_head_drafter(
-            path, config.home, max_draft=config.max_draft, worker=worker, int8_kernel=config.int8_kernel
+            path, config.home, max_draft=config.max_draft, worker=worker, int8_kernel=config.int8_kernel,
+            huge_pages=config.huge_pages,
         )
     runtime = load_runtime(config, "drafter")
     return DrafterCore(

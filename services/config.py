@@ -83,6 +83,8 @@ class ModelServiceConfig:
     # SPECD_INT8_KERNEL: the int8 GEMM, auto (oneDNN on CPUs with AMX, fbgemm elsewhere), onednn
     # or fbgemm (services/int8.py)
     int8_kernel: str = "auto"
+    # SPECD_HUGE_PAGES (torch on CPU): back the loaded weights with 2 MB pages (services/hugepages.py)
+    huge_pages: bool = True
     kv_tokens: int = 0  # SPECD_KV_TOKENS (llama): KV cells shared by all sessions; 0 = 8192 (drafter), the model's context (verifier)
     # SPECD_KV_RESIDENT (llama): KV cells other sessions may keep in the cache while one runs;
     # the rest are parked in host memory (a pass attends over every cell held: services/llama_runtime.py)
@@ -139,6 +141,7 @@ class ModelServiceConfig:
             threads=_int(env, "SPECD_THREADS", 0),
             onednn=_bool(env, "SPECD_ONEDNN", True),
             int8_kernel=int8_kernel,
+            huge_pages=_bool(env, "SPECD_HUGE_PAGES", True),
             kv_tokens=_int(env, "SPECD_KV_TOKENS", 0),
             kv_resident=_int(env, "SPECD_KV_RESIDENT", 0),
             max_sessions=_int(env, "SPECD_MAX_SESSIONS", 16, minimum=1),

@@ -56,6 +56,7 @@ MODEL_SERVICE = (
     Setting("SPECD_THREADS", "threads of a forward pass; 0 = every core", "0"),
     Setting("SPECD_ONEDNN", "torch on CPU fp32: oneDNN linears (1) or MKL (0)", "1"),
     Setting("SPECD_INT8_KERNEL", "torch int8: the GEMM, auto (oneDNN on CPUs with AMX, fbgemm elsewhere), onednn or fbgemm", "auto"),
+    Setting("SPECD_HUGE_PAGES", "torch runtime on CPU: back the loaded weights with 2 MB pages (1) or leave the kernel's default (0)", "1"),
     Setting("SPECD_KV_TOKENS", "llama runtime: KV cells all sessions share; 0 = 8192 for a drafter, the model's context for a verifier", "0"),
     Setting("SPECD_KV_RESIDENT", "llama runtime: KV cells other sessions keep while one runs (the rest are parked in host memory)", "0"),
     Setting("SPECD_MAX_SESSIONS", "sessions whose KV cache is kept (least recently used dropped)", "16"),

@@ -259,8 +259,19 @@ def load_runtime(config, role: str) -> Runtime:
             folder, dtype=dtype, device=config.device, max_sessions=config.max_sessions, threads=config.threads,
             onednn=config.onednn, int8_kernel=choose_kernel(config.int8_kernel, role),
         )  # fmt: skip
-    trim_heap()
+    settle_memory(huge_pages=runtime == "torch" and config.huge_pages and config.device.startswith("cpu"))
     return loaded
+
+
+def settle_memory(huge_pages: bool) -> None:
+    """After a model is loaded: the heap's freed pages back to the OS (`trim_heap`), then,
+    with `huge_pages`, what stays resident (the weights) in 2 MB pages (services/hugepages.py;
+    llama.cpp's mapped GGUF gets them from the page cache already)."""
+    trim_heap()
+    if huge_pages:
+        from services.hugepages import use_huge_pages
+
+        log.info("%s", use_huge_pages().describe())
 
 
 def trim_heap() -> None:

@@ -24,7 +24,8 @@ from services.metrics import observe_pass
 from services.lru import Lru
 from services.packed import Segment, packable, packed_forward
 from services.runtime import (
-    ModelInfo, PassCall, TreeCall, alone, check_batch, eos_token_ids, tokenizer_fingerprint, weights_id,
+    ModelInfo, PassCall, TreeCall, alone, check_batch, eos_token_ids, tokenizer_fingerprint, trim_heap,
+    weights_id,
 )  # fmt: skip
 from services.tree import ROOT, Tree, attention_bias
 
@@ -395,7 +396,7 @@ def _load_int8(path: Path, kernel: str) -> torch.nn.Module:
         except OSError as err:
             log.warning("could not cache the int8 weights in %s (%s): the next start quantizes again", cache, err)
     stack_projections(model)
-    _trim_heap()
+    trim_heap()
     use_rowwise_attention(model)
     return model
 
@@ -412,16 +413,5 @@ def _release_checkpoint(model: torch.nn.Module) -> None:
             for name, buffer in module.named_buffers(recurse=False):
                 if buffer is not None and not buffer.is_mkldnn:
                     setattr(module, name, buffer.clone())
-    _trim_heap()
+    trim_heap()
 
-
-def _trim_heap() -> None:
-    """Collects, and hands the heap's free memory back to the OS (glibc keeps it otherwise)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass  # not glibc: its allocator decides
