@@ -16,7 +16,7 @@ from typing import Protocol, TypeVar
 import grpc
 import torch
 
-from services.context import ContextTracker
+from services.context import ContextTracker, whole_claim
 from services.pb import specd_pb2 as pb
 from services.pb import specd_pb2_grpc as pb_grpc
 from services.roles import CallCost, Draft, Reviewed, StringsDraft, TreeDraft, Verified
@@ -100,6 +100,22 @@ class Verifier(Protocol):
     ) -> Verified: ...
 
     async def info(self) -> ModelInfo: ...
+
+
+class AheadVerifier(Verifier, Protocol):
+    async def verify_ahead(
+        self,
+        session_id: str,
+        context: Sequence[int],
+        draft: Sequence[int],
+        q: Sequence[SparseDist],
+        params: SamplingParams,
+        seed: int,
+    ) -> Verified | None:
+        """`verify`, run only where the service's committed context for the session then
+        starts with all of `context` (a pipelined round's next verify, sent before the answer
+        that commits that context); None where it does not: nothing was computed."""
+        ...
 
 
 class TreeDrafter(Drafter, Protocol):
@@ -296,6 +312,22 @@ class RemoteVerifier(_Remote):
             return await self.call(self.stub.Verify, request), request.ByteSize()
 
         reply, sent, received, wall = await self.with_context(session_id, context, send)
+        return self._verified(session_id, context, reply, sent, received, wall)
+
+    async def verify_ahead(self, session_id, context, draft, q, params, seed) -> Verified | None:
+        request = pb.VerifyRequest(
+            context=delta_to_pb(whole_claim(session_id, context)), draft=draft, q=dists_to_pb(q),
+            sampling=sampling_to_pb(params), seed=seed,
+        )  # fmt: skip
+        started = time.perf_counter()
+        reply = await self.call(self.stub.Verify, request)
+        if reply.context_miss:  # the guess was wrong: no resend, the round verifies afresh
+            return None
+        return self._verified(
+            session_id, context, reply, request.ByteSize(), reply.ByteSize(), time.perf_counter() - started
+        )
+
+    def _verified(self, session_id, context, reply: pb.VerifyResponse, sent, received, wall) -> Verified:
         tokens = tuple(reply.tokens)
         self.tracker.acknowledge(session_id, [*context, *tokens])
         cost = CallCost(reply.compute_seconds, wall, sent, received, batch_sessions=max(1, reply.batch_sessions),

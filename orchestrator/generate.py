@@ -151,6 +151,8 @@ class Limits:
     # drafters and verifiers on cores of their own (SPECD_OWN_CORES): the drafter prefills a
     # turn beside its first round, and rounds draft under load (orchestrator/adaptive.py)
     own_cores: bool = False
+    # pipelined strategies send the verify of their speculative next draft ahead (SPECD_VERIFY_AHEAD)
+    verify_ahead: bool = True
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,7 @@ class Stats:
     speculative_drafts: int = 0  # pipelined: next-round drafts begun during a verify
     speculative_hits: int = 0  # of those, used as the next round's draft
     speculative_ready: int = 0  # of those, finished before the verify answered
+    speculative_verified: int = 0  # of those, with their verify sent ahead
 
     @property
     def mean_draft_length(self) -> float:
@@ -483,7 +486,8 @@ class Engine:
         adaptive = self._draft_length(req, session, stats.strategy, k)
         stats.adaptive = adaptive is not None
         k = k or FIXED_K  # the draft length of a turn that does not adapt, when none is given
-        lookahead = Lookahead()  # a pipelined strategy's next draft, begun during a verify
+        # a pipelined strategy's next draft, begun during a verify, and its verify sent ahead
+        lookahead = Lookahead(verify_ahead=self.limits.verify_ahead)
         carry = Carry()  # the target's hidden state behind the last round (redrafter, parallel)
         warming: asyncio.Future | None = None  # the drafter's catch-up beside a plain round
         drafter_fed = 0  # context tokens this turn has sent the drafter so far
@@ -573,6 +577,7 @@ class Engine:
             stats.speculative_drafts += lookahead.started
             stats.speculative_hits += lookahead.hits
             stats.speculative_ready += lookahead.ready
+            stats.speculative_verified += lookahead.verified
         if not turn.done:
             stats.finish_reason = reason
             if session.mode == "chat":

@@ -108,6 +108,7 @@ def stats_to_pb(s: Stats) -> pb.GenerationStats:
         speculative_drafts=s.speculative_drafts,
         speculative_hits=s.speculative_hits,
         speculative_ready=s.speculative_ready,
+        speculative_verified=s.speculative_verified,
     )
 
 
@@ -251,6 +252,7 @@ async def _serve(config: OrchestratorConfig, tokenizer, keys: ApiKeys, token: st
             default_k_matrix=config.k_matrix,
             default_tree=config.tree,
             own_cores=config.own_cores,
+            verify_ahead=config.verify_ahead,
         ),
     )
     engine.on_round = metrics.observe_round

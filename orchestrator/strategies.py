@@ -16,6 +16,7 @@ from typing import TypeVar, cast
 import torch
 
 from orchestrator.backends import (
+    AheadVerifier,
     BeamDrafter,
     Drafter,
     Reviewer,
@@ -26,7 +27,7 @@ from orchestrator.backends import (
     Verifier,
 )
 from services.maxgram import MaxGramDrafter
-from services.roles import CallCost, Draft, total_cost
+from services.roles import CallCost, Draft, Verified, total_cost
 from services.sampling import SamplingParams, SparseDist, round_seed
 from services.tree import Tree, TreeShape
 
@@ -147,108 +148,198 @@ async def lookup_round(backends: Backends, r: RoundInput) -> RoundResult:
 @dataclass
 class Lookahead:
     """One turn's speculative draft of its next round, drafted while the verifier checks the
-    current one (pipelined `sd`), and what became of such drafts.
+    current one (pipelined `sd`), the verify of that draft sent ahead, and what became of
+    such drafts.
 
     The draft runs after `assumed`: the current context with the current draft all
     accepted. Its first token is the drafter's guess g of the verifier's bonus token, the
     rest the next round's draft; it is used when the next round starts from assumed + g,
-    and discarded on any other outcome."""
+    and discarded on any other outcome. With `verify_ahead`, as soon as that draft is done
+    its verify is sent too, claiming the context assumed + g (services/context.whole_claim):
+    the verifier takes it right after the current verify, runs it where its answer made the
+    guess true and refuses it at no cost where not, so a right guess gets its answer
+    without a round trip or an idle verifier in between."""
 
-    task: asyncio.Task | None = None
+    verify_ahead: bool = True
+    task: asyncio.Task | None = None  # the speculative draft
+    sent: asyncio.Task | None = None  # its verify, sent ahead once the draft was done
     assumed: list[int] | None = None
-    arrived_ready: bool = False  # the draft was done when the verify answer arrived
+    arrived_ready: bool = False  # the draft was done when the verify answered
     started: int = 0  # speculative drafts begun
     hits: int = 0  # used as the next round's draft
     ready: int = 0  # used, and done before the verify answered: no drafting wait at all
+    verified: int = 0  # used with their verify already sent when the round began
+    _verify: Callable[[Draft], Awaitable[Verified | None]] | None = field(default=None, repr=False)
 
-    def start(self, assumed: list[int], draft: Awaitable[Draft]) -> None:
+    def start(
+        self,
+        assumed: list[int],
+        draft: Awaitable[Draft],
+        verify: Callable[[Draft], Awaitable[Verified | None]] | None = None,
+    ) -> None:
+        """Begins the speculative draft after `assumed`; with verify_ahead and `verify`, its
+        verify (verify(draft)) is sent as soon as the draft is done, if it has a token after g."""
         self.discard()
-        self.task = asyncio.ensure_future(draft)
-        self.assumed = assumed
+        task = asyncio.ensure_future(draft)
+        self._verify = verify if self.verify_ahead else None
+        if self._verify is not None:
+            task.add_done_callback(self._send)
+        self.task, self.assumed = task, assumed
         self.arrived_ready = False
 
-    async def take(self, context: Sequence[int], k: int) -> Draft | None:
-        """The next round's draft (at most k tokens) if the speculation held for this context;
-        None otherwise, the speculative draft discarded."""
+    def _send(self, done: asyncio.Task) -> None:
+        """Sends the verify of a finished speculative draft (once; not for a discarded one)."""
+        if done is not self.task or self.sent is not None or self._verify is None:
+            return
+        if not done.cancelled() and done.exception() is None and len(done.result().tokens) >= 2:
+            self.sent = asyncio.ensure_future(self._verify(done.result()))
+
+    async def take(self, context: Sequence[int], k: int, max_draft: int) -> Ahead | None:
+        """The next round's draft if the speculation held for this context, None otherwise
+        (the speculative draft and its verify discarded). With its verify sent ahead, the whole
+        draft (if it fits max_draft) and that verify; without, at most k tokens. For k = 0 (the
+        round would not draft) only a draft already done, whose verify costs no wait."""
         task, assumed = self.task, self.assumed
-        self.task = self.assumed = None
         if task is None or assumed is None:
             return None
         n = len(assumed)
-        if len(context) != n + 1 or list(context[:n]) != assumed:
-            _cancel(task)
+        waits = k == 0 and (self._verify is None or not task.done())  # a plain round would wait for a draft
+        if len(context) != n + 1 or list(context[:n]) != assumed or waits:
+            self.discard()
             return None
         try:
             d = await task
         except Exception:  # noqa: BLE001 - a failed speculative draft costs only itself; the round drafts afresh
+            self.discard()
             return None
+        self._send(task)  # where its done-callback has not run yet
+        sent = self.sent
+        self.task = self.sent = self.assumed = None
         if not d.tokens or d.tokens[0] != context[-1] or len(d.tokens) < 2:
+            _cancel(sent)
             return None
+        rest = replace(d, tokens=d.tokens[1:], q=d.q[1:])
         self.hits += 1
         self.ready += self.arrived_ready
-        return replace(d, tokens=d.tokens[1 : k + 1], q=d.q[1 : k + 1] if d.q else ())
+        if sent is not None and len(rest.tokens) <= max_draft:
+            self.verified += 1
+            return Ahead(rest, sent)
+        _cancel(sent)
+        return Ahead(replace(rest, tokens=rest.tokens[:k], q=rest.q[:k]), None) if k else None
 
     def discard(self) -> None:
-        if self.task is not None:
-            _cancel(self.task)
-        self.task = self.assumed = None
+        _cancel(self.sent)
+        _cancel(self.task)
+        self.task = self.sent = self.assumed = None
 
     async def close(self) -> None:
-        """Ends the turn's speculation: a draft still running is cancelled and awaited, so no
-        call outlives the turn. A cancelled call leaves the drafter's cache consistent: the
-        caller's record of what a service holds is only ever a prefix claim, checked by the
-        service (services/context.py), so the next call resends what is missing."""
-        task = self.task
+        """Ends the turn's speculation: a draft or verify still running is cancelled and
+        awaited, so no call outlives the turn. A cancelled call leaves the services' caches
+        consistent: the caller's record of what a service holds is only ever a prefix claim,
+        checked by the service (services/context.py), so the next call resends what is
+        missing."""
+        calls = [call for call in (self.task, self.sent) if call is not None]
         self.discard()
-        if task is not None:
+        for call in calls:
             with contextlib.suppress(BaseException):
-                await task
+                await call
 
 
-def _cancel(task: asyncio.Task) -> None:
+@dataclass(frozen=True)
+class Ahead:
+    """A next round's draft from a Lookahead, and its verify if already sent."""
+
+    draft: Draft
+    verify: asyncio.Task | None
+
+
+def _cancel(task: asyncio.Task | None) -> None:
+    if task is None:
+        return
     if not task.done():
         task.cancel()
     elif not task.cancelled():
-        task.exception()  # retrieved: a discarded draft that failed is not an error to log
+        task.exception()  # retrieved: a discarded call that failed is not an error to log
 
 
 async def pipelined_sd_round(backends: Backends, r: RoundInput) -> RoundResult:
     """Speculative decoding with drafting overlapped with verification (as in PipeSpec and
     SpecEdge): while the verifier checks round r's draft d_1..d_k, the drafter already drafts
     round r+1 after the context it will have if all of d is accepted - its own guess g of the
-    bonus token first, then k more. When the verifier commits exactly d + g, round r+1's
-    draft is that continuation, often finished before the answer arrived; otherwise it is
-    discarded and round r+1 drafts afresh, as `sd` does.
+    bonus token first, then k more - and, once that draft is done, its verify is sent ahead
+    (`Lookahead`). When the verifier commits exactly d + g, round r+1's draft is that
+    continuation, often finished, and its verify often running or done, before the answer
+    arrived; otherwise both are discarded and round r+1 drafts afresh, as `sd` does.
 
     Lossless: a speculative draft is drawn from the drafter's q after its assumed context,
     with its own seed, independently of the verifier's coins; it is used only when the
     committed context equals that assumed context - an event that depends on d, g and the
     verifier's coins, never on the tokens drafted after g. So a used draft is distributed as
     q given the context it is verified after, which is all the verifier's rejection rule
-    needs, and greedy output is the target's argmax as always.
+    needs, and greedy output is the target's argmax as always. A verify sent ahead is the
+    round's own verify - the same context, draft, q and seed (round r+1's) - only sent
+    earlier, and its answer is used only for that same context. Its draft length was fixed
+    before round r's answer (round r's k and the drafter's own confidence), never by the
+    verifier's coins.
     """
-    if r.k == 0:
+    ahead = r.lookahead if r.lookahead is not None else Lookahead()
+    taken = await ahead.take(r.context, r.k, r.max_draft)
+    if taken is None and r.k == 0:
         return await ar_round(backends, r)
     drafter = needs(backends.drafter, Drafter, "sd")
-    ahead = r.lookahead if r.lookahead is not None else Lookahead()
-    d = await ahead.take(r.context, r.k)
-    if d is None:
+    if taken is None:
         d = await drafter.propose(r.session_id, r.context, r.k, r.params, round_seed(r.seed, r.step, "draft"))
+        sent = None
+    else:
+        d, sent = taken.draft, taken.verify
     assumed = [*r.context, *d.tokens]
-    if r.max_draft > len(d.tokens) + 1:  # room for another round after this one
+    room = r.max_draft - len(d.tokens) - 1  # round r+1's most draft tokens, if it commits d + g
+    if room > 0 and r.k > 0:
         # g and round r+1's draft, seeded for round r+1 (a label of its own: `sd`'s draws differ).
         # One token more than this round's k where the last speculative draft was done before
         # its verify answered (the drafter has time to spare): round r+1 may draft longer - an
         # adaptive k growing, or exploring - which a draft of exactly k tokens would cap.
         more = 1 if ahead.arrived_ready else 0
         seed = round_seed(r.seed, r.step + 1, "lookahead")
-        ahead.start(assumed, drafter.propose(r.session_id, assumed, r.k + 1 + more, r.params, seed))
+        # At most `room` tokens after g: the verify sent ahead carries them all.
+        wanted = min(r.k + 1 + more, room + 1)
+        ahead.start(assumed, drafter.propose(r.session_id, assumed, wanted, r.params, seed),
+                    _verify_next(backends.verifier, r, assumed))  # fmt: skip
         ahead.started += 1
-    v = await backends.verifier.verify(
-        r.session_id, r.context, d.tokens, d.q, r.params, round_seed(r.seed, r.step, "verify")
-    )
+    v = await _answer(sent)
+    if v is None:
+        v = await backends.verifier.verify(
+            r.session_id, r.context, d.tokens, d.q, r.params, round_seed(r.seed, r.step, "verify")
+        )
     ahead.arrived_ready = ahead.task is not None and ahead.task.done()
     return RoundResult(v.tokens, len(d.tokens), v.accepted, d.cost, v.cost)
+
+
+def _verify_next(
+    verifier: Verifier, r: RoundInput, assumed: list[int]
+) -> Callable[[Draft], Awaitable[Verified | None]] | None:
+    """Round r+1's verify of a speculative draft g, d'_1..d'_m after `assumed`, as round r+1
+    would send it; None where the verifier cannot take a verify ahead."""
+    if not callable(getattr(verifier, "verify_ahead", None)):
+        return None
+    ahead = cast(AheadVerifier, verifier)
+    seed = round_seed(r.seed, r.step + 1, "verify")
+
+    def verify(d: Draft) -> Awaitable[Verified | None]:
+        return ahead.verify_ahead(r.session_id, [*assumed, d.tokens[0]], d.tokens[1:], d.q[1:], r.params, seed)
+
+    return verify
+
+
+async def _answer(sent: asyncio.Task | None) -> Verified | None:
+    """The answer of a verify sent ahead; None when none was sent, or it was refused or failed
+    (the round then verifies as usual)."""
+    if sent is None:
+        return None
+    try:
+        return await sent
+    except Exception:  # noqa: BLE001 - the same verify is sent again, and fails over as every call does
+        return None
 
 
 # -- heterogeneous vocabularies ----------------------------------------------------------

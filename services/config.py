@@ -302,6 +302,9 @@ class OrchestratorConfig:
     # then (measured unpinned: sd's first token 9.4 s, not 2.2, with the overlap; cascade at
     # 16 sessions 0.09x ar while drafting under load)
     own_cores: bool = False
+    # SPECD_VERIFY_AHEAD: a pipelined round sends the verify of its speculative next draft as
+    # soon as that draft is done, before its own verify answers (orchestrator/strategies.py)
+    verify_ahead: bool = True
     # SPECD_HEAD: the replicas of a drafter service hosting a trained head, as
     # SPECD_VERIFIER ('' = none): what the strategy redrafter (or parallel, by the head's kind) drafts with
     head: str = ""
@@ -344,6 +347,7 @@ class OrchestratorConfig:
             redis_timeout_seconds=_float(env, "SPECD_REDIS_TIMEOUT", 2.0),
             turn_lease_seconds=_float(env, "SPECD_TURN_LEASE", 30.0),
             own_cores=_bool(env, "SPECD_OWN_CORES", False),
+            verify_ahead=_bool(env, "SPECD_VERIFY_AHEAD", True),
             head=_get(env, "SPECD_HEAD", ""),
             metrics_listen=_listen(env, "SPECD_METRICS_LISTEN"),
             redis_password=_get(env, "REDIS_PASSWORD", ""),

@@ -69,6 +69,15 @@ def resolve_delta(held: Sequence[int] | None, delta: ContextDelta) -> list[int] 
     return list(base) + list(delta.tokens)
 
 
+def whole_claim(session_id: str, context: Sequence[int]) -> ContextDelta:
+    """A delta that claims the service already holds all of `context` and adds nothing. It
+    resolves only where the session's committed context there starts with all of it: how a
+    pipelined round sends its next verify before the answer that would commit that context
+    arrives (orchestrator/strategies.py), and the service computes nothing where the guess was
+    wrong."""
+    return ContextDelta(session_id, len(context), fingerprint(context), ())
+
+
 class ContextTracker:
     """Caller-side memory of what each remote service holds for each session.
 

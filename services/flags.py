@@ -95,6 +95,7 @@ ORCHESTRATOR = (
     Setting("SPECD_TURN_LEASE", "seconds after which a turn that stopped advancing may be taken over", "30"),
     Setting("SPECD_HEAD", "replicas of a drafter service hosting a trained head (strategies redrafter, parallel), as SPECD_VERIFIER"),
     Setting("SPECD_OWN_CORES", "1: drafters and verifiers run on cores of their own (separate machines, pinned): the first round's prefills overlap, and rounds draft under load", "0"),
+    Setting("SPECD_VERIFY_AHEAD", "pipelined strategies (sd-pipe): send the verify of the speculative next draft as soon as it is drafted (1) or after the round's answer (0)", "1"),
     *API_KEYS,
     *INTERNAL_TOKEN,
 )  # fmt: skip

@@ -168,6 +168,7 @@ def format_stats(s: pb.GenerationStats) -> str:
         f"acceptance {s.acceptance_rate:.0%} | "
         + (f"draft length {s.mean_draft_length:.1f} adaptive ({s.ar_rounds} rounds without a draft) | " if s.adaptive else "")
         + (f"next drafts ready {s.speculative_ready}/{s.target_forwards} | " if s.speculative_drafts else "")
+        + (f"verified ahead {s.speculative_verified}/{s.target_forwards} | " if s.speculative_verified else "")
         + f"finish {s.finish_reason} | session {s.session_id}"
         + (f" | failovers {s.failovers}" if s.failovers else "")
         + (f" | rounds without a drafter {s.fallback_rounds}" if s.fallback_rounds else "")

@@ -376,6 +376,7 @@ def pvalue(strategy: str, n_out: int, k_max: int | None) -> tuple[float, set[int
             ahead = Lookahead()
             counts[tuple(await decode(backends, strategy, n_out, s, lengths, ahead, seen))] += 1
             spec.started, spec.hits = spec.started + ahead.started, spec.hits + ahead.hits
+            spec.verified += ahead.verified
         return counts
 
     counts = asyncio.run(runs())
@@ -405,6 +406,7 @@ def test_pipelined_sd_samples_the_targets_distribution(k_max: int | None) -> Non
     value, _, spec = pvalue("sd-pipe", n_out=3, k_max=k_max)
     assert value > PASS
     assert spec.hits > 0  # speculative drafts were used, so the test covers them
+    assert spec.verified > 0  # and verifies sent ahead of their round
 
 
 def test_pipelined_sd_uses_a_speculative_draft_only_after_its_assumed_context() -> None:
@@ -416,16 +418,77 @@ def test_pipelined_sd_uses_a_speculative_draft_only_after_its_assumed_context() 
     async def run() -> tuple[object, object]:
         drafter = backends.drafter
         ahead.start([*CONTEXT, 4], drafter.propose("s", [*CONTEXT, 4], 3, PARAMS, 7))
-        miss = await ahead.take([*CONTEXT, 3, 2], 2)  # not assumed + one token
+        miss = await ahead.take([*CONTEXT, 3, 2], 2, 8)  # not assumed + one token
         ahead.start([*CONTEXT, 4], drafter.propose("s", [*CONTEXT, 4], 3, PARAMS, 7))
         draft = await ahead.task
-        hit = await ahead.take([*CONTEXT, 4, draft.tokens[0]], 2)
+        hit = await ahead.take([*CONTEXT, 4, draft.tokens[0]], 2, 8)
         return miss, (draft, hit)
 
     miss, (draft, hit) = asyncio.run(run())
     assert miss is None
-    assert hit.tokens == draft.tokens[1:3] and hit.q == draft.q[1:3]
+    assert hit.verify is None  # none was sent: the round's k applies
+    assert hit.draft.tokens == draft.tokens[1:3] and hit.draft.q == draft.q[1:3]
     assert ahead.hits == 1
+
+
+class CountingTable(TableRuntime):
+    """A table runtime that counts the rows its passes compute."""
+
+    rows = 0
+
+    def logits(self, session_id, seq, n_last):
+        self.rows += n_last
+        return super().logits(session_id, seq, n_last)
+
+
+def test_a_verify_sent_ahead_runs_after_the_verify_before_it_and_only_on_its_context() -> None:
+    """The verifier takes a verify sent ahead after the same session's verify sent before it:
+    on the context that verify committed it answers as a verify would; on any other it
+    computes nothing and says so (None)."""
+    greedy = SamplingParams()
+    runtime = CountingTable(table(1))
+    core = VerifierCore(runtime)
+    argmax = table(1).argmax(-1).tolist()
+
+    async def run():
+        current = asyncio.ensure_future(core.verify("s", CONTEXT, [argmax[5]], (), greedy, 0))
+        right = [*CONTEXT, argmax[5], argmax[6]]  # what `current` commits: its draft and the bonus
+        ahead = asyncio.ensure_future(core.verify_ahead("s", right, [argmax[7]], (), greedy, 1))
+        first, second = await current, await ahead
+        rows = runtime.rows
+        wrong = await core.verify_ahead("s", [*right, argmax[7], 0], [1], (), greedy, 2)
+        return first, second, rows, wrong
+
+    first, second, rows, wrong = asyncio.run(run())
+    assert first.tokens == (argmax[5], argmax[6])
+    assert second is not None and second.tokens == (argmax[7], argmax[8])
+    assert wrong is None and runtime.rows == rows  # refused before any pass
+
+
+@pytest.mark.parametrize("verify_ahead", [True, False])
+def test_a_pipelined_round_whose_guess_held_uses_the_verify_sent_ahead(verify_ahead: bool) -> None:
+    """Greedy, with a drafter that is the target: every guess holds, so from the second round
+    on each round's verify was sent before the round began (with verify_ahead), and the
+    output is the target's argmax either way."""
+    target = table(1)
+    backends = Backends(VerifierCore(TableRuntime(target)), DrafterCore(TableRuntime(target), q_top=V))
+    greedy = SamplingParams()
+
+    async def run() -> tuple[list[int], Lookahead]:
+        ahead = Lookahead(verify_ahead=verify_ahead)
+        out: list[int] = []
+        try:
+            for step in range(5):
+                r = RoundInput("s", CONTEXT + out, greedy, 0, step, 2, max_draft=30 - len(out), lookahead=ahead)
+                out += (await pipelined_sd_round(backends, r)).tokens
+        finally:
+            await ahead.close()
+        return out, ahead
+
+    out, ahead = asyncio.run(run())
+    assert out == target.argmax(-1).tolist()[len(CONTEXT) - 1 : len(CONTEXT) - 1 + len(out)]
+    assert ahead.hits == 4
+    assert ahead.verified == (4 if verify_ahead else 0)
 
 
 @pytest.mark.parametrize("slack", [True, False])

@@ -162,6 +162,8 @@ def test_adaptive_and_pipelined_sd_equal_ar(stack, prompt):
         if "sd-pipe" in what:
             assert result.stats.speculative_drafts > 0, what
             assert result.stats.speculative_hits <= result.stats.speculative_drafts, what
+            # every draft used had its verify sent ahead (SPECD_VERIFY_AHEAD is on by default)
+            assert result.stats.speculative_verified == result.stats.speculative_hits, what
 
 
 def test_pipelined_sampling_replays_with_its_seed(stack):
@@ -200,7 +202,7 @@ def test_a_discarded_speculative_draft_leaves_the_drafter_consistent(stack):
                     await ahead.task
                 else:
                     await asyncio.sleep(cancel_after)
-                assert await ahead.take([*context, 8], 4) is None  # the verifier took another path
+                assert await ahead.take([*context, 8], 4, 64) is None  # the verifier took another path
                 await ahead.close()
                 truth = [*context, 8, 11]
                 got.append((await drafter.propose(session, truth, 5, params, 9)).tokens)
@@ -209,3 +211,34 @@ def test_a_discarded_speculative_draft_leaves_the_drafter_consistent(stack):
 
     got, fresh = asyncio.run(run())
     assert got == fresh
+
+
+def test_a_verify_sent_ahead_runs_only_on_the_context_it_claims(stack):
+    """Over gRPC: a verify sent ahead whose claimed context the verifier does not hold is
+    refused (None) and changes nothing; one whose claim holds answers exactly what a verify of
+    that context answers in a fresh session."""
+    import asyncio
+
+    from orchestrator.backends import RemoteVerifier
+    from services.sampling import SamplingParams
+    from services.server import channel_options
+
+    context = [5, 17, 9, 33, 12, 40, 7, 21]
+    greedy = SamplingParams()
+
+    async def run():
+        async with grpc.aio.insecure_channel(stack.address("verifier"), options=channel_options()) as channel:
+            verifier = RemoteVerifier(stack.address("verifier"), channel, 60.0)
+            first = await verifier.verify("ahead", context, (), (), greedy, 1)
+            held = [*context, *first.tokens]
+            wrong = await verifier.verify_ahead("ahead", [*held, 3], (4, 5), (), greedy, 2)
+            right = await verifier.verify_ahead("ahead", held, (4, 5), (), greedy, 2)
+            fresh = await verifier.verify("ahead-fresh", held, (4, 5), (), greedy, 2)
+            after = await verifier.verify("ahead", [*held, *right.tokens], (), (), greedy, 3)
+            after_fresh = await verifier.verify("ahead-fresh2", [*held, *right.tokens], (), (), greedy, 3)
+            return wrong, right, fresh, after, after_fresh
+
+    wrong, right, fresh, after, after_fresh = asyncio.run(run())
+    assert wrong is None
+    assert right is not None and (right.accepted, right.tokens) == (fresh.accepted, fresh.tokens)
+    assert after.tokens == after_fresh.tokens  # the session's cache is consistent after both

@@ -17,7 +17,8 @@ import torch
 from services import slrs
 from services.acceptance import accept
 from services.calls import PENDING, ModelCalls
-from services.errors import BadRequest, Unsupported, check_chain, check_draft_length, check_token_ids
+from services.context import whole_claim
+from services.errors import BadRequest, ContextMiss, Unsupported, check_chain, check_draft_length, check_token_ids
 from services.roles import Verified
 from services.runtime import ModelInfo, Runtime
 from services.sampling import SamplingParams, SparseDist
@@ -87,6 +88,24 @@ class VerifierCore:
             return Verified(v.accepted, v.tokens, PENDING)
 
         return await self._calls.run_pass(session_id, context, seed, draft, finish)
+
+    async def verify_ahead(
+        self,
+        session_id: str,
+        context: Sequence[int],
+        draft: Sequence[int],
+        q: Sequence[SparseDist],
+        params: SamplingParams,
+        seed: int,
+    ) -> Verified | None:
+        """`verify`, run only where this service's committed context for the session starts
+        with all of `context` when the call's turn comes (services/context.whole_claim): a
+        pipelined round's next verify, sent before the answer that commits its context; None,
+        with nothing computed, where it does not."""
+        try:
+            return await self.verify(session_id, whole_claim(session_id, context), draft, q, params, seed)
+        except ContextMiss:
+            return None
 
     async def verify_tree(
         self,

@@ -60,6 +60,7 @@ class RunRecord:
     draft_asked: int | None = None  # draft tokens asked for over the turn's rounds (adaptive: chosen)
     speculative_drafts: int = 0  # pipelined: next-round drafts begun during a verify
     speculative_ready: int = 0  # of those, used and done before the verify answered
+    speculative_verified: int = 0  # of those, used with their verify sent ahead
     language: str = ""  # the session's language, where the drafters are pooled by language
     drafter_pool: str = ""  # the pool it drafted on ("" = the default pool)
 
@@ -120,6 +121,7 @@ class Summary:
     bytes_received_per_round: float | None
     draft_length: float | None  # draft tokens asked per round
     ready_fraction: float | None  # pipelined: rounds whose draft was ready when the verify answered
+    ahead_fraction: float | None  # pipelined: rounds whose verify was sent before the round began
     near_ties: int
     divergences: int
     unverified: int
@@ -247,6 +249,8 @@ def summarize(
         bytes_received_per_round=None if received is None or not forwards else received / forwards,
         draft_length=None if asked is None or not forwards else asked / forwards,
         ready_fraction=_ratio(sum(r.speculative_ready for r in records), forwards or 0)
+        if any(r.speculative_drafts for r in records) else None,
+        ahead_fraction=_ratio(sum(r.speculative_verified for r in records), forwards or 0)
         if any(r.speculative_drafts for r in records) else None,
         near_ties=sum(c.status == "near-tie" for c in mine),
         divergences=sum(c.status == "diverged" for c in mine),

@@ -176,6 +176,8 @@ def rtt_table(summaries: Sequence[Summary], rtts_ms: Sequence[float]) -> str:
                 cell += f", network {share:.0%}"
             if s.ready_fraction is not None:
                 cell += f", ready {s.ready_fraction:.0%}"
+            if s.ahead_fraction:
+                cell += f", verified ahead {s.ahead_fraction:.0%}"
             cells.append(cell)
         lines.append(f"| {base} | " + " | ".join(cells) + " |")
     for fast, slow in (("sd-pipe", "sd"),):
