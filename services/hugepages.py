@@ -23,7 +23,6 @@ the background. Page size never changes a result: the same bytes, mapped differe
 from __future__ import annotations
 
 import ctypes
-import errno
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,17 +55,18 @@ class Report:
     mode: str  # the kernel's transparent_hugepage setting, "" where it has none
     regions: int  # regions advised
     advised: int  # bytes in them (2 MB-aligned)
-    collapsed: bool  # MADV_COLLAPSE ran; False: left to khugepaged, or nothing to do
+    collapsed: int  # bytes MADV_COLLAPSE moved to 2 MB pages now (the rest: left to khugepaged)
     huge: int  # bytes of the process in 2 MB pages afterwards (AnonHugePages)
     seconds: float
 
     def describe(self) -> str:
         if self.mode in ("", "never"):
             return "huge pages: unavailable (transparent_hugepage " + (self.mode or "absent") + ")"
-        how = "collapsed" if self.collapsed else "advised (khugepaged collapses them)"
+        gib = 2**30
         return (
-            f"huge pages: {self.regions} regions, {self.advised / 2**30:.2f} GiB {how} in {self.seconds:.1f}s; "
-            f"{self.huge / 2**30:.2f} GiB in 2 MB pages"
+            f"huge pages: {self.regions} regions advised ({self.advised / gib:.2f} GiB), "
+            f"{self.collapsed / gib:.2f} GiB collapsed at once in {self.seconds:.1f}s (khugepaged takes the rest); "
+            f"{self.huge / gib:.2f} GiB in 2 MB pages"
         )
 
 
@@ -121,17 +121,19 @@ def use_huge_pages() -> Report:
     except (OSError, AttributeError):
         return Report("", 0, 0, False, 0, 0.0)
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    advised, count, collapse = 0, 0, True
+    advised = collapsed = count = 0
     for region in candidates(regions):
         lo, hi = region.aligned()
         if hi <= lo or madvise(lo, hi - lo, MADV_HUGEPAGE) != 0:
             continue
         count += 1
         advised += hi - lo
-        if collapse and madvise(lo, hi - lo, MADV_COLLAPSE) != 0 and ctypes.get_errno() == errno.EINVAL:
-            collapse = False  # a kernel before 6.1: khugepaged will do it
+        # Fails on a kernel before 6.1 (EINVAL), and for a region the kernel will not collapse
+        # now (EAGAIN, ENOMEM): khugepaged collapses advised regions in the background.
+        if madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
+            collapsed += hi - lo
     try:
         _, huge = parse_smaps(Path("/proc/self/smaps_rollup").read_text())
     except OSError:
         huge = 0
-    return Report(mode, count, advised, collapse and count > 0, huge, time.perf_counter() - watch)
+    return Report(mode, count, advised, collapsed, huge, time.perf_counter() - watch)
