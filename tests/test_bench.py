@@ -373,9 +373,10 @@ def test_quick_bench_on_tiny_models(tiny_pair, redis_url, tmp_path, monkeypatch,
     assert summaries["sd", "all"]["network_ms_per_round"] > 0 and summaries["sd", "all"]["redis_ms_per_round"] > 0
     assert summaries["sd", "all"]["bytes_sent_per_round"] > 0
     local = summaries["sd@local", "all"]  # no gRPC, and a dict for a session store
-    assert (
-        local["bytes_sent_per_round"] == 0 and local["network_ms_per_round"] == 0 and local["redis_ms_per_round"] < 0.1
-    )
+    assert local["bytes_sent_per_round"] == 0 and local["network_ms_per_round"] == 0
+    # the dict's commits are timed too, and cost less than Redis' (not a fixed bound: a loaded
+    # machine stretches both)
+    assert local["redis_ms_per_round"] < summaries["sd", "all"]["redis_ms_per_round"]
     assert {(o["strategy"], o["category"]) for o in doc["overheads"]} >= {("ar", "all"), ("sd", "all")}
 
     records = doc["records"]
