@@ -83,7 +83,7 @@ class ModelServiceCollector(Collector):
         for name, doc, value in (
             ("specd:context_calls", "Calls that named a session's context", counts.calls),
             ("specd:context_hits", "Calls whose context delta matched the prefix held (session affinity)", counts.hits),
-            ("specd:context_misses", "Calls whose delta did not match: the caller resent the whole context", counts.misses),
+            ("specd:context_misses", "Calls whose delta missed: a whole-context resend follows, or a verify sent ahead is dropped", counts.misses),
             ("specd:context_full", "Calls that sent a whole context (a session's first call here, or a resend)", counts.full),
             ("specd:session_evictions", "Sessions dropped because more than SPECD_MAX_SESSIONS were held", counts.evictions),
         ):
