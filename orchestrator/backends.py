@@ -306,19 +306,14 @@ class RemoteVerifier(_Remote):
 
     async def verify(self, session_id, context, draft, q, params, seed) -> Verified:
         async def send(ctx: pb.Context) -> tuple[pb.VerifyResponse, int]:
-            request = pb.VerifyRequest(
-                context=ctx, draft=draft, q=dists_to_pb(q), sampling=sampling_to_pb(params), seed=seed
-            )
+            request = _verify_request(ctx, draft, q, params, seed)
             return await self.call(self.stub.Verify, request), request.ByteSize()
 
         reply, sent, received, wall = await self.with_context(session_id, context, send)
         return self._verified(session_id, context, reply, sent, received, wall)
 
     async def verify_ahead(self, session_id, context, draft, q, params, seed) -> Verified | None:
-        request = pb.VerifyRequest(
-            context=delta_to_pb(whole_claim(session_id, context)), draft=draft, q=dists_to_pb(q),
-            sampling=sampling_to_pb(params), seed=seed,
-        )  # fmt: skip
+        request = _verify_request(delta_to_pb(whole_claim(session_id, context)), draft, q, params, seed)
         started = time.perf_counter()
         reply = await self.call(self.stub.Verify, request)
         if reply.context_miss:  # the guess was wrong: no resend, the round verifies afresh
@@ -363,6 +358,10 @@ class RemoteVerifier(_Remote):
 
     async def info(self) -> ModelInfo:
         return await self.model_info(self.stub.Info)
+
+
+def _verify_request(ctx: pb.Context, draft, q, params, seed) -> pb.VerifyRequest:
+    return pb.VerifyRequest(context=ctx, draft=draft, q=dists_to_pb(q), sampling=sampling_to_pb(params), seed=seed)
 
 
 class Translated:

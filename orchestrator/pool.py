@@ -307,8 +307,12 @@ class ReplicaPool(Generic[Client]):
     async def call(self, session_id: str, fn: Callable[[Client], Awaitable[Reply]]) -> Reply:
         """`attempt`, with the replica and the failovers put into the result's cost."""
         reply, address, failovers = await self.attempt(session_id, fn)
-        cost = dataclasses.replace(reply.cost, replicas=(address,), failovers=failovers)
-        return dataclasses.replace(reply, cost=cost)
+        return served_by(reply, address, failovers)
+
+
+def served_by(reply: Reply, address: str, failovers: int = 0) -> Reply:
+    """A result with the replica that gave it, and the failovers before it, in its cost."""
+    return dataclasses.replace(reply, cost=dataclasses.replace(reply.cost, replicas=(address,), failovers=failovers))
 
 
 def drafter_pool(targets: Sequence[str], timeout_seconds: float, **options) -> DrafterPool:
@@ -365,9 +369,7 @@ class VerifierPool(_Pooled[RemoteVerifier]):
             v = await order[0].client.verify_ahead(session_id, context, draft, q, params, seed)
         except (ServiceUnavailable, ServiceBusy):
             return None  # the round's own verify fails over as every call does
-        if v is None:
-            return None
-        return dataclasses.replace(v, cost=dataclasses.replace(v.cost, replicas=(order[0].address,)))
+        return None if v is None else served_by(v, order[0].address)
 
     async def verify_strings(self, session_id, context, proposals, params, seed):
         return await self.pool.call(

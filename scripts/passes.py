@@ -7,7 +7,8 @@
 
 For each model and runtime: the pass over 1, 3, 5 and 8 new tokens after a context of 200
 (best of --repeats, the lengths interleaved round by round so that machine noise hits them
-alike; with --rounds, the runtimes measured in turn that many times and the best kept), the ratio of the 5-token pass to the 1-token pass (a verifier's need: <= 1.3), and
+alike; with --rounds, the runtimes measured in turn that many times and the best kept), the
+ratio of the 5-token pass to the 1-token pass (a verifier's need: <= 1.3), and
 the process's resident memory with the model loaded. Each runtime is measured in a process of
 its own, one after another, so that one model's memory never counts towards another's.
 """
