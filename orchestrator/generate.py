@@ -289,6 +289,10 @@ class Engine:
                 "given as SPECD_HEAD"
             )
 
+    def _language_pools(self) -> list[LanguagePools]:
+        """The drafter's and the head's pools, where they are pooled by language."""
+        return [b for b in (self.backends.drafter, self.backends.head) if isinstance(b, LanguagePools)]
+
     async def _check_head(self, target: ModelInfo, strategy: str) -> None:
         """The strategy's head drafter exists, hosts a head of the strategy's kind (redrafter,
         parallel; a head reports it as its dtype), and was trained for this target."""
@@ -428,8 +432,11 @@ class Engine:
         session, resumed = await self._open_turn(req, strategy, k, target)
         turn = session.turn
         stats = Stats(**turn.stats) if resumed and turn.stats else Stats(session_id=session.id, strategy=strategy)
-        if isinstance(self.backends.drafter, LanguagePools):
-            stats.language, stats.drafter_pool = session.language, self.backends.drafter.assign(session.id, session.language)
+        drafting = self.backends.head if STRATEGIES[strategy].needs_head else self.backends.drafter
+        for pools in self._language_pools():
+            label = pools.assign(session.id, session.language)
+            if pools is drafting:
+                stats.language, stats.drafter_pool = session.language, label
         stats.prompt_tokens = turn.prompt_end
         stats.redis_seconds += time.perf_counter() - t0
         yield TurnStarted(session.id, turn.request_id, req.resume_from)
@@ -646,7 +653,7 @@ class Engine:
             seed = secrets.randbits(63) if req.seed is None else req.seed
             session = Session(new_session_id(), mode, [], [], self._requested_sampling(req), seed, 0, strategy, k)
             session.client = req.client
-            if isinstance(self.backends.drafter, LanguagePools):
+            if self._language_pools():
                 session.language = detect_language(_prompt_text(req))
         else:
             session = await self._load(req.session_id, req.client)

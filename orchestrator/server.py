@@ -34,7 +34,7 @@ from orchestrator.pool import DrafterPool, drafter_pool, verifier_pool
 from orchestrator.store import ChatMessage, SessionStore, TurnInProgress, TurnLost
 from orchestrator.strategies import Backends, k_matrix_problems
 from services.auth import OPEN_WARNING, ApiKeys, Unauthenticated, internal_token
-from services.config import ConfigError, OrchestratorConfig, parse_targets
+from services.config import ConfigError, OrchestratorConfig
 from services.errors import BadRequest, Unsupported
 from services.flags import ORCHESTRATOR, environment
 from services.maxgram import MaxGramDrafter
@@ -227,12 +227,15 @@ async def _serve(config: OrchestratorConfig, tokenizer, keys: ApiKeys, token: st
             return maxgram
         return drafters_at(targets) if mode == "native" else Translated(drafters_at(targets), mode)
 
-    drafter = None
-    if drafter_targets:
-        default = drafters_at(drafter_targets[""])
-        by_language = {label: drafters_at(t) for label, t in drafter_targets.items() if label}
-        drafter = LanguagePools(default, by_language) if by_language else default
-    head = drafters_at(parse_targets(config.head)) if config.head else None
+    def by_language(targets: dict[str, tuple[str, ...]]):
+        if not targets:
+            return None
+        default = drafters_at(targets[""])
+        languages = {label: drafters_at(t) for label, t in targets.items() if label}
+        return LanguagePools(default, languages) if languages else default
+
+    drafter = by_language(drafter_targets)
+    head = by_language(config.head_pools())
     maxgram = MaxGramDrafter()
     cascade = tuple(level(mode, targets) for mode, targets in cascade_levels)
     pools = [verifier.pool, *(d.pool for d in drafters.values())]

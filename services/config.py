@@ -195,20 +195,21 @@ def parse_targets(text: str, separator: str = ",") -> tuple[str, ...]:
     return targets
 
 
-def labelled_targets(text: str) -> dict[str, tuple[str, ...]]:
-    """SPECD_DRAFTER's pools: unlabelled entries form the default pool (""), `fr=host:port`
-    entries the pool of prompts in that language (an ISO 639 code, as language
-    identification reports it)."""
+def labelled_targets(text: str, name: str = "SPECD_DRAFTER", addresses: bool = True) -> dict[str, tuple[str, ...]]:
+    """The pools of SPECD_DRAFTER (or SPECD_HEAD, `name`): unlabelled entries form the default
+    pool (""), `fr=host:port` entries the pool of prompts in that language (an ISO 639 code,
+    as language identification reports it). addresses=False: entries are names (`specd up
+    --head`), kept as they are."""
     pools: dict[str, list[str]] = {}
     for entry in (e.strip() for e in text.split(",") if e.strip()):
         label, sep, target = entry.partition("=")
         if not sep:
             label, target = "", entry
         elif not (label.isalpha() and label.islower() and 2 <= len(label) <= 3):
-            raise ConfigError(f"{entry!r}: a drafter pool's label is a language code such as fr or de, got {label!r}")
-        pools.setdefault(label, []).extend(parse_targets(target))
+            raise ConfigError(f"{name}: {entry!r}: a pool's label is a language code such as fr or de, got {label!r}")
+        pools.setdefault(label, []).extend(parse_targets(target) if addresses else [target.strip()])
     if pools and "" not in pools:
-        raise ConfigError(f"SPECD_DRAFTER={text!r} has no unlabelled entry: give the default pool too")
+        raise ConfigError(f"{name}={text!r} has no unlabelled entry: give the default pool too")
     return {label: tuple(targets) for label, targets in pools.items()}
 
 
@@ -305,8 +306,9 @@ class OrchestratorConfig:
     # SPECD_VERIFY_AHEAD: a pipelined round sends the verify of its speculative next draft as
     # soon as that draft is done, before its own verify answers (orchestrator/strategies.py)
     verify_ahead: bool = True
-    # SPECD_HEAD: the replicas of a drafter service hosting a trained head, as
-    # SPECD_VERIFIER ('' = none): what the strategy redrafter (or parallel, by the head's kind) drafts with
+    # SPECD_HEAD: the replicas of a drafter service hosting a trained head, pooled by language
+    # as SPECD_DRAFTER ('' = none): what the strategy redrafter (or parallel, by the head's
+    # kind) drafts with; `fr=` replicas host a head trained for French (`specd train --language`)
     head: str = ""
     metrics_listen: str = ""  # SPECD_METRICS_LISTEN: host:port of the Prometheus endpoint; '' = none
     # REDIS_PASSWORD: Redis' password, when REDIS_URL has none (a Secret, apart from the URL)
@@ -316,6 +318,10 @@ class OrchestratorConfig:
         """The verifier's targets, the drafter's by language ("" = the default pool), and each
         cascade level's (mode, targets)."""
         return parse_targets(self.verifier), labelled_targets(self.drafter), tuple(map(cascade_level, self.cascade))
+
+    def head_pools(self) -> dict[str, tuple[str, ...]]:
+        """The trained head's targets by language, as the drafter's ({} = no head)."""
+        return labelled_targets(self.head, "SPECD_HEAD")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], default_listen: str) -> OrchestratorConfig:
@@ -353,6 +359,7 @@ class OrchestratorConfig:
             redis_password=_get(env, "REDIS_PASSWORD", ""),
         )
         config.pools()  # every address well formed, or a ConfigError naming the bad one
+        config.head_pools()
         if config.load_factor < 1:
             raise ConfigError(f"SPECD_LOAD_FACTOR must be >= 1, got {config.load_factor}")
         return config

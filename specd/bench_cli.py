@@ -70,7 +70,8 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     where.add_argument(
         "--head",
         help="a trained head for redrafter or parallel: name under HOME/heads or folder (default "
-        "STRATEGY-TARGET, when --strategies names one of them)",
+        "STRATEGY-TARGET, when --strategies names one of them); then `fr=HEAD` entries, a head for prompts in that "
+        "language, pooled by language as SPECD_HEAD does: NAME,fr=NAME-fr",
     )
     where.add_argument(
         "--verifier-runtime",
@@ -248,6 +249,13 @@ def _problems(args: argparse.Namespace, s: Sizes, systems: list[str], known: tup
             found.append("--concurrency and --rtt-ms are separate runs: give one of them")
     if args.pin and args.address:
         found.append("--pin applies to the stack the bench starts, not one given with --address")
+    if args.head:
+        from specd.stack import parse_heads
+
+        try:
+            parse_heads(args.head)
+        except ValueError as err:
+            found.append(str(err))
     heads = _head_strategies(args)
     if len(heads) > 1 and args.strategies:  # told nothing, the bench measures the first
         found.append(f"--strategies names {' and '.join(heads)}: a run serves one trained head, so measure them apart")
@@ -335,12 +343,15 @@ def _start_stack(
     `specd up` stack (which owns home/run) neither blocks it nor is stopped by it. With
     --rtt-ms, the orchestrator calls the model services through delay proxies."""
     from specd.bench.netem import DelayProxies
-    from specd.stack import free_ports, up
+    from specd.stack import free_ports, parse_heads, up
 
     roles = (["verifier", "drafter"] if drafter_dir else ["verifier"]) if args.rtt_ms else []
+    head, language_heads = parse_heads(_head(args, home))
     # One draw for every port, the proxies' too: a port the OS picks for a proxy later could be
     # one just chosen (and released) for a service.
-    orchestrator_port, verifier_port, drafter_port, redis_port, head_port, *proxy_ports = free_ports(5 + len(roles))
+    ports = free_ports(5 + len(roles) + len(language_heads))
+    orchestrator_port, verifier_port, drafter_port, redis_port, head_port = ports[:5]
+    proxy_ports, language_ports = ports[5 : 5 + len(roles)], ports[5 + len(roles) :]
     levels = _levels(args)
     spec = StackSpec(
         home=home / "bench", target=str(target_dir), drafter=str(drafter_dir or ""),
@@ -348,7 +359,8 @@ def _start_stack(
         redis_port=redis_port, redis_url=args.redis_url, dtype=args.dtype, default_k=k,
         verifier_runtime=args.verifier_runtime, drafter_runtime=args.drafter_runtime, pin=args.pin,
         max_sessions=max(levels) + 4 if levels else 0,  # every concurrent session keeps its KV cache
-        head=_head(args, home), head_port=head_port,
+        head=head, head_port=head_port,
+        language_heads={language: (name, port) for (language, name), port in zip(language_heads.items(), language_ports)},
     )  # fmt: skip
     proxies = None
     if roles:

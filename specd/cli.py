@@ -30,8 +30,10 @@ def _home(args: argparse.Namespace) -> Path:
 
 
 def _spec(args: argparse.Namespace):
-    from specd.stack import StackSpec
+    """The stack the options describe; ValueError names a bad --head."""
+    from specd.stack import StackSpec, parse_heads
 
+    head, language_heads = parse_heads(args.head or "")
     return StackSpec(
         home=_home(args),
         target=args.target,
@@ -52,8 +54,10 @@ def _spec(args: argparse.Namespace):
         http_listen="" if getattr(args, "http_listen", "none") == "none" else args.http_listen,
         metrics_port=getattr(args, "metrics_port", 0),
         api_keys_file=getattr(args, "api_keys_file", None) or "",
-        head=args.head or "",
+        head=head,
         head_port=args.port - 1,
+        # the heads for one language on the ports before the head's
+        language_heads={language: (name, args.port - 2 - i) for i, (language, name) in enumerate(language_heads.items())},
     )
 
 
@@ -85,7 +89,11 @@ def _start(spec, command: str) -> str | None:
 def cmd_up(args: argparse.Namespace) -> int:
     from specd.stack import down
 
-    spec = _spec(args)
+    try:
+        spec = _spec(args)
+    except ValueError as err:
+        print(f"specd up: {err}", file=sys.stderr)
+        return 2
     address = _start(spec, "up")
     if address is None:
         return 1
@@ -249,7 +257,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ar and sd, and stops the stack."""
     from specd.stack import down
 
-    spec = _spec(args)
+    try:
+        spec = _spec(args)
+    except ValueError as err:
+        print(f"specd demo: {err}", file=sys.stderr)
+        return 2
     address = _start(spec, "demo")
     if address is None:
         return 1
@@ -294,7 +306,8 @@ def _add_stack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", default=DEFAULT_DRAFTER, help=f"drafter model, or 'none' (default {DEFAULT_DRAFTER})")
     p.add_argument(
         "--head", help="a trained head (`specd train redrafter|parallel`) to serve for the strategy of its kind, on "
-        "the port before the orchestrator's (default: none)",
+        "the port before the orchestrator's (default: none); then `fr=HEAD` entries, a head for prompts in that "
+        "language (`specd train --language fr`) on the ports before it: NAME,fr=NAME-fr",
     )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind every service to (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50050, help="orchestrator port; the verifiers and drafters use the next ones (default 50050)")

@@ -118,7 +118,9 @@ def _head_row(folder: Path) -> tuple[str, ...]:
         agreement = " ".join(f"{a:.2f}" for a in served)
         rows = f"{held['grouped_rows_per_step']:.0f} ({groups} groups)" if grouped else "all"
         target, positions = raw["target"]["model"], str(raw["data"]["positions"])
-        return folder.name, raw["kind"], target, str(raw["steps"]), positions, rows, agreement
+        language = raw["data"].get("language", "")
+        kind = f"{raw['kind']}/{language}" if language else raw["kind"]  # a head for one language's prompts
+        return folder.name, kind, target, str(raw["steps"]), positions, rows, agreement
     except (OSError, ValueError, KeyError, TypeError) as err:
         return folder.name, "?", "?", "?", "?", "?", f"unreadable manifest ({err})"
 

@@ -59,6 +59,9 @@ class StackSpec:
     # folder) served by a drafter process of its own for the strategy of its kind; "" = none
     head: str = ""
     head_port: int = 50049
+    # Heads for one language's prompts (`specd train --language`), each served by a drafter
+    # process of its own and made that language's pool of SPECD_HEAD: language -> (head, port)
+    language_heads: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def address(self, port: int) -> str:
         return f"{self.host}:{port}"
@@ -76,13 +79,34 @@ class StackSpec:
             ]
         if self.head:
             services.append(("head", "drafter_svc", self.head, self.head_port, "torch"))
+            services += [
+                (f"head-{language}", "drafter_svc", head, port, "torch")
+                for language, (head, port) in self.language_heads.items()
+            ]
         return services
 
     def pool(self, role: str) -> str:
         """SPECD_VERIFIER or SPECD_DRAFTER for the orchestrator: every replica's address."""
         if role in self.routes:
             return self.routes[role]
-        return ",".join(self.address(port) for name, _, _, port, _ in self.model_services() if _role(name) == role)
+        pools = [self.address(port) for name, _, _, port, _ in self.model_services() if _role(name) == role]
+        if role == "head" and pools:
+            pools += [f"{language}={self.address(port)}" for language, (_, port) in self.language_heads.items()]
+        return ",".join(pools)
+
+
+def parse_heads(text: str) -> tuple[str, dict[str, str]]:
+    """--head's value: the head of every prompt, then `fr=NAME` entries, the head of prompts
+    in that language (as SPECD_HEAD pools them): (head, {language: head})."""
+    from services.config import ConfigError, labelled_targets
+
+    try:
+        pools = labelled_targets(text, "--head", addresses=False)
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+    if any(len(heads) > 1 for heads in pools.values()):
+        raise ValueError(f"--head {text!r}: one head per language")
+    return (pools[""][0] if pools else ""), {language: heads[0] for language, heads in pools.items() if language}
 
 
 def _replica(role: str, i: int) -> str:

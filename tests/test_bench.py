@@ -583,3 +583,29 @@ def test_a_bench_serves_one_trained_head_a_run(capsys):
 
     assert main(["bench", "--strategies", "ar,redrafter,parallel:k3"]) == 2
     assert "names redrafter and parallel: a run serves one trained head" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [("fr=h-fr", "give the default pool too"), ("h,fr=a,fr=b", "one head per language"), ("h,FR=a", "language code")],
+)
+def test_a_bad_head_list_is_a_usage_error(value, words, capsys):
+    from specd.cli import main
+
+    assert main(["bench", "--strategies", "ar,redrafter", "--head", value]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_a_head_for_each_language_is_a_process_and_a_pool_of_its_own(tmp_path):
+    from specd.stack import StackSpec, parse_heads
+
+    head, languages = parse_heads("h, fr=h-fr ,de=/heads/h-de")
+    assert (head, languages) == ("h", {"fr": "h-fr", "de": "/heads/h-de"})
+    spec = StackSpec(home=tmp_path, target="t", drafter="d", head=head, head_port=7,
+                     language_heads={"fr": ("h-fr", 8), "de": ("/heads/h-de", 9)})  # fmt: skip
+    assert [s for s in spec.model_services() if s[0].startswith("head")] == [
+        ("head", "drafter_svc", "h", 7, "torch"), ("head-fr", "drafter_svc", "h-fr", 8, "torch"),
+        ("head-de", "drafter_svc", "/heads/h-de", 9, "torch"),
+    ]  # fmt: skip
+    assert spec.pool("head") == "127.0.0.1:7,fr=127.0.0.1:8,de=127.0.0.1:9"  # SPECD_HEAD, as the orchestrator reads it
+    assert spec.pool("drafter") == "127.0.0.1:50052"

@@ -97,10 +97,16 @@ def test_targets_and_cascade_levels_parse_and_bad_ones_are_named():
     assert OrchestratorConfig.from_env(base | {"SPECD_DRAFTER": "d:1,dns:///d:2,fr=f:1,fr=f:2"}, "").pools()[:2] == (
         ("v:1", "v2:1"), {"": ("d:1", "dns:///d:2"), "fr": ("f:1", "f:2")},
     )  # fmt: skip
+    assert OrchestratorConfig.from_env(base | {"SPECD_HEAD": "h:1,fr=hf:1"}, "").head_pools() == {
+        "": ("h:1",), "fr": ("hf:1",),
+    }  # fmt: skip
+    assert OrchestratorConfig.from_env(base, "").head_pools() == {}
     for bad, words in (("drafter", "not host:port"), ("d:port", "not host:port"), ("dns:///:5", "not host:port"),
                        ("d:1,FR=f:1", "language code"), ("fr=f:1", "default pool")):  # fmt: skip
-        with pytest.raises(ConfigError, match=words):
-            OrchestratorConfig.from_env(base | {"SPECD_DRAFTER": bad}, "")
+        for variable in ("SPECD_DRAFTER", "SPECD_HEAD"):
+            with pytest.raises(ConfigError, match=words) as err:
+                OrchestratorConfig.from_env(base | {variable: bad}, "")
+            assert variable in str(err.value) or "host:port" in words
 
 
 def test_dns_targets_resolve_to_one_replica_per_address():

@@ -1,7 +1,8 @@
 """Integration: redrafter through real processes - `specd train redrafter --quick` writes a
 head for the tiny target, a drafter service hosts it, the verifier returns hidden states over
 gRPC - with a real redis-server. Greedy output equals plain decoding (`ar`); seeded sampling
-replays; a head meets only the strategy and the target it was made for.
+replays; a head meets only the strategy and the target it was made for; a head trained for
+French (`--language fr`) drafts the French sessions where SPECD_HEAD pools heads by language.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from client import ROOT, ServiceStack, generate
+from tiny import write_gsm_templates
 
 from drafter_svc.head import load_head_drafter
 from services.pb import specd_pb2 as pb
@@ -24,10 +26,10 @@ PROMPTS = ["def add(a, b):\n    return a + b\n\ndef add(a, b):\n", "The quick br
 NEW = 24
 
 
-def train(target: Path, home: Path, name: str, kind: str = "redrafter") -> Path:
+def train(target: Path, home: Path, name: str, kind: str = "redrafter", *options: str) -> Path:
     """`specd train KIND --quick` as a user runs it; the head's folder."""
     command = [sys.executable, "-m", "specd.cli", "train", kind, "--target", str(target), "--quick", "--name",
-               name, "--home", str(home), "--dtype", "float64", "--threads", "1"]  # fmt: skip
+               name, "--home", str(home), "--dtype", "float64", "--threads", "1", *options]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "held-out agreement" in done.stdout
@@ -39,17 +41,22 @@ def stack(tiny_pair, redis_server, tmp_path_factory):
     """orchestrator: the tiny drafter model (SPECD_DRAFTER) and a drafter hosting a head
     trained for the target (SPECD_HEAD); orchestrator2: the two swapped; orchestrator3: a
     head trained for another model (the tiny drafter) as SPECD_HEAD; orchestrator4: a
-    parallel head trained for the target as SPECD_HEAD."""
+    parallel head trained for the target as SPECD_HEAD; orchestrator5: the target's head as
+    the default pool of SPECD_HEAD, a head fine-tuned from it for French the `fr` pool."""
     root = tmp_path_factory.mktemp("redrafter")
     head = train(tiny_pair.target_dir, root / "home", "tiny")
     other = train(tiny_pair.drafter_dir, root / "home", "other")
     parallel = train(tiny_pair.target_dir, root / "home", "tiny-parallel", kind="parallel")
+    write_gsm_templates(root / "home")
+    french = train(tiny_pair.target_dir, root / "home", "tiny-fr", "redrafter", "--language", "fr", "--from", "tiny")
 
     def extra_env(stack: ServiceStack, name: str) -> dict[str, str]:
         models = {"drafter": str(head), "drafter2": str(tiny_pair.drafter_dir), "drafter3": str(other),
-                  "drafter4": str(parallel)}  # fmt: skip
+                  "drafter4": str(parallel), "drafter5": str(french)}  # fmt: skip
         if name in models:
             return {"SPECD_MODEL": models[name], "SPECD_RUNTIME": "torch"}
+        if name == "orchestrator5":
+            return {"SPECD_HEAD": f"{stack.address('drafter')},fr={stack.address('drafter5')}"}
         head_at, drafter_at = {"orchestrator": ("drafter", "drafter2"), "orchestrator2": ("drafter2", "drafter"),
                                "orchestrator3": ("drafter3", "drafter2"),
                                "orchestrator4": ("drafter4", "drafter2")}.get(name, (None, None))  # fmt: skip
@@ -59,8 +66,8 @@ def stack(tiny_pair, redis_server, tmp_path_factory):
 
     s = ServiceStack(
         tiny_pair.target_dir, tiny_pair.drafter_dir, redis_server.url, root / "logs",
-        services=("verifier", "drafter", "drafter2", "drafter3", "drafter4", "orchestrator", "orchestrator2",
-                  "orchestrator3", "orchestrator4"),
+        services=("verifier", "drafter", "drafter2", "drafter3", "drafter4", "drafter5", "orchestrator",
+                  "orchestrator2", "orchestrator3", "orchestrator4", "orchestrator5"),
         extra_env=extra_env,
     )  # fmt: skip
     s.up()
@@ -134,16 +141,30 @@ def test_a_head_whose_target_changed_is_refused_at_load(stack, tmp_path):
         load_head_drafter(copy, tmp_path, max_draft=64, worker=Worker("test"))
 
 
+def test_a_french_session_drafts_on_the_head_trained_for_french(stack):
+    s, _ = stack
+    address = s.address("orchestrator5")
+    french = "Résous ce problème : Marie a 7 pommes et en achète 9 de plus. Combien de pommes a-t-elle ?"
+    english = "Solve this problem: Mary has 7 apples and buys 9 more. How many apples does she have?"
+    for text, language, pool, drafter in ((french, "fr", "fr", "drafter5"), (english, "en", "", "drafter")):
+        expected = generate(address, text, strategy="ar", max_new_tokens=NEW).token_ids
+        result = generate(address, text, strategy="redrafter", max_new_tokens=NEW)
+        assert result.token_ids == expected
+        assert (result.stats.language, result.stats.drafter_pool) == (language, pool)
+        assert s.address(drafter) in result.stats.replicas and result.stats.drafted > 0
+
+
 def test_models_list_shows_the_trained_heads(stack):
     _, head = stack
     command = [sys.executable, "-m", "specd.cli", "models", "list", "--home", str(head.parent.parent)]
     listed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert listed.returncode == 0, listed.stderr
     rows = {line.split()[0]: line for line in listed.stdout.splitlines() if line.strip()}
-    assert {"HEAD", "tiny", "other", "tiny-parallel"} <= set(rows)
+    assert {"HEAD", "tiny", "other", "tiny-parallel", "tiny-fr"} <= set(rows)
     assert " 30 " in rows["tiny"]  # --quick's steps, from the manifest
     assert " groups) " in rows["tiny"]  # the rows its LM-head groups compute a step
     assert rows["tiny"].split()[1] == "redrafter" and rows["tiny-parallel"].split()[1] == "parallel"
+    assert rows["tiny-fr"].split()[1] == "redrafter/fr"  # a head for French prompts
 
 
 def test_bad_beam_calls_get_a_status_that_says_what_to_fix(stack):

