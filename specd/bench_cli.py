@@ -336,6 +336,15 @@ def _head(args: argparse.Namespace, home: Path) -> str:
     return str(default)
 
 
+def _head_folder(name: str, home: Path) -> str:
+    """A head named as it is under HOME/heads, as its folder: the bench's stack has a home of
+    its own (HOME/bench), where a name would not be found."""
+    from services.models import HEAD_MANIFEST, HEADS_DIR
+
+    folder = home / HEADS_DIR / name
+    return str(folder) if name and (folder / HEAD_MANIFEST).is_file() else name
+
+
 def _start_stack(
     args: argparse.Namespace, home: Path, target_dir: Path, drafter_dir: Path | None, k: int
 ) -> tuple[StackSpec, str, DelayProxies | None]:
@@ -347,6 +356,7 @@ def _start_stack(
 
     roles = (["verifier", "drafter"] if drafter_dir else ["verifier"]) if args.rtt_ms else []
     head, language_heads = parse_heads(_head(args, home))
+    head, language_heads = _head_folder(head, home), {k: _head_folder(v, home) for k, v in language_heads.items()}
     # One draw for every port, the proxies' too: a port the OS picks for a proxy later could be
     # one just chosen (and released) for a service.
     ports = free_ports(5 + len(roles) + len(language_heads))

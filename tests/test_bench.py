@@ -609,3 +609,13 @@ def test_a_head_for_each_language_is_a_process_and_a_pool_of_its_own(tmp_path):
     ]  # fmt: skip
     assert spec.pool("head") == "127.0.0.1:7,fr=127.0.0.1:8,de=127.0.0.1:9"  # SPECD_HEAD, as the orchestrator reads it
     assert spec.pool("drafter") == "127.0.0.1:50052"
+
+
+def test_a_head_named_as_under_home_is_served_from_there(tmp_path):
+    from specd.bench_cli import _head_folder
+
+    (tmp_path / "heads" / "h-fr").mkdir(parents=True)
+    (tmp_path / "heads" / "h-fr" / "redrafter.json").write_text("{}")
+    # the bench's stack has a home of its own (HOME/bench): a name must reach it as a folder
+    assert _head_folder("h-fr", tmp_path) == str(tmp_path / "heads" / "h-fr")
+    assert _head_folder("/elsewhere/h", tmp_path) == "/elsewhere/h" and _head_folder("", tmp_path) == ""
