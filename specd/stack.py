@@ -86,7 +86,8 @@ class StackSpec:
         return services
 
     def pool(self, role: str) -> str:
-        """SPECD_VERIFIER or SPECD_DRAFTER for the orchestrator: every replica's address."""
+        """SPECD_VERIFIER, SPECD_DRAFTER or SPECD_HEAD for the orchestrator: every replica's
+        address (the head's then `fr=` the heads for one language)."""
         if role in self.routes:
             return self.routes[role]
         pools = [self.address(port) for name, _, _, port, _ in self.model_services() if _role(name) == role]

@@ -489,7 +489,7 @@ def agreement(
 def run(
     target: str, name: str, home: Path, settings: TrainSettings, *, dtype: str, threads: int, progress: bool,
     base: str = "",
-) -> Path:
+) -> Path:  # fmt: skip
     """The whole `specd train redrafter|parallel` (settings.kind): data, training, held-out
     agreement, written to HOME/heads/NAME. base: for a language's head, the head it starts
     from (`base_head`)."""
@@ -596,8 +596,11 @@ def run(
             "source": source,
             "language": settings.language,
             "dtype": dtype,
-            **({"problems": len(train_problems), "held_out_problems": len(held_problems)} if settings.language
-               else {"files": len(train_files), "held_out_files": len(held_files)}),
+            **(
+                {"problems": len(train_problems), "held_out_problems": len(held_problems)}
+                if settings.language
+                else {"files": len(train_files), "held_out_files": len(held_files)}
+            ),
             "positions": len(data),
             "answer_positions": len(data) - answers_from if answers_from is not None else 0,
             "held_out_positions": len(held),

@@ -39,9 +39,7 @@ def _add_head_command(kinds: argparse._SubParsersAction, kind: str, summary: str
         "--target", default="qwen2.5-coder-1.5b-instruct", help="catalog name or model folder (default %(default)s)"
     )
     p.add_argument("--name", help=f"the head's name under HOME/heads (default {kind}-TARGET, {kind}-TARGET-LANG)")
-    p.add_argument(
-        "--minutes", type=float, help="time budget of the whole run (default 45; 30 with --language)"
-    )
+    p.add_argument("--minutes", type=float, help="time budget of the whole run (default 45; 30 with --language)")
     p.add_argument(
         "--language", metavar="LANG",
         help="a head for prompts in this language (fr, de, ja, ...: the code a drafter pool is labelled with): "

@@ -144,7 +144,9 @@ def gsm_problems(templates: Path, language: str, part: str) -> list[Problem]:
     order) or "train" (the rest, which `specd train --language` reads and the bench never
     does). The prompt is the language's instruction, a blank line, the question."""
     if language not in GSM_LANGUAGES:
-        raise PromptError(f"no translated GSM8K problems for language {language!r}; there are: {', '.join(GSM_LANGUAGES)}")
+        raise PromptError(
+            f"no translated GSM8K problems for language {language!r}; there are: {', '.join(GSM_LANGUAGES)}"
+        )
     if part not in ("bench", "train"):
         raise ValueError(f"part must be 'bench' or 'train', not {part!r}")
     folder = templates / GSM_LANGUAGES[language]
