@@ -93,7 +93,11 @@ ORCHESTRATOR = (
     Setting("SPECD_LOAD_FACTOR", "a replica above this times its share of active sessions takes no new ones", "1.25"),
     Setting("SPECD_REDIS_TIMEOUT", "seconds a Redis call may take before UNAVAILABLE", "2"),
     Setting("SPECD_TURN_LEASE", "seconds after which a turn that stopped advancing may be taken over", "30"),
-    Setting("SPECD_HEAD", "replicas of a drafter service hosting a trained head (strategies redrafter, parallel), as SPECD_VERIFIER"),
+    Setting(
+        "SPECD_HEAD",
+        "replicas of a drafter service hosting a trained head (strategies redrafter, parallel), as SPECD_VERIFIER; "
+        "fr=host:port entries: the head for that language's prompts",
+    ),
     Setting("SPECD_OWN_CORES", "1: drafters and verifiers run on cores of their own (separate machines, pinned): the first round's prefills overlap, and rounds draft under load", "0"),
     Setting("SPECD_VERIFY_AHEAD", "pipelined strategies (sd-pipe): send the verify of the speculative next draft as soon as it is drafted (1) or after the round's answer (0)", "1"),
     *API_KEYS,
