@@ -337,12 +337,12 @@ def _head(args: argparse.Namespace, home: Path) -> str:
 
 
 def _head_folder(name: str, home: Path) -> str:
-    """A head named as it is under HOME/heads, as its folder: the bench's stack has a home of
-    its own (HOME/bench), where a name would not be found."""
-    from services.models import HEAD_MANIFEST, HEADS_DIR
+    """A head's name or folder as its folder, resolved against HOME as the target's and the
+    drafter's are: the bench's stack has a home of its own (HOME/bench), where a name would
+    not be found. ModelNotFound names a head that is not there."""
+    from services.models import resolve
 
-    folder = home / HEADS_DIR / name
-    return str(folder) if name and (folder / HEAD_MANIFEST).is_file() else name
+    return str(resolve(name, home)) if name else ""
 
 
 def _start_stack(

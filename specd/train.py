@@ -374,8 +374,17 @@ def train_head(
     lr = settings.lr * (FINE_TUNE_LR if start is not None else 1.0)
     if start is not None:
         head.load_state_dict({k: v for k, v in start.state_dict().items() if not k.startswith("groups.")})
-    best = (score(head.eval()), 0, copy.deepcopy(head.state_dict())) if score is not None else None
-    head.train()
+    best: tuple[float, int, dict] | None = None
+
+    def keep_if_best(step: int) -> None:  # the head's weights, when they score best so far
+        nonlocal best
+        now = score(head.eval())
+        head.train()
+        if best is None or now > best[0]:
+            best = (now, step, copy.deepcopy(head.state_dict()))
+
+    if score is not None:
+        keep_if_best(0)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
     planned = settings.max_steps or 10**9
     losses: list[float] = []
@@ -408,15 +417,10 @@ def train_head(
         losses.append(float(loss.detach()))
         step += 1
         progress(losses[-1], agree.detach())
-        if best is not None and step % SCORE_EVERY == 0:
-            now = score(head.eval())
-            head.train()
-            if now > best[0]:
-                best = (now, step, copy.deepcopy(head.state_dict()))
-    if best is not None and step % SCORE_EVERY:
-        now = score(head.eval())
-        if now > best[0]:
-            best = (now, step, copy.deepcopy(head.state_dict()))
+        if score is not None and step % SCORE_EVERY == 0:
+            keep_if_best(step)
+    if score is not None and step % SCORE_EVERY:
+        keep_if_best(step)  # the last steps
     if best is not None:
         if best[1] < step:
             log.info("the best held-out score came at step %d of %d: the head as it was then", best[1], step)

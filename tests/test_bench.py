@@ -612,10 +612,14 @@ def test_a_head_for_each_language_is_a_process_and_a_pool_of_its_own(tmp_path):
 
 
 def test_a_head_named_as_under_home_is_served_from_there(tmp_path):
+    from services.models import ModelNotFound
     from specd.bench_cli import _head_folder
 
     (tmp_path / "heads" / "h-fr").mkdir(parents=True)
     (tmp_path / "heads" / "h-fr" / "redrafter.json").write_text("{}")
     # the bench's stack has a home of its own (HOME/bench): a name must reach it as a folder
     assert _head_folder("h-fr", tmp_path) == str(tmp_path / "heads" / "h-fr")
-    assert _head_folder("/elsewhere/h", tmp_path) == "/elsewhere/h" and _head_folder("", tmp_path) == ""
+    assert _head_folder(str(tmp_path / "heads" / "h-fr"), tmp_path) == str(tmp_path / "heads" / "h-fr")
+    assert _head_folder("", tmp_path) == ""
+    with pytest.raises(ModelNotFound, match="'missing' is neither a model folder"):
+        _head_folder("missing", tmp_path)  # said before any process starts
