@@ -9,7 +9,10 @@ at serving time), the next k text tokens the head reads, and the target's own to
 distribution at the k positions after i as soft labels (distillation: what the target would
 draft, not what the text says). The last files (HELD_OUT_SHARE) are held out: the manifest
 reports the head's agreement with the target's argmax there, by draft position. No bench
-prompt is ever in the data (`bench_prompts_excluded` checks it).
+prompt is ever in the data (`bench_prompts_excluded` checks it). Then the target's own greedy
+answers to chat prompts made from the files' documented functions, drafted by a small model
+and verified by the target (`SpeculativeAnswers`: the same tokens, faster) and kept across
+runs, each run adding its own (`answers_cache`).
 
 Training: services/redrafter.distill_loss, a softmax over the batch's label ids plus random
 negatives instead of the whole vocabulary, AdamW with a cosine schedule, within a time
@@ -34,15 +37,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
 import random
 import sysconfig
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -59,8 +65,10 @@ from services.redrafter import (
     group_vocabulary,
     save_head,
 )  # fmt: skip
+from services.worker import Worker
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HELD_OUT_SHARE = 0.05  # of the text files, kept out of training to measure the head on
 TOP_K = 8  # entries of the target's distribution kept as a soft label
@@ -90,15 +98,19 @@ class TrainSettings:
     groups: int = 256
     active_groups: int = 4
     language: str = ""  # a head for this language's prompts (module docstring); "" = general
+    # minutes of this run spent answering prompts not answered by an earlier one (None: the
+    # shares below decide; 0: the kept answers only)
+    answer_minutes: float | None = None
 
 
 DATA_SHARE = 0.4
-# Of the data budget, the share spent on the target's own answers to chat prompts (it
-# generates one token a pass, ~10 a second here, where it reads ~140 teacher-forced), and the
-# share of each training batch drawn from those answers
+# Of the data budget, the share spent on the target's own answers to chat prompts (~7 tokens
+# a second here one target pass a token, ~11 drafted by SpeculativeAnswers, where it reads
+# ~140 teacher-forced), and the share of each training batch drawn from those answers: they
+# are what the head drafts on when it serves
 CONTINUATION_SHARE = 0.3
-CONTINUATION_BATCH_SHARE = 0.25
-CONTINUATION_TOKENS = 96  # the longest answer generated to one prompt
+CONTINUATION_BATCH_SHARE = 0.5
+ANSWER_TOKENS = 128  # the longest answer generated to one prompt (the bench's default --max-new-tokens)
 ROUTER_POSITIONS = 10_000  # training positions whose head features the groups' router learns from
 ROUTER_STEPS = 600  # of 512 features each (seconds on a CPU)
 HELD_OUT_TOKENS = 2048  # of the held-out files, read teacher-forced to measure the head on
@@ -116,6 +128,13 @@ def data_cache(heads: Path, weights: str, dtype: str, settings: TrainSettings) -
     training settings reuses them, and the budget that would have gone to them trains."""
     key = f"{weights}|{dtype}|{settings.seed}|{settings.depth}|{settings.chunk}|{TOP_K}"
     key += f"|{settings.language}" if settings.language else ""
+    return heads / ".data" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+def answers_cache(heads: Path, weights: str, dtype: str, settings: TrainSettings) -> Path:
+    """Where the target's answers are kept, with the prompts they answer: every run adds the
+    answers it generates (generating is the slow part of the data), whatever its seed."""
+    key = f"answers|{weights}|{dtype}|{settings.depth}|{TOP_K}|{ANSWER_TOKENS}|{settings.language}"
     return heads / ".data" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 
@@ -182,7 +201,7 @@ class _Collected:
         """One teacher-forced pass of the target over seq; an example for each position i in
         first..len(seq) - k - 2 (each with k steps after it inside seq)."""
         logits = runtime.logits("train", list(seq), len(seq))  # (T, V): row i predicts x_{i+1}
-        rows = runtime.last_hidden("train")  # (T, H)
+        rows = runtime.last_hidden("train")[first:]  # (T - first, H): the rows examples read
         runtime.release("train")
         top_p, top_i = torch.softmax(logits, dim=-1).topk(TOP_K, dim=-1)  # (T, K)
         top_p = top_p / top_p.sum(-1, keepdim=True)
@@ -190,7 +209,7 @@ class _Collected:
         positions = torch.arange(first, len(seq) - k - 1)  # (n,)
         steps = positions[:, None] + torch.arange(1, k + 1)[None]  # (n, k): i+1..i+k
         self.hidden.append(rows.to(torch.float16))
-        self.at.append(self.rows + positions)
+        self.at.append(self.rows + positions - first)
         self.rows += rows.shape[0]
         self.inputs.append(x[steps])
         self.ids.append(top_i[steps])
@@ -243,7 +262,10 @@ def function_stubs(files: Sequence[Path], limit: int) -> list[str]:
     for file in files:
         text = file.read_text(encoding="utf-8", errors="replace")
         try:
-            tree = ast.parse(text)
+            with warnings.catch_warnings():  # a test file's invalid escapes, said at every parse
+                warnings.simplefilter("ignore", SyntaxWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                tree = ast.parse(text)
         except (SyntaxError, ValueError):
             continue
         lines = text.splitlines()
@@ -268,31 +290,92 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+class TargetAnswers:
+    """The target's greedy answer to a chat prompt, one target pass a token (the prompt's
+    cache reused), without its end-of-sequence token. worker: the thread the target was
+    loaded on and runs on (services/worker.py), None = the caller's."""
+
+    def __init__(self, runtime, worker: Worker | None = None) -> None:
+        self.runtime = runtime
+        self.worker = worker
+
+    def __call__(self, text: str, prompt: list[int], deadline: float, progress: Callable[[int], None]) -> list[int]:
+        """The answer's ids (prompt: the ids of text as the target reads it)."""
+        return self.on_models(self._answer, prompt, deadline, progress)
+
+    def _answer(self, prompt: list[int], deadline: float, progress: Callable[[int], None]) -> list[int]:
+        eos = set(self.runtime.info.eos_token_ids)
+        seq = list(prompt)
+        while len(seq) - len(prompt) < ANSWER_TOKENS and time.monotonic() < deadline:
+            token = int(self.runtime.logits("answer", seq, 1)[0].argmax())
+            progress(1)
+            if token in eos:  # not kept, as an answer of the Engine's ends before it
+                break
+            seq.append(token)
+        self.runtime.release("answer")
+        return seq[len(prompt) :]
+
+    def on_models(self, call: Callable[..., T], *args) -> T:
+        """call(*args) on the target's thread."""
+        return call(*args) if self.worker is None else self.worker.call(call, *args)
+
+
+class SpeculativeAnswers(TargetAnswers):
+    """The same answers as TargetAnswers', drafted by a drafter of the target's vocabulary and
+    verified by the target: strategy sd with its adaptive draft length, the orchestrator's
+    Engine in this process as the bench's in-process path runs it. sd's greedy output is the
+    target's own (a divergence only at a near-tie of the target's two best logits), and on
+    code answers it runs up to twice as fast as the target alone here. Both models run on
+    `worker`, the thread the target was loaded on, as in a model service."""
+
+    def __init__(self, runtime, worker: Worker, target_dir: Path, drafter_dir: Path, threads: int) -> None:
+        from services.config import ModelServiceConfig
+        from services.runtime import load_runtime
+        from specd.bench.runner import BenchConfig, InProcessRunner, LocalModels, service_config
+
+        super().__init__(runtime, worker)
+        base = ModelServiceConfig.from_env({"SPECD_MODEL": str(drafter_dir), "SPECD_THREADS": str(threads)}, "")
+        drafter = worker.call(load_runtime, service_config(base, drafter_dir, "auto"), "drafter")
+        config = BenchConfig(
+            strategies=("sd",), max_new_tokens=ANSWER_TOKENS, k=0, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+            in_process_limit=1, peers=False, timeout_seconds=math.inf,
+        )  # fmt: skip
+        models = LocalModels(runtime, drafter, runtime.tokenizer, target_dir, worker=worker)
+        self.runner = InProcessRunner(models, config)
+
+    def __call__(self, text: str, prompt: list[int], deadline: float, progress: Callable[[int], None]) -> list[int]:
+        """The answer's ids (the Engine reads text through the chat template, as prompt was)."""
+        from specd.bench.prompts import Prompt
+
+        record = self.runner.run(Prompt("train/answer", "train", text), "sd", ANSWER_TOKENS, 0)
+        progress(record.new_tokens)
+        return list(record.token_ids)
+
+
+def _digest(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()[:24]
+
+
 def continuation_examples(
-    runtime, prompts: Sequence[str], settings: TrainSettings, deadline: float, progress: Callable[[int], None]
-) -> Examples | None:
-    """The target's own greedy answers to chat prompts (CONTINUATION_TOKENS each, one token a
-    pass, the prompt's cache reused), then one teacher-forced pass over prompt + answer: an
-    example for each position of the answer. Until `deadline`; None when no answer was long
-    enough."""
-    tokenizer, k = runtime.tokenizer, settings.depth
-    eos = set(runtime.info.eos_token_ids)
+    runtime, prompts: Sequence[str], settings: TrainSettings, deadline: float, progress: Callable[[int], None],
+    answer: TargetAnswers | None = None,
+) -> tuple[Examples | None, list[str]]:  # fmt: skip
+    """The target's own greedy answers to chat prompts (ANSWER_TOKENS each, by `answer`: the
+    target alone by default), then one teacher-forced pass over prompt + answer: an example
+    for each position of the answer. Until `deadline`: (the examples, None when no answer was
+    long enough; the prompts answered)."""
+    answer = answer or TargetAnswers(runtime)
     collected = _Collected()
+    answered = []
     for prompt in prompts:
         if time.monotonic() > deadline:
             break
-        seq = prompt_ids(tokenizer, prompt)
-        start = len(seq)
-        while len(seq) - start < CONTINUATION_TOKENS and time.monotonic() < deadline:
-            token = int(runtime.logits("answer", seq, 1)[0].argmax())
-            seq.append(token)
-            progress(1)
-            if token in eos:
-                break
-        runtime.release("answer")
-        if len(seq) - start >= k + 2:
-            collected.add(runtime, seq, k, first=start - 1)  # from the position that answers the prompt
-    return collected.examples() if len(collected) else None
+        ids = prompt_ids(runtime.tokenizer, prompt)
+        seq = ids + answer(prompt, ids, deadline, progress)
+        answered.append(prompt)
+        if len(seq) - len(ids) >= settings.depth + 2:  # from the position that answers the prompt
+            answer.on_models(collected.add, runtime, seq, settings.depth, len(ids) - 1)
+    return (collected.examples() if len(collected) else None), answered
 
 
 def language_problems(home: Path, language: str) -> tuple[list, list]:
@@ -492,11 +575,12 @@ def agreement(
 
 def run(
     target: str, name: str, home: Path, settings: TrainSettings, *, dtype: str, threads: int, progress: bool,
-    base: str = "",
+    base: str = "", drafter: str = "",
 ) -> Path:  # fmt: skip
     """The whole `specd train redrafter|parallel` (settings.kind): data, training, held-out
     agreement, written to HOME/heads/NAME. base: for a language's head, the head it starts
-    from (`base_head`)."""
+    from (`base_head`). drafter: the model that drafts the target's answers
+    (SpeculativeAnswers); "" = the target answers alone."""
     from tqdm import tqdm
 
     from drafter_svc.head import target_tables
@@ -507,6 +591,7 @@ def run(
     started = time.monotonic()
     budget = settings.minutes * 60
     path = resolve(target, home)
+    drafter_dir = resolve(drafter, home) if drafter else None
     dtype = choose_dtype(dtype, "cpu")
     weights = weights_id(path)
     train_files, held_files = stdlib_files(settings.seed)
@@ -519,24 +604,38 @@ def run(
     cache = data_cache(home / HEADS_DIR, weights, dtype, settings)
     raw = torch.load(cache) if cache.is_file() and not settings.fresh_data else {}
     cached = "tokenizer_fingerprint" in raw
-    answers = Examples(**raw["answers"]) if raw.get("answers") else None
     if cached:
         data, held, fingerprint = Examples(**raw["train"]), Examples(**raw["held"]), raw["tokenizer_fingerprint"]
         log.info("read %d examples of the target's passes from %s (--fresh-data runs them again)", len(data), cache)
-    if not cached or "answers" not in raw:  # else the target itself is not even loaded
-        runtime = load_torch(
-            path if dtype == "int8" and path.is_dir() else torch_folder(path), dtype=dtype, device="cpu",
-            max_sessions=1, threads=threads,
-        )  # fmt: skip
-        # The target's own answers get CONTINUATION_SHARE of the data budget, all of it when
-        # the text's passes were kept by an earlier run.
-        answers_at = started + budget * DATA_SHARE * (1 if cached else 1 - CONTINUATION_SHARE)
+    kept_answers = answers_cache(home / HEADS_DIR, weights, dtype, settings)
+    raw_answers = torch.load(kept_answers) if kept_answers.is_file() and not settings.fresh_data else {}
+    answers = Examples(**raw_answers["examples"]) if raw_answers.get("examples") else None
+    answered = set(raw_answers.get("prompts", ()))
+    if answers is not None:
+        log.info("read %d examples of the target's answers to %d prompts from %s", len(answers), len(answered),
+                 kept_answers)  # fmt: skip
+    # The target's own answers get CONTINUATION_SHARE of the data budget, all of it when the
+    # text's passes were kept by an earlier run, none when its answers were kept too.
+    answer_seconds = budget * DATA_SHARE * (CONTINUATION_SHARE if not cached else 1 if answers is None else 0)
+    if settings.answer_minutes is not None:
+        answer_seconds = settings.answer_minutes * 60
+    if not cached or answer_seconds > 0:  # else the target itself is not even loaded
+        worker = Worker("train-models")  # the target loaded and run on one thread (services/worker.py)
+        runtime = worker.call(functools.partial(
+            load_torch, path if dtype == "int8" and path.is_dir() else torch_folder(path), dtype=dtype, device="cpu",
+            max_sessions=2, threads=threads,
+        ))  # fmt: skip
+        if drafter_dir is not None:
+            answer = SpeculativeAnswers(runtime, worker, path, drafter_dir, threads)
+        else:
+            answer = TargetAnswers(runtime, worker)
+        text_until = started + budget * DATA_SHARE * (1 - CONTINUATION_SHARE)
         if not cached and settings.language:
             with tqdm(desc="target passes", unit="tok", disable=not progress, dynamic_ncols=True) as bar:
-                held = continuation_examples(
-                    runtime, [p.prompt.text for p in held_problems], settings, math.inf, bar.update
+                held, _ = continuation_examples(
+                    runtime, [p.prompt.text for p in held_problems], settings, math.inf, bar.update, answer
                 )
-                data = reference_examples(runtime, train_problems, settings, answers_at, bar.update)
+                data = worker.call(reference_examples, runtime, train_problems, settings, text_until, bar.update)
             if held is None:
                 raise ValueError(f"the target's answers to the held-out {settings.language!r} problems are too short")
             fingerprint = runtime.info.tokenizer_fingerprint
@@ -544,24 +643,36 @@ def run(
             read = lambda files: [f.read_text(encoding="utf-8", errors="replace") for f in files]  # noqa: E731
             held_settings = TrainSettings(**{**settings.__dict__, "max_tokens": HELD_OUT_TOKENS})
             with tqdm(desc="target passes", unit="tok", disable=not progress, dynamic_ncols=True) as bar:
-                held = teacher_examples(
-                    runtime, read(held_files), runtime.tokenizer, held_settings, math.inf, bar.update
+                held = worker.call(
+                    teacher_examples, runtime, read(held_files), runtime.tokenizer, held_settings, math.inf, bar.update
                 )
-                data = teacher_examples(runtime, read(train_files), runtime.tokenizer, settings, answers_at, bar.update)
+                data = worker.call(
+                    teacher_examples, runtime, read(train_files), runtime.tokenizer, settings, text_until, bar.update
+                )
             fingerprint = runtime.info.tokenizer_fingerprint
-        with tqdm(desc="target answers", unit="tok", disable=not progress, dynamic_ncols=True) as bar:
-            if settings.language:
-                prompts = [p.prompt.text for p in train_problems]
-            else:
-                prompts = function_stubs(train_files, 10**6)
-            random.Random(settings.seed).shuffle(prompts)
-            prompts = prompts[:2] if settings.max_tokens else prompts  # --quick: two answers
-            answers = continuation_examples(runtime, prompts, settings, started + budget * DATA_SHARE, bar.update)
-        del runtime
-        if not settings.max_tokens:  # a --quick run's few tokens are not worth keeping
+        if not settings.max_tokens and not cached:  # a --quick run's few tokens are not worth keeping
             cache.parent.mkdir(parents=True, exist_ok=True)
-            kept = {"train": data.__dict__, "held": held.__dict__, "tokenizer_fingerprint": fingerprint}
-            torch.save({**kept, "answers": answers.__dict__ if answers is not None else {}}, cache)
+            torch.save({"train": data.__dict__, "held": held.__dict__, "tokenizer_fingerprint": fingerprint}, cache)
+        if settings.language:
+            prompts = [p.prompt.text for p in train_problems]
+        else:
+            prompts = function_stubs(train_files, 10**6)
+        random.Random(settings.seed).shuffle(prompts)
+        prompts = [p for p in prompts if _digest(p) not in answered]
+        prompts = prompts[:2] if settings.max_tokens else prompts  # --quick: two answers
+        log.info("answering %d prompts not answered yet for %.0f s%s", len(prompts), answer_seconds,
+                 f", drafted by {drafter_dir.name}" if drafter_dir else "")  # fmt: skip
+        with tqdm(desc="target answers", unit="tok", disable=not progress, dynamic_ncols=True) as bar:
+            new, done = continuation_examples(
+                runtime, prompts, settings, time.monotonic() + answer_seconds, bar.update, answer
+            )
+        del runtime, answer
+        if new is not None:
+            answers = new if answers is None else answers.merged(new)
+        answered |= {_digest(p) for p in done}
+        if not settings.max_tokens and answers is not None:
+            kept_answers.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"prompts": sorted(answered), "examples": answers.__dict__}, kept_answers)
     answers_from = len(data) if answers is not None else None
     if answers is not None:
         log.info("%d examples of the target's own answers, %d of its passes over text", len(answers), len(data))
@@ -607,6 +718,7 @@ def run(
             ),
             "positions": len(data),
             "answer_positions": len(data) - answers_from if answers_from is not None else 0,
+            "answered_prompts": len(answered),
             "held_out_positions": len(held),
             "depth": settings.depth,
             "chunk": settings.chunk,

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from specd.cli import DEFAULT_DRAFTER, DEFAULT_TARGET
+
 
 def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="train a draft head for a target on this machine")
@@ -35,9 +37,7 @@ def _add_head_command(kinds: argparse._SubParsersAction, kind: str, summary: str
         kind, help=summary,
         description=description + " Writes HOME/heads/NAME; serve it with a drafter started with SPECD_MODEL=NAME.",
     )  # fmt: skip
-    p.add_argument(
-        "--target", default="qwen2.5-coder-1.5b-instruct", help="catalog name or model folder (default %(default)s)"
-    )
+    p.add_argument("--target", default=DEFAULT_TARGET, help="catalog name or model folder (default %(default)s)")
     p.add_argument("--name", help=f"the head's name under HOME/heads (default {kind}-TARGET, {kind}-TARGET-LANG)")
     p.add_argument("--minutes", type=float, help="time budget of the whole run (default 45; 30 with --language)")
     p.add_argument(
@@ -48,6 +48,18 @@ def _add_head_command(kinds: argparse._SubParsersAction, kind: str, summary: str
     p.add_argument(
         "--from", dest="base", default="", metavar="HEAD",
         help=f"with --language: the head to start from (default {kind}-TARGET where trained; 'none' = fresh)",
+    )  # fmt: skip
+    p.add_argument(
+        "--drafter", default="auto",
+        help="the model that drafts the target's answers to the training prompts (strategy sd: the target's own "
+        f"greedy answers, faster): a catalog name or folder, 'none' = the target alone (default auto: "
+        f"{DEFAULT_DRAFTER} for {DEFAULT_TARGET}, none for another target)",
+    )  # fmt: skip
+    p.add_argument(
+        "--answer-minutes", type=float, metavar="M",
+        help="minutes of the run spent answering training prompts no earlier run answered (answers are kept in "
+        "HOME/heads/.data and every run adds its own; default: a share of the data budget, none once the text's "
+        "passes and some answers are kept)",
     )  # fmt: skip
     p.add_argument("--depth", type=int, default=4, help="draft positions trained (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order, the head's start and its batches")
@@ -84,6 +96,10 @@ def cmd_train_head(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.answer_minutes is not None and not 0 <= args.answer_minutes < minutes:
+        print(f"specd train {args.kind}: --answer-minutes must be >= 0 and less than the run's --minutes ({minutes:g}), "
+              "which also trains", file=sys.stderr)  # fmt: skip
+        return 2
     from specd.bench.prompts import GSM_LANGUAGES
     from specd.train import TrainSettings, run
 
@@ -98,14 +114,19 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     settings = TrainSettings(
         depth=args.depth, seed=args.seed, minutes=minutes, fresh_data=args.fresh_data, groups=args.groups,
         active_groups=args.active_groups, kind=args.kind, language=args.language or "",
+        answer_minutes=args.answer_minutes,
     )  # fmt: skip
+    drafter = args.drafter
+    if drafter == "auto":
+        drafter = DEFAULT_DRAFTER if args.target == DEFAULT_TARGET else "none"
     if args.quick:
         settings = dataclasses.replace(settings, chunk=64, max_tokens=640, max_steps=30, fresh_data=False)
     name = args.name or default_head_name(args.target, args.kind) + (f"-{args.language}" if args.language else "")
     try:
         folder = run(
-            args.target, name, home, settings, dtype=args.dtype, threads=args.threads, progress=True, base=args.base
-        )
+            args.target, name, home, settings, dtype=args.dtype, threads=args.threads, progress=True, base=args.base,
+            drafter="" if drafter == "none" else drafter,
+        )  # fmt: skip
     except (ModelNotFound, ModelPrepareError, FileNotFoundError, ValueError) as err:
         print(f"specd train {args.kind}: {err}", file=sys.stderr)
         return 2

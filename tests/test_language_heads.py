@@ -100,8 +100,11 @@ def test_a_french_head_starts_from_the_general_head(tiny_pair, tmp_path):
         (["--language", "xx"], "no training data in --language 'xx'"),
         (["--from", "other"], "--from is for a language's head"),
         (["--language", "fr", "--from", "missing"], "holds no trained head"),
+        (["--minutes", "5", "--answer-minutes", "5"], "--answer-minutes must be >= 0 and less than the run's"),
+        (["--drafter", "no-such-model"], "no-such-model"),
     ],
-    ids=["unknown language", "--from alone", "--from a head that is not there"],
+    ids=["unknown language", "--from alone", "--from a head that is not there", "answers take the whole run",
+         "unknown drafter"],
 )
 def test_bad_language_options_are_refused_with_what_to_fix(tiny_pair, tmp_path, options, words):
     write_gsm_templates(tmp_path, count=30)

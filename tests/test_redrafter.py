@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import itertools
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -39,6 +41,7 @@ from services.redrafter import (
     save_head,
 )  # fmt: skip
 from services.roles import CallCost, TreeDraft
+from services.runtime import weights_id
 from services.sampling import SamplingParams, target_probs
 from services.torch_runtime import load_torch
 from services.tree import ROOT, Tree
@@ -228,11 +231,55 @@ def test_answers_are_the_targets_greedy_continuations_read_teacher_forced(tiny_p
     from specd.train import continuation_examples
 
     runtime = load_torch(tiny_pair.target_dir, dtype="float64", device="cpu", max_sessions=2)
-    found = continuation_examples(runtime, ["def add(a, b):", "The quick brown fox"], TrainSettings(depth=3), math.inf,
-                                  lambda n: None)  # fmt: skip
-    assert found is not None and len(found) > 10
+    prompts = ["def add(a, b):", "The quick brown fox"]
+    found, answered = continuation_examples(runtime, prompts, TrainSettings(depth=3), math.inf, lambda n: None)
+    assert found is not None and len(found) > 10 and answered == prompts
     assert torch.equal(found.label_ids[:, :-1, 0], found.inputs[:, 1:])
     assert found.rows.shape[0] > len(found)  # the prompts' rows are read, not drafted from
+
+
+def test_answers_drafted_by_sd_are_the_targets_own(tiny_pair) -> None:
+    """SpeculativeAnswers (sd over the drafter, the Engine in this process) answers each prompt
+    with the very tokens the target alone answers, and its examples are the same."""
+    from services.worker import Worker
+    from specd.train import SpeculativeAnswers, TargetAnswers, continuation_examples, prompt_ids
+
+    runtime = load_torch(tiny_pair.target_dir, dtype="float64", device="cpu", max_sessions=2)
+    prompts = ["def add(a, b):", "import json\n\ndef dump(", "The quick brown fox"]
+    drafted = SpeculativeAnswers(runtime, Worker("test"), tiny_pair.target_dir, tiny_pair.drafter_dir, threads=1)
+    for prompt in prompts:
+        ids = prompt_ids(runtime.tokenizer, prompt)
+        alone = TargetAnswers(runtime)(prompt, ids, math.inf, lambda n: None)
+        assert drafted(prompt, ids, math.inf, lambda n: None) == alone
+    by_sd, _ = continuation_examples(runtime, prompts, TrainSettings(depth=3), math.inf, lambda n: None, drafted)
+    by_target, _ = continuation_examples(runtime, prompts, TrainSettings(depth=3), math.inf, lambda n: None)
+    assert by_sd is not None and by_target is not None
+    assert torch.equal(by_sd.inputs, by_target.inputs) and torch.equal(by_sd.label_ids, by_target.label_ids)
+
+
+def test_every_run_adds_its_answers_to_the_kept_ones(tiny_pair, tmp_path: Path, single_thread_torch) -> None:
+    """The target's answers are kept across runs (answers_cache): a second run answers other
+    prompts and trains on both runs' answers; --answer-minutes 0 trains on the kept ones and
+    answers none."""
+    from specd.train import answers_cache, run
+
+    home = tmp_path / "home"
+    settings = TrainSettings(depth=3, chunk=64, minutes=0.25, answer_minutes=0.05, groups=0, max_steps=5)
+
+    def trained(name: str, answer_minutes: float) -> tuple[dict, dict]:
+        folder = run(str(tiny_pair.target_dir), name, home, dataclasses.replace(settings, answer_minutes=answer_minutes),
+                     dtype="float32", threads=1, progress=False, drafter=str(tiny_pair.drafter_dir))  # fmt: skip
+        kept = torch.load(answers_cache(home / "heads", weights_id(tiny_pair.target_dir), "float32", settings))
+        return json.loads((folder / "redrafter.json").read_text())["data"], kept
+
+    first, kept_first = trained("a", 0.05)
+    second, kept_second = trained("b", 0.05)
+    assert 0 < first["answered_prompts"] < second["answered_prompts"] == len(kept_second["prompts"])
+    assert set(kept_first["prompts"]) < set(kept_second["prompts"])
+    assert first["answer_positions"] < second["answer_positions"] == len(kept_second["examples"]["at"])
+    third, kept_third = trained("c", 0)
+    assert third["answered_prompts"] == second["answered_prompts"]
+    assert third["answer_positions"] == second["answer_positions"] and third["cached"]
 
 
 def test_a_saved_head_loads_the_same_and_refuses_another_kind(tmp_path: Path) -> None:
