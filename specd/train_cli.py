@@ -88,6 +88,8 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     from services.models import ModelNotFound, ModelPrepareError, default_head_name, default_home
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # The in-process Engine that drafts the target's answers logs every turn; the progress bar says it
+    logging.getLogger("orchestrator").setLevel(logging.WARNING)
     home = Path(args.home or os.environ.get("SPECD_HOME") or default_home()).expanduser()
     minutes = args.minutes if args.minutes is not None else 30.0 if args.language else 45.0
     if args.depth < 1 or minutes <= 0 or args.groups < 0 or args.active_groups < 1:
