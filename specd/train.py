@@ -108,7 +108,7 @@ DATA_SHARE = 0.4
 # a second here one target pass a token, ~11 drafted by SpeculativeAnswers, where it reads
 # ~140 teacher-forced), and the share of each training batch drawn from those answers: they
 # are what the head drafts on when it serves
-CONTINUATION_SHARE = 0.3
+CONTINUATION_SHARE = 0.5
 CONTINUATION_BATCH_SHARE = 0.5
 ANSWER_TOKENS = 128  # the longest answer generated to one prompt (the bench's default --max-new-tokens)
 ROUTER_POSITIONS = 10_000  # training positions whose head features the groups' router learns from
@@ -608,7 +608,7 @@ def run(
         data, held, fingerprint = Examples(**raw["train"]), Examples(**raw["held"]), raw["tokenizer_fingerprint"]
         log.info("read %d examples of the target's passes from %s (--fresh-data runs them again)", len(data), cache)
     kept_answers = answers_cache(home / HEADS_DIR, weights, dtype, settings)
-    raw_answers = torch.load(kept_answers) if kept_answers.is_file() and not settings.fresh_data else {}
+    raw_answers = torch.load(kept_answers) if kept_answers.is_file() else {}  # kept even with fresh_data
     answers = Examples(**raw_answers["examples"]) if raw_answers.get("examples") else None
     answered = set(raw_answers.get("prompts", ()))
     if answers is not None:
