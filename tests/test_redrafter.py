@@ -260,15 +260,16 @@ def test_answers_drafted_by_sd_are_the_targets_own(tiny_pair) -> None:
 def test_every_run_adds_its_answers_to_the_kept_ones(tiny_pair, tmp_path: Path, single_thread_torch) -> None:
     """The target's answers are kept across runs (answers_cache): a second run answers other
     prompts and trains on both runs' answers; --answer-minutes 0 trains on the kept ones and
-    answers none."""
+    answers none, with --fresh-data too (the text is read again, the answers stay)."""
     from specd.train import answers_cache, run
 
     home = tmp_path / "home"
     settings = TrainSettings(depth=3, chunk=64, minutes=0.25, answer_minutes=0.05, groups=0, max_steps=5)
 
-    def trained(name: str, answer_minutes: float) -> tuple[dict, dict]:
-        folder = run(str(tiny_pair.target_dir), name, home, dataclasses.replace(settings, answer_minutes=answer_minutes),
-                     dtype="float32", threads=1, progress=False, drafter=str(tiny_pair.drafter_dir))  # fmt: skip
+    def trained(name: str, answer_minutes: float, fresh_data: bool = False) -> tuple[dict, dict]:
+        changed = dataclasses.replace(settings, answer_minutes=answer_minutes, fresh_data=fresh_data)
+        folder = run(str(tiny_pair.target_dir), name, home, changed, dtype="float32", threads=1, progress=False,
+                     drafter=str(tiny_pair.drafter_dir))  # fmt: skip
         kept = torch.load(answers_cache(home / "heads", weights_id(tiny_pair.target_dir), "float32", settings))
         return json.loads((folder / "redrafter.json").read_text())["data"], kept
 
@@ -280,6 +281,8 @@ def test_every_run_adds_its_answers_to_the_kept_ones(tiny_pair, tmp_path: Path, 
     third, kept_third = trained("c", 0)
     assert third["answered_prompts"] == second["answered_prompts"]
     assert third["answer_positions"] == second["answer_positions"] and third["cached"]
+    fresh, _ = trained("d", 0, fresh_data=True)
+    assert fresh["answer_positions"] == second["answer_positions"] and not fresh["cached"]
 
 
 def test_a_saved_head_loads_the_same_and_refuses_another_kind(tmp_path: Path) -> None:
