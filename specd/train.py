@@ -128,14 +128,19 @@ def data_cache(heads: Path, weights: str, dtype: str, settings: TrainSettings) -
     training settings reuses them, and the budget that would have gone to them trains."""
     key = f"{weights}|{dtype}|{settings.seed}|{settings.depth}|{settings.chunk}|{TOP_K}"
     key += f"|{settings.language}" if settings.language else ""
-    return heads / ".data" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    return heads / ".data" / f"{_digest(key, 16)}.pt"
 
 
 def answers_cache(heads: Path, weights: str, dtype: str, settings: TrainSettings) -> Path:
     """Where the target's answers are kept, with the prompts they answer: every run adds the
     answers it generates (generating is the slow part of the data), whatever its seed."""
     key = f"answers|{weights}|{dtype}|{settings.depth}|{TOP_K}|{ANSWER_TOKENS}|{settings.language}"
-    return heads / ".data" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    return heads / ".data" / f"{_digest(key, 16)}.pt"
+
+
+def _digest(text: str, length: int = 24) -> str:
+    """A name for text: a cache file's key, or a prompt among those answered."""
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
 @dataclass
@@ -299,14 +304,15 @@ class TargetAnswers:
         self.runtime = runtime
         self.worker = worker
 
-    def __call__(self, text: str, prompt: list[int], deadline: float, progress: Callable[[int], None]) -> list[int]:
-        """The answer's ids (prompt: the ids of text as the target reads it)."""
-        return self.on_models(self._answer, prompt, deadline, progress)
+    def __call__(self, text: str, prompt: list[int], progress: Callable[[int], None]) -> list[int]:
+        """The answer's ids (prompt: the ids of text as the target reads it), whole: a run's
+        deadline is checked between answers, as an answer kept is never asked again."""
+        return self.on_models(self._answer, prompt, progress)
 
-    def _answer(self, prompt: list[int], deadline: float, progress: Callable[[int], None]) -> list[int]:
+    def _answer(self, prompt: list[int], progress: Callable[[int], None]) -> list[int]:
         eos = set(self.runtime.info.eos_token_ids)
         seq = list(prompt)
-        while len(seq) - len(prompt) < ANSWER_TOKENS and time.monotonic() < deadline:
+        while len(seq) - len(prompt) < ANSWER_TOKENS:
             token = int(self.runtime.logits("answer", seq, 1)[0].argmax())
             progress(1)
             if token in eos:  # not kept, as an answer of the Engine's ends before it
@@ -343,7 +349,7 @@ class SpeculativeAnswers(TargetAnswers):
         models = LocalModels(runtime, drafter, runtime.tokenizer, target_dir, worker=worker)
         self.runner = InProcessRunner(models, config)
 
-    def __call__(self, text: str, prompt: list[int], deadline: float, progress: Callable[[int], None]) -> list[int]:
+    def __call__(self, text: str, prompt: list[int], progress: Callable[[int], None]) -> list[int]:
         """The answer's ids (the Engine reads text through the chat template, as prompt was)."""
         from specd.bench.prompts import Prompt
 
@@ -352,18 +358,14 @@ class SpeculativeAnswers(TargetAnswers):
         return list(record.token_ids)
 
 
-def _digest(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode()).hexdigest()[:24]
-
-
 def continuation_examples(
     runtime, prompts: Sequence[str], settings: TrainSettings, deadline: float, progress: Callable[[int], None],
     answer: TargetAnswers | None = None,
 ) -> tuple[Examples | None, list[str]]:  # fmt: skip
     """The target's own greedy answers to chat prompts (ANSWER_TOKENS each, by `answer`: the
     target alone by default), then one teacher-forced pass over prompt + answer: an example
-    for each position of the answer. Until `deadline`: (the examples, None when no answer was
-    long enough; the prompts answered)."""
+    for each position of the answer. Answers begun before `deadline`: (the examples, None when
+    no answer was long enough; the prompts answered)."""
     answer = answer or TargetAnswers(runtime)
     collected = _Collected()
     answered = []
@@ -371,7 +373,7 @@ def continuation_examples(
         if time.monotonic() > deadline:
             break
         ids = prompt_ids(runtime.tokenizer, prompt)
-        seq = ids + answer(prompt, ids, deadline, progress)
+        seq = ids + answer(prompt, ids, progress)
         answered.append(prompt)
         if len(seq) - len(ids) >= settings.depth + 2:  # from the position that answers the prompt
             answer.on_models(collected.add, runtime, seq, settings.depth, len(ids) - 1)

@@ -249,8 +249,8 @@ def test_answers_drafted_by_sd_are_the_targets_own(tiny_pair) -> None:
     drafted = SpeculativeAnswers(runtime, Worker("test"), tiny_pair.target_dir, tiny_pair.drafter_dir, threads=1)
     for prompt in prompts:
         ids = prompt_ids(runtime.tokenizer, prompt)
-        alone = TargetAnswers(runtime)(prompt, ids, math.inf, lambda n: None)
-        assert drafted(prompt, ids, math.inf, lambda n: None) == alone
+        alone = TargetAnswers(runtime)(prompt, ids, lambda n: None)
+        assert drafted(prompt, ids, lambda n: None) == alone
     by_sd, _ = continuation_examples(runtime, prompts, TrainSettings(depth=3), math.inf, lambda n: None, drafted)
     by_target, _ = continuation_examples(runtime, prompts, TrainSettings(depth=3), math.inf, lambda n: None)
     assert by_sd is not None and by_target is not None
