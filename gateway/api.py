@@ -154,7 +154,7 @@ def parse(body: Any, kind: str, served: str, max_tokens_limit: int = 1 << 20) ->
     options = body.get("specd") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "'specd' must be an object", "specd")
-    unknown = set(options) - {"strategy", "k", "session_id", "keep_session", "top_k"}
+    unknown = set(options) - {"strategy", "k", "session_id", "keep_session", "top_k", "head_only"}
     if unknown:
         raise ApiError(400, f"unknown field 'specd.{sorted(unknown)[0]}'", f"specd.{sorted(unknown)[0]}")
     strategy = options.get("strategy", suffix)
@@ -168,6 +168,10 @@ def parse(body: Any, kind: str, served: str, max_tokens_limit: int = 1 << 20) ->
     top_k = _integer(options, "top_k", 1, 1 << 20)
     if top_k is not None:
         request.top_k = top_k
+    head_only = options.get("head_only", False)
+    if not isinstance(head_only, bool):
+        raise ApiError(400, "'specd.head_only' must be true or false", "specd.head_only")
+    request.options.head_only = head_only
     session_id = options.get("session_id", "")
     if not isinstance(session_id, str):
         raise ApiError(400, "'specd.session_id' must be a string", "specd.session_id")

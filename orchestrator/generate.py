@@ -96,6 +96,7 @@ class GenerationRequest:
     k: int = 0  # 0 = the server's default (Limits.default_k; 0 there = adaptive)
     k_matrix: tuple[tuple[int, ...], ...] = ()  # `cascade`; empty = default
     tree: TreeShape | None = None  # `staged`; None = default
+    head_only: bool = False  # redrafter, parallel: the head's beams without the context's continuation
     request_id: str = ""  # names the turn, so that a call after a broken stream resumes it
     resume_from: int = 0  # the turn's tokens the caller already holds
     client: str = ""  # the caller's API key id (services/auth.py): a session is its creator's alone
@@ -371,6 +372,9 @@ class Engine:
         self.k_matrix(req)
         if req.tree is not None and req.tree.problems():
             raise InvalidInput("tree: " + "; ".join(req.tree.problems()))
+        if req.head_only and not STRATEGIES[strategy].needs_head:
+            heads = " and ".join(name for name, spec in STRATEGIES.items() if spec.needs_head)
+            raise InvalidInput(f"head_only applies to {heads} (a trained head's strategies), not {strategy!r}")
         k = req.k or self.limits.default_k
         if req.session_id:
             check_session_id(req.session_id)
@@ -515,7 +519,7 @@ class Engine:
                 r = RoundInput(
                     session.id, session.tokens, session.sampling, session.seed, session.step, min(k, room - 1),
                     max_draft=room - 1, k_matrix=k_matrix, tree=req.tree or self.limits.default_tree,
-                    lookahead=lookahead, carry=carry,
+                    lookahead=lookahead, carry=carry, head_only=req.head_only,
                 )  # fmt: skip
                 if adaptive is not None:
                     choice = adaptive.choose(session.acceptance, session.step, room - 1, session.ar_streak,

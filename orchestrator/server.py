@@ -71,6 +71,7 @@ def request_from_pb(msg: pb.GenerateRequest, client: str = "") -> GenerationRequ
         tree=TreeShape(tuple(msg.options.tree.branching), msg.options.tree.budget)
         if msg.options.HasField("tree")
         else None,
+        head_only=msg.options.head_only,
         request_id=msg.request_id,
         resume_from=msg.resume_from,
     )

@@ -77,6 +77,7 @@ class RoundInput:
     tree: TreeShape | None = None  # `staged`; None = DEFAULT_TREE
     lookahead: Lookahead | None = None  # the turn's speculative next draft (pipelined strategies)
     carry: Carry | None = None  # the target's hidden state the turn's last round left (redrafter, parallel)
+    head_only: bool = False  # redrafter, parallel: the head's beams alone, without the context's continuation
 
 
 @dataclass(frozen=True)
@@ -567,6 +568,10 @@ async def staged_round(backends: Backends, r: RoundInput) -> RoundResult:
 # `specd train redrafter` makes here, a second beam added a tree row's cost to every verify
 # and no acceptance (HumanEval, 1.5B target: 0.71x `ar` with one beam, 0.62x with two).
 DEFAULT_BEAMS = 1
+# The most tokens the head drafts when the context's own continuation (lookup) drafts beside
+# it: the head's acceptance past its third position is a few percent (HumanEval, 1.5B target:
+# 42% / 22% / 4% at positions 1-3), and every node it adds lengthens the verify.
+HEAD_DEPTH_BESIDE_LOOKUP = 3
 
 
 @dataclass
@@ -598,32 +603,50 @@ async def parallel_round(backends: Backends, r: RoundInput) -> RoundResult:
 
 
 async def head_round(backends: Backends, r: RoundInput, strategy: str) -> RoundResult:
-    """A round drafted by a trained head (Backends.head) from the target's hidden state.
+    """A round drafted by a trained head (Backends.head) from the target's hidden state,
+    with the context's own continuation beside its beams.
 
-    A round without that hidden state (a turn's first, or after a round that drafted
-    elsewhere) or with k = 0 verifies an empty tree: a plain step that returns it.
+    The head reads one hidden state and cannot see the context, so it rarely drafts what the
+    answer copies from the prompt (a docstring, a variable name, a quoted line); prompt
+    lookup drafts exactly that and nothing else. So the tree also holds, as one more path,
+    what followed the latest earlier occurrence of the context's longest recurring suffix
+    (`lookup`'s max-gram draft, k tokens, in the orchestrator at no model cost), and where
+    it does the head drafts at most HEAD_DEPTH_BESIDE_LOOKUP tokens. One tree pass verifies
+    both. `head_only` leaves the lookup path out: the head alone, as the papers have it.
 
-    Lossless: the beams are chosen deterministically, so every node is verified as a point
-    mass - greedy keeps the longest path of target argmaxes, sampling walks the tree by
-    recursive rejection sampling (services/multidraft.py), exact whatever the head drafts.
-    Statistics count the tree's depth as drafted tokens, as `staged` does.
+    A round without the hidden state (a turn's first, or after a round that drafted
+    elsewhere) drafts the lookup path alone; with neither, or k = 0, it verifies an empty
+    tree: a plain step that returns the hidden state.
+
+    Lossless: the head's beams are chosen deterministically and the lookup path depends on
+    the context only, so every node is verified as a point mass - greedy keeps the longest
+    path of target argmaxes, sampling walks the tree by recursive rejection sampling
+    (services/multidraft.py), exact whatever is drafted. Statistics count the tree's depth
+    as drafted tokens, as `staged` does.
     """
     verifier = cast(TreeVerifier, backends.verifier)
     carry = r.carry if r.carry is not None else Carry()
     width = r.tree.branching[0] if r.tree is not None else DEFAULT_BEAMS
     depth = min(r.k, r.max_draft)
-    draft = None
+    copied = None
+    if depth > 0 and not r.head_only:
+        copied = await backends.lookup.propose(r.session_id, r.context, depth, r.params, 0)
+    drafted = None
     if depth > 0 and carry.hidden is not None and carry.length == len(r.context):
         head = needs(backends.head, BeamDrafter, strategy)
-        draft = await head.propose_beams(r.session_id, carry.hidden, r.context[-1], width, depth)
-    tree = draft.tree if draft is not None else Tree((), ())
+        head_depth = min(depth, HEAD_DEPTH_BESIDE_LOOKUP) if copied is not None and copied.tokens else depth
+        drafted = await head.propose_beams(r.session_id, carry.hidden, r.context[-1], width, head_depth)
+    tree = drafted.tree if drafted is not None else Tree((), ())
+    if copied is not None and copied.tokens:
+        tree = tree.with_path(copied.tokens)
     v = await verifier.verify_tree(
         r.session_id, r.context, tree, (), r.params, round_seed(r.seed, r.step, "verify"), want_hidden=True
     )
     carry.hidden, carry.length = v.hidden, len(r.context) + len(v.tokens)
-    if draft is None:
+    if not len(tree):
         return RoundResult(v.tokens, 0, 0, None, v.cost)
-    return RoundResult(v.tokens, tree.depth, v.accepted, draft.cost, v.cost)
+    cost = total_cost(d.cost for d in (drafted, copied) if d is not None)
+    return RoundResult(v.tokens, tree.depth, v.accepted, cost, v.cost)
 
 
 Strategy = Callable[[Backends, RoundInput], Awaitable[RoundResult]]

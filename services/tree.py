@@ -124,6 +124,21 @@ class Tree:
         """(N,) int64 position id of each node after a context of context_len tokens."""
         return context_len - 1 + torch.tensor(self.depths(), dtype=torch.int64)
 
+    def with_path(self, tokens: Sequence[int]) -> Tree:
+        """The tree with the draft `tokens` added as a path from the root: it follows the
+        nodes already there for as long as they hold its tokens, and adds the rest after the
+        existing nodes (so every node keeps its index, and new siblings come last)."""
+        out_tokens, out_parents = list(self.tokens), list(self.parents)
+        node = ROOT
+        for token in tokens:
+            child = next((i for i in self.children(node) if out_tokens[i] == token), None) if node < len(self) else None
+            if child is None:
+                out_tokens.append(token)
+                out_parents.append(node)
+                child = len(out_tokens) - 1
+            node = child
+        return Tree(tuple(out_tokens), tuple(out_parents))
+
     def prefix_of(self, other: Tree) -> bool:
         """Whether this tree's nodes are the first nodes of other (same tokens and parents)."""
         n = len(self)

@@ -107,8 +107,8 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     what = p.add_argument_group("what to run")
     what.add_argument(
         "--strategies",
-        help="comma-separated, STRATEGY or STRATEGY:kN for a fixed draft length (default: every registered "
-        "strategy, adaptive, and sd:k4); ar is always run",
+        help="comma-separated, STRATEGY, STRATEGY:kN for a fixed draft length, or redrafter:head / parallel:head "
+        "for the trained head alone (default: every registered strategy, adaptive, and sd:k4); ar is always run",
     )
     what.add_argument(
         "--categories",
@@ -214,17 +214,20 @@ def _model_dir(name: str, home: Path) -> Path:
 
 
 def _problems(args: argparse.Namespace, s: Sizes, systems: list[str], known: tuple[str, ...]) -> list[str]:
+    from orchestrator.strategies import HEAD_STRATEGIES
     from specd.bench.runner import BenchError, parse_system
 
     found = []
     for system in systems:
         try:
-            strategy, _ = parse_system(system)
+            strategy, _, head_only = parse_system(system)
         except BenchError as err:
             found.append(str(err))
             continue
         if strategy not in known:
             found.append(f"unknown strategy {strategy!r}; registered: {', '.join(known)}")
+        elif head_only and strategy not in HEAD_STRATEGIES:
+            found.append(f"system {system!r}: :head applies to {' and '.join(HEAD_STRATEGIES)} only")
     if s.limit < 1 or s.max_new_tokens < 1 or s.in_process_limit < 0:
         found.append("--limit and --max-new-tokens must be >= 1, --in-process-limit >= 0")
     if args.k < 0:

@@ -168,6 +168,7 @@ def build_request(args: argparse.Namespace, stdin=sys.stdin) -> pb.GenerateReque
             setattr(request, field, value)
     if args.k is not None:
         request.options.k = args.k
+    request.options.head_only = args.head_only
     return request
 
 
@@ -334,9 +335,13 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--strategy",
         help="ar (plain decoding), lookup (drafts copied from the context, no drafter), sd, cascade, staged (a "
-        "drafter of the target's vocabulary), or slem, tli, slrs (a drafter of any vocabulary); default: the server's",
+        "drafter of the target's vocabulary), slem, tli, slrs (a drafter of any vocabulary), or redrafter, parallel "
+        "(a trained head: specd up --head); default: the server's",
     )
     p.add_argument("-k", type=int, help="draft length (default: the server's; adaptive unless it fixes one)")
+    p.add_argument("--head-only", action="store_true",
+                   help="redrafter, parallel: draft with the trained head alone, without the context's own "
+                   "continuation beside its beams")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, help="most tokens to generate (default: the server's, 128)")
     p.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only (0 = off)")

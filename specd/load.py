@@ -98,9 +98,11 @@ def run_load(
     timeout: float = 600.0,
     prompts: Sequence[str] = PROMPTS,
     k: int = 0,
+    head_only: bool = False,
 ) -> LoadReport:
     """Runs the load (see the module's doc) and returns what it measured. Request i asks
-    prompts[i % len(prompts)] as one user message; k: the draft length (0: adaptive)."""
+    prompts[i % len(prompts)] as one user message; k: the draft length (0: adaptive);
+    head_only: a trained head's strategy drafts with the head alone (StrategyOptions)."""
     report = LoadReport(rss_before=_rss(home))
     lock = threading.Lock()
     issued = 0
@@ -119,6 +121,7 @@ def run_load(
         request = pb.GenerateRequest(strategy=strategy, max_new_tokens=max_new_tokens)
         if k:
             request.options.k = k
+        request.options.head_only = head_only
         request.chat.messages.append(pb.ChatMessage(role="user", content=prompts[i % len(prompts)]))
         sent = time.monotonic()
         arrivals: list[tuple[float, int]] = []

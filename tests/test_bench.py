@@ -431,19 +431,27 @@ def test_quick_bench_with_a_drafter_of_another_vocabulary(
 
 
 @pytest.mark.parametrize(
-    ("name", "expected"), [("sd", ("sd", None)), ("sd:k4", ("sd", 4)), ("cascade:k12", ("cascade", 12))]
+    ("name", "expected"),
+    [
+        ("sd", ("sd", None, False)),
+        ("sd:k4", ("sd", 4, False)),
+        ("cascade:k12", ("cascade", 12, False)),
+        ("redrafter:head", ("redrafter", None, True)),
+        ("parallel:k3:head", ("parallel", 3, True)),
+        ("redrafter:head:k2", ("redrafter", 2, True)),
+    ],
 )
-def test_a_system_names_a_strategy_and_optionally_a_fixed_k(name, expected):
+def test_a_system_names_a_strategy_and_optionally_a_fixed_k_and_the_head_alone(name, expected):
     from specd.bench.runner import parse_system
 
     assert parse_system(name) == expected
 
 
-@pytest.mark.parametrize("name", ["sd:4", "sd:k0", "sd:kx", "sd:depth3"])
+@pytest.mark.parametrize("name", ["sd:4", "sd:k0", "sd:kx", "sd:depth3", "sd:k4:k5", "redrafter:head:head"])
 def test_a_bad_system_name_says_how_to_write_one(name):
     from specd.bench.runner import BenchError, parse_system
 
-    with pytest.raises(BenchError, match="STRATEGY:kN"):
+    with pytest.raises(BenchError, match="STRATEGY\\[:kN\\]"):
         parse_system(name)
 
 

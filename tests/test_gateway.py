@@ -120,6 +120,7 @@ def test_sampling_with_a_seed_repeats(stack, api):
         (dict(max_tokens=0), 400, "max_tokens"),
         (dict(model=f"{MODEL}:warp"), 400, "model"),
         (dict(extra_body={"specd": {"strategy": "warp"}}), 400, "specd.strategy"),
+        (dict(extra_body={"specd": {"head_only": "yes"}}), 400, "specd.head_only"),
         (dict(extra_body={"colour": "blue"}), 400, "colour"),
         (dict(stop=["x"] * 17), 400, "stop"),
     ],

@@ -129,6 +129,8 @@ def test_context_deltas_keep_bytes_per_round_flat(stack):
         (dict(prompt="hi", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         (dict(prompt="hi", top_k=-1), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
         (dict(prompt="hi", strategy="warp"), grpc.StatusCode.INVALID_ARGUMENT, "unknown strategy"),
+        (dict(prompt="hi", strategy="sd", options=pb.StrategyOptions(head_only=True)), grpc.StatusCode.INVALID_ARGUMENT,
+         "head_only applies to redrafter and parallel"),
         (dict(prompt="hi", session_id="no-such-session"), grpc.StatusCode.INVALID_ARGUMENT, "session_id"),
         (dict(prompt="hi", session_id="0123456789abcdef" * 2), grpc.StatusCode.NOT_FOUND, "0123456789abcdef"),
         (dict(prompt="hi", stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop"),

@@ -23,7 +23,15 @@ from test_acceptance import PASS, chi_square_pvalue
 from test_cascade import decode
 
 from drafter_svc.head import GroupedLmHead, HeadDrafter, int8_tables, target_tables
-from orchestrator.strategies import Backends, Carry, NotServable, RoundInput, parallel_round, redrafter_round
+from orchestrator.strategies import (
+    HEAD_DEPTH_BESIDE_LOOKUP,
+    Backends,
+    Carry,
+    NotServable,
+    RoundInput,
+    parallel_round,
+    redrafter_round,
+)
 from services.redrafter import (
     MANIFEST,
     HeadConfig,
@@ -497,9 +505,10 @@ DRAFTERS = [
 ]
 
 
+@pytest.mark.parametrize("head_only", [False, True], ids=["beside lookup", "head only"])
 @pytest.mark.parametrize("drafter", DRAFTERS)
 def test_greedy_head_strategies_equal_plain_decoding(
-    tiny_pair, tiny_head, tiny_grouped_head, tiny_parallel_head, drafter
+    tiny_pair, tiny_head, tiny_grouped_head, tiny_parallel_head, drafter, head_only
 ) -> None:
     target = load_torch(tiny_pair.target_dir, dtype="int8", device="cpu", max_sessions=4)
     core = VerifierCore(target)
@@ -514,7 +523,8 @@ def test_greedy_head_strategies_equal_plain_decoding(
     while len(out) < 30:
         if isinstance(beams, ContinuationBeams):
             beams.at = len(out)
-        r = RoundInput("rd", context + out, GREEDY, 0, step, 4, max_draft=30 - len(out) - 1, carry=carry)
+        r = RoundInput("rd", context + out, GREEDY, 0, step, 4, max_draft=30 - len(out) - 1, carry=carry,
+                       head_only=head_only)  # fmt: skip
         result = asyncio.run(round_(backends, r))
         assert len(result.tokens) == result.accepted + 1 and carry.length == len(context + out) + len(result.tokens)
         out += result.tokens
@@ -523,6 +533,52 @@ def test_greedy_head_strategies_equal_plain_decoding(
     assert out == expected
     if isinstance(beams, ContinuationBeams):
         assert accepted >= 20  # most tokens came from accepted drafts
+
+
+class RecordedBeams:
+    """A BeamDrafter that drafts `depth` copies of one token and records the depths asked."""
+
+    def __init__(self, token: int) -> None:
+        self.token, self.depths = token, []
+
+    async def propose_beams(self, session_id, hidden, last_token, width, depth) -> TreeDraft:
+        self.depths.append(depth)
+        return TreeDraft(Tree.chain([self.token] * depth), (), depth, CallCost(0.0, 0.0))
+
+
+@pytest.mark.parametrize(
+    ("context", "head_only", "head_depth", "lookup_path"),
+    [
+        # 3 4 recurs: lookup drafts what followed it (5 6 3 4 5 6), and the head drafts 3 beside it
+        ([3, 4, 5, 6, 3, 4], False, HEAD_DEPTH_BESIDE_LOOKUP, (5, 6, 3, 4, 5, 6)),
+        # the head alone, as asked
+        ([3, 4, 5, 6, 3, 4], True, 6, ()),
+        # nothing recurs: the head alone drafts k
+        ([3, 4, 5, 6, 7, 8], False, 6, ()),
+    ],
+)
+def test_the_context_continuation_drafts_beside_the_head(tiny_pair, context, head_only, head_depth, lookup_path) -> None:
+    core = VerifierCore(load_torch(tiny_pair.target_dir, dtype="float64", device="cpu", max_sessions=2))
+    head = RecordedBeams(token=9)
+    carry = Carry(torch.zeros(64), len(context))
+    r = RoundInput("s", context, GREEDY, 0, 0, 6, carry=carry, head_only=head_only)
+    result = asyncio.run(redrafter_round(Backends(core, head=head), r))
+    assert head.depths == [head_depth]
+    assert result.drafted == max(head_depth, len(lookup_path))
+    # the verified tree held the head's chain and the lookup path: the argmax path decides
+    expected, _ = asyncio.run(decode(Backends(core), "ar", context, len(result.tokens), GREEDY, session="ar"))
+    assert list(result.tokens) == expected
+
+
+def test_a_turns_first_round_drafts_the_context_continuation(tiny_pair) -> None:
+    """Without the target's hidden state the head cannot draft; the lookup path still does."""
+    core = VerifierCore(load_torch(tiny_pair.target_dir, dtype="float64", device="cpu", max_sessions=2))
+    head = RecordedBeams(token=9)
+    r = RoundInput("s", [3, 4, 5, 6, 3, 4], GREEDY, 0, 0, 4, carry=Carry())
+    result = asyncio.run(redrafter_round(Backends(core, head=head), r))
+    assert head.depths == [] and result.drafted == 4 and r.carry.hidden is not None
+    plain = asyncio.run(redrafter_round(Backends(core, head=head), dataclasses.replace(r, head_only=True, carry=Carry())))
+    assert plain.drafted == 0 and len(plain.tokens) == 1
 
 
 def test_redrafter_without_a_head_says_what_to_configure(tiny_pair) -> None:
@@ -553,9 +609,11 @@ class FixedBeams:
         return TreeDraft(beams_to_tree([(1, 2), (1, 0), (3, 3)]), (), 2, CallCost(0.0, 0.0))
 
 
+@pytest.mark.parametrize("context", [CONTEXT, [0, 1, 2, 0, 1]], ids=["no repeat", "lookup path beside"])
 @pytest.mark.parametrize("round_", [redrafter_round, parallel_round], ids=["redrafter", "parallel"])
-def test_sampled_head_strategies_are_distributed_as_p(round_) -> None:
-    """The first two tokens of rounds that verify a fixed beam tree, against p_1 x p_2."""
+def test_sampled_head_strategies_are_distributed_as_p(round_, context) -> None:
+    """The first two tokens of rounds that verify a fixed beam tree (and, where the context
+    repeats, the lookup path 2 0 beside it), against p_1 x p_2."""
     g = torch.Generator().manual_seed(4)
     table = torch.randn(8, V, generator=g, dtype=torch.float64) * 1.5
     backends = Backends(VerifierCore(HiddenTable(table)), head=FixedBeams())
@@ -565,15 +623,15 @@ def test_sampled_head_strategies_are_distributed_as_p(round_) -> None:
         counts: Counter = Counter()
         for seed in range(n):
             out: list[int] = []
-            carry = Carry(torch.zeros(4), len(CONTEXT))
+            carry = Carry(torch.zeros(4), len(context))
             while len(out) < 2:
-                carry.length = len(CONTEXT) + len(out)  # the fake's hidden state holds for any context
-                r = RoundInput("s", CONTEXT + out, SAMPLED, seed, len(out), 2, carry=carry)
+                carry.length = len(context) + len(out)  # the fake's hidden state holds for any context
+                r = RoundInput("s", context + out, SAMPLED, seed, len(out), 2, carry=carry)
                 out += (await round_(backends, r)).tokens
             counts[tuple(out[:2])] += 1
         return counts
 
-    p = target_probs(table[len(CONTEXT) - 1 :], SAMPLED)
+    p = target_probs(table[len(context) - 1 :], SAMPLED)
     expected = {cell: float(p[0, cell[0]] * p[1, cell[1]]) for cell in itertools.product(range(V), repeat=2)}
     assert chi_square_pvalue(asyncio.run(runs()), expected, n) > PASS
 

@@ -80,10 +80,11 @@ def test_greedy_redrafter_equals_ar(stack, prompt):
     s, _ = stack
     address = s.address("orchestrator")
     expected = generate(address, prompt, strategy="ar", max_new_tokens=NEW).token_ids
-    for k in (0, 3):  # adaptive, then a fixed depth
-        options = {"options": pb.StrategyOptions(k=k)} if k else {}
+    # adaptive, a fixed depth, and a fixed depth drafted by the head alone
+    for k, head_only in ((0, False), (3, False), (3, True)):
+        options = {"options": pb.StrategyOptions(k=k, head_only=head_only)}
         result = generate(address, prompt, strategy="redrafter", max_new_tokens=NEW, **options)
-        assert result.token_ids == expected, k
+        assert result.token_ids == expected, (k, head_only)
     assert result.stats.drafted > 0  # the fixed depth drafted in every round after the first
     assert generate(address, prompt, strategy="sd", max_new_tokens=NEW).token_ids == expected  # one stack serves both
 
@@ -93,10 +94,11 @@ def test_greedy_parallel_equals_ar(stack, prompt):
     s, _ = stack
     address = s.address("orchestrator4")
     expected = generate(address, prompt, strategy="ar", max_new_tokens=NEW).token_ids
-    for k in (0, 3):  # adaptive, then a fixed depth (the head's own: --depth 4)
-        options = {"options": pb.StrategyOptions(k=k)} if k else {}
+    # adaptive, then a fixed depth (the head's own: --depth 4), beside lookup and alone
+    for k, head_only in ((0, False), (3, False), (3, True)):
+        options = {"options": pb.StrategyOptions(k=k, head_only=head_only)}
         result = generate(address, prompt, strategy="parallel", max_new_tokens=NEW, **options)
-        assert result.token_ids == expected, k
+        assert result.token_ids == expected, (k, head_only)
     assert result.stats.drafted > 0
 
 

@@ -27,6 +27,28 @@ def test_structure_by_eye() -> None:
     assert Tree.chain([4, 5, 6]) == Tree((4, 5, 6), (-1, 0, 1))
 
 
+@pytest.mark.parametrize(
+    ("tree", "path", "expected"),
+    [
+        # into an empty tree: a chain
+        (Tree((), ()), (4, 5), Tree((4, 5), (ROOT, 0))),
+        # the whole path is already there: the same tree
+        (TREE, (7, 5, 9), TREE),
+        (TREE, (8,), TREE),
+        # follows 7 -> 5, then leaves the tree: one new node under node 2
+        (TREE, (7, 5, 3), Tree((7, 8, 5, 6, 9, 3), (-1, -1, 0, 0, 2, 2))),
+        # follows 7 -> 5 -> 9 and goes deeper
+        (TREE, (7, 5, 9, 1, 2), Tree((7, 8, 5, 6, 9, 1, 2), (-1, -1, 0, 0, 2, 4, 5))),
+        # a new first token: a new branch at the root, after every existing node
+        (TREE, (6, 7), Tree((7, 8, 5, 6, 9, 6, 7), (-1, -1, 0, 0, 2, -1, 5))),
+        # an empty path: the same tree
+        (TREE, (), TREE),
+    ],
+)
+def test_a_path_joins_a_tree_where_their_prefixes_agree(tree, path, expected) -> None:
+    assert tree.with_path(path) == expected
+
+
 def test_ancestor_mask_by_eye() -> None:
     assert TREE.ancestor_mask().tolist() == [
         # 0  1  2  3  4

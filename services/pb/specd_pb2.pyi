@@ -371,14 +371,16 @@ class KRow(_message.Message):
     def __init__(self, k: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StrategyOptions(_message.Message):
-    __slots__ = ("k", "k_matrix", "tree")
+    __slots__ = ("k", "k_matrix", "tree", "head_only")
     K_FIELD_NUMBER: _ClassVar[int]
     K_MATRIX_FIELD_NUMBER: _ClassVar[int]
     TREE_FIELD_NUMBER: _ClassVar[int]
+    HEAD_ONLY_FIELD_NUMBER: _ClassVar[int]
     k: int
     k_matrix: _containers.RepeatedCompositeFieldContainer[KRow]
     tree: TreeShape
-    def __init__(self, k: _Optional[int] = ..., k_matrix: _Optional[_Iterable[_Union[KRow, _Mapping]]] = ..., tree: _Optional[_Union[TreeShape, _Mapping]] = ...) -> None: ...
+    head_only: bool
+    def __init__(self, k: _Optional[int] = ..., k_matrix: _Optional[_Iterable[_Union[KRow, _Mapping]]] = ..., tree: _Optional[_Union[TreeShape, _Mapping]] = ..., head_only: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "chat", "session_id", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "strategy", "options", "request_id", "resume_from")

@@ -50,15 +50,17 @@ def sweep(
     timeout: float = 1800.0,
     on_level: Callable[[Level], None] | None = None,
 ) -> list[Level]:
-    """Every system (a strategy, or STRATEGY:kN for a fixed draft length; others get k, 0 =
-    adaptive) at every level (see the module's doc); on_level after each measurement."""
+    """Every system (a strategy, STRATEGY:kN for a fixed draft length, others get k, 0 =
+    adaptive; STRATEGY:head a trained head alone) at every level (see the module's doc);
+    on_level after each measurement."""
     measured: list[Level] = []
     for concurrency in levels:
         for system in systems:
-            strategy, fixed = parse_system(system)
+            strategy, fixed, head_only = parse_system(system)
             report = run_load(
                 address, streams=concurrency, requests=concurrency * turns, duration=float("inf"),
                 max_new_tokens=max_new_tokens, strategy=strategy, timeout=timeout, prompts=prompts, k=fixed or k,
+                head_only=head_only,
             )  # fmt: skip
             s = report.summary()
             level = Level(

@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 import numpy as np
@@ -75,15 +76,31 @@ class BenchError(RuntimeError):
     """The bench cannot go on; the message says why."""
 
 
-def parse_system(name: str) -> tuple[str, int | None]:
-    """A bench system of the services: a strategy, with its draft length fixed by `:kN`
-    ("sd:k4"); without, the bench's -k (0: adaptive)."""
-    strategy, _, option = name.partition(":")
-    if not option:
-        return strategy, None
-    if not (option.startswith("k") and option[1:].isdigit() and int(option[1:]) >= 1):
-        raise BenchError(f"system {name!r}: write a fixed draft length as STRATEGY:kN with N >= 1, e.g. sd:k4")
-    return strategy, int(option[1:])
+class System(NamedTuple):
+    """A bench system of the services: a strategy and the options its name gives."""
+
+    strategy: str
+    k: int | None = None  # a fixed draft length (`:kN`); None: the bench's -k (0: adaptive)
+    head_only: bool = False  # `:head`: a trained head's beams alone (redrafter, parallel)
+
+
+SYSTEM_SYNTAX = "STRATEGY[:kN][:head], e.g. sd:k4 or redrafter:head"
+
+
+def parse_system(name: str) -> System:
+    """A bench system's name: a strategy, with its draft length fixed by `:kN` ("sd:k4"),
+    and for a trained head's strategies `:head` to draft with the head alone, without the
+    context's continuation beside it ("redrafter:head")."""
+    strategy, *options = name.split(":")
+    k, head_only = None, False
+    for option in options:
+        if option == "head" and not head_only:
+            head_only = True
+        elif option.startswith("k") and option[1:].isdigit() and int(option[1:]) >= 1 and k is None:
+            k = int(option[1:])
+        else:
+            raise BenchError(f"system {name!r}: write a system as {SYSTEM_SYNTAX} (a fixed draft length N >= 1)")
+    return System(strategy, k, head_only)
 
 
 def rtt_system(system: str, rtt_ms: float) -> str:
@@ -148,10 +165,10 @@ class ServicesClient:
 
     def request(self, prompt: Prompt, system: str, max_new_tokens: int, seed: int) -> pb.GenerateRequest:
         c = self.config
-        strategy, k = parse_system(system)
+        strategy, k, head_only = parse_system(system)
         request = pb.GenerateRequest(
             strategy=strategy, max_new_tokens=max_new_tokens, temperature=c.temperature, top_k=c.top_k,
-            top_p=c.top_p, seed=seed, options=pb.StrategyOptions(k=c.k if k is None else k),
+            top_p=c.top_p, seed=seed, options=pb.StrategyOptions(k=c.k if k is None else k, head_only=head_only),
         )  # fmt: skip
         request.chat.messages.append(pb.ChatMessage(role="user", content=prompt.text))
         return request
@@ -318,13 +335,13 @@ class InProcessRunner:
 
     def run(self, prompt: Prompt, system: str, max_new_tokens: int, seed: int) -> RunRecord:
         c = self.config
-        strategy, k = parse_system(system)
+        strategy, k, head_only = parse_system(system)
         request = GenerationRequest(
             messages=(ChatMessage("user", prompt.text),), max_new_tokens=max_new_tokens,
             # The services receive the temperature as a proto float32; round it the same way
             # so a seeded sampled run draws the same tokens in both paths.
             temperature=float(np.float32(c.temperature)), top_k=c.top_k, top_p=float(np.float32(c.top_p)),
-            seed=seed, strategy=strategy, k=c.k if k is None else k,
+            seed=seed, strategy=strategy, k=c.k if k is None else k, head_only=head_only,
         )  # fmt: skip
         ids, stats, wall = asyncio.run(self._generate(request))
         return RunRecord(
@@ -564,14 +581,14 @@ def build_tasks(
         return services.run(p, system, n, seed, rtt_ms)
 
     tasks = [
-        Task(rtt_system(s, rtt), SERVICES, parse_system(s)[0],
+        Task(rtt_system(s, rtt), SERVICES, parse_system(s).strategy,
              lambda p, n, seed, s=s, rtt=rtt: through_services(p, n, seed, s, rtt))  # fmt: skip
         for rtt in (config.rtts_ms if proxies is not None else (0.0,))
         for s in config.strategies
     ]
     if in_process is not None:
         tasks += [
-            Task(s + LOCAL_SUFFIX, IN_PROCESS, parse_system(s)[0], lambda p, n, seed, s=s: in_process.run(p, s, n, seed))
+            Task(s + LOCAL_SUFFIX, IN_PROCESS, parse_system(s).strategy, lambda p, n, seed, s=s: in_process.run(p, s, n, seed))
             for s in config.strategies
         ]
     for runner in peers:
