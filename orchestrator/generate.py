@@ -252,7 +252,8 @@ class Engine:
         self.owner = uuid.uuid4().hex  # this engine, as the owner of the turns it runs
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # one thread: the tokenizer is shared
         self.in_flight = 0  # turns streaming now (a stopping server waits for them)
-        self.draft_lengths: dict[str, DraftLength] = {}  # per strategy: what adaptive rounds measured
+        # per strategy (STRATEGY:head for a head alone): what adaptive rounds measured
+        self.draft_lengths: dict[str, DraftLength] = {}
         # Called after each round is committed: (strategy, result, round seconds, commit seconds)
         self.on_round: Callable[[str, RoundResult, float, float], None] | None = None
 
@@ -480,9 +481,11 @@ class Engine:
         replayed = req.seed is not None and not session.sampling.greedy
         if fixed or replayed or strategy == "ar":
             return None
-        if strategy not in self.draft_lengths:
-            self.draft_lengths[strategy] = DraftLength(own_cores=self.limits.own_cores)
-        return self.draft_lengths[strategy]
+        # A head alone drafts other trees than a head beside lookup: rates and costs of their own
+        key = f"{strategy}:head" if req.head_only else strategy
+        if key not in self.draft_lengths:
+            self.draft_lengths[key] = DraftLength(own_cores=self.limits.own_cores)
+        return self.draft_lengths[key]
 
     async def _rounds(
         self, req, session, stats, target, shape, drafter_down, drafting_context

@@ -675,3 +675,19 @@ def test_on_cores_of_its_own_the_drafter_keeps_up_beside_plain_rounds(tiny_pair,
         assert drafting[0] - max(before) <= KEEP_UP_TOKENS, drafter.calls
     else:
         assert before == [], drafter.calls
+
+
+def test_a_head_alone_and_a_head_beside_lookup_adapt_apart(tiny_pair) -> None:
+    """They draft different trees, so each keeps its own acceptance and round costs."""
+    from types import SimpleNamespace
+
+    from orchestrator.generate import GenerationRequest
+
+    engine = tiny_engine(tiny_pair, DrafterCore, DraftLength(), own_cores=True)
+    session = SimpleNamespace(sampling=SamplingParams())
+
+    def lengths(head_only: bool) -> DraftLength:
+        return engine._draft_length(GenerationRequest(strategy="redrafter", head_only=head_only), session, "redrafter", 0)
+
+    beside, alone = lengths(False), lengths(True)
+    assert beside is not alone and lengths(False) is beside and lengths(True) is alone
