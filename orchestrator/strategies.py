@@ -568,9 +568,13 @@ async def staged_round(backends: Backends, r: RoundInput) -> RoundResult:
 # `specd train redrafter` makes here, a second beam added a tree row's cost to every verify
 # and no acceptance (HumanEval, 1.5B target: 0.71x `ar` with one beam, 0.62x with two).
 DEFAULT_BEAMS = 1
-# The most tokens the head drafts when the context's own continuation (lookup) drafts beside
-# it: the head's acceptance past its third position is a few percent (HumanEval, 1.5B target:
-# 42% / 22% / 4% at positions 1-3), and every node it adds lengthens the verify.
+# The most tokens the head drafts beside the context's own continuation (lookup), which
+# drafts the round's k: the head's acceptance past its third position is a few percent
+# (HumanEval, 1.5B target: 42% / 22% / 4% at positions 1-3), and every node it adds
+# lengthens the verify. Capped in every round, matched or not, so that the acceptance
+# adaptive draft length measures past position 3 is lookup's: a head drafting k deep where
+# nothing recurs pulled those rates down and with them the k of the rounds that copy
+# (HumanEval: draft length 3.5 and tau 3.7, against lookup's own 6.4 and 5.3).
 HEAD_DEPTH_BESIDE_LOOKUP = 3
 
 
@@ -610,9 +614,9 @@ async def head_round(backends: Backends, r: RoundInput, strategy: str) -> RoundR
     answer copies from the prompt (a docstring, a variable name, a quoted line); prompt
     lookup drafts exactly that and nothing else. So the tree also holds, as one more path,
     what followed the latest earlier occurrence of the context's longest recurring suffix
-    (`lookup`'s max-gram draft, k tokens, in the orchestrator at no model cost), and where
-    it does the head drafts at most HEAD_DEPTH_BESIDE_LOOKUP tokens. One tree pass verifies
-    both. `head_only` leaves the lookup path out: the head alone, as the papers have it.
+    (`lookup`'s max-gram draft, k tokens, in the orchestrator at no model cost), and the head
+    drafts at most HEAD_DEPTH_BESIDE_LOOKUP tokens. One tree pass verifies both. `head_only`
+    leaves the lookup path out: the head alone, k tokens, as the papers have it.
 
     A round without the hidden state (a turn's first, or after a round that drafted
     elsewhere) drafts the lookup path alone; with neither, or k = 0, it verifies an empty
@@ -634,7 +638,7 @@ async def head_round(backends: Backends, r: RoundInput, strategy: str) -> RoundR
     drafted = None
     if depth > 0 and carry.hidden is not None and carry.length == len(r.context):
         head = needs(backends.head, BeamDrafter, strategy)
-        head_depth = min(depth, HEAD_DEPTH_BESIDE_LOOKUP) if copied is not None and copied.tokens else depth
+        head_depth = depth if r.head_only else min(depth, HEAD_DEPTH_BESIDE_LOOKUP)
         drafted = await head.propose_beams(r.session_id, carry.hidden, r.context[-1], width, head_depth)
     tree = drafted.tree if drafted is not None else Tree((), ())
     if copied is not None and copied.tokens:

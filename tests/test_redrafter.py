@@ -553,8 +553,8 @@ class RecordedBeams:
         ([3, 4, 5, 6, 3, 4], False, HEAD_DEPTH_BESIDE_LOOKUP, (5, 6, 3, 4, 5, 6)),
         # the head alone, as asked
         ([3, 4, 5, 6, 3, 4], True, 6, ()),
-        # nothing recurs: the head alone drafts k
-        ([3, 4, 5, 6, 7, 8], False, 6, ()),
+        # nothing recurs: the head still drafts 3 (k sizes the lookup path)
+        ([3, 4, 5, 6, 7, 8], False, HEAD_DEPTH_BESIDE_LOOKUP, ()),
     ],
 )
 def test_the_context_continuation_drafts_beside_the_head(tiny_pair, context, head_only, head_depth, lookup_path) -> None:
