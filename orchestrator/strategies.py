@@ -576,6 +576,11 @@ DEFAULT_BEAMS = 1
 # nothing recurs pulled those rates down and with them the k of the rounds that copy
 # (HumanEval: draft length 3.5 and tau 3.7, against lookup's own 6.4 and 5.3).
 HEAD_DEPTH_BESIDE_LOOKUP = 3
+# ... and where lookup's path exists: one token, the alternative to the path's first. The
+# head's later tokens are accepted only where its first was and the path's was not (on
+# HumanEval 83% of lookup's first tokens are accepted, 2% of the head's second), and on a
+# CPU whose verify is not flat each node costs what a fifth of a token's pass does.
+HEAD_DEPTH_BESIDE_MATCH = 1
 
 
 @dataclass
@@ -615,7 +620,8 @@ async def head_round(backends: Backends, r: RoundInput, strategy: str) -> RoundR
     lookup drafts exactly that and nothing else. So the tree also holds, as one more path,
     what followed the latest earlier occurrence of the context's longest recurring suffix
     (`lookup`'s max-gram draft, k tokens, in the orchestrator at no model cost), and the head
-    drafts at most HEAD_DEPTH_BESIDE_LOOKUP tokens. One tree pass verifies both. `head_only`
+    drafts at most HEAD_DEPTH_BESIDE_LOOKUP tokens (HEAD_DEPTH_BESIDE_MATCH where that path
+    exists). One tree pass verifies both. `head_only`
     leaves the lookup path out: the head alone, k tokens, as the papers have it.
 
     A round without the hidden state (a turn's first, or after a round that drafted
@@ -638,7 +644,9 @@ async def head_round(backends: Backends, r: RoundInput, strategy: str) -> RoundR
     drafted = None
     if depth > 0 and carry.hidden is not None and carry.length == len(r.context):
         head = needs(backends.head, BeamDrafter, strategy)
-        head_depth = depth if r.head_only else min(depth, HEAD_DEPTH_BESIDE_LOOKUP)
+        matched = copied is not None and bool(copied.tokens)
+        beside = HEAD_DEPTH_BESIDE_MATCH if matched else HEAD_DEPTH_BESIDE_LOOKUP
+        head_depth = depth if r.head_only else min(depth, beside)
         drafted = await head.propose_beams(r.session_id, carry.hidden, r.context[-1], width, head_depth)
     tree = drafted.tree if drafted is not None else Tree((), ())
     if copied is not None and copied.tokens:

@@ -25,6 +25,7 @@ from test_cascade import decode
 from drafter_svc.head import GroupedLmHead, HeadDrafter, int8_tables, target_tables
 from orchestrator.strategies import (
     HEAD_DEPTH_BESIDE_LOOKUP,
+    HEAD_DEPTH_BESIDE_MATCH,
     Backends,
     Carry,
     NotServable,
@@ -549,15 +550,17 @@ class RecordedBeams:
 @pytest.mark.parametrize(
     ("context", "head_only", "head_depth", "lookup_path"),
     [
-        # 3 4 recurs: lookup drafts what followed it (5 6 3 4 5 6), and the head drafts 3 beside it
-        ([3, 4, 5, 6, 3, 4], False, HEAD_DEPTH_BESIDE_LOOKUP, (5, 6, 3, 4, 5, 6)),
+        # 3 4 recurs: lookup drafts what followed it (5 6 3 4 5 6), and the head one token beside it
+        ([3, 4, 5, 6, 3, 4], False, HEAD_DEPTH_BESIDE_MATCH, (5, 6, 3, 4, 5, 6)),
         # the head alone, as asked
         ([3, 4, 5, 6, 3, 4], True, 6, ()),
         # nothing recurs: the head still drafts 3 (k sizes the lookup path)
         ([3, 4, 5, 6, 7, 8], False, HEAD_DEPTH_BESIDE_LOOKUP, ()),
     ],
 )
-def test_the_context_continuation_drafts_beside_the_head(tiny_pair, context, head_only, head_depth, lookup_path) -> None:
+def test_the_context_continuation_drafts_beside_the_head(
+    tiny_pair, context, head_only, head_depth, lookup_path
+) -> None:
     core = VerifierCore(load_torch(tiny_pair.target_dir, dtype="float64", device="cpu", max_sessions=2))
     head = RecordedBeams(token=9)
     carry = Carry(torch.zeros(64), len(context))
@@ -577,7 +580,8 @@ def test_a_turns_first_round_drafts_the_context_continuation(tiny_pair) -> None:
     r = RoundInput("s", [3, 4, 5, 6, 3, 4], GREEDY, 0, 0, 4, carry=Carry())
     result = asyncio.run(redrafter_round(Backends(core, head=head), r))
     assert head.depths == [] and result.drafted == 4 and r.carry.hidden is not None
-    plain = asyncio.run(redrafter_round(Backends(core, head=head), dataclasses.replace(r, head_only=True, carry=Carry())))
+    alone = dataclasses.replace(r, head_only=True, carry=Carry())
+    plain = asyncio.run(redrafter_round(Backends(core, head=head), alone))
     assert plain.drafted == 0 and len(plain.tokens) == 1
 
 
