@@ -107,6 +107,14 @@ def _integer(body: Mapping, name: str, low: int, high: int) -> int | None:
     return value
 
 
+def _flag(options: Mapping, name: str, default: bool) -> bool:
+    """A true-or-false field of the `specd` object."""
+    value = options.get(name, default)
+    if not isinstance(value, bool):
+        raise ApiError(400, f"'specd.{name}' must be true or false", f"specd.{name}")
+    return value
+
+
 def _text(value: Any, name: str) -> str:
     """A message's content: a string, or a list of {"type": "text", "text": ...} parts."""
     if isinstance(value, str):
@@ -168,17 +176,12 @@ def parse(body: Any, kind: str, served: str, max_tokens_limit: int = 1 << 20) ->
     top_k = _integer(options, "top_k", 1, 1 << 20)
     if top_k is not None:
         request.top_k = top_k
-    head_only = options.get("head_only", False)
-    if not isinstance(head_only, bool):
-        raise ApiError(400, "'specd.head_only' must be true or false", "specd.head_only")
-    request.options.head_only = head_only
+    request.options.head_only = _flag(options, "head_only", False)
     session_id = options.get("session_id", "")
     if not isinstance(session_id, str):
         raise ApiError(400, "'specd.session_id' must be a string", "specd.session_id")
     request.session_id = session_id
-    keep = options.get("keep_session", bool(session_id))
-    if not isinstance(keep, bool):
-        raise ApiError(400, "'specd.keep_session' must be true or false", "specd.keep_session")
+    keep = _flag(options, "keep_session", bool(session_id))
 
     if kind == "chat":
         messages = body.get("messages")

@@ -24,6 +24,7 @@ from orchestrator.pool import NoReplica
 from orchestrator.store import ChatMessage, Session, SessionStore, Totals, Turn, TurnInProgress
 from orchestrator.strategies import (
     DEFAULT_TREE,
+    HEAD_STRATEGIES,
     STRATEGIES,
     Backends,
     Carry,
@@ -373,8 +374,8 @@ class Engine:
         self.k_matrix(req)
         if req.tree is not None and req.tree.problems():
             raise InvalidInput("tree: " + "; ".join(req.tree.problems()))
-        if req.head_only and not STRATEGIES[strategy].needs_head:
-            heads = " and ".join(name for name, spec in STRATEGIES.items() if spec.needs_head)
+        if req.head_only and strategy not in HEAD_STRATEGIES:
+            heads = " and ".join(HEAD_STRATEGIES)
             raise InvalidInput(f"head_only applies to {heads} (a trained head's strategies), not {strategy!r}")
         k = req.k or self.limits.default_k
         if req.session_id:

@@ -641,16 +641,14 @@ async def head_round(backends: Backends, r: RoundInput, strategy: str) -> RoundR
     copied = None
     if depth > 0 and not r.head_only:
         copied = await backends.lookup.propose(r.session_id, r.context, depth, r.params, 0)
+    path = copied.tokens if copied is not None else ()
     drafted = None
     if depth > 0 and carry.hidden is not None and carry.length == len(r.context):
         head = needs(backends.head, BeamDrafter, strategy)
-        matched = copied is not None and bool(copied.tokens)
-        beside = HEAD_DEPTH_BESIDE_MATCH if matched else HEAD_DEPTH_BESIDE_LOOKUP
+        beside = HEAD_DEPTH_BESIDE_MATCH if path else HEAD_DEPTH_BESIDE_LOOKUP
         head_depth = depth if r.head_only else min(depth, beside)
         drafted = await head.propose_beams(r.session_id, carry.hidden, r.context[-1], width, head_depth)
-    tree = drafted.tree if drafted is not None else Tree((), ())
-    if copied is not None and copied.tokens:
-        tree = tree.with_path(copied.tokens)
+    tree = (drafted.tree if drafted is not None else Tree((), ())).with_path(path)
     v = await verifier.verify_tree(
         r.session_id, r.context, tree, (), r.params, round_seed(r.seed, r.step, "verify"), want_hidden=True
     )
