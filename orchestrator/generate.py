@@ -181,6 +181,7 @@ class Stats:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     network_seconds: float = 0.0
+    round_trips: int = 0  # model-service calls the rounds sent and then waited for (services/roles.CallCost)
     redis_seconds: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -234,6 +235,7 @@ class Stats:
         self.draft_seconds += r.draft_cost.compute_seconds if r.draft_cost else 0.0
         self.verify_seconds += r.verify_cost.compute_seconds
         self.network_seconds += sum(c.network_seconds for c in costs)
+        self.round_trips += sum(c.round_trips for c in costs)
         self.bytes_sent += sum(c.bytes_sent for c in costs)
         self.bytes_received += sum(c.bytes_received for c in costs)
         self.failovers += sum(c.failovers for c in costs)

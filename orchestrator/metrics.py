@@ -35,6 +35,12 @@ ACCEPTED_PER_POS = Counter(
     "Draft tokens accepted at each draft position (0 = the first drafted token)",
     [*S, "position"],
 )
+ROUND_TRIPS = Counter(
+    "specd:round_trips",
+    "Model-service calls the rounds sent and then waited for (a pipelined round's draft and verify sent "
+    "before it began count none): per target forward, what a network round trip delays each round by",
+    S,
+)
 FAILOVERS = Counter("specd:failovers", "Model service calls redone on another replica after one failed", S)
 FALLBACK_ROUNDS = Counter(
     "specd:fallback_rounds", "Rounds drafted by max-gram: no drafter was reachable, or the context outgrew its", S
@@ -113,6 +119,7 @@ class TurnTimer:
         NUM_ACCEPTED.labels(s).inc(stats.accepted)
         for position, accepted in enumerate(stats.accepted_by_position):
             ACCEPTED_PER_POS.labels(s, str(position)).inc(accepted)
+        ROUND_TRIPS.labels(s).inc(stats.round_trips)
         FAILOVERS.labels(s).inc(stats.failovers)
         FALLBACK_ROUNDS.labels(s).inc(stats.fallback_rounds)
 

@@ -95,6 +95,7 @@ def stats_to_pb(s: Stats) -> pb.GenerationStats:
         draft_seconds=s.draft_seconds,
         verify_seconds=s.verify_seconds,
         network_seconds=s.network_seconds,
+        round_trips=s.round_trips,
         redis_seconds=s.redis_seconds,
         bytes_sent=s.bytes_sent,
         bytes_received=s.bytes_received,

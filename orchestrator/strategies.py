@@ -203,6 +203,7 @@ class Lookahead:
         task, assumed = self.task, self.assumed
         if task is None or assumed is None:
             return None
+        sent_early = self.sent is not None  # its verify left before this round began
         n = len(assumed)
         waits = k == 0 and (self._verify is None or not task.done())  # a plain round would wait for a draft
         if len(context) != n + 1 or list(context[:n]) != assumed or waits:
@@ -219,12 +220,12 @@ class Lookahead:
         if not d.tokens or d.tokens[0] != context[-1] or len(d.tokens) < 2:
             _cancel(sent)
             return None
-        rest = replace(d, tokens=d.tokens[1:], q=d.q[1:])
+        rest = replace(d, tokens=d.tokens[1:], q=d.q[1:], cost=d.cost.sent_before_its_round())
         self.hits += 1
         self.ready += self.arrived_ready
         if sent is not None and len(rest.tokens) <= max_draft:
             self.verified += 1
-            return Ahead(rest, sent)
+            return Ahead(rest, sent, sent_early)
         _cancel(sent)
         return Ahead(replace(rest, tokens=rest.tokens[:k], q=rest.q[:k]), None) if k else None
 
@@ -252,6 +253,7 @@ class Ahead:
 
     draft: Draft
     verify: asyncio.Task | None
+    verify_sent_early: bool = False  # the verify left before the round that uses it began
 
 
 def _cancel(task: asyncio.Task | None) -> None:
@@ -290,9 +292,9 @@ async def pipelined_sd_round(backends: Backends, r: RoundInput) -> RoundResult:
     drafter = needs(backends.drafter, Drafter, "sd")
     if taken is None:
         d = await drafter.propose(r.session_id, r.context, r.k, r.params, round_seed(r.seed, r.step, "draft"))
-        sent = None
+        sent, sent_early = None, False
     else:
-        d, sent = taken.draft, taken.verify
+        d, sent, sent_early = taken.draft, taken.verify, taken.verify_sent_early
     assumed = [*r.context, *d.tokens]
     room = r.max_draft - len(d.tokens) - 1  # round r+1's most draft tokens, if it commits d + g
     if room > 0 and r.k > 0:
@@ -312,6 +314,8 @@ async def pipelined_sd_round(backends: Backends, r: RoundInput) -> RoundResult:
         v = await backends.verifier.verify(
             r.session_id, r.context, d.tokens, d.q, r.params, round_seed(r.seed, r.step, "verify")
         )
+    elif sent_early:
+        v = replace(v, cost=v.cost.sent_before_its_round())
     ahead.arrived_ready = ahead.task is not None and ahead.task.done()
     return RoundResult(v.tokens, len(d.tokens), v.accepted, d.cost, v.cost)
 

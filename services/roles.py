@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -33,11 +33,19 @@ class CallCost:
     # (0: not known, or not a batched call)
     batch_sessions: int = 1
     batch_tokens: int = 0
+    # Network round trips the round using this result sent and then waited for: 1 for a call
+    # to a model service, 0 for one made in this process or sent before its round began (a
+    # pipelined round's draft and verify sent ahead: their trips overlapped earlier work)
+    round_trips: int = 1
 
     @property
     def network_seconds(self) -> float:
         """Transport, serialisation and queueing: what the caller waited beyond the compute."""
         return max(0.0, self.wall_seconds - self.compute_seconds)
+
+    def sent_before_its_round(self) -> CallCost:
+        """This call, used by a round that began after it was sent: no round trip of the round's own."""
+        return replace(self, round_trips=0)
 
 
 def total_cost(costs: Iterable[CallCost]) -> CallCost | None:
@@ -56,6 +64,7 @@ def total_cost(costs: Iterable[CallCost]) -> CallCost | None:
         bytes_received=sum(c.bytes_received for c in costs),
         replicas=tuple(dict.fromkeys(r for c in costs for r in c.replicas)),
         failovers=sum(c.failovers for c in costs),
+        round_trips=sum(c.round_trips for c in costs),
     )
 
 
@@ -72,7 +81,7 @@ class Stopwatch:
     def local_cost(self) -> CallCost:
         """The cost of a call that ran in this process: its wall time is its compute time."""
         elapsed = self.seconds
-        return CallCost(elapsed, elapsed)
+        return CallCost(elapsed, elapsed, round_trips=0)
 
 
 @dataclass(frozen=True)

@@ -505,19 +505,26 @@ def test_the_delay_proxy_delays_each_direction_by_half_the_rtt_and_overlaps_call
 
 
 def test_the_network_table_shows_speed_and_the_round_trips_share():
+    """Each system's speed at each round trip and its change from 0 ms, the round trips a round
+    waited for and their share of the wall time at that RTT (trips x RTT / wall)."""
     rows = []
     for system, rtt, wall in [("sd", 0, 1.0), ("sd", 10, 2.0), ("sd-pipe", 0, 0.8), ("sd-pipe", 10, 1.0)]:
         name = system if not rtt else f"{system}@rtt{rtt}ms"
-        extra = dict(target_forwards=10, rtt_ms=rtt)
-        if system == "sd-pipe":
-            extra |= dict(speculative_drafts=10, speculative_ready=4)
+        extra = dict(target_forwards=10, rtt_ms=rtt, round_trips=20)  # a draft and a verify a round
+        if system == "sd-pipe":  # half its rounds' verifies sent before the round: 5 of 10 rounds wait for none
+            extra |= dict(speculative_drafts=10, speculative_ready=4, round_trips=10)
         rows.append(dataclasses.replace(record("p1", name, 10, wall, **extra), path=metrics.SERVICES, strategy=system))
     summaries = metrics.summarize_all(rows, [])
     table = report.rtt_table(summaries, [0.0, 10.0])
-    assert "| sd | 10.00 tok/s | 5.00 tok/s, network 50% |" in table
-    assert "| sd-pipe | 12.50 tok/s, ready 40% | 10.00 tok/s, network 20%, ready 40% |" in table
+    assert "| sd | 10.00 tok/s, 2.00 round trips a round | 5.00 tok/s (-50%), 2.00 round trips a round = network 10.0% |" in table
+    assert ("| sd-pipe | 12.50 tok/s, 1.00 round trips a round, ready 40% "
+            "| 10.00 tok/s (-20%), 1.00 round trips a round = network 10.0%, ready 40% |") in table  # fmt: skip
     assert "| sd-pipe / sd | 1.25x | 2.00x |" in table
+    assert "| sd-pipe / sd: network share | – | 1.00x |" in table
     assert report.rtt_table(summaries, [0.0]) == ""
+    # Without the counts (an older results.json), the speeds alone.
+    bare = metrics.summarize_all([dataclasses.replace(r, round_trips=None) for r in rows], [])
+    assert "| sd | 10.00 tok/s | 5.00 tok/s (-50%) |" in report.rtt_table(bare, [0.0, 10.0])
 
 
 def test_a_pinned_bench_behind_delay_proxies(tiny_pair, redis_url, tmp_path, monkeypatch, capsys):

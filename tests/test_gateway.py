@@ -207,6 +207,8 @@ def test_metrics_count_what_the_turns_reported(stack):
     assert sum(per_position) == accepted and per_position == sorted(per_position, reverse=True)
     forwards = sum(s.target_forwards for s in stats)
     assert grown(before, after, "specd:target_forwards_total", strategy="sd") == forwards
+    trips = grown(before, after, "specd:round_trips_total", strategy="sd")
+    assert trips == sum(s.round_trips for s in stats) and forwards <= trips <= 2 * forwards  # a verify, and a draft
     assert grown(before, after, "specd:round_phase_seconds_count", strategy="sd", phase="verify") == forwards
     assert grown(before, after, "specd:time_to_first_token_seconds_count", strategy="sd") == 3
     assert grown(before, after, "specd:inter_token_latency_seconds_count", strategy="sd") > 0

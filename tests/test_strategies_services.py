@@ -166,6 +166,23 @@ def test_adaptive_and_pipelined_sd_equal_ar(stack, prompt):
             assert result.stats.speculative_verified == result.stats.speculative_hits, what
 
 
+def test_the_round_trips_a_round_waits_for(stack):
+    """`ar` waits for one call a round and `sd` for two where it drafts; `sd-pipe` for fewer: a
+    round that uses a speculative draft waited for no draft call of its own, nor for its verify
+    where that was sent before the round began."""
+    address, prompt = stack.address("orchestrator"), PROMPTS[0]
+    plain = generate(address, prompt, strategy="ar", max_new_tokens=NEW).stats
+    assert plain.round_trips == plain.target_forwards
+    for strategy in ("sd", "sd-pipe"):
+        s = generate(address, prompt, strategy=strategy, max_new_tokens=NEW, options=pb.StrategyOptions(k=3)).stats
+        sequential = s.target_forwards + (s.target_forwards - s.ar_rounds)  # a verify a round, a draft where it drafted
+        if strategy == "sd":
+            assert s.round_trips == sequential
+        else:
+            assert s.speculative_hits > 0
+            assert s.round_trips <= sequential - s.speculative_hits, (s.round_trips, sequential, s.speculative_hits)
+
+
 def test_pipelined_sampling_replays_with_its_seed(stack):
     address = stack.address("orchestrator")
     kwargs = dict(strategy="sd-pipe", max_new_tokens=24, temperature=1.0, top_k=20)

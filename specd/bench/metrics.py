@@ -53,6 +53,7 @@ class RunRecord:
     draft_seconds: float | None = None
     verify_seconds: float | None = None
     network_seconds: float | None = None
+    round_trips: int | None = None  # model-service calls the rounds sent and then waited for
     redis_seconds: float | None = None
     bytes_sent: int | None = None
     bytes_received: int | None = None
@@ -115,6 +116,7 @@ class Summary:
     draft_ms_per_round: float | None
     verify_ms_per_round: float | None
     network_ms_per_round: float | None
+    round_trips_per_round: float | None  # calls a round sent and waited for: what a network's round trip delays
     redis_ms_per_round: float | None
     other_ms_per_round: float | None  # the rest of the wall time: orchestration, tokenizing, client
     bytes_sent_per_round: float | None
@@ -225,6 +227,7 @@ def summarize(
     other = None if None in parts or not forwards else wall / forwards * 1000 - sum(parts)
     sent, received = _sum_or_none(r.bytes_sent for r in records), _sum_or_none(r.bytes_received for r in records)
     asked = _sum_or_none(r.draft_asked for r in records)
+    trips = _sum_or_none(r.round_trips for r in records)
     return Summary(
         system=first.system,
         path=first.path,
@@ -243,6 +246,7 @@ def summarize(
         draft_ms_per_round=parts[0],
         verify_ms_per_round=parts[1],
         network_ms_per_round=parts[2],
+        round_trips_per_round=None if trips is None or not forwards else trips / forwards,
         redis_ms_per_round=parts[3],
         other_ms_per_round=other,
         bytes_sent_per_round=None if sent is None or not forwards else sent / forwards,

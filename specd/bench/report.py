@@ -148,10 +148,21 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value:.0%}"
 
 
+def network_share(s: Summary, rtt_ms: float) -> float | None:
+    """The share of a system's wall time its rounds waited on the network's round trip: the
+    calls each round sent and then waited for, times the round trip, over the wall time.
+    Counted, not timed, so a machine's swings in compute speed do not reach it (a difference
+    of tokens/s at two round trips measured minutes apart is mostly those swings)."""
+    if s.round_trips_per_round is None or s.rounds is None or not s.wall_seconds:
+        return None
+    return s.round_trips_per_round * s.rounds * rtt_ms / 1000 / s.wall_seconds
+
+
 def rtt_table(summaries: Sequence[Summary], rtts_ms: Sequence[float]) -> str:
     """Speed against the network's round trip (all categories): tokens/s of each strategy at
-    each RTT, the share of its wall time the round trip costs (1 - tok/s at RTT / tok/s at 0),
-    pipelined `sd` against `sd` at the same RTT, and how often a pipelined draft was ready."""
+    each RTT and its change from 0 ms, the round trips a round waits for and the share of
+    wall time they take at that RTT (network_share), pipelined `sd` against `sd` at the same
+    RTT (speed, and network share), and how often a pipelined draft was ready."""
     if len(rtts_ms) < 2:
         return ""
     by_name = {s.system: s for s in summaries if s.category == ALL and s.path == SERVICES}
@@ -170,10 +181,14 @@ def rtt_table(summaries: Sequence[Summary], rtts_ms: Sequence[float]) -> str:
             if s is None:
                 cells.append("–")
                 continue
-            share = 1 - s.tokens_per_second / zero.tokens_per_second if zero and zero.tokens_per_second and rtt else None
             cell = f"{s.tokens_per_second:.2f} tok/s"
-            if share is not None:
-                cell += f", network {share:.0%}"
+            if zero and zero.tokens_per_second and rtt:
+                cell += f" ({s.tokens_per_second / zero.tokens_per_second - 1:+.0%})"
+            if s.round_trips_per_round is not None:
+                cell += f", {s.round_trips_per_round:.2f} round trips a round"
+                share = network_share(s, rtt)
+                if rtt and share is not None:
+                    cell += f" = network {share:.1%}"
             if s.ready_fraction is not None:
                 cell += f", ready {s.ready_fraction:.0%}"
             if s.ahead_fraction:
@@ -181,12 +196,16 @@ def rtt_table(summaries: Sequence[Summary], rtts_ms: Sequence[float]) -> str:
             cells.append(cell)
         lines.append(f"| {base} | " + " | ".join(cells) + " |")
     for fast, slow in (("sd-pipe", "sd"),):
-        ratios = []
+        ratios, shares = [], []
         for rtt in rtts_ms:
             a, b = at(fast, rtt), at(slow, rtt)
             ratios.append(f"{a.tokens_per_second / b.tokens_per_second:.2f}x" if a and b and b.tokens_per_second else "–")
+            ours, theirs = (network_share(x, rtt) if x and rtt else None for x in (a, b))
+            shares.append(f"{ours / theirs:.2f}x" if ours is not None and theirs else "–")
         if any(r != "–" for r in ratios):
             lines.append(f"| {fast} / {slow} | " + " | ".join(ratios) + " |")
+        if any(r != "–" for r in shares):
+            lines.append(f"| {fast} / {slow}: network share | " + " | ".join(shares) + " |")
     return "\n".join(lines)
 
 
