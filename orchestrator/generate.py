@@ -570,6 +570,10 @@ class Engine:
                     tokens = tokens[: eos_at + 1]
                 session.tokens.extend(tokens)
                 session.step += 1
+                # A round that drafts after plain ones first had the drafter feed every token they
+                # committed (on shared cores, or beyond what keeping up fed it): its time is not
+                # what a round of that length costs among drafting rounds (below)
+                after_plain = bool(r.k) and session.ar_streak > 0
                 session.ar_streak = 0 if r.k else session.ar_streak + 1
                 stats.add_round(result, r.k if spec.drafts else 0)
                 stats.new_tokens += len(tokens)
@@ -583,8 +587,11 @@ class Engine:
                     self.on_round(stats.strategy, result, watch.seconds, stats.redis_seconds - redis_before)
                 if adaptive is not None and stats.fallback_rounds == fallbacks:
                     # The round's whole cost, its commit included: what a longer draft amortises.
-                    # A turn's first round also prefills what the turn added: not a round's cost.
-                    seconds = watch.seconds if stats.target_forwards > 1 else None
+                    # A turn's first round also prefills what the turn added: not a round's cost;
+                    # nor is a probe's, which catches the drafter up on the plain rounds before it
+                    # (timed, it made drafting look dearer after every plain streak, and so the
+                    # streaks longer).
+                    seconds = watch.seconds if stats.target_forwards > 1 and not after_plain else None
                     adaptive.observe(session.acceptance, r.k, result.drafted, result.accepted, seconds,
                                      result.verify_cost)  # fmt: skip
         finally:

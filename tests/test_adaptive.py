@@ -621,6 +621,38 @@ async def timed_turn(engine, strategy: str, max_new_tokens: int) -> tuple[list[i
     return ids, asyncio.get_running_loop().time() - started
 
 
+class Scripted(DraftLength):
+    """Draft lengths from a script, round by round; records the seconds each round reported."""
+
+    def __init__(self, script: list[int]) -> None:
+        super().__init__()
+        self.script, self.reported = list(script), []
+
+    def choose(self, session, step, limit, ar_streak=0, timed=True, streams=0):
+        return Choice(min(self.script[step] if step < len(self.script) else 0, limit), 1.0, 0.0)
+
+    def observe(self, session, k, drafted, accepted, seconds, verify=None):
+        self.reported.append((k, seconds))
+
+
+@pytest.mark.parametrize("own_cores", [False, True], ids=["shared cores", "own cores"])
+def test_a_round_drafting_after_plain_ones_is_no_sample_of_its_cost(tiny_pair, own_cores: bool) -> None:
+    """A round that drafts right after plain rounds also fed the drafter what they committed:
+    it reports no cost (None), as a turn's first round does; every other round reports its own."""
+    script = [2, 2, 0, 0, 2, 2, 0, 2, 2, 2]
+    lengths = Scripted(script)
+    engine = tiny_engine(tiny_pair, DrafterCore, lengths, own_cores=own_cores)
+    ids, _ = asyncio.run(timed_turn(engine, "sd", 40))  # at most 3 tokens a round: more rounds than the script
+    plain, _ = asyncio.run(timed_turn(engine, "ar", 40))
+    assert ids == plain and len(lengths.reported) >= len(script)
+    asked = [k for k, _ in lengths.reported]
+    # own cores: the turn's first round drafts nothing (the drafter prefills beside it)
+    assert asked[: len(script)] == ([0] if own_cores else [2]) + script[1:]
+    untimed = [i for i, (_, seconds) in enumerate(lengths.reported[: len(script)]) if seconds is None]
+    after_plain = [i for i in range(1, len(script)) if asked[i] and not asked[i - 1]]
+    assert untimed == [0, *after_plain]  # the turn's first round, and each round after a plain one
+
+
 def test_a_round_that_drafts_nothing_does_not_wait_for_the_drafters_prefill(tiny_pair) -> None:
     """The drafter prefills a turn beside its first round; the rounds after it that draft
     nothing go on without waiting for that prefill, and the output is ar's."""
