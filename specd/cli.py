@@ -175,7 +175,7 @@ def build_request(args: argparse.Namespace, stdin=sys.stdin) -> pb.GenerateReque
 def format_stats(s: pb.GenerationStats) -> str:
     return (
         f"[{s.strategy}] {s.new_tokens} tokens in {s.wall_seconds:.2f}s = {s.tokens_per_second:.2f} tok/s | "
-        f"target forwards {s.target_forwards} | τ {s.mean_accepted_length:.2f} | "
+        f"target forwards {s.target_forwards} | round trips {s.round_trips} | τ {s.mean_accepted_length:.2f} | "
         f"acceptance {s.acceptance_rate:.0%} | "
         + (f"draft length {s.mean_draft_length:.1f} adaptive ({s.ar_rounds} rounds without a draft) | " if s.adaptive else "")
         + (f"next drafts ready {s.speculative_ready}/{s.target_forwards} | " if s.speculative_drafts else "")

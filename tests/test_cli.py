@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from specd.cli import build_parser, build_request
+from services.pb import specd_pb2 as pb
+from specd.cli import build_parser, build_request, format_stats
 
 
 def parse(*argv: str):
@@ -26,6 +27,18 @@ def test_raw_prompt_system_message_stops_and_sampling():
     chat = build_request(parse("generate", "hi", "--system", "be brief", "--session", "abc", "--strategy", "ar"))
     assert [m.role for m in chat.chat.messages] == ["system", "user"]
     assert chat.session_id == "abc" and chat.strategy == "ar"
+
+
+def test_the_stats_line_shows_rounds_round_trips_and_pipelining():
+    stats = pb.GenerationStats(
+        strategy="sd-pipe", new_tokens=40, wall_seconds=4.0, tokens_per_second=10.0, target_forwards=10,
+        round_trips=13, mean_accepted_length=4.0, acceptance_rate=0.75, speculative_drafts=9, speculative_ready=2,
+        speculative_verified=6, finish_reason="length", session_id="abc",
+    )  # fmt: skip
+    line = format_stats(stats)
+    assert line.startswith("[sd-pipe] 40 tokens in 4.00s = 10.00 tok/s | target forwards 10 | round trips 13 | ")
+    assert "next drafts ready 2/10 | verified ahead 6/10 | finish length | session abc" in line
+    assert "failovers" not in format_stats(pb.GenerationStats(strategy="ar"))
 
 
 @pytest.mark.parametrize("command", ["up", "down", "generate", "demo", "models"])
