@@ -90,6 +90,9 @@ class ModelServiceConfig:
     # the rest are parked in host memory (a pass attends over every cell held: services/llama_runtime.py)
     kv_resident: int = 0
     max_sessions: int = 16  # SPECD_MAX_SESSIONS: KV caches kept (LRU); a miss costs a re-prefill
+    # SPECD_PREFIX_CACHE: contexts whose KV entries are kept for new sessions that begin the same
+    # way, a chat template and system prompt (services/prefixes.py); 0 = off
+    prefix_cache: int = 4
     q_top: int = 32  # SPECD_Q_TOP: entries of the truncated proposal distribution q a drafter sends
     max_draft: int = 64  # SPECD_MAX_DRAFT: the longest draft (or most tree nodes) accepted in one call
     # SPECD_MAX_QUEUE: calls that may wait for the model; more are refused with RESOURCE_EXHAUSTED
@@ -145,6 +148,7 @@ class ModelServiceConfig:
             kv_tokens=_int(env, "SPECD_KV_TOKENS", 0),
             kv_resident=_int(env, "SPECD_KV_RESIDENT", 0),
             max_sessions=_int(env, "SPECD_MAX_SESSIONS", 16, minimum=1),
+            prefix_cache=_int(env, "SPECD_PREFIX_CACHE", 4),
             q_top=_int(env, "SPECD_Q_TOP", 32, minimum=1),
             max_draft=_int(env, "SPECD_MAX_DRAFT", 64, minimum=1),
             max_queue=_int(env, "SPECD_MAX_QUEUE", 64),

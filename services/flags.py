@@ -60,6 +60,7 @@ MODEL_SERVICE = (
     Setting("SPECD_KV_TOKENS", "llama runtime: KV cells all sessions share; 0 = 8192 for a drafter, the model's context for a verifier", "0"),
     Setting("SPECD_KV_RESIDENT", "llama runtime: KV cells other sessions keep while one runs (the rest are parked in host memory)", "0"),
     Setting("SPECD_MAX_SESSIONS", "sessions whose KV cache is kept (least recently used dropped)", "16"),
+    Setting("SPECD_PREFIX_CACHE", "contexts whose KV entries new sessions that begin the same way copy (a chat template and system prompt); 0 = off", "4"),
     Setting("SPECD_Q_TOP", "drafters: entries of the truncated proposal distribution q sent when sampling", "32"),
     Setting("SPECD_MAX_DRAFT", "the longest draft, or most tree nodes, one call may carry", "64"),
     Setting("SPECD_MAX_QUEUE", "calls that may wait for the model; more get RESOURCE_EXHAUSTED and a retry hint (0 = no bound)", "64"),

@@ -48,7 +48,14 @@ with 8, 71 ms parking every other session against 80 ms keeping them all (4: 68 
 a budget of 1024 cells was worse than either (77 ms with 8: it parks and attends). A session
 that cannot be put back (the cache is full) starts again from an empty cache: a re-prefill,
 never a wrong token.
+
+Kept contexts (services/prefixes.py). A session that prefilled from an empty cache offers
+its context: its first positions' state is copied out to host memory through a temporary
+sequence, as parking copies a session's. A new session whose context begins the same way
+(every chat turn begins with the template and system prompt) has that state put into its
+own sequence (`llama_state_seq_set_data`), cut to the common prefix, and feeds the rest.
 """
+
 
 from __future__ import annotations
 
@@ -64,9 +71,10 @@ import numpy as np
 import torch
 
 from services.context import common_prefix_len
-from services.metrics import observe_pass
+from services.metrics import observe_pass, observe_prefix
 from services.errors import BadRequest
 from services.lru import Lru
+from services.prefixes import DEFAULT_ENTRIES, MAX_TOKENS, Prefixes
 from services.runtime import (
     ChainCall, ModelInfo, PassCall, TreeCall, alone, check_batch, eos_token_ids, gguf_file, tokenizer_fingerprint,
     weights_id,
@@ -95,6 +103,7 @@ class Slot:
     tree: Tree | None = None  # nodes cached after tokens by the last tree pass
     leaf_seqs: dict[int, int] = field(default_factory=dict)  # tree leaf -> its temporary sequence
     parked: np.ndarray | None = None  # the sequence's state in host memory while its cells are freed
+    fresh: bool = False  # the pass under way began from an empty cache or a kept context (prefixes)
 
     @property
     def cells(self) -> int:
@@ -122,6 +131,7 @@ class LlamaRuntime:
         n_seq_max: int,
         n_batch: int,
         resident_cells: int = 0,
+        prefix_entries: int = DEFAULT_ENTRIES,
     ) -> None:
         self._lib = lib  # the llama_cpp module
         self._model = model
@@ -138,6 +148,10 @@ class LlamaRuntime:
         self._slots: Lru[str, Slot] = Lru(max_sessions, on_evict=self._free_slot, what="KV cache of session")
         self._batch = lib.llama_batch_init(n_batch, 0, n_seq_max)
         self._n_vocab = info.vocab_size
+        # Contexts prefilled from an empty cache, kept for new sessions that begin the same
+        # way (services/prefixes.py): their first positions' state in host memory, as parking
+        # keeps a session's, since cells left in the cache would make every pass dearer
+        self.prefixes: Prefixes[tuple[tuple[int, ...], np.ndarray]] = Prefixes(prefix_entries)
 
     @property
     def tokenizer(self):
@@ -250,6 +264,7 @@ class LlamaRuntime:
             entries = [(token, start + i, (slot.seq,)) for i, token in enumerate(chunk)]
             rows.append(self._decode(entries, wanted, keep_sessions={session_id}))
             slot.tokens += chunk
+        self._offer(slot)
         return torch.cat(rows)  # (n_last, V)
 
     def logits_batch(self, calls: Sequence[PassCall]) -> list[torch.Tensor]:
@@ -281,16 +296,53 @@ class LlamaRuntime:
         rows = self._decode(entries, wanted, keep_sessions={call.session_id for call in calls})
         for seq, slot in zip(seqs, slots):
             slot.tokens = seq
+            self._offer(slot)
         return list(rows.split([call.n_last for call in calls]))
 
     def _reuse(self, slot: Slot, seq: list[int], n_last: int) -> int:
         """Cuts a session's cache back to what a pass over seq reuses: the common prefix, less
         the positions whose logits are asked for (always fed); how many tokens it keeps."""
         self._settle(slot, seq)
+        if not slot.tokens:
+            self._from_prefix(slot, seq, len(seq) - n_last)
+            slot.fresh = True
         keep = min(common_prefix_len(slot.tokens, seq), len(seq) - n_last)
         self._truncate(slot, keep)
         observe_pass(keep, len(seq) - keep)
         return keep
+
+    def _from_prefix(self, slot: Slot, seq: list[int], most: int) -> None:
+        """An empty slot about to take seq: filled from the kept context with the longest
+        common prefix (cut to at most `most` positions), where one has one."""
+        found = self.prefixes.best(seq, most)
+        if found is None:
+            return
+        (tokens, state), length = found
+        if self._lib.llama_state_seq_set_data(self._ctx, _bytes(state), state.size, slot.seq) == 0:
+            self._lib.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)  # the cache is full: prefill it all
+            return
+        slot.tokens = list(tokens)
+        self._truncate(slot, length)
+        observe_prefix(length)
+
+    def _offer(self, slot: Slot) -> None:
+        """After a chain pass: a context prefilled from an empty cache (or from a kept one it
+        goes beyond) is kept, its first MAX_TOKENS positions copied out through a temporary
+        sequence, for sessions that begin the same way."""
+        fresh, slot.fresh = slot.fresh, False
+        if not fresh or slot.tree is not None or not self.prefixes.wanted(slot.tokens) or not self._free_tree_seqs:
+            return
+        length = min(len(slot.tokens), MAX_TOKENS)
+        temp = self._free_tree_seqs.pop()
+        try:
+            self._lib.llama_memory_seq_cp(self._mem, slot.seq, temp, 0, length)
+            size = self._lib.llama_state_seq_get_size(self._ctx, temp)
+            state = np.empty(size, dtype=np.uint8)
+            if self._lib.llama_state_seq_get_data(self._ctx, _bytes(state), size, temp) == size:
+                self.prefixes.keep(slot.tokens[:length], (tuple(slot.tokens[:length]), state))
+        finally:
+            self._lib.llama_memory_seq_rm(self._mem, temp, -1, -1)
+            self._free_tree_seqs.append(temp)
 
     def tree_logits(self, session_id: str, context: Sequence[int], tree: Tree, n_last: int) -> torch.Tensor:
         n = len(tree)
@@ -477,13 +529,15 @@ def load_llama(
     kv_tokens: int = 0,
     resident_cells: int = 0,
     tokenizer_dir: Path | None = None,
+    prefix_entries: int = DEFAULT_ENTRIES,
 ) -> LlamaRuntime:
     """Loads a GGUF file (or a folder holding one) into a LlamaRuntime.
 
     max_draft: the most tree nodes one call may carry (each may be a leaf with its own
     temporary sequence). kv_tokens: cells of the KV cache shared by every session (0: the
     model's training context). resident_cells: cells other sessions may keep in the cache
-    while one runs (more are parked in host memory; see the module's docstring). The tokenizer is read from tokenizer_dir (default: the GGUF's
+    while one runs (more are parked in host memory; see the module's docstring). prefix_entries:
+    contexts kept for new sessions that begin the same way (services/prefixes.py). The tokenizer is read from tokenizer_dir (default: the GGUF's
     folder when it holds tokenizer files, else from the GGUF itself).
     """
     import llama_cpp
@@ -542,7 +596,7 @@ def load_llama(
     )
     return LlamaRuntime(
         llama_cpp, model, context, info, load_tokenizer, max_sessions=max_sessions, n_seq_max=n_seq_max, n_batch=N_BATCH,
-        resident_cells=resident_cells,
+        resident_cells=resident_cells, prefix_entries=prefix_entries,
     )  # fmt: skip
 
 

@@ -48,6 +48,12 @@ KV_LOOKUPS = Counter(
     ["result"],
 )
 KV_REUSED_TOKENS = Counter("specd:kv_cache_reused_tokens", "Tokens a pass found in the KV cache instead of computing")
+PREFIX_HITS = Counter(
+    "specd:prefix_cache_hits", "New sessions that copied the KV entries of a kept context beginning like theirs"
+)
+PREFIX_TOKENS = Counter(
+    "specd:prefix_cache_tokens", "Tokens new sessions copied from kept contexts instead of prefilling (services/prefixes.py)"
+)
 
 
 def observe_pass(reused: int, fed: int) -> None:
@@ -55,6 +61,12 @@ def observe_pass(reused: int, fed: int) -> None:
     FORWARD_TOKENS.observe(fed)
     KV_LOOKUPS.labels("hit" if reused else "miss").inc()
     KV_REUSED_TOKENS.inc(reused)
+
+
+def observe_prefix(tokens: int) -> None:
+    """A new session copied `tokens` positions of a kept context (services/prefixes.py)."""
+    PREFIX_HITS.inc()
+    PREFIX_TOKENS.inc(tokens)
 
 
 def serve_metrics(listen: str, what: str) -> str:

@@ -245,7 +245,7 @@ def load_runtime(config, role: str) -> Runtime:
         kv_tokens = config.kv_tokens or (DRAFTER_KV_TOKENS if role == "drafter" else 0)
         loaded: Runtime = load_llama(
             path, max_sessions=config.max_sessions, max_draft=config.max_draft, threads=config.threads,
-            kv_tokens=kv_tokens, resident_cells=config.kv_resident,
+            kv_tokens=kv_tokens, resident_cells=config.kv_resident, prefix_entries=config.prefix_cache,
         )  # fmt: skip
     else:
         from services.int8 import choose_kernel
@@ -258,6 +258,7 @@ def load_runtime(config, role: str) -> Runtime:
         loaded = load_torch(
             folder, dtype=dtype, device=config.device, max_sessions=config.max_sessions, threads=config.threads,
             onednn=config.onednn, int8_kernel=choose_kernel(config.int8_kernel, role),
+            prefix_entries=config.prefix_cache,
         )  # fmt: skip
     settle_memory(huge_pages=runtime == "torch" and config.huge_pages and config.device.startswith("cpu"))
     return loaded

@@ -3,7 +3,9 @@
 The contract is services/runtime.py's. Here a session's cache is a transformers
 DynamicCache over `tokens`, then the nodes of the last tree pass (`tree`); cropping the
 cache is how a shorter common prefix rolls back, and `keep_path` index-selects the
-accepted path out of the tree's entries.
+accepted path out of the tree's entries. A session prefilled from an empty cache is
+offered to `prefixes` (services/prefixes.py) as a copy of its cache's first positions, and a
+new session beginning the same way starts from a copy of that copy.
 
 Kernels on CPU: fp32 linears run through oneDNN (OneDNNLinear), or int8 ones
 (services/int8.py, SPECD_DTYPE=int8); both keep a pass over a few tokens close to the cost of
@@ -20,9 +22,10 @@ from pathlib import Path
 import torch
 
 from services.context import common_prefix_len
-from services.metrics import observe_pass
+from services.metrics import observe_pass, observe_prefix
 from services.lru import Lru
 from services.packed import Segment, packable, packed_forward
+from services.prefixes import DEFAULT_ENTRIES, MAX_TOKENS, Prefixes
 from services.runtime import (
     ModelInfo, PassCall, TreeCall, alone, check_batch, eos_token_ids, tokenizer_fingerprint, trim_heap,
     weights_id,
@@ -44,6 +47,8 @@ class KvState:
     tokens: list[int] = field(default_factory=list)
     tree: Tree | None = None  # nodes cached after `tokens` by the last tree pass
     hidden: torch.Tensor | None = None  # (n_last, H) the LM head's input rows of the last pass
+    # the cache began, for the pass under way, from nothing or a kept context (prefixes)
+    fresh: bool = False
 
 
 class TorchRuntime:
@@ -51,11 +56,17 @@ class TorchRuntime:
 
     hidden_states = True  # last_hidden answers (a recurrent draft head drafts from it)
 
-    def __init__(self, model: torch.nn.Module, info: ModelInfo, *, max_sessions: int, tokenizer=None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, info: ModelInfo, *, max_sessions: int, tokenizer=None,
+        prefix_entries: int = DEFAULT_ENTRIES,
+    ) -> None:  # fmt: skip
         self.model = model
         self.info = info
         self.tokenizer = tokenizer  # the model's own, when loaded from a folder (text-level drafting needs it)
         self._caches: Lru[str, KvState] = Lru(max_sessions, what="KV cache of session")
+        # Contexts prefilled from an empty cache, kept for new sessions that begin the same
+        # way (services/prefixes.py): copies of their caches' first positions
+        self.prefixes: Prefixes[object] = Prefixes(prefix_entries)
         self.device = next(model.parameters()).device
         self._packable = packable(model)
         # The LM head's input of the last pass (1, rows, H), rows in the order of the logits
@@ -106,6 +117,7 @@ class TorchRuntime:
         state.cache = out.past_key_values
         state.tokens = seq
         state.hidden = self._take_hidden()
+        self._offer(state)
         return _float_rows(out.logits[0, -n_last:])  # (n_last, V)
 
     @torch.inference_mode()
@@ -136,6 +148,7 @@ class TorchRuntime:
                 _tree_cached(state, call.context, call.tree)
             else:
                 state.tokens = list(call.seq)
+                self._offer(state)
         return [_float_rows(r) for r in rows]
 
     def _reuse(self, session_id: str, seq: list[int], n_last: int) -> tuple[KvState, int]:
@@ -146,11 +159,30 @@ class TorchRuntime:
         self._settle(state, seq)
         keep = min(common_prefix_len(state.tokens, seq), len(seq) - n_last)
         if state.cache is None or keep == 0:
-            state.cache = _new_cache(self.model)
-            keep = 0
+            state.cache, keep = self._from_prefix(seq, len(seq) - n_last)
+            state.tokens, state.fresh = seq[:keep], True
         elif keep < len(state.tokens):
             state.cache.crop(keep - len(state.tokens))  # a negative count drops that many
         return state, keep
+
+    def _from_prefix(self, seq: list[int], most: int) -> tuple[object, int]:
+        """A cache for a pass over seq from nothing: copied from the kept context with the
+        longest common prefix (at most `most` positions), or empty."""
+        found = self.prefixes.best(seq, most)
+        if found is None:
+            return _new_cache(self.model), 0
+        kept, length = found
+        observe_prefix(length)
+        return _copy_cache(self.model, kept, length), length
+
+    def _offer(self, state: KvState) -> None:
+        """After a chain pass: a context prefilled from an empty cache (or from a kept one it
+        goes beyond) is kept for sessions that begin the same way - a copy, since a
+        session's cache changes in place."""
+        fresh, state.fresh = state.fresh, False
+        if fresh and state.tree is None and self.prefixes.wanted(state.tokens):
+            length = min(len(state.tokens), MAX_TOKENS)
+            self.prefixes.keep(state.tokens[:length], _copy_cache(self.model, state.cache, length))
 
     @torch.inference_mode()
     def tree_logits(self, session_id: str, context: Sequence[int], tree: Tree, n_last: int) -> torch.Tensor:
@@ -278,6 +310,14 @@ def _new_cache(model: torch.nn.Module) -> object:
     return DynamicCache(config=model.config)
 
 
+def _copy_cache(model: torch.nn.Module, cache, length: int) -> object:
+    """A new cache holding copies of `cache`'s first `length` positions."""
+    out = _new_cache(model)
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys[..., :length, :].clone(), layer.values[..., :length, :].clone(), i)
+    return out
+
+
 class OneDNNLinear(torch.nn.Module):
     """nn.Linear on CPU through oneDNN, with the weight prepacked once.
 
@@ -316,7 +356,7 @@ def use_onednn_linears(module: torch.nn.Module) -> int:
 
 def load_torch(
     path: Path, *, dtype: str, device: str, max_sessions: int, threads: int = 0, onednn: bool = True,
-    int8_kernel: str = "auto",
+    int8_kernel: str = "auto", prefix_entries: int = DEFAULT_ENTRIES,
 ) -> TorchRuntime:  # fmt: skip
     """Loads a Hugging Face model folder into a TorchRuntime.
 
@@ -325,6 +365,7 @@ def load_torch(
     without safetensors weights is quantized from its GGUF, dequantized in memory, and never
     written out in fp32, its linears on `int8_kernel` (services/int8.choose_kernel). onednn: on
     CPU in float32, run the linear layers through oneDNN (see use_onednn_linears).
+    prefix_entries: contexts kept for new sessions that begin the same way (services/prefixes.py).
     """
     from transformers import AutoTokenizer
 
@@ -361,7 +402,7 @@ def load_torch(
         "loaded %s in %.1fs (vocab %d, context %d, %s on %s, %s linears, %d threads)",
         path, watch.seconds, info.vocab_size, info.max_context, dtype, device, kernels, torch.get_num_threads(),
     )
-    return TorchRuntime(model, info, max_sessions=max_sessions, tokenizer=tokenizer)
+    return TorchRuntime(model, info, max_sessions=max_sessions, tokenizer=tokenizer, prefix_entries=prefix_entries)
 
 
 def _from_pretrained(path: Path, dtype: torch.dtype) -> torch.nn.Module:

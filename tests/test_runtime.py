@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from services.prefixes import Prefixes
 from services.tree import Tree
 
 CONTEXT = list(range(30, 50))
@@ -48,8 +49,13 @@ def runtime(request, tiny_pair):
 
 
 def fresh(rt, seq: list[int]) -> torch.Tensor:
-    """The runtime's own logits after seq, from a session with nothing cached."""
-    row = rt.logits("fresh", seq, 1)[0]
+    """The runtime's own logits after seq, from a session with nothing cached (and no kept
+    context of another session copied in: services/prefixes.py)."""
+    kept, rt.prefixes = rt.prefixes, Prefixes(0)
+    try:
+        row = rt.logits("fresh", seq, 1)[0]
+    finally:
+        rt.prefixes = kept
     rt.release("fresh")
     return row
 
@@ -96,6 +102,35 @@ def test_sessions_are_evicted_least_recently_used_and_released(tiny_pair, runtim
     assert rt.release("a") and not rt.release("a") and rt.session_count == 1
     # An evicted session is only a miss: recomputed, the same logits.
     assert close(runtime, rt.logits("b", [1, 2, 3], 1)[0], fresh(runtime, [1, 2, 3]))
+
+
+def test_a_new_session_copies_a_kept_context_that_begins_it(runtime):
+    """Session a prefills a context from nothing: it is kept. Session b, beginning with the same
+    20 tokens (a chat template and system prompt), copies their entries and feeds the rest;
+    its logits are what prefilling it all gives. The kept copy is a copy: a's cache rolled
+    back and grown in place after it changes nothing of b's."""
+    before, runtime.prefixes = runtime.prefixes, Prefixes(2)
+    shared = list(range(100, 120))
+    a, b = shared + [5, 6, 7, 8], shared + [9, 10, 11]
+    runtime.logits("a", a, 1)
+    assert len(runtime.prefixes) == 1 and runtime.prefixes.hits == 0
+    runtime.logits("a", shared[:10] + [1, 2, 3, 4, 5], 2)  # a's own cache, cut and grown in place
+    rows = runtime.logits("b", b, 3)
+    assert runtime.prefixes.hits == 1 and runtime.prefixes.reused_tokens == len(shared)
+    assert all(close(runtime, rows[i], fresh(runtime, b[: len(b) - 2 + i])) for i in range(3))
+    assert runtime.cached("b") == (b, 0)
+    # b went beyond what it copied: its context is kept too, and a third session finds the longer match
+    assert len(runtime.prefixes) == 2
+    c = b[:-1] + [12, 13]
+    assert close(runtime, runtime.logits("c", c, 1)[0], fresh(runtime, c))
+    assert runtime.prefixes.reused_tokens == 2 * len(shared) + 2
+    # Too little in common (fewer than MIN_TOKENS): prefilled from nothing
+    short = shared[:5] + list(range(300, 320))
+    assert close(runtime, runtime.logits("d", short, 1)[0], fresh(runtime, short))
+    assert runtime.prefixes.hits == 2
+    for sid in "abcd":
+        runtime.release(sid)
+    runtime.prefixes = before
 
 
 def test_tree_pass_equals_a_chain_pass_per_path(runtime):
