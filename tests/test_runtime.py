@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM
 
 from services.prefixes import Prefixes
@@ -110,6 +111,7 @@ def test_a_new_session_copies_a_kept_context_that_begins_it(runtime):
     its logits are what prefilling it all gives. The kept copy is a copy: a's cache rolled
     back and grown in place after it changes nothing of b's."""
     before, runtime.prefixes = runtime.prefixes, Prefixes(2)
+    copied = REGISTRY.get_sample_value("specd:prefix_cache_tokens_total") or 0.0
     shared = list(range(100, 120))
     a, b = shared + [5, 6, 7, 8], shared + [9, 10, 11]
     runtime.logits("a", a, 1)
@@ -117,6 +119,7 @@ def test_a_new_session_copies_a_kept_context_that_begins_it(runtime):
     runtime.logits("a", shared[:10] + [1, 2, 3, 4, 5], 2)  # a's own cache, cut and grown in place
     rows = runtime.logits("b", b, 3)
     assert runtime.prefixes.hits == 1 and runtime.prefixes.reused_tokens == len(shared)
+    assert REGISTRY.get_sample_value("specd:prefix_cache_tokens_total") == copied + len(shared)  # the metric
     assert all(close(runtime, rows[i], fresh(runtime, b[: len(b) - 2 + i])) for i in range(3))
     assert runtime.cached("b") == (b, 0)
     # b went beyond what it copied: its context is kept too, and a third session finds the longer match
