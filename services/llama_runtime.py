@@ -56,7 +56,6 @@ sequence, as parking copies a session's. A new session whose context begins the 
 own sequence (`llama_state_seq_set_data`), cut to the common prefix, and feeds the rest.
 """
 
-
 from __future__ import annotations
 
 import ctypes
