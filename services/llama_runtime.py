@@ -150,7 +150,7 @@ class LlamaRuntime:
         # Contexts prefilled from an empty cache, kept for new sessions that begin the same
         # way (services/prefixes.py): their first positions' state in host memory, as parking
         # keeps a session's, since cells left in the cache would make every pass dearer
-        self.prefixes: Prefixes[tuple[tuple[int, ...], np.ndarray]] = Prefixes(prefix_entries)
+        self.prefixes: Prefixes[np.ndarray] = Prefixes(prefix_entries)
 
     @property
     def tokenizer(self):
@@ -316,12 +316,12 @@ class LlamaRuntime:
         found = self.prefixes.best(seq, most)
         if found is None:
             return
-        (tokens, state), length = found
+        state, length = found
         if self._lib.llama_state_seq_set_data(self._ctx, _bytes(state), state.size, slot.seq) == 0:
             self._lib.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)  # the cache is full: prefill it all
             return
-        slot.tokens = list(tokens)
-        self._truncate(slot, length)
+        self._lib.llama_memory_seq_rm(self._mem, slot.seq, length, -1)  # the kept context past the common prefix
+        slot.tokens = seq[:length]
         observe_prefix(length)
 
     def _offer(self, slot: Slot) -> None:
@@ -338,7 +338,7 @@ class LlamaRuntime:
             size = self._lib.llama_state_seq_get_size(self._ctx, temp)
             state = np.empty(size, dtype=np.uint8)
             if self._lib.llama_state_seq_get_data(self._ctx, _bytes(state), size, temp) == size:
-                self.prefixes.keep(slot.tokens[:length], (tuple(slot.tokens[:length]), state))
+                self.prefixes.keep(slot.tokens[:length], state)
         finally:
             self._lib.llama_memory_seq_rm(self._mem, temp, -1, -1)
             self._free_tree_seqs.append(temp)

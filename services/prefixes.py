@@ -15,8 +15,8 @@ whose rows do not depend on their batch; within the runtime's float tolerance ot
 and the session feeds everything past the common prefix as before.
 
 Measured on an AMD EPYC (AVX2, 2 cores): the Qwen2.5 chat template with its default system
-prompt is 30 tokens, every chat turn's first; prefilling them costs the int8 1.5B target
-~16 ms and the llama.cpp 0.5B drafter ~10 ms a token, ~0.8 s of a turn's first token
+prompt is 24 tokens, every chat turn's first; prefilling them costs the int8 1.5B target
+~16 ms and the llama.cpp 0.5B drafter ~10 ms a token, ~0.6 s of an `sd` turn's first token
 (docs/runtimes.md).
 
 Pure: standard library only. Not thread-safe: each runtime calls it from its one thread.
@@ -25,7 +25,7 @@ Pure: standard library only. Not thread-safe: each runtime calls it from its one
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Generic, TypeVar
 
 from services.context import common_prefix_len
@@ -42,7 +42,7 @@ MAX_TOKENS = 1024
 
 class Prefixes(Generic[V]):
     """At most `entries` contexts and what a runtime kept of each, least recently used
-    dropped first (`on_drop(value)` frees it). `entries` 0: nothing is kept.
+    dropped first. `entries` 0: nothing is kept.
 
         >>> kept = Prefixes(2)
         >>> kept.keep([1, 2, 3] * 8, "a")
@@ -52,14 +52,11 @@ class Prefixes(Generic[V]):
         True
     """
 
-    def __init__(
-        self, entries: int = DEFAULT_ENTRIES, on_drop: Callable[[V], None] | None = None, min_tokens: int = MIN_TOKENS
-    ) -> None:
+    def __init__(self, entries: int = DEFAULT_ENTRIES, min_tokens: int = MIN_TOKENS) -> None:
         if entries < 0:
             raise ValueError(f"a prefix cache keeps >= 0 contexts, got {entries}")
         self.entries = entries
         self.min_tokens = min_tokens
-        self._on_drop = on_drop
         self._kept: OrderedDict[tuple[int, ...], V] = OrderedDict()
         self.hits = 0  # sessions that started from a kept context
         self.reused_tokens = 0  # tokens those sessions did not prefill
@@ -81,10 +78,10 @@ class Prefixes(Generic[V]):
         and any kept context this one extends."""
         key = tuple(tokens[:MAX_TOKENS])
         for old in [old for old in self._kept if key[: len(old)] == old]:
-            self._drop(old)
+            del self._kept[old]
         self._kept[key] = value
         while len(self._kept) > self.entries:
-            self._drop(next(iter(self._kept)))
+            self._kept.popitem(last=False)
 
     def best(self, seq: Sequence[int], most: int | None = None) -> tuple[V, int] | None:
         """The kept value with the longest common prefix with seq, and that length (at most
@@ -102,12 +99,3 @@ class Prefixes(Generic[V]):
         self.hits += 1
         self.reused_tokens += length
         return self._kept[found], length
-
-    def clear(self) -> None:
-        for tokens in list(self._kept):
-            self._drop(tokens)
-
-    def _drop(self, tokens: tuple[int, ...]) -> None:
-        value = self._kept.pop(tokens)
-        if self._on_drop is not None:
-            self._on_drop(value)

@@ -9,12 +9,11 @@ from services.prefixes import MAX_TOKENS, MIN_TOKENS, Prefixes
 TEMPLATE = list(range(1000, 1030))  # a chat template with its system prompt: 30 tokens
 
 
-def kept(*contexts: list[int], entries: int = 4) -> tuple[Prefixes[str], list[str]]:
-    dropped: list[str] = []
-    prefixes: Prefixes[str] = Prefixes(entries, on_drop=dropped.append)
+def kept(*contexts: list[int], entries: int = 4) -> Prefixes[str]:
+    prefixes: Prefixes[str] = Prefixes(entries)
     for i, context in enumerate(contexts):
         prefixes.keep(context, f"v{i}")
-    return prefixes, dropped
+    return prefixes
 
 
 @pytest.mark.parametrize(
@@ -31,7 +30,7 @@ def kept(*contexts: list[int], entries: int = 4) -> tuple[Prefixes[str], list[st
     ids=["template", "longest", "most", "just-enough", "too-short", "not-a-prefix", "empty"],
 )
 def test_best_is_the_longest_common_prefix_long_enough(contexts, seq, most, expected) -> None:
-    prefixes, _ = kept(*contexts)
+    prefixes = kept(*contexts)
     assert prefixes.best(seq, most) == expected
     assert prefixes.hits == (expected is not None)
     assert prefixes.reused_tokens == (expected[1] if expected else 0)
@@ -39,16 +38,17 @@ def test_best_is_the_longest_common_prefix_long_enough(contexts, seq, most, expe
 
 def test_the_least_recently_used_context_is_dropped_first() -> None:
     a, b, c = TEMPLATE + [1], TEMPLATE + [2], TEMPLATE + [3]
-    prefixes, dropped = kept(a, b, entries=2)
+    prefixes = kept(a, b, entries=2)
     assert prefixes.best(a + [9]) == ("v0", 31)  # a is now the most recent
     prefixes.keep(c, "v2")
-    assert dropped == ["v1"] and len(prefixes) == 2
-    assert prefixes.best(b) == ("v0", 30)  # b's own token is gone; the template remains
+    assert len(prefixes) == 2
+    assert prefixes.best(b) == ("v0", 30)  # b is gone: its own token matches nothing; the template remains
+    assert prefixes.best(c) == ("v2", 31)
 
 
 def test_a_context_that_extends_a_kept_one_replaces_it() -> None:
-    prefixes, dropped = kept(TEMPLATE, TEMPLATE + [1, 2])
-    assert dropped == ["v0"] and len(prefixes) == 1
+    prefixes = kept(TEMPLATE, TEMPLATE + [1, 2])
+    assert len(prefixes) == 1 and prefixes.best(TEMPLATE) == ("v1", 30)  # v0 is gone
 
 
 @pytest.mark.parametrize(
@@ -62,13 +62,13 @@ def test_a_context_that_extends_a_kept_one_replaces_it() -> None:
     ],
 )
 def test_what_is_worth_keeping(contexts, tokens, wanted) -> None:
-    prefixes, _ = kept(*contexts)
+    prefixes = kept(*contexts)
     assert prefixes.wanted(tokens) == wanted
 
 
 def test_a_long_context_keeps_its_first_tokens_and_nothing_is_kept_when_off() -> None:
     long = list(range(MAX_TOKENS + 50))
-    prefixes, _ = kept(long)
+    prefixes = kept(long)
     assert prefixes.best(long) == ("v0", MAX_TOKENS)
     assert not prefixes.wanted(long)  # its first MAX_TOKENS are kept already
     off: Prefixes[str] = Prefixes(0)
