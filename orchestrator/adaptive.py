@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from services.roles import CallCost
 
@@ -95,6 +95,8 @@ class Acceptance:
 
     reached: list[float] = field(default_factory=list)
     accepted: list[float] = field(default_factory=list)
+    # A tree strategy's (TreeWidth): how a chain of the drafter's first candidates fares
+    chain: Acceptance | None = None
 
     def observe(self, drafted: int, accepted: int, decay: float = DECAY) -> None:
         """One round that drafted `drafted` tokens and accepted the first `accepted`."""
@@ -115,15 +117,18 @@ class Acceptance:
             out.append((a + PRIOR_WEIGHT * base[i]) / (n + PRIOR_WEIGHT))
         return out
 
-    def to_json(self) -> list[list[float]]:
-        return [[round(x, 4) for x in self.reached], [round(x, 4) for x in self.accepted]]
+    def to_json(self) -> list:
+        out: list = [[round(x, 4) for x in self.reached], [round(x, 4) for x in self.accepted]]
+        return out if self.chain is None else [*out, self.chain.to_json()]
 
     @classmethod
-    def from_json(cls, data: Sequence[Sequence[float]] | None) -> Acceptance:
+    def from_json(cls, data: Sequence | None) -> Acceptance:
         if not data:
             return cls()
-        reached, accepted = data
-        return cls([float(x) for x in reached], [float(x) for x in accepted])
+        reached, accepted, *chain = data
+        return cls(
+            [float(x) for x in reached], [float(x) for x in accepted], cls.from_json(chain[0]) if chain else None
+        )
 
 
 def _fallback(positions: int) -> list[float]:
@@ -266,6 +271,7 @@ class Choice:
     # tokens a strategy drafts for free besides k (cascade's statistical levels), since under
     # load every fed token costs the pass the other sessions wait for
     plain: bool = False
+    chain: bool = False  # a tree strategy's round that drafts a chain of first candidates (TreeWidth)
 
 
 class DraftLength:
@@ -348,6 +354,7 @@ class DraftLength:
         accepted: int,
         seconds: float | None,
         verify: CallCost | None = None,
+        first_path: tuple[int, int] | None = None,
     ) -> None:
         """A round's outcome: `k` asked, `drafted` drafted, `accepted` accepted, in `seconds` of
         wall time (None: not a sample of a round's cost, e.g. a turn's first round, which also
@@ -357,7 +364,9 @@ class DraftLength:
         stopped at low confidence; `lookup` found no repeat), and then the round cost what a
         round of that length costs (drafting nothing, a plain round). Drafting more than k is
         a strategy's own terms (cascade's max-gram tail, slem's re-tokenized text): k then.
-        `verify`: the round's verify call's cost, with the batched pass it ran in (PassLoad)."""
+        `verify`: the round's verify call's cost, with the batched pass it ran in (PassLoad).
+        `first_path`: TreeWidth's (a tree round's path of first candidates); one shape has no
+        use for it."""
         # The round that claimed k reported (at whatever level the load has moved to since):
         # timed, or - having drafted less than k - to be timed by another round
         for key in [key for key in self.timing if key[1] == k]:
@@ -369,3 +378,82 @@ class DraftLength:
             self.pooled.observe(drafted, accepted, decay=POOLED_DECAY)
         if seconds is not None and math.isfinite(seconds) and seconds >= 0:
             self.costs.observe(min(k, drafted), seconds)
+
+
+class TreeWidth:
+    """A tree strategy's draft shape, chosen each round beside its depth: the tree (`staged`'s
+    several candidates a position), or a chain of the drafter's first candidates alone.
+
+    Extra candidates raise acceptance where the drafter's first guess is often wrong but its
+    second or third right, and cost a node each in the drafter's passes and in the verify. On
+    a CPU whose verify pass is not flat in its tokens (AVX2: 104 ms for one token, 128 for
+    four, a 1.5B int8 target) the nodes of a 3-wide tree can cost more than the tokens they
+    add. So each shape has its draft lengths chosen as DraftLength does (acceptance by
+    position, round costs by length, both shapes sharing the verifier's load), and the round
+    takes the shape whose best length promises more tokens per second.
+
+    A tree round measures both shapes' acceptance: the path of first candidates through its
+    tree is the chain the drafter would have drafted (greedy: its argmax at each node;
+    sampled: its first draw, tested first by recursive rejection sampling, as a chain's
+    would be), so its accepted share is a chain round's (`first_path`). A chain round
+    measures only the chain's; every EXPLORE_EVERY rounds the shape not chosen drafts once,
+    so its costs and the session's tree acceptance stay current.
+
+    Lossless for the reasons DraftLength is: the shape, like the length, is fixed from what
+    is committed and from timings before the round's draws.
+    """
+
+    def __init__(self, k_max: int = K_MAX, own_cores: bool = True) -> None:
+        self.k_max = k_max
+        self.tree = DraftLength(k_max, own_cores)
+        self.chain = DraftLength(k_max, own_cores)
+        self.chain.load = self.tree.load  # one verifier, one load
+
+    def choose(
+        self, session: Acceptance, step: int, limit: int, ar_streak: int = 0, timed: bool = True, streams: int = 0
+    ) -> Choice:
+        """As DraftLength.choose; the choice says which shape (`chain`)."""
+        tree = self.tree.choose(session, step, limit, ar_streak, timed, streams)
+        if not tree.seconds:  # the tree's lengths are being timed, or no round may draft
+            return tree
+        if session.chain is None:
+            session.chain = Acceptance()
+        chain = self.chain.choose(session.chain, step, limit, ar_streak, timed, streams)
+        if not chain.seconds:
+            # A START length of the chain to time (expected 0), or all of them being timed by
+            # other rounds meanwhile
+            return replace(chain, chain=bool(chain.k)) if chain.expected_tokens == 0.0 else tree
+        if not tree.k and not chain.k:
+            return tree
+        rate_tree, rate_chain = (
+            c.expected_tokens / (c.seconds + self.tree.load.others_cost(c.k)) for c in (tree, chain)
+        )
+        use_chain = rate_chain >= rate_tree
+        if step % EXPLORE_EVERY == EXPLORE_EVERY // 2 and (chain.k if not use_chain else tree.k):
+            use_chain = not use_chain  # the other shape, to keep its figures current
+        return replace(chain, chain=True) if use_chain and chain.k else tree
+
+    def observe(
+        self,
+        session: Acceptance,
+        k: int,
+        drafted: int,
+        accepted: int,
+        seconds: float | None,
+        verify: CallCost | None = None,
+        first_path: tuple[int, int] | None = None,
+    ) -> None:
+        """As DraftLength.observe. `first_path`: a tree round's path of first candidates, its
+        length and how much of it was accepted; None for a round that drafted a chain, or
+        nothing (a plain round, a sample of T(0) for both shapes)."""
+        if session.chain is None:
+            session.chain = Acceptance()
+        if drafted and first_path is None:
+            self.chain.observe(session.chain, k, drafted, accepted, seconds, verify)
+            return
+        self.tree.observe(session, k, drafted, accepted, seconds, verify)
+        if drafted and first_path is not None:
+            session.chain.observe(*first_path)
+            self.chain.pooled.observe(*first_path, decay=POOLED_DECAY)
+        elif not drafted:
+            self.chain.observe(session.chain, k, 0, 0, seconds)

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
-from orchestrator.adaptive import FIXED_K, DraftLength
+from orchestrator.adaptive import FIXED_K, DraftLength, TreeWidth
 from orchestrator.backends import Translated
 from orchestrator.languages import LanguagePools, detect_language
 from orchestrator.pool import NoReplica
@@ -256,7 +256,7 @@ class Engine:
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # one thread: the tokenizer is shared
         self.in_flight = 0  # turns streaming now (a stopping server waits for them)
         # per strategy (STRATEGY:head for a head alone): what adaptive rounds measured
-        self.draft_lengths: dict[str, DraftLength] = {}
+        self.draft_lengths: dict[str, DraftLength | TreeWidth] = {}
         # Called after each round is committed: (strategy, result, round seconds, commit seconds)
         self.on_round: Callable[[str, RoundResult, float, float], None] | None = None
 
@@ -474,8 +474,10 @@ class Engine:
         )  # fmt: skip
         yield stats
 
-    def _draft_length(self, req: GenerationRequest, session: Session, strategy: str, k: int) -> DraftLength | None:
-        """What chooses the turn's draft lengths: None when the turn's k is fixed - the
+    def _draft_length(
+        self, req: GenerationRequest, session: Session, strategy: str, k: int
+    ) -> DraftLength | TreeWidth | None:
+        """What chooses the turn's draft lengths (and `staged`'s width): None when the turn's k is fixed - the
         request's or the server's k, a cascade's k-matrix or a staged tree the request gives -
         or when the turn samples with a seed the request gives: a seeded stream replays, and
         adaptive choices follow measured timings that no seed fixes (greedy output is the
@@ -487,7 +489,8 @@ class Engine:
         # A head alone drafts other trees than a head beside lookup: rates and costs of their own
         key = f"{strategy}:head" if req.head_only else strategy
         if key not in self.draft_lengths:
-            self.draft_lengths[key] = DraftLength(own_cores=self.limits.own_cores)
+            chooser = TreeWidth if strategy == "staged" else DraftLength
+            self.draft_lengths[key] = chooser(own_cores=self.limits.own_cores)
         return self.draft_lengths[key]
 
     async def _rounds(
@@ -530,7 +533,7 @@ class Engine:
                 if adaptive is not None:
                     choice = adaptive.choose(session.acceptance, session.step, room - 1, session.ar_streak,
                                              timed=stats.target_forwards > 0, streams=self.in_flight)  # fmt: skip
-                    r = sized(stats.strategy, r, choice.k, choice.plain)
+                    r = sized(stats.strategy, r, choice.k, choice.plain, choice.chain)
                 fallbacks = stats.fallback_rounds
                 outgrown = bool(drafting_context) and len(session.tokens) + _draft_cells(r) >= drafting_context
                 if outgrown and not drafter_down and stats.fallback_rounds == 0:
@@ -593,7 +596,7 @@ class Engine:
                     # streaks longer).
                     seconds = watch.seconds if stats.target_forwards > 1 and not after_plain else None
                     adaptive.observe(session.acceptance, r.k, result.drafted, result.accepted, seconds,
-                                     result.verify_cost)  # fmt: skip
+                                     result.verify_cost, result.first_path)  # fmt: skip
         finally:
             if warming is not None:
                 warming.cancel()

@@ -26,6 +26,7 @@ from orchestrator.backends import (
     TreeVerifier,
     Verifier,
 )
+from services.context import common_prefix_len
 from services.maxgram import MaxGramDrafter
 from services.roles import CallCost, Draft, Verified, total_cost
 from services.sampling import SamplingParams, SparseDist, round_seed
@@ -87,14 +88,17 @@ class RoundResult:
     accepted: int  # n
     draft_cost: CallCost | None
     verify_cost: CallCost
+    # A tree that branched (staged): its path of first candidates, the chain the drafter
+    # would have drafted - its length and how many of its tokens were accepted
+    first_path: tuple[int, int] | None = None
 
 
-def sized(strategy: str, r: RoundInput, k: int, plain: bool = False) -> RoundInput:
+def sized(strategy: str, r: RoundInput, k: int, plain: bool = False, chain: bool = False) -> RoundInput:
     """The round with draft length k, in the strategy's own terms: `sd` and the foreign
     vocabularies draft k tokens; `cascade` gives its top drafter k tokens of the target's
     draft (row 0 of the k-matrix: k = 0 leaves only the statistical levels' tokens, nearly
     free; `plain`, none at all: plain decoding); `staged` grows its tree k deep (extra depths
-    single paths)."""
+    single paths), or with `chain` a chain of k first candidates."""
     k = min(k, r.max_draft)
     if strategy == "cascade":
         levels = r.k_matrix or ()
@@ -102,6 +106,8 @@ def sized(strategy: str, r: RoundInput, k: int, plain: bool = False) -> RoundInp
             top = (0,) * len(levels[0]) if plain and k == 0 else (k, *levels[0][1:])
             return replace(r, k=k, k_matrix=(top, *levels[1:]))
         return replace(r, k=k)
+    if strategy == "staged" and chain and k:
+        return replace(r, k=k, tree=TreeShape((1,) * k, k))
     if strategy == "staged":
         shape = r.tree or DEFAULT_TREE
         extra = max(0, k - len(shape.branching))
@@ -563,7 +569,9 @@ async def staged_round(backends: Backends, r: RoundInput) -> RoundResult:
     v = await cast(TreeVerifier, backends.verifier).verify_tree(
         r.session_id, r.context, t.tree, t.q, r.params, round_seed(r.seed, r.step, "verify")
     )
-    return RoundResult(v.tokens, t.tree.depth, v.accepted, t.cost, v.cost)
+    first = t.tree.first_path()
+    branched = (len(first), common_prefix_len(first, list(v.tokens[: v.accepted]))) if len(first) < len(t.tree) else None
+    return RoundResult(v.tokens, t.tree.depth, v.accepted, t.cost, v.cost, branched)
 
 
 # -- redrafter ---------------------------------------------------------------------------

@@ -90,6 +90,15 @@ class Tree:
             node = self.parents[node]
         return nodes[::-1]
 
+    def first_path(self) -> list[int]:
+        """The tokens down the first child of every node from the root: with siblings in
+        the order drawn, the chain a drafter drafting one candidate a position would give."""
+        tokens, node = [], ROOT
+        while children := self.children(node):
+            node = children[0]
+            tokens.append(self.tokens[node])
+        return tokens
+
     def leaves(self) -> list[int]:
         """The nodes without children, in node order."""
         parents = set(self.parents)

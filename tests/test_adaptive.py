@@ -31,6 +31,7 @@ from orchestrator.adaptive import (
     PassLoad,
     PooledAcceptance,
     RoundCosts,
+    TreeWidth,
     expected_tokens,
     load_level,
 )
@@ -308,6 +309,61 @@ def test_observe_keys_the_cost_by_the_length_the_round_had() -> None:
     assert lengths.costs.measured == [0, 3, 4]
 
 
+def widths(tree: tuple[float, float], chain: tuple[float, float], k_max: int = 12) -> TreeWidth:
+    """A TreeWidth whose shapes have timed every length and seen drafts accepted: each
+    (seconds per draft token, acceptance rate)."""
+    w = TreeWidth(k_max)
+    for lengths, (per_token, alpha) in ((w.tree, tree), (w.chain, chain)):
+        for _ in range(3):
+            for k in range(k_max + 1):
+                lengths.costs.observe(k, 1.0 + per_token * k)
+        lengths.pooled = PooledAcceptance([100.0] * k_max, [100.0 * alpha] * k_max)
+    return w
+
+
+def test_a_tree_where_its_extra_candidates_pay_and_a_chain_where_they_do_not() -> None:
+    # Nodes cost a tree three times what a chain's cost; acceptance decides
+    much_better = widths(tree=(0.3, 0.9), chain=(0.1, 0.5)).choose(Acceptance(), step=0, limit=20)
+    assert not much_better.chain and much_better.k >= 1
+    little_better = widths(tree=(0.3, 0.6), chain=(0.1, 0.55)).choose(Acceptance(), step=0, limit=20)
+    assert little_better.chain and little_better.k >= 1
+    # Neither pays: plain decoding, whichever shape
+    assert widths(tree=(0.5, 0.2), chain=(0.5, 0.2)).choose(Acceptance(), step=0, limit=20).k == 0
+
+
+def test_every_tenth_round_drafts_the_shape_not_chosen() -> None:
+    w = widths(tree=(0.3, 0.6), chain=(0.1, 0.55))
+    assert [w.choose(Acceptance(), step=s, limit=20).chain for s in range(EXPLORE_EVERY)] == [
+        s != EXPLORE_EVERY // 2 for s in range(EXPLORE_EVERY)
+    ]
+
+
+def test_the_first_rounds_time_the_trees_lengths_then_the_chains() -> None:
+    w, session, chosen = TreeWidth(), Acceptance(), []
+    for step in range(2 * len(START) - 1):
+        choice = w.choose(session, step=step, limit=20)
+        chosen.append((choice.k, choice.chain))
+        first_path = None if choice.chain or not choice.k else (choice.k, 0)
+        w.observe(session, choice.k, choice.k, 0, 1.0 + 0.1 * choice.k, first_path=first_path)
+    # A plain round times T(0) for both shapes
+    assert chosen == [(4, False), (2, False), (0, False), (4, True), (2, True)]
+    assert w.tree.costs.measured == w.chain.costs.measured == [0, 2, 4]
+
+
+def test_a_tree_round_measures_the_chain_of_its_first_candidates_too() -> None:
+    w, session = TreeWidth(), Acceptance()
+    w.observe(session, k=3, drafted=3, accepted=2, seconds=1.3, first_path=(3, 1))  # a tree
+    assert (session.reached, session.accepted) == ([1.0, 1.0, 1.0], [1.0, 1.0, 0.0])
+    assert session.chain == Acceptance([1.0, 1.0], [1.0, 0.0])  # its first path: one accepted
+    assert w.chain.pooled.reached == [1.0, 1.0]
+    assert w.tree.costs.measured == [3] and w.chain.costs.measured == []
+    w.observe(session, k=2, drafted=2, accepted=2, seconds=1.1)  # a chain
+    assert session.chain.reached == [0.9 + 1.0, 0.9 + 1.0] and session.reached == [1.0, 1.0, 1.0]
+    assert w.tree.costs.measured == [3] and w.chain.costs.measured == [2]
+    assert Acceptance.from_json(session.to_json()) == session  # kept in Redis with the session's
+    assert Acceptance.from_json([[1.0], [0.0]]) == Acceptance([1.0], [0.0])  # stored before chains were
+
+
 def test_sized_sets_each_strategys_own_draft_length() -> None:
     r = RoundInput("s", [1, 2], SamplingParams(), 0, 0, 4, k_matrix=((4, 2), (0, 3)))
     assert sized("sd", r, 7).k == 7
@@ -317,6 +373,8 @@ def test_sized_sets_each_strategys_own_draft_length() -> None:
     assert sized("staged", r, 2).tree == TreeShape(DEFAULT_TREE.branching[:2], DEFAULT_TREE.budget)
     deep = sized("staged", r, 7).tree
     assert deep.branching == (*DEFAULT_TREE.branching, 1, 1) and deep.budget == DEFAULT_TREE.budget + 2
+    assert sized("staged", r, 3, chain=True).tree == TreeShape((1, 1, 1), 3)
+    assert sized("staged", r, 0, chain=True).tree.branching == ()  # plain decoding
     assert sized("sd", RoundInput("s", [1], SamplingParams(), 0, 0, 4, max_draft=3), 9).k == 3
 
 
@@ -332,10 +390,11 @@ def table(seed: int, length: int = 40) -> torch.Tensor:
     return torch.stack([random_dist(seed * 100 + t, V).log() for t in range(length)])  # (L, V)
 
 
-async def decode(backends: Backends, strategy: str, n: int, seed: int, lengths: DraftLength | None,
-                 lookahead: Lookahead, chosen: set[int]) -> list[int]:  # fmt: skip
-    """Rounds as the Engine runs them: with `lengths`, each round's k chosen from earlier rounds
-    (a round's cost made up as 1 + 0.4 k seconds, so the choice moves with acceptance)."""
+async def decode(backends: Backends, strategy: str, n: int, seed: int, lengths: DraftLength | TreeWidth | None,
+                 lookahead: Lookahead, chosen: set) -> list[int]:  # fmt: skip
+    """Rounds as the Engine runs them: with `lengths`, each round's k (and a tree's width)
+    chosen from earlier rounds (a round's cost made up as 1 + 0.4 k seconds, so the choice
+    moves with acceptance; a tree's 0.6 s more for fifty runs, then a chain's, and so on)."""
     round_fn = STRATEGIES[strategy].run
     session = Acceptance()
     out: list[int] = []
@@ -344,12 +403,16 @@ async def decode(backends: Backends, strategy: str, n: int, seed: int, lengths: 
         while len(out) < n:
             # Short drafts, so that the first tokens often come from a round after a speculative draft.
             r = RoundInput("s", CONTEXT + out, PARAMS, seed, step, 1, lookahead=lookahead)
+            chain = False
             if lengths is not None:
-                r = sized(strategy, r, lengths.choose(session, step, lengths.k_max, streak).k)
-            chosen.add(r.k)
+                choice = lengths.choose(session, step, lengths.k_max, streak)
+                r, chain = sized(strategy, r, choice.k, chain=choice.chain), choice.chain and choice.k > 0
+            chosen.add((r.k, chain) if isinstance(lengths, TreeWidth) else r.k)
             result = await round_fn(backends, r)
             if lengths is not None:
-                lengths.observe(session, r.k, result.drafted, result.accepted, 1.0 + 0.4 * r.k)
+                dearer = 0.6 if isinstance(lengths, TreeWidth) and r.k and chain == bool(seed // 50 % 2) else 0.0
+                lengths.observe(session, r.k, result.drafted, result.accepted, 1.0 + 0.4 * r.k + dearer,
+                                first_path=result.first_path)  # fmt: skip
             streak = 0 if r.k else streak + 1
             out += result.tokens
             step += 1
@@ -366,8 +429,8 @@ def pvalue(strategy: str, n_out: int, k_max: int | None) -> tuple[float, set[int
     drafter = table(2)
     drafter = 0.3 * drafter + 0.7 * target  # a drafter that is often right: long drafts pay
     backends = Backends(VerifierCore(TableRuntime(target)), DrafterCore(TableRuntime(drafter), q_top=V))
-    lengths = DraftLength(k_max) if k_max else None
-    seen: set[int] = set()
+    lengths = (TreeWidth if strategy == "staged" else DraftLength)(k_max) if k_max else None
+    seen: set = set()
     spec = Lookahead()
 
     async def runs() -> Counter:
@@ -391,6 +454,12 @@ def test_adaptive_sd_samples_the_targets_distribution() -> None:
     value, seen, _ = pvalue("sd", n_out=3, k_max=2)
     assert value > PASS
     assert len(seen) > 1  # the draft length did change from run to run
+
+
+def test_adaptive_staged_samples_the_targets_distribution_as_a_tree_and_as_a_chain() -> None:
+    value, seen, _ = pvalue("staged", n_out=3, k_max=2)
+    assert value > PASS
+    assert {chain for k, chain in seen if k} == {False, True}  # rounds drafted trees and chains
 
 
 def test_adaptive_lookup_samples_the_targets_distribution() -> None:
@@ -631,7 +700,7 @@ class Scripted(DraftLength):
     def choose(self, session, step, limit, ar_streak=0, timed=True, streams=0):
         return Choice(min(self.script[step] if step < len(self.script) else 0, limit), 1.0, 0.0)
 
-    def observe(self, session, k, drafted, accepted, seconds, verify=None):
+    def observe(self, session, k, drafted, accepted, seconds, verify=None, first_path=None):
         self.reported.append((k, seconds))
 
 

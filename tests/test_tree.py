@@ -141,3 +141,17 @@ def test_recursive_rejection_refuses_a_candidate_q_cannot_draw() -> None:
     q = SparseDist(torch.tensor([0, 1]), torch.tensor([0.5, 0.5]))
     with pytest.raises(AssertionError, match="q = 0"):
         recursive_rejection([3], q, torch.full((4,), 0.25), torch.Generator())
+
+
+@pytest.mark.parametrize(
+    ("tree", "first"),
+    [
+        (TREE, [7, 5, 9]),  # 7 before 8, 5 before 6, then 9
+        (Tree((), ()), []),
+        (Tree.chain([4, 5, 6]), [4, 5, 6]),
+        # the first child of the root has no children: the path ends there, whatever its sibling holds
+        (Tree((1, 2, 3), (-1, -1, 1)), [1]),
+    ],
+)
+def test_the_first_path_follows_every_nodes_first_child(tree, first) -> None:
+    assert tree.first_path() == first
