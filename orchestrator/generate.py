@@ -197,6 +197,7 @@ class Stats:
     speculative_hits: int = 0  # of those, used as the next round's draft
     speculative_ready: int = 0  # of those, finished before the verify answered
     speculative_verified: int = 0  # of those, with their verify sent ahead
+    chain_rounds: int = 0  # staged, adaptive: rounds that drafted a chain of first candidates, not the tree
 
     @property
     def mean_draft_length(self) -> float:
@@ -465,10 +466,11 @@ class Engine:
             self.in_flight -= 1
         stats.wall_seconds += time.perf_counter() - started
         log.info(
-            "session %s: %s, %d tokens in %.2fs (%.2f tok/s), τ %.2f, acceptance %.2f, draft length %.1f%s, finish %s%s%s",
+            "session %s: %s, %d tokens in %.2fs (%.2f tok/s), τ %.2f, acceptance %.2f, draft length %.1f%s%s, finish %s%s%s",
             session.id, stats.strategy, stats.new_tokens, stats.wall_seconds, stats.tokens_per_second,
             stats.mean_accepted_length, stats.acceptance_rate, stats.mean_draft_length,
-            " (adaptive)" if stats.adaptive else "", stats.finish_reason,
+            " (adaptive)" if stats.adaptive else "",
+            f", chains {stats.chain_rounds}/{stats.target_forwards}" if stats.chain_rounds else "", stats.finish_reason,
             f", next drafts ready {stats.speculative_ready}/{stats.target_forwards}" if stats.speculative_drafts else "",
             f", {stats.failovers} failovers" if stats.failovers else "",
         )  # fmt: skip
@@ -534,6 +536,7 @@ class Engine:
                     choice = adaptive.choose(session.acceptance, session.step, room - 1, session.ar_streak,
                                              timed=stats.target_forwards > 0, streams=self.in_flight)  # fmt: skip
                     r = sized(stats.strategy, r, choice.k, choice.plain, choice.chain)
+                    stats.chain_rounds += choice.chain and r.k > 0
                 fallbacks = stats.fallback_rounds
                 outgrown = bool(drafting_context) and len(session.tokens) + _draft_cells(r) >= drafting_context
                 if outgrown and not drafter_down and stats.fallback_rounds == 0:

@@ -111,6 +111,7 @@ def stats_to_pb(s: Stats) -> pb.GenerationStats:
         speculative_hits=s.speculative_hits,
         speculative_ready=s.speculative_ready,
         speculative_verified=s.speculative_verified,
+        chain_rounds=s.chain_rounds,
     )
 
 

@@ -178,6 +178,7 @@ def format_stats(s: pb.GenerationStats) -> str:
         f"target forwards {s.target_forwards} | round trips {s.round_trips} | τ {s.mean_accepted_length:.2f} | "
         f"acceptance {s.acceptance_rate:.0%} | "
         + (f"draft length {s.mean_draft_length:.1f} adaptive ({s.ar_rounds} rounds without a draft) | " if s.adaptive else "")
+        + (f"chains {s.chain_rounds}/{s.target_forwards} | " if s.chain_rounds else "")
         + (f"next drafts ready {s.speculative_ready}/{s.target_forwards} | " if s.speculative_drafts else "")
         + (f"verified ahead {s.speculative_verified}/{s.target_forwards} | " if s.speculative_verified else "")
         + f"finish {s.finish_reason} | session {s.session_id}"

@@ -431,7 +431,7 @@ class TextDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("session_id", "strategy", "finish_reason", "prompt_tokens", "new_tokens", "target_forwards", "drafted", "accepted", "mean_accepted_length", "acceptance_rate", "acceptance_by_position", "wall_seconds", "tokens_per_second", "draft_seconds", "verify_seconds", "network_seconds", "redis_seconds", "bytes_sent", "bytes_received", "failovers", "fallback_rounds", "replicas", "language", "drafter_pool", "adaptive", "ar_rounds", "mean_draft_length", "speculative_drafts", "speculative_hits", "speculative_ready", "speculative_verified", "round_trips")
+    __slots__ = ("session_id", "strategy", "finish_reason", "prompt_tokens", "new_tokens", "target_forwards", "drafted", "accepted", "mean_accepted_length", "acceptance_rate", "acceptance_by_position", "wall_seconds", "tokens_per_second", "draft_seconds", "verify_seconds", "network_seconds", "redis_seconds", "bytes_sent", "bytes_received", "failovers", "fallback_rounds", "replicas", "language", "drafter_pool", "adaptive", "ar_rounds", "mean_draft_length", "speculative_drafts", "speculative_hits", "speculative_ready", "speculative_verified", "round_trips", "chain_rounds")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -464,6 +464,7 @@ class GenerationStats(_message.Message):
     SPECULATIVE_READY_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     ROUND_TRIPS_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     strategy: str
     finish_reason: str
@@ -496,7 +497,8 @@ class GenerationStats(_message.Message):
     speculative_ready: int
     speculative_verified: int
     round_trips: int
-    def __init__(self, session_id: _Optional[str] = ..., strategy: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., target_forwards: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., acceptance_by_position: _Optional[_Iterable[float]] = ..., wall_seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., draft_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., network_seconds: _Optional[float] = ..., redis_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., failovers: _Optional[int] = ..., fallback_rounds: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., language: _Optional[str] = ..., drafter_pool: _Optional[str] = ..., adaptive: _Optional[bool] = ..., ar_rounds: _Optional[int] = ..., mean_draft_length: _Optional[float] = ..., speculative_drafts: _Optional[int] = ..., speculative_hits: _Optional[int] = ..., speculative_ready: _Optional[int] = ..., speculative_verified: _Optional[int] = ..., round_trips: _Optional[int] = ...) -> None: ...
+    chain_rounds: int
+    def __init__(self, session_id: _Optional[str] = ..., strategy: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., target_forwards: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., acceptance_by_position: _Optional[_Iterable[float]] = ..., wall_seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., draft_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., network_seconds: _Optional[float] = ..., redis_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., failovers: _Optional[int] = ..., fallback_rounds: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., language: _Optional[str] = ..., drafter_pool: _Optional[str] = ..., adaptive: _Optional[bool] = ..., ar_rounds: _Optional[int] = ..., mean_draft_length: _Optional[float] = ..., speculative_drafts: _Optional[int] = ..., speculative_hits: _Optional[int] = ..., speculative_ready: _Optional[int] = ..., speculative_verified: _Optional[int] = ..., round_trips: _Optional[int] = ..., chain_rounds: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "stats", "started")
