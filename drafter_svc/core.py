@@ -24,6 +24,7 @@ from services.errors import BadRequest, Unsupported, check_chain, check_draft_le
 from services.ngram import NgramIndex
 from services.roles import Draft, Reviewed, StringsDraft, TreeDraft
 from services.runtime import ModelInfo, Runtime
+from services.second_stage import GuessLedger, PassTimes
 from services.sampling import SamplingParams, SparseDist
 from services.sessions import Context
 from services.tree import TreeShape
@@ -56,6 +57,7 @@ class DrafterCore:
         self.min_confidence = min_confidence  # propose stops before a less confident position
         self.q_top = q_top  # entries of the truncated q sent when sampling
         self.second_stage = second_stage  # max-gram lookahead while growing trees (0 = off)
+        self.pass_times = PassTimes()  # what this drafter's tree passes cost: whether guesses pay
         self.max_draft = max_draft
         self.translation = translation
         self._info = runtime.info if translation is None else translation.wire_info(runtime.info)
@@ -170,11 +172,16 @@ class DrafterCore:
 
         def work(full: list[int], generator: torch.Generator) -> TreeDraft:
             state = self.contexts.state(session_id)
-            if self.second_stage and state.ngram is None:
-                state.ngram = NgramIndex()
-            p = propose_tree(
-                self.runtime, session_id, full, shape, params, self.q_top, state.ngram, self.second_stage, generator
-            )
+            lookahead = 0
+            if self.second_stage:
+                state.ngram = state.ngram or NgramIndex()
+                state.guesses = state.guesses or GuessLedger()
+                lookahead = self.second_stage if state.guesses.guess(self.pass_times) else 0
+            p = propose_tree(self.runtime, session_id, full, shape, params, self.q_top, state.ngram, lookahead, generator)
+            for nodes, seconds in p.timed:
+                self.pass_times.observe(nodes, seconds)
+            if lookahead:
+                state.guesses.observe(p.guessed, p.saved)
             self.contexts.commit(session_id, full)
             return TreeDraft(p.tree, p.q, p.forwards, PENDING)
 

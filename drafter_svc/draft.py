@@ -6,6 +6,7 @@ drafter's core (drafter_svc/core.py) resolves context deltas, seeds and times th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -143,6 +144,9 @@ class TreeProposal:
     # were drawn from, without replacement, in sibling order; None for a leaf. Empty when greedy.
     q: tuple[SparseDist | None, ...]
     forwards: int  # passes of the drafter model
+    guessed: int = 0  # second-stage guesses fed
+    saved: int = 0  # passes the guesses saved: depths whose every node to expand was guessed
+    timed: tuple[tuple[int, float], ...] = ()  # (nodes fed, seconds) of each pass but the first
 
 
 class _Passes:
@@ -159,6 +163,9 @@ class _Passes:
         self.parents: list[int] = []
         self.logits: dict[int, torch.Tensor] = {}  # computed node (ROOT: the context) -> (V,)
         self.count = 0
+        self.guessed = self.saved = 0  # the second stage's guesses fed, and passes they saved
+        # The passes after the first (that one also feeds what the cache lacks of the context)
+        self.timed: list[tuple[int, float]] = []
 
     def find(self, parent: int, token: int) -> int | None:
         return next((i for i, (t, p) in enumerate(zip(self.tokens, self.parents)) if p == parent and t == token), None)
@@ -177,7 +184,10 @@ class _Passes:
         n_last = len(self.tokens) - first_new + (1 if want_root else 0)
         if n_last == 0:
             return
+        started = time.perf_counter()
         rows = self.runtime.tree_logits(self.session_id, self.context, Tree(tuple(self.tokens), tuple(self.parents)), n_last)
+        if not want_root:
+            self.timed.append((n_last, time.perf_counter() - started))
         entries = ([ROOT] if want_root else []) + list(range(first_new, len(self.tokens)))
         self.logits.update(zip(entries, rows))
         self.count += 1
@@ -260,7 +270,7 @@ def propose_tree(
                     computed[child] = guessed
                 frontier.append(child)
     q = (q_of.get(ROOT), *(q_of.get(i) for i in range(len(tokens)))) if not params.greedy else ()
-    return TreeProposal(Tree(tuple(tokens), tuple(parents)), q, passes.count)
+    return TreeProposal(Tree(tuple(tokens), tuple(parents)), q, passes.count, passes.guessed, passes.saved, tuple(passes.timed))
 
 
 def _compute(
@@ -276,6 +286,7 @@ def _compute(
     want_root = ROOT not in passes.logits
     missing = [node for node, _ in plan if node != ROOT and computed.get(node) not in passes.logits]
     if not want_root and not missing:
+        passes.saved += 1
         return  # every node to expand was guessed by the second stage: no pass
     first_new = len(passes.tokens)
     for node in missing:  # a missing node's parent was expanded, hence computed
@@ -285,7 +296,9 @@ def _compute(
         path = [tokens[i] for i in _path(parents, best)]
         below = computed[best]
         for token in _guess(ngram, path, lookahead):
+            fed = len(passes.tokens)
             below = passes.add(below, token)
+            passes.guessed += len(passes.tokens) - fed
     passes.run(first_new, want_root)
 
 

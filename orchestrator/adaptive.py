@@ -429,9 +429,12 @@ class TreeWidth:
             c.expected_tokens / (c.seconds + self.tree.load.others_cost(c.k)) for c in (tree, chain)
         )
         use_chain = rate_chain >= rate_tree
-        if step % EXPLORE_EVERY == EXPLORE_EVERY // 2 and (chain.k if not use_chain else tree.k):
-            use_chain = not use_chain  # the other shape, to keep its figures current
-        return replace(chain, chain=True) if use_chain and chain.k else tree
+        chosen, other = (chain, tree) if use_chain else (tree, chain)
+        if step % EXPLORE_EVERY == EXPLORE_EVERY // 2 and chosen.k:
+            # The other shape, to keep its figures current: at its own best length, or at this
+            # one's where its own is none (a shape that never drafts would never be re-measured)
+            chosen, use_chain = (other if other.k else replace(other, k=chosen.k)), not use_chain
+        return replace(chosen, chain=use_chain and chosen.k > 0)
 
     def observe(
         self,

@@ -14,6 +14,7 @@ from services.context import ContextDelta, resolve_delta
 from services.errors import BadRequest, ContextMiss, check_token_ids
 from services.lru import Lru
 from services.ngram import NgramIndex
+from services.second_stage import GuessLedger
 
 # What a call to a model service's core names its context by: the whole sequence (in this
 # process, or after a miss), or a delta against what the service holds (over gRPC).
@@ -26,6 +27,7 @@ class SessionState:
 
     context: list[int] = field(default_factory=list)  # committed tokens, as the caller sent them
     ngram: NgramIndex | None = None  # a drafter's max-gram index of the context (its second stage)
+    guesses: GuessLedger | None = None  # whether that second stage pays for this session
 
 
 @dataclass

@@ -336,6 +336,12 @@ def test_every_tenth_round_drafts_the_shape_not_chosen() -> None:
     assert [w.choose(Acceptance(), step=s, limit=20).chain for s in range(EXPLORE_EVERY)] == [
         s != EXPLORE_EVERY // 2 for s in range(EXPLORE_EVERY)
     ]
+    # A tree that would not draft at all is explored at the chain's length
+    w = widths(tree=(2.0, 0.3), chain=(0.1, 0.6))
+    assert w.tree.choose(Acceptance(), step=0, limit=20).k == 0
+    chain = w.choose(Acceptance(), step=0, limit=20)
+    explored = w.choose(Acceptance(), step=EXPLORE_EVERY // 2, limit=20)
+    assert chain.chain and not explored.chain and explored.k == chain.k >= 1
 
 
 def test_the_first_rounds_time_the_trees_lengths_then_the_chains() -> None:

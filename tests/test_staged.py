@@ -25,6 +25,7 @@ from orchestrator.strategies import Backends
 from services.multidraft import TreeVerdict, recursive_rejection, verify_tree_sampled
 from services.ngram import NgramIndex
 from services.sampling import SamplingParams, sample, target_probs
+from services.second_stage import PROBE_TREES, PassTimes
 from services.torch_runtime import load_torch
 from services.tree import ROOT, Tree, TreeShape
 from verifier_svc.core import VerifierCore
@@ -114,6 +115,34 @@ def test_second_stage_saves_passes_and_changes_nothing() -> None:
         ]
         if params.greedy:  # sampling may stray from the guess; greedy follows it for sure
             assert staged.forwards == 1 and host.fed == [1 + 3]  # the root row and 3 guesses
+            assert (staged.guessed, staged.saved) == (3, 3)
+        assert (plain.guessed, plain.saved) == (0, 0) and len(plain.timed) == plain.forwards - 1
+
+
+class KnownPasses(PassTimes):
+    """Passes that cost 15 ms plus 18 ms a node (llama.cpp's 0.5B on two AVX2 cores)."""
+
+    def line(self) -> tuple[float, float]:
+        return 0.015, 0.018
+
+
+def test_a_session_whose_guesses_miss_stops_guessing_and_probes_again() -> None:
+    """The drafter's top token is always 5, which the max-gram model (2, 3, 0, 1 after
+    CONTEXT) does not guess at first: each tree feeds three guesses below the root that miss
+    (deeper, after 5 5, it guesses 5 and saves a pass or two: not enough). Once the ledger has
+    seen MIN_GUESSES guesses, the session's trees stop guessing, but for one in PROBE_TREES."""
+    avoid = torch.full((len(CONTEXT) + 12, V), -4.0, dtype=torch.float64)  # (L, V)
+    avoid[:, 5] = 4.0
+    host = CountingHost(avoid)
+    core = DrafterCore(host, second_stage=4)
+    core.pass_times = KnownPasses()
+    guessed = []
+    for step in range(4 + PROBE_TREES):
+        host.fed.clear()
+        asyncio.run(core.propose_tree("s", CONTEXT, TreeShape((1, 1, 1, 1), 4), GREEDY, step))
+        guessed.append(host.fed[0] > 1)  # the first pass fed guesses beside the root row
+    assert guessed == [True] * 3 + [False] * (PROBE_TREES - 1) + [True] + [False]
+    assert not core.contexts.state("s").guesses.pays(core.pass_times)
 
 
 # ---------------------------------------------------------------- greedy on tiny models
