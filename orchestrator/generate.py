@@ -479,11 +479,11 @@ class Engine:
     def _draft_length(
         self, req: GenerationRequest, session: Session, strategy: str, k: int
     ) -> DraftLength | TreeWidth | None:
-        """What chooses the turn's draft lengths (and `staged`'s width): None when the turn's k is fixed - the
-        request's or the server's k, a cascade's k-matrix or a staged tree the request gives -
-        or when the turn samples with a seed the request gives: a seeded stream replays, and
-        adaptive choices follow measured timings that no seed fixes (greedy output is the
-        same whatever k, so greedy turns adapt)."""
+        """What chooses the turn's draft lengths (and `staged`'s shape): None when the turn's k
+        is fixed - the request's or the server's k, a cascade's k-matrix or a staged tree the
+        request gives - or when the turn samples with a seed the request gives: a seeded
+        stream replays, and adaptive choices follow measured timings that no seed fixes
+        (greedy output is the same whatever k, so greedy turns adapt)."""
         fixed = k or (strategy == "cascade" and req.k_matrix) or (strategy == "staged" and req.tree)
         replayed = req.seed is not None and not session.sampling.greedy
         if fixed or replayed or strategy == "ar":
