@@ -57,6 +57,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from services.fit import DecayedLine
 from services.roles import CallCost
 
 DECAY = 0.9  # per observation: a session's rates follow roughly its last ten rounds
@@ -219,34 +220,29 @@ class PassLoad:
     a pass's seconds on its tokens."""
 
     def __init__(self) -> None:
-        self.n = self.sessions = self.t = self.y = self.tt = self.ty = 0.0
+        self.sessions = 0.0
+        self.passes = DecayedLine(LOAD_DECAY)  # a pass's seconds on its tokens
         self.streams = 0  # the turns this orchestrator streams now (DraftLength.choose)
 
     def observe(self, sessions: int, tokens: int, seconds: float) -> None:
         """One verify call's pass: `sessions` shared it, feeding `tokens`, in `seconds`."""
         if tokens <= 0 or not math.isfinite(seconds) or seconds <= 0:
             return
-        d = LOAD_DECAY
-        self.n = d * self.n + 1.0
-        self.sessions = d * self.sessions + sessions
-        self.t = d * self.t + tokens
-        self.y = d * self.y + seconds
-        self.tt = d * self.tt + tokens * tokens
-        self.ty = d * self.ty + tokens * seconds
+        self.sessions = LOAD_DECAY * self.sessions + sessions
+        self.passes.observe(tokens, seconds)
 
     @property
     def per_token(self) -> float:
         """b: seconds one more fed token adds to a pass. The slope where the passes fed
         different numbers of tokens, at most the mean cost of a token (the pass's fixed part
         included), which it is where they did not."""
-        if self.t <= 0:
+        passes = self.passes
+        if passes.x <= 0:
             return 0.0
-        mean = self.y / self.t
-        var = self.tt / self.n - (self.t / self.n) ** 2
-        if var < 1.0:  # the passes fed about as many tokens each: no slope to fit
+        mean = passes.y / passes.x
+        if passes.variance < 1.0:  # the passes fed about as many tokens each: no slope to fit
             return mean
-        slope = (self.ty / self.n - (self.t / self.n) * (self.y / self.n)) / var
-        return min(max(slope, 0.0), mean)
+        return min(max(passes.slope, 0.0), mean)
 
     @property
     def batch(self) -> float:
@@ -254,7 +250,7 @@ class PassLoad:
         orchestrator streams now if more: the measure follows the passes of about the last
         twenty calls, so it lags a load that just rose (sixteen sessions starting together
         would draft as at the load before)."""
-        measured = self.sessions / self.n if self.n else 1.0
+        measured = self.sessions / self.passes.n if self.passes.n else 1.0
         return max(measured, float(self.streams))
 
     def others_cost(self, k: int) -> float:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.fit import DecayedLine
+
 DECAY = 0.9  # per tree: a session's ledger follows about its last ten trees
 TIMES_DECAY = 0.98  # per pass: the fit follows about the last fifty passes
 MIN_GUESSES = 8.0  # guesses fed before a session's ledger decides anything
@@ -38,27 +40,19 @@ class PassTimes:
     """A drafter's tree passes: decayed least squares of seconds on nodes fed."""
 
     def __init__(self) -> None:
-        self.n = self.t = self.y = self.tt = self.ty = 0.0
+        self.passes = DecayedLine(TIMES_DECAY)
 
     def observe(self, tokens: int, seconds: float) -> None:
-        d = TIMES_DECAY
-        self.n = d * self.n + 1.0
-        self.t = d * self.t + tokens
-        self.y = d * self.y + seconds
-        self.tt = d * self.tt + tokens * tokens
-        self.ty = d * self.ty + tokens * seconds
+        self.passes.observe(tokens, seconds)
 
     def line(self) -> tuple[float, float] | None:
         """(a, b): a pass's fixed seconds and seconds per node fed; None until passes of
         different sizes were timed."""
-        if self.n <= 0:
+        passes = self.passes
+        if passes.n <= 0 or passes.variance < 0.1:
             return None
-        mean_t, mean_y = self.t / self.n, self.y / self.n
-        var = self.tt / self.n - mean_t**2
-        if var < 0.1:
-            return None
-        b = max(0.0, (self.ty / self.n - mean_t * mean_y) / var)
-        return max(0.0, mean_y - b * mean_t), b
+        b = max(0.0, passes.slope)
+        return max(0.0, passes.mean_y - b * passes.mean_x), b
 
 
 @dataclass
