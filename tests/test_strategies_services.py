@@ -83,6 +83,21 @@ def test_greedy_cascade_and_staged_equal_ar(stack, prompt):
         assert result.stats.drafted > 0 and result.stats.target_forwards < NEW, what
 
 
+def test_adaptive_staged_drafts_trees_and_chains_and_equals_ar(stack):
+    """Adaptive staged chooses each round between its tree and a chain of first candidates
+    (orchestrator/adaptive.TreeWidth): over a few turns both shapes draft, and every turn's
+    output is ar's."""
+    main = stack.address("orchestrator")
+    expected = generate(main, PROMPTS[0], strategy="ar", max_new_tokens=NEW).token_ids
+    chains = drafting = 0
+    for _ in range(4):
+        result = generate(main, PROMPTS[0], strategy="staged", max_new_tokens=NEW)
+        assert result.token_ids == expected
+        chains += result.stats.chain_rounds
+        drafting += result.stats.target_forwards - result.stats.ar_rounds
+    assert 0 < chains < drafting
+
+
 def test_sampled_runs_replay_with_their_seed(stack):
     address = stack.address("orchestrator2")
     for strategy in ("cascade", "staged"):
