@@ -36,7 +36,9 @@ share. Alone, drafter and verifier take turns and nothing is lost; once passes a
 
 k = 0 is plain decoding (`ar`): chosen when no draft pays for itself, with a probe round
 every PROBE_EVERY rounds (times the sessions per pass, under load) so that a session whose
-text turns predictable drafts again.
+text turns predictable drafts again. Pipelined (`sd-pipe` with the drafter on cores of its
+own), a k = 0 round still drafts the next round ahead during its verify, so k = 0 is worth
+what such rounds commit, not one token (DraftLength._plain_tokens).
 
 Why this is lossless, greedy and sampled: the choice uses only what is already committed
 (earlier rounds' acceptance) and timings, never the current round's draws. Given the
@@ -268,15 +270,25 @@ class Choice:
     # load every fed token costs the pass the other sessions wait for
     plain: bool = False
     chain: bool = False  # a tree strategy's round that drafts a chain of first candidates (TreeWidth)
+    # k = 0 alone at the verifier (fewer than SHARED_PASS sessions a pass): the draft length
+    # that would pay best, for a pipelined strategy to draft ahead during the plain round
+    ahead: int = 0
 
 
 class DraftLength:
     """Chooses each round's draft length for one strategy of one orchestrator."""
 
-    def __init__(self, k_max: int = K_MAX, own_cores: bool = True) -> None:
-        """`own_cores`: the drafters run on cores the verifier does not use (SPECD_OWN_CORES)."""
+    def __init__(self, k_max: int = K_MAX, own_cores: bool = True, pipelined: bool = False) -> None:
+        """`own_cores`: the drafters run on cores the verifier does not use (SPECD_OWN_CORES);
+        `pipelined`: a round that drafts nothing may still commit a draft drafted ahead during
+        the round before it (`sd-pipe` on cores of the drafter's own), so k = 0 yields what
+        such rounds measure, not one token (`plain_yield`, `_plain_tokens`)."""
         self.k_max = k_max
         self.own_cores = own_cores
+        self.pipelined = pipelined
+        # Tokens a k = 0 round commits: a decayed mean over such rounds, pooled over sessions
+        self.plain_yield = 1.0
+        self._plain_weight = 0.0
         self.pooled = PooledAcceptance()
         self.load = PassLoad()
         self.costs_at: dict[int, RoundCosts] = {}  # by load level (load_level)
@@ -318,8 +330,18 @@ class DraftLength:
             return Choice(0, 1.0, 0.0) if timed else Choice(min(START[0], limit), 0.0, 0.0)
         rates = session.rates(limit, self.pooled)
 
+        def seconds(k: int) -> float:
+            return costs.seconds(k) + self.load.others_cost(k)
+
+        drafting = max(range(1, limit + 1), key=lambda k: expected_tokens(rates, k) / seconds(k))
+        alone = self.load.batch < SHARED_PASS
+        zero = self._plain_tokens(rates, drafting) if self.pipelined and alone else 1.0
+
+        def tokens(k: int) -> float:
+            return expected_tokens(rates, k) if k else zero
+
         def rate(k: int) -> float:
-            return expected_tokens(rates, k) / (costs.seconds(k) + self.load.others_cost(k))
+            return tokens(k) / seconds(k)
 
         best = max(range(limit + 1), key=lambda k: (rate(k), -k))
         # A probe's draft lengthens the pass the other sessions wait for too: under load,
@@ -328,14 +350,31 @@ class DraftLength:
         # a fed token costs about what a committed one does). Alone a probe also re-times
         # its length (the first timing may have carried the drafter's prefill of the prompt).
         probe = ar_streak >= PROBE_EVERY * max(1.0, self.load.batch)
-        if best == 0 and probe and (self.load.batch < SHARED_PASS or self._whole_pays(costs, limit, rate(0))):
-            best = max(range(1, limit + 1), key=rate)
+        if best == 0 and probe and (alone or self._whole_pays(costs, limit, rate(0))):
+            best = drafting
         elif best and step % EXPLORE_EVERY == EXPLORE_EVERY - 1:
             # Keep the neighbours' costs fresh: alternately one token more and one less.
             up = (step // EXPLORE_EVERY) % 2 == 0
             best = min(best + 1, limit) if up else best - 1
         plain = best == 0 and self.load.batch >= SHARED_PASS
-        return Choice(best, expected_tokens(rates, best), costs.seconds(best), plain)
+        return Choice(best, tokens(best), costs.seconds(best), plain, ahead=drafting if best == 0 and not plain else 0)
+
+    def _plain_tokens(self, rates: Sequence[float], ahead: int) -> float:
+        """What a pipelined k = 0 round commits: the measured mean (`plain_yield`), shrunk
+        towards a model of the session's own (one observation's worth, as rates are).
+
+        The model: a plain round drafts `ahead` tokens ahead after its guess g of the bonus
+        token, so the next round has a draft of them where g held (α_1: the drafter's first
+        guess), and a round that had one, where also its whole draft was accepted. Rounds
+        with a draft then make up π = α_1 / (1 + α_1 - α_1·Π_{i<=ahead} α_i) of all (the
+        stationary share of a two-state chain), each committing E(ahead) tokens, the others
+        one."""
+        first = rates[0]
+        whole = math.prod(rates[:ahead])
+        share = first / (1.0 + first - first * whole)
+        model = 1.0 + share * (expected_tokens(rates, ahead) - 1.0)
+        w = self._plain_weight
+        return (w * self.plain_yield + PRIOR_WEIGHT * model) / (w + PRIOR_WEIGHT)
 
     def _whole_pays(self, costs: RoundCosts, limit: int, plain_rate: float) -> bool:
         """Whether some draft of at most `limit` tokens, every token accepted, would commit
@@ -372,6 +411,10 @@ class DraftLength:
         if drafted:
             session.observe(drafted, accepted)
             self.pooled.observe(drafted, accepted, decay=POOLED_DECAY)
+        if k == 0 and self.pipelined:
+            w = DECAY * self._plain_weight
+            self.plain_yield = (w * self.plain_yield + accepted + 1) / (w + 1.0)
+            self._plain_weight = w + 1.0
         if seconds is not None and math.isfinite(seconds) and seconds >= 0:
             self.costs.observe(min(k, drafted), seconds)
 

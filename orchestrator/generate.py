@@ -491,8 +491,12 @@ class Engine:
         # A head alone drafts other trees than a head beside lookup: rates and costs of their own
         key = f"{strategy}:head" if req.head_only else strategy
         if key not in self.draft_lengths:
-            chooser = TreeWidth if strategy == "staged" else DraftLength
-            self.draft_lengths[key] = chooser(own_cores=self.limits.own_cores)
+            if strategy == "staged":
+                self.draft_lengths[key] = TreeWidth(own_cores=self.limits.own_cores)
+            else:
+                # a pipelined strategy's plain rounds draft ahead where the drafter has cores of its own
+                ahead = STRATEGIES[strategy].pipelined and self.limits.own_cores and self.limits.verify_ahead
+                self.draft_lengths[key] = DraftLength(own_cores=self.limits.own_cores, pipelined=ahead)
         return self.draft_lengths[key]
 
     async def _rounds(
@@ -532,11 +536,13 @@ class Engine:
                     max_draft=room - 1, k_matrix=k_matrix, tree=req.tree or self.limits.default_tree,
                     lookahead=lookahead, carry=carry, head_only=req.head_only,
                 )  # fmt: skip
+                ahead_k = 0
                 if adaptive is not None:
                     choice = adaptive.choose(session.acceptance, session.step, room - 1, session.ar_streak,
                                              timed=stats.target_forwards > 0, streams=self.in_flight)  # fmt: skip
                     r = sized(stats.strategy, r, choice.k, choice.plain, choice.chain)
                     stats.chain_rounds += choice.chain and r.k > 0
+                    ahead_k = choice.ahead
                 fallbacks = stats.fallback_rounds
                 outgrown = bool(drafting_context) and len(session.tokens) + _draft_cells(r) >= drafting_context
                 if outgrown and not drafter_down and stats.fallback_rounds == 0:
@@ -560,11 +566,18 @@ class Engine:
                 # after the slower of the two prefills, not after both.
                 plain = keep_up and stats.target_forwards == 0
                 r = replace(r, k=0) if plain else r
+                # A pipelined strategy's plain round drafts the next round ahead on the drafter's
+                # own cores during its verify, which would otherwise idle them, and sends that
+                # draft's verify ahead: the next round, if it commits the drafter's guess, finds
+                # its answer computed or under way.
+                if spec.pipelined and keep_up and self.limits.verify_ahead and r.k == 0 and not plain:
+                    r = replace(r, ahead_k=ahead_k)
                 behind = len(r.context) - drafter_fed
-                if keep_up and r.k == 0 and behind >= KEEP_UP_TOKENS and (warming is None or warming.done()):
+                idle = warming is None or warming.done()
+                if keep_up and r.k == 0 and not r.ahead_k and behind >= KEEP_UP_TOKENS and idle:
                     warming = asyncio.ensure_future(self._prefill_drafter(r))
                     drafter_fed = len(r.context)
-                elif r.k:
+                elif r.k or r.ahead_k:
                     drafter_fed = len(r.context)
                 if plain:
                     result = await ar_round(self.backends, r)
@@ -580,7 +593,9 @@ class Engine:
                 # committed (on shared cores, or beyond what keeping up fed it): its time is not
                 # what a round of that length costs among drafting rounds (below)
                 after_plain = bool(r.k) and session.ar_streak > 0
-                session.ar_streak = 0 if r.k else session.ar_streak + 1
+                # A plain round that verified a draft drafted ahead measured acceptance as a
+                # probe does (its time and tokens are k = 0's in a pipelined strategy's choice)
+                session.ar_streak = 0 if r.k or result.drafted else session.ar_streak + 1
                 stats.add_round(result, r.k if spec.drafts else 0)
                 stats.new_tokens += len(tokens)
                 _add_totals(session.totals, result, len(tokens))

@@ -79,6 +79,9 @@ class RoundInput:
     lookahead: Lookahead | None = None  # the turn's speculative next draft (pipelined strategies)
     carry: Carry | None = None  # the target's hidden state the turn's last round left (redrafter, parallel)
     head_only: bool = False  # redrafter, parallel: the head's beams alone, without the context's continuation
+    # Pipelined strategies: the draft length a plain round (k = 0) drafts ahead for the next
+    # round during its verify, after its guess of the bonus token (0: none; Lookahead)
+    ahead_k: int = 0
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,9 @@ class Lookahead:
     sent: asyncio.Task | None = None  # its verify, sent ahead once the draft was done
     assumed: list[int] | None = None
     arrived_ready: bool = False  # the draft was done when the verify answered
+    # Tokens after g a speculative draft can have and still be done when the verify it runs
+    # beside answers: one more after a draft that was, one fewer than a draft that was not
+    fits: int = 2
     started: int = 0  # speculative drafts begun
     hits: int = 0  # used as the next round's draft
     ready: int = 0  # used, and done before the verify answered: no drafting wait at all
@@ -204,15 +210,17 @@ class Lookahead:
     async def take(self, context: Sequence[int], k: int, max_draft: int) -> Ahead | None:
         """The next round's draft if the speculation held for this context, None otherwise
         (the speculative draft and its verify discarded). With its verify sent ahead, the whole
-        draft (if it fits max_draft) and that verify; without, at most k tokens. For k = 0 (the
-        round would not draft) only a draft already done, whose verify costs no wait."""
+        draft (if it fits max_draft) and that verify; without, at most k tokens, so nothing
+        for k = 0 (the round would not draft). A draft not yet done is awaited whatever k:
+        whether a draft is used depends on the context alone, never on how soon it was done
+        (a drafter that ends drafts at low confidence finishes some sooner than others, so
+        taking only the finished ones would favour some draws over others)."""
         task, assumed = self.task, self.assumed
         if task is None or assumed is None:
             return None
         sent_early = self.sent is not None  # its verify left before this round began
         n = len(assumed)
-        waits = k == 0 and (self._verify is None or not task.done())  # a plain round would wait for a draft
-        if len(context) != n + 1 or list(context[:n]) != assumed or waits:
+        if len(context) != n + 1 or list(context[:n]) != assumed or (k == 0 and self._verify is None):
             self.discard()
             return None
         try:
@@ -278,7 +286,9 @@ async def pipelined_sd_round(backends: Backends, r: RoundInput) -> RoundResult:
     bonus token first, then k more - and, once that draft is done, its verify is sent ahead
     (`Lookahead`). When the verifier commits exactly d + g, round r+1's draft is that
     continuation, often finished, and its verify often running or done, before the answer
-    arrived; otherwise both are discarded and round r+1 drafts afresh, as `sd` does.
+    arrived; otherwise both are discarded and round r+1 drafts afresh, as `sd` does. A plain
+    round (k = 0) given `ahead_k` drafts ahead too - g and ahead_k tokens after its context -
+    where the drafter would otherwise idle through its verify (cores of its own).
 
     Lossless: a speculative draft is drawn from the drafter's q after its assumed context,
     with its own seed, independently of the verifier's coins; it is used only when the
@@ -288,42 +298,49 @@ async def pipelined_sd_round(backends: Backends, r: RoundInput) -> RoundResult:
     needs, and greedy output is the target's argmax as always. A verify sent ahead is the
     round's own verify - the same context, draft, q and seed (round r+1's) - only sent
     earlier, and its answer is used only for that same context. Its draft length was fixed
-    before round r's answer (round r's k and the drafter's own confidence), never by the
-    verifier's coins.
+    before round r's answer (round r's k or ahead_k, and the drafter's own confidence), never
+    by the verifier's coins.
     """
     ahead = r.lookahead if r.lookahead is not None else Lookahead()
     taken = await ahead.take(r.context, r.k, r.max_draft)
-    if taken is None and r.k == 0:
+    if taken is None and r.k == 0 and r.ahead_k == 0:
         return await ar_round(backends, r)
     drafter = needs(backends.drafter, Drafter, "sd")
-    if taken is None:
-        d = await drafter.propose(r.session_id, r.context, r.k, r.params, round_seed(r.seed, r.step, "draft"))
-        sent, sent_early = None, False
-    else:
+    d: Draft | None = None  # None: a plain round that drafts ahead (r.ahead_k)
+    sent, sent_early = None, False
+    if taken is not None:
         d, sent, sent_early = taken.draft, taken.verify, taken.verify_sent_early
-    assumed = [*r.context, *d.tokens]
-    room = r.max_draft - len(d.tokens) - 1  # round r+1's most draft tokens, if it commits d + g
-    if room > 0 and r.k > 0:
+    elif r.k:
+        d = await drafter.propose(r.session_id, r.context, r.k, r.params, round_seed(r.seed, r.step, "draft"))
+    tokens, q = (d.tokens, d.q) if d is not None else ((), ())
+    assumed = [*r.context, *tokens]
+    room = r.max_draft - len(tokens) - 1  # round r+1's most draft tokens, if it commits d + g
+    wanted = 0  # g and the tokens after it that round r+1's speculative draft asks for
+    if room > 0 and (r.k or r.ahead_k):
         # g and round r+1's draft, seeded for round r+1 (a label of its own: `sd`'s draws differ).
-        # One token more than this round's k where the last speculative draft was done before
-        # its verify answered (the drafter has time to spare): round r+1 may draft longer - an
-        # adaptive k growing, or exploring - which a draft of exactly k tokens would cap.
-        more = 1 if ahead.arrived_ready else 0
+        # After a draft, one token more than this round's k where the last speculative draft
+        # was done before its verify answered (the drafter has time to spare): round r+1 may
+        # draft longer - an adaptive k growing, or exploring - which a draft of exactly k
+        # tokens would cap. A plain round drafts ahead what fits beside its verify: a round
+        # that takes its draft waits for none of it.
+        after = r.k + (1 if ahead.arrived_ready else 0) if r.k else min(r.ahead_k, ahead.fits)
         seed = round_seed(r.seed, r.step + 1, "lookahead")
         # At most `room` tokens after g: the verify sent ahead carries them all.
-        wanted = min(r.k + 1 + more, room + 1)
+        wanted = min(1 + after, room + 1)
         ahead.start(assumed, drafter.propose(r.session_id, assumed, wanted, r.params, seed),
                     _verify_next(backends.verifier, r, assumed))  # fmt: skip
         ahead.started += 1
     v = await _answer(sent)
     if v is None:
         v = await backends.verifier.verify(
-            r.session_id, r.context, d.tokens, d.q, r.params, round_seed(r.seed, r.step, "verify")
+            r.session_id, r.context, tokens, q, r.params, round_seed(r.seed, r.step, "verify")
         )
     elif sent_early:
         v = replace(v, cost=v.cost.sent_before_its_round())
     ahead.arrived_ready = ahead.task is not None and ahead.task.done()
-    return RoundResult(v.tokens, len(d.tokens), v.accepted, d.cost, v.cost)
+    if wanted > 1:
+        ahead.fits = max(ahead.fits, wanted) if ahead.arrived_ready else max(1, wanted - 2)
+    return RoundResult(v.tokens, len(tokens), v.accepted, d.cost if d is not None else None, v.cost)
 
 
 def _verify_next(
@@ -683,13 +700,14 @@ class StrategySpec:
     same_vocab: bool = True
     drafts: bool = True  # a round's k is a draft length (`ar` verifies no draft)
     needs_head: bool = False  # drafts with a trained head of the strategy's name (Backends.head, SPECD_HEAD)
+    pipelined: bool = False  # drafts the next round during a verify (Lookahead), a plain round's too (ahead_k)
 
 
 STRATEGIES: dict[str, StrategySpec] = {
     "ar": StrategySpec(ar_round, needs_drafter=False, drafts=False),
     "lookup": StrategySpec(lookup_round, needs_drafter=False),
     "sd": StrategySpec(sd_round, needs_drafter=True),
-    "sd-pipe": StrategySpec(pipelined_sd_round, needs_drafter=True),
+    "sd-pipe": StrategySpec(pipelined_sd_round, needs_drafter=True, pipelined=True),
     "cascade": StrategySpec(cascade_round, needs_drafter=True),
     "staged": StrategySpec(staged_round, needs_drafter=True),
     "slem": StrategySpec(slem_round, needs_drafter=True, same_vocab=False),

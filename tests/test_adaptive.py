@@ -13,6 +13,7 @@ import itertools
 import math
 import time
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -397,10 +398,12 @@ def table(seed: int, length: int = 40) -> torch.Tensor:
 
 
 async def decode(backends: Backends, strategy: str, n: int, seed: int, lengths: DraftLength | TreeWidth | None,
-                 lookahead: Lookahead, chosen: set) -> list[int]:  # fmt: skip
+                 lookahead: Lookahead, chosen: set, per_token: float = 0.4) -> list[int]:  # fmt: skip
     """Rounds as the Engine runs them: with `lengths`, each round's k (and a tree's width)
-    chosen from earlier rounds (a round's cost made up as 1 + 0.4 k seconds, so the choice
-    moves with acceptance; a tree's 0.6 s more for fifty runs, then a chain's, and so on)."""
+    chosen from earlier rounds (a round's cost made up as 1 + per_token k seconds, so the
+    choice moves with acceptance; a tree's 0.6 s more for fifty runs, then a chain's, and so
+    on), and a pipelined strategy's plain round drafting ahead as the Engine's on cores of
+    the drafter's own."""
     round_fn = STRATEGIES[strategy].run
     session = Acceptance()
     out: list[int] = []
@@ -413,13 +416,15 @@ async def decode(backends: Backends, strategy: str, n: int, seed: int, lengths: 
             if lengths is not None:
                 choice = lengths.choose(session, step, lengths.k_max, streak)
                 r, chain = sized(strategy, r, choice.k, chain=choice.chain), choice.chain and choice.k > 0
+                if STRATEGIES[strategy].pipelined and r.k == 0:
+                    r = replace(r, ahead_k=choice.ahead)
             chosen.add((r.k, chain) if isinstance(lengths, TreeWidth) else r.k)
             result = await round_fn(backends, r)
             if lengths is not None:
                 dearer = 0.6 if isinstance(lengths, TreeWidth) and r.k and chain == bool(seed // 50 % 2) else 0.0
-                lengths.observe(session, r.k, result.drafted, result.accepted, 1.0 + 0.4 * r.k + dearer,
+                lengths.observe(session, r.k, result.drafted, result.accepted, 1.0 + per_token * r.k + dearer,
                                 first_path=result.first_path)  # fmt: skip
-            streak = 0 if r.k else streak + 1
+            streak = 0 if r.k or result.drafted else streak + 1
             out += result.tokens
             step += 1
     finally:
@@ -427,10 +432,10 @@ async def decode(backends: Backends, strategy: str, n: int, seed: int, lengths: 
     return out[:n]
 
 
-def pvalue(strategy: str, n_out: int, k_max: int | None) -> tuple[float, set[int], Lookahead]:
+def pvalue(strategy: str, n_out: int, k_max: int | None, per_token: float = 0.4) -> tuple[float, set[int], Lookahead]:
     """How likely the first n_out tokens of N_RUNS runs are under p_1 x ... x p_n_out (adaptive
-    up to k_max, else k = 1); the draft lengths the runs chose; what the pipelined runs'
-    speculation did."""
+    up to k_max, else k = 1; a draft token costing per_token of a round); the draft lengths
+    the runs chose; what the pipelined runs' speculation did."""
     target = table(1)
     drafter = table(2)
     drafter = 0.3 * drafter + 0.7 * target  # a drafter that is often right: long drafts pay
@@ -443,7 +448,7 @@ def pvalue(strategy: str, n_out: int, k_max: int | None) -> tuple[float, set[int
         counts = Counter()
         for s in range(N_RUNS):
             ahead = Lookahead()
-            counts[tuple(await decode(backends, strategy, n_out, s, lengths, ahead, seen))] += 1
+            counts[tuple(await decode(backends, strategy, n_out, s, lengths, ahead, seen, per_token))] += 1
             spec.started, spec.hits = spec.started + ahead.started, spec.hits + ahead.hits
             spec.verified += ahead.verified
         return counts
@@ -482,6 +487,14 @@ def test_pipelined_sd_samples_the_targets_distribution(k_max: int | None) -> Non
     assert value > PASS
     assert spec.hits > 0  # speculative drafts were used, so the test covers them
     assert spec.verified > 0  # and verifies sent ahead of their round
+
+
+def test_pipelined_sd_drafting_ahead_of_plain_rounds_samples_the_targets_distribution() -> None:
+    # Drafting dearer than its tokens: adaptive decodes plainly, and its plain rounds draft ahead.
+    value, seen, spec = pvalue("sd-pipe", n_out=3, k_max=2, per_token=1.5)
+    assert value > PASS
+    assert 0 in seen
+    assert spec.hits > 0 and spec.verified > 0
 
 
 def test_pipelined_sd_uses_a_speculative_draft_only_after_its_assumed_context() -> None:
@@ -564,6 +577,120 @@ def test_a_pipelined_round_whose_guess_held_uses_the_verify_sent_ahead(verify_ah
     assert out == target.argmax(-1).tolist()[len(CONTEXT) - 1 : len(CONTEXT) - 1 + len(out)]
     assert ahead.hits == 4
     assert ahead.verified == (4 if verify_ahead else 0)
+
+
+def test_a_plain_pipelined_round_drafts_the_next_round_ahead() -> None:
+    """Greedy, with a drafter that is the target: a plain round given ahead_k drafts g and
+    ahead_k tokens during its verify and sends their verify ahead; the next plain round takes
+    that draft whole - awaited where not yet done - and its answer. Without ahead_k a plain
+    round drafts nothing ahead."""
+    target = table(1)
+    backends = Backends(VerifierCore(TableRuntime(target)), DrafterCore(TableRuntime(target), q_top=V))
+    greedy = SamplingParams()
+
+    async def run(ahead_k: int) -> tuple[list[int], list[int], Lookahead]:
+        ahead = Lookahead()
+        out: list[int] = []
+        drafted = []
+        try:
+            for step in range(4):
+                r = RoundInput("s", CONTEXT + out, greedy, 0, step, 0, max_draft=30 - len(out), lookahead=ahead,
+                               ahead_k=ahead_k)  # fmt: skip
+                result = await pipelined_sd_round(backends, r)
+                drafted.append(result.drafted)
+                out += result.tokens
+        finally:
+            await ahead.close()
+        return out, drafted, ahead
+
+    out, drafted, ahead = asyncio.run(run(2))
+    assert out == target.argmax(-1).tolist()[len(CONTEXT) - 1 : len(CONTEXT) - 1 + len(out)]
+    assert drafted[0] == 0 and all(1 <= n <= 2 for n in drafted[1:]), drafted  # after g, at most ahead_k
+    assert ahead.started == 4 and ahead.hits == 3 and ahead.verified == 3
+    plain, drafted, idle = asyncio.run(run(0))
+    assert drafted == [0, 0, 0, 0] and idle.started == 0 and plain == out[:4]
+
+
+class Paced(TableRuntime):
+    """A table runtime whose passes take `seconds` each."""
+
+    def __init__(self, table: torch.Tensor, seconds: float) -> None:
+        super().__init__(table)
+        self.seconds = seconds
+
+    def logits(self, session_id, seq, n_last):
+        time.sleep(self.seconds)
+        return super().logits(session_id, seq, n_last)
+
+
+@pytest.mark.parametrize("drafter_pass, verifier_pass, after_g", [(0.02, 0.01, 1), (0.005, 0.15, 4)],
+                         ids=["drafter slower", "verifier slower"])  # fmt: skip
+def test_a_plain_round_drafts_ahead_what_fits_beside_its_verify(drafter_pass, verifier_pass, after_g) -> None:
+    """The draft a plain round drafts ahead is as long as the drafter can finish while the
+    verify runs, at most ahead_k after g: one token after g where the drafter is the slower,
+    ahead_k where the verifier is."""
+    target = table(1)
+    backends = Backends(VerifierCore(Paced(target, verifier_pass)),
+                        DrafterCore(Paced(target, drafter_pass), q_top=V))  # fmt: skip
+    greedy = SamplingParams()
+
+    async def run() -> list[int]:
+        ahead = Lookahead()
+        out: list[int] = []
+        drafted = []
+        try:
+            for step in range(8):
+                r = RoundInput("s", CONTEXT + out, greedy, 0, step, 0, max_draft=39 - len(CONTEXT) - len(out),
+                               lookahead=ahead, ahead_k=4)  # fmt: skip
+                result = await pipelined_sd_round(backends, r)
+                drafted.append(result.drafted)
+                out += result.tokens
+        finally:
+            await ahead.close()
+        return drafted
+
+    drafted = asyncio.run(run())
+    assert drafted[-3:] == [after_g] * 3, drafted
+
+
+def test_a_pipelined_strategys_plain_rounds_yield_what_they_commit() -> None:
+    """For a pipelined strategy (plain rounds drafting ahead) k = 0 is worth more than one
+    token: at first what the session's rates promise (α 0.5, one token ahead: a draft in 40%
+    of rounds, 1.2 tokens a round), then what its k = 0 rounds measure. For any other
+    strategy one token a round."""
+    plain, pipelined = measured(per_token=0.3, alpha=0.5), measured(per_token=0.3, alpha=0.5)
+    pipelined.pipelined = True
+    assert plain.choose(Acceptance(), step=0, limit=20).k == 1  # 1.5 tokens in 1.3 s beat 1 in 1 s
+    choice = pipelined.choose(Acceptance(), step=0, limit=20)
+    assert choice.k == 0 and choice.expected_tokens == pytest.approx(1.2, abs=0.01) and choice.ahead == 1
+    for _ in range(20):  # k = 0 rounds that never found a draft ahead
+        pipelined.observe(Acceptance(), 0, 0, 0, 1.0)
+        plain.observe(Acceptance(), 0, 0, 0, 1.0)
+    assert pipelined.plain_yield == pytest.approx(1.0) and plain.plain_yield == 1.0
+    assert pipelined.choose(Acceptance(), step=0, limit=20).k == 1
+    for _ in range(20):  # k = 0 rounds that took a draft ahead: 2 tokens each
+        pipelined.observe(Acceptance(), 0, 2, 1, 1.0)
+    choice = pipelined.choose(Acceptance(), step=0, limit=20)
+    assert choice.k == 0 and choice.expected_tokens == pytest.approx(2.0, abs=0.2)
+
+
+def test_the_draft_length_a_plain_round_would_draft_ahead() -> None:
+    """Where no draft pays, the choice still names the length that would pay best (for a
+    pipelined plain round to draft ahead); a round that drafts, or a plain round under shared
+    passes, names none."""
+    dear = measured(per_token=0.5, alpha=0.2).choose(Acceptance(), step=0, limit=20)
+    assert dear.k == 0 and dear.ahead == 1
+    # A drafter call's fixed cost (0.8 s) makes every draft dearer than plain decoding, and its
+    # third token the best of them
+    fixed = DraftLength()
+    fixed.pooled = PooledAcceptance([100.0] * 12, [50.0] * 12)
+    for k in range(13):
+        fixed.costs.observe(k, 1.0 + (0.8 + 0.1 * k if k else 0.0))
+    chosen = fixed.choose(Acceptance(), step=0, limit=12)
+    assert chosen.k == 0 and chosen.ahead == 3
+    assert measured(per_token=0.02, alpha=0.95).choose(Acceptance(), step=0, limit=20).ahead == 0
+    busy = loaded(measured(per_token=0.05, verify=0.6, alpha=0.8), sessions=16, per_token=0.06)
+    assert busy.choose(Acceptance(), step=0, limit=20).ahead == 0
 
 
 @pytest.mark.parametrize("slack", [True, False])
@@ -782,6 +909,50 @@ def test_on_cores_of_its_own_the_drafter_keeps_up_beside_plain_rounds(tiny_pair,
         assert drafting[0] - max(before) <= KEEP_UP_TOKENS, drafter.calls
     else:
         assert before == [], drafter.calls
+
+
+class PlainAhead(Scripted):
+    """Plain decoding every round, naming 2 as the draft length to draft ahead."""
+
+    def choose(self, session, step, limit, ar_streak=0, timed=True, streams=0):
+        return Choice(0, 1.0, 0.0, ahead=2)
+
+
+@pytest.mark.parametrize("own_cores", [True, False])
+def test_on_cores_of_its_own_a_pipelined_plain_round_drafts_ahead(tiny_pair, own_cores: bool) -> None:
+    """`sd-pipe` where adaptive decodes plainly: on the drafter's own cores each plain round
+    drafts the next one ahead, so rounds verify drafts no round asked for; every round after
+    the first reports its time, a sample of what k = 0 costs. On shared cores plain rounds
+    stay plain. Either way the output is ar's."""
+    from orchestrator.generate import Stats
+
+    lengths = PlainAhead([])
+    engine = tiny_engine(tiny_pair, DrafterCore, lengths, own_cores=own_cores, verifier_class=SlowVerify)
+    engine.draft_lengths["sd-pipe"] = lengths
+
+    async def turn(strategy: str) -> tuple[list[int], Stats]:
+        from orchestrator.generate import GenerationRequest, TextChunk
+        from orchestrator.store import ChatMessage
+
+        request = GenerationRequest(messages=(ChatMessage("user", "hello there"),), max_new_tokens=16,
+                                    strategy=strategy)  # fmt: skip
+        ids, stats = [], None
+        async for event in engine.generate(request):
+            if isinstance(event, TextChunk):
+                ids += event.token_ids
+            elif isinstance(event, Stats):
+                stats = event
+        return ids, stats
+
+    (plain, _), (ids, stats) = asyncio.run(turn("ar")), asyncio.run(turn("sd-pipe"))
+    assert ids == plain
+    assert stats.draft_asked == 0
+    if own_cores:
+        assert stats.speculative_hits > 0 and stats.drafted > 0
+        assert stats.speculative_verified == stats.speculative_hits
+        assert [seconds is None for _, seconds in lengths.reported] == [True] + [False] * (stats.target_forwards - 1)
+    else:
+        assert stats.speculative_drafts == 0 and stats.drafted == 0
 
 
 def test_a_head_alone_and_a_head_beside_lookup_adapt_apart(tiny_pair) -> None:

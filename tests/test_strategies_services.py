@@ -1,5 +1,5 @@
 """Integration: cascade and staged through real processes (verifier, two drafters, a
-max-gram drafter service, two orchestrators) and a real redis-server, on tiny models.
+max-gram drafter service, three orchestrators) and a real redis-server, on tiny models.
 
 Greedy output of both strategies must equal plain decoding (`ar`, itself checked against
 transformers' generate in tests/test_pipeline.py); seeded sampling replays; sessions continue
@@ -28,7 +28,8 @@ NEW = 32
 @pytest.fixture(scope="module")
 def stack(tiny_pair, redis_server, tmp_path_factory):
     """orchestrator: the default cascade (drafter <- in-process max-gram); orchestrator2: four
-    levels, drafter <- drafter2 <- the max-gram drafter service <- in-process max-gram."""
+    levels, drafter <- drafter2 <- the max-gram drafter service <- in-process max-gram;
+    orchestrator3: as orchestrator, with drafter and verifier on cores of their own."""
     root = tmp_path_factory.mktemp("strategies")
     # A second, worse drafter for the middle of a deep cascade: the target plus more noise.
     drafter2 = build_model(root / "drafter2", build_tokenizer(root / "tok"), seed=2, base=tiny_pair.target_dir, noise=0.01)
@@ -41,11 +42,13 @@ def stack(tiny_pair, redis_server, tmp_path_factory):
         if name == "orchestrator2":
             levels = [stack.address("drafter"), stack.address("drafter2"), stack.address("drafter3"), "maxgram"]
             return {"SPECD_CASCADE": ",".join(levels)}
+        if name == "orchestrator3":  # drafter and verifier as on machines of their own
+            return {"SPECD_OWN_CORES": "1"}
         return {}
 
     s = ServiceStack(
         tiny_pair.target_dir, tiny_pair.drafter_dir, redis_server.url, root / "logs",
-        services=("verifier", "drafter", "drafter2", "drafter3", "orchestrator", "orchestrator2"),
+        services=("verifier", "drafter", "drafter2", "drafter3", "orchestrator", "orchestrator2", "orchestrator3"),
         extra_env=extra_env,
     )  # fmt: skip
     s.up()
@@ -169,8 +172,10 @@ def test_adaptive_and_pipelined_sd_equal_ar(stack, prompt):
         "sd-pipe, adaptive": dict(strategy="sd-pipe"),
         "sd-pipe, k 3": dict(strategy="sd-pipe", options=pb.StrategyOptions(k=3)),
         "tli, adaptive": dict(strategy="tli"),
+        "sd-pipe, adaptive, own cores": dict(strategy="sd-pipe"),  # plain rounds draft ahead
     }.items():
-        result = generate(address, prompt, max_new_tokens=NEW, **fields)
+        at = stack.address("orchestrator3") if "own cores" in what else address
+        result = generate(at, prompt, max_new_tokens=NEW, **fields)
         assert result.token_ids == expected, what
         assert result.stats.adaptive == ("k 3" not in what), what
         assert result.stats.mean_draft_length > 0, what
