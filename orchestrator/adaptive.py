@@ -289,6 +289,9 @@ class DraftLength:
         # Tokens a k = 0 round commits: a decayed mean over such rounds, pooled over sessions
         self.plain_yield = 1.0
         self._plain_weight = 0.0
+        # Tokens after its guess a plain round's draft ahead can have and be done beside the
+        # verify, as the last pipelined round measured it (Lookahead.fits); None: not known
+        self.fits: int | None = None
         self.pooled = PooledAcceptance()
         self.load = PassLoad()
         self.costs_at: dict[int, RoundCosts] = {}  # by load level (load_level)
@@ -364,11 +367,13 @@ class DraftLength:
         towards a model of the session's own (one observation's worth, as rates are).
 
         The model: a plain round drafts `ahead` tokens ahead after its guess g of the bonus
-        token, so the next round has a draft of them where g held (α_1: the drafter's first
+        token (or what fits beside its verify, if fewer), so the next round has a draft of
+        them where g held (α_1: the drafter's first
         guess), and a round that had one, where also its whole draft was accepted. Rounds
         with a draft then make up π = α_1 / (1 + α_1 - α_1·Π_{i<=ahead} α_i) of all (the
         stationary share of a two-state chain), each committing E(ahead) tokens, the others
         one."""
+        ahead = min(ahead, self.fits or ahead)
         first = rates[0]
         whole = math.prod(rates[:ahead])
         share = first / (1.0 + first - first * whole)

@@ -606,6 +606,8 @@ class Engine:
                 await self._timed(stats, self.store.commit(session, tokens))
                 if self.on_round is not None:
                     self.on_round(stats.strategy, result, watch.seconds, stats.redis_seconds - redis_before)
+                if isinstance(adaptive, DraftLength) and spec.pipelined:
+                    adaptive.fits = lookahead.fits  # what its plain rounds' drafts ahead can be
                 if adaptive is not None and stats.fallback_rounds == fallbacks:
                     # The round's whole cost, its commit included: what a longer draft amortises.
                     # A turn's first round also prefills what the turn added: not a round's cost;

@@ -672,6 +672,13 @@ def test_a_pipelined_strategys_plain_rounds_yield_what_they_commit() -> None:
         pipelined.observe(Acceptance(), 0, 2, 1, 1.0)
     choice = pipelined.choose(Acceptance(), step=0, limit=20)
     assert choice.k == 0 and choice.expected_tokens == pytest.approx(2.0, abs=0.2)
+    # Drafts always accepted: a plain round's draft ahead is taken in every round after it, as
+    # long as the drafter can draft it beside the verify (what the pipelined rounds measured).
+    whole = measured(per_token=0.3, alpha=1.0)
+    whole.pipelined = True
+    assert whole._plain_tokens([1.0] * 12, 8) == pytest.approx(9.0)
+    whole.fits = 3
+    assert whole._plain_tokens([1.0] * 12, 8) == pytest.approx(4.0)
 
 
 def test_the_draft_length_a_plain_round_would_draft_ahead() -> None:
