@@ -111,10 +111,13 @@ class AheadVerifier(Verifier, Protocol):
         q: Sequence[SparseDist],
         params: SamplingParams,
         seed: int,
+        or_plain: bool = False,
     ) -> Verified | None:
         """`verify`, run only where the service's committed context for the session then
         starts with all of `context` (a pipelined round's next verify, sent before the answer
-        that commits that context); None where it does not: nothing was computed."""
+        that commits that context); None where it does not: nothing was computed. With
+        `or_plain`, where it does not, a plain step after the context the service holds,
+        named by Verified.plain_after."""
         ...
 
 
@@ -312,15 +315,20 @@ class RemoteVerifier(_Remote):
         reply, sent, received, wall = await self.with_context(session_id, context, send)
         return self._verified(session_id, context, reply, sent, received, wall)
 
-    async def verify_ahead(self, session_id, context, draft, q, params, seed) -> Verified | None:
+    async def verify_ahead(self, session_id, context, draft, q, params, seed, or_plain=False) -> Verified | None:
         request = _verify_request(delta_to_pb(whole_claim(session_id, context)), draft, q, params, seed)
+        request.or_plain = or_plain
         started = time.perf_counter()
         reply = await self.call(self.stub.Verify, request)
         if reply.context_miss:  # the guess was wrong: no resend, the round verifies afresh
             return None
-        return self._verified(
-            session_id, context, reply, request.ByteSize(), reply.ByteSize(), time.perf_counter() - started
-        )
+        wall = time.perf_counter() - started
+        if reply.plain_after_len:  # a plain step after another context, which the caller checks
+            cost = CallCost(reply.compute_seconds, wall, request.ByteSize(), reply.ByteSize(),
+                            batch_sessions=max(1, reply.batch_sessions), batch_tokens=reply.batch_tokens)  # fmt: skip
+            plain_after = (reply.plain_after_len, reply.plain_after_fingerprint)
+            return Verified(reply.accepted, tuple(reply.tokens), cost, plain_after=plain_after)
+        return self._verified(session_id, context, reply, request.ByteSize(), reply.ByteSize(), wall)
 
     def _verified(self, session_id, context, reply: pb.VerifyResponse, sent, received, wall) -> Verified:
         tokens = tuple(reply.tokens)

@@ -197,6 +197,7 @@ class Stats:
     speculative_hits: int = 0  # of those, used as the next round's draft
     speculative_ready: int = 0  # of those, finished before the verify answered
     speculative_verified: int = 0  # of those, with their verify sent ahead
+    speculative_plain: int = 0  # pipelined: rounds whose guess failed, answered by the plain step sent ahead
     chain_rounds: int = 0  # staged, adaptive: rounds that drafted a chain of first candidates, not the tree
 
     @property
@@ -466,12 +467,13 @@ class Engine:
             self.in_flight -= 1
         stats.wall_seconds += time.perf_counter() - started
         log.info(
-            "session %s: %s, %d tokens in %.2fs (%.2f tok/s), τ %.2f, acceptance %.2f, draft length %.1f%s%s, finish %s%s%s",
+            "session %s: %s, %d tokens in %.2fs (%.2f tok/s), τ %.2f, acceptance %.2f, draft length %.1f%s%s, finish %s%s%s%s",
             session.id, stats.strategy, stats.new_tokens, stats.wall_seconds, stats.tokens_per_second,
             stats.mean_accepted_length, stats.acceptance_rate, stats.mean_draft_length,
             " (adaptive)" if stats.adaptive else "",
             f", chains {stats.chain_rounds}/{stats.target_forwards}" if stats.chain_rounds else "", stats.finish_reason,
             f", next drafts ready {stats.speculative_ready}/{stats.target_forwards}" if stats.speculative_drafts else "",
+            f", plain steps sent ahead {stats.speculative_plain}" if stats.speculative_plain else "",
             f", {stats.failovers} failovers" if stats.failovers else "",
         )  # fmt: skip
         yield stats
@@ -625,6 +627,7 @@ class Engine:
             stats.speculative_hits += lookahead.hits
             stats.speculative_ready += lookahead.ready
             stats.speculative_verified += lookahead.verified
+            stats.speculative_plain += lookahead.plain_steps
         if not turn.done:
             stats.finish_reason = reason
             if session.mode == "chat":

@@ -359,14 +359,14 @@ class VerifierPool(_Pooled[RemoteVerifier]):
     async def verify(self, session_id, context, draft, q, params, seed):
         return await self.pool.call(session_id, lambda v: v.verify(session_id, context, draft, q, params, seed))
 
-    async def verify_ahead(self, session_id, context, draft, q, params, seed):
+    async def verify_ahead(self, session_id, context, draft, q, params, seed, or_plain=False):
         """On the session's replica only, without failing over: a replica that does not hold
         the session's context could not run it anyway, and the round verifies afresh."""
         order = self.pool.order(session_id)
         if not order or session_id not in order[0].active:
             return None
         try:
-            v = await order[0].client.verify_ahead(session_id, context, draft, q, params, seed)
+            v = await order[0].client.verify_ahead(session_id, context, draft, q, params, seed, or_plain)
         except (ServiceUnavailable, ServiceBusy):
             return None  # the round's own verify fails over as every call does
         return None if v is None else served_by(v, order[0].address)

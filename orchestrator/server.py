@@ -112,6 +112,7 @@ def stats_to_pb(s: Stats) -> pb.GenerationStats:
         speculative_ready=s.speculative_ready,
         speculative_verified=s.speculative_verified,
         chain_rounds=s.chain_rounds,
+        speculative_plain=s.speculative_plain,
     )
 
 

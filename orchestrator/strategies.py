@@ -26,7 +26,7 @@ from orchestrator.backends import (
     TreeVerifier,
     Verifier,
 )
-from services.context import common_prefix_len
+from services.context import common_prefix_len, fingerprint
 from services.maxgram import MaxGramDrafter
 from services.roles import CallCost, Draft, Verified, total_cost
 from services.sampling import SamplingParams, SparseDist, round_seed
@@ -168,7 +168,11 @@ class Lookahead:
     its verify is sent too, claiming the context assumed + g (services/context.whole_claim):
     the verifier takes it right after the current verify, runs it where its answer made the
     guess true and refuses it at no cost where not, so a right guess gets its answer
-    without a round trip or an idle verifier in between."""
+    without a round trip or an idle verifier in between. A plain round's draft ahead sends
+    that verify with `or_plain`: where the guess was wrong the verifier takes a plain step
+    after the context it holds instead, which is the next round whenever that context is the
+    one the round starts from (`plain_steps`): a plain round after a plain round whose guess
+    failed waits for no round trip either."""
 
     verify_ahead: bool = True
     task: asyncio.Task | None = None  # the speculative draft
@@ -182,6 +186,8 @@ class Lookahead:
     hits: int = 0  # used as the next round's draft
     ready: int = 0  # used, and done before the verify answered: no drafting wait at all
     verified: int = 0  # used with their verify already sent when the round began
+    plain_steps: int = 0  # rounds whose guess failed answered by the plain step sent ahead (or_plain)
+    or_plain: bool = False  # the verify sent ahead falls back to a plain step (a plain round's draft)
     _verify: Callable[[Draft], Awaitable[Verified | None]] | None = field(default=None, repr=False)
 
     def start(
@@ -189,15 +195,17 @@ class Lookahead:
         assumed: list[int],
         draft: Awaitable[Draft],
         verify: Callable[[Draft], Awaitable[Verified | None]] | None = None,
+        or_plain: bool = False,
     ) -> None:
         """Begins the speculative draft after `assumed`; with verify_ahead and `verify`, its
-        verify (verify(draft)) is sent as soon as the draft is done, if it has a token after g."""
+        verify (verify(draft)) is sent as soon as the draft is done, if it has a token after g
+        (`or_plain`: `verify` asks for a plain step where the guess fails)."""
         self.discard()
         task = asyncio.ensure_future(draft)
         self._verify = verify if self.verify_ahead else None
         if self._verify is not None:
             task.add_done_callback(self._send)
-        self.task, self.assumed = task, assumed
+        self.task, self.assumed, self.or_plain = task, assumed, or_plain
         self.arrived_ready = False
 
     def _send(self, done: asyncio.Task) -> None:
@@ -232,8 +240,7 @@ class Lookahead:
         sent = self.sent
         self.task = self.sent = self.assumed = None
         if not d.tokens or d.tokens[0] != context[-1] or len(d.tokens) < 2:
-            _cancel(sent)
-            return None
+            return await self._plain_step(sent, context, sent_early)
         rest = replace(d, tokens=d.tokens[1:], q=d.q[1:], cost=d.cost.sent_before_its_round())
         self.hits += 1
         self.ready += self.arrived_ready
@@ -242,6 +249,20 @@ class Lookahead:
             return Ahead(rest, sent, sent_early)
         _cancel(sent)
         return Ahead(replace(rest, tokens=rest.tokens[:k], q=rest.q[:k]), None) if k else None
+
+    async def _plain_step(self, sent: asyncio.Task | None, context: Sequence[int], sent_early: bool) -> Ahead | None:
+        """Where the guess failed: the plain step the verify sent with or_plain took instead,
+        if it ran after exactly `context` (the next round, plain, with that round's seed: the
+        token a plain verify sent now would give); None otherwise (the round verifies afresh).
+        Used or not by the context alone, as a draft is."""
+        if not self.or_plain or sent is None:
+            _cancel(sent)
+            return None
+        v = await _answer(sent)
+        if v is None or v.plain_after != (len(context), fingerprint(context)):
+            return None
+        self.plain_steps += 1
+        return Ahead(None, sent, sent_early)
 
     def discard(self) -> None:
         _cancel(self.sent)
@@ -265,7 +286,7 @@ class Lookahead:
 class Ahead:
     """A next round's draft from a Lookahead, and its verify if already sent."""
 
-    draft: Draft
+    draft: Draft | None  # None: the round is the plain step its verify took (or_plain)
     verify: asyncio.Task | None
     verify_sent_early: bool = False  # the verify left before the round that uses it began
 
@@ -327,8 +348,11 @@ async def pipelined_sd_round(backends: Backends, r: RoundInput) -> RoundResult:
         seed = round_seed(r.seed, r.step + 1, "lookahead")
         # At most `room` tokens after g: the verify sent ahead carries them all.
         wanted = min(1 + after, room + 1)
+        # A plain round's next round is plain where the guess fails: its verify sent ahead
+        # says so (or_plain), and the verifier steps plainly there instead of refusing it.
+        or_plain = not tokens
         ahead.start(assumed, drafter.propose(r.session_id, assumed, wanted, r.params, seed),
-                    _verify_next(backends.verifier, r, assumed))  # fmt: skip
+                    _verify_next(backends.verifier, r, assumed, or_plain), or_plain)  # fmt: skip
         ahead.started += 1
     v = await _answer(sent)
     if v is None:
@@ -344,17 +368,21 @@ async def pipelined_sd_round(backends: Backends, r: RoundInput) -> RoundResult:
 
 
 def _verify_next(
-    verifier: Verifier, r: RoundInput, assumed: list[int]
+    verifier: Verifier, r: RoundInput, assumed: list[int], or_plain: bool = False
 ) -> Callable[[Draft], Awaitable[Verified | None]] | None:
     """Round r+1's verify of a speculative draft g, d'_1..d'_m after `assumed`, as round r+1
-    would send it; None where the verifier cannot take a verify ahead."""
+    would send it (`or_plain`: and where g fails, round r+1's plain step); None where the
+    verifier cannot take a verify ahead."""
     if not callable(getattr(verifier, "verify_ahead", None)):
         return None
     ahead = cast(AheadVerifier, verifier)
     seed = round_seed(r.seed, r.step + 1, "verify")
 
     def verify(d: Draft) -> Awaitable[Verified | None]:
-        return ahead.verify_ahead(r.session_id, [*assumed, d.tokens[0]], d.tokens[1:], d.q[1:], r.params, seed)
+        context, draft, q = [*assumed, d.tokens[0]], d.tokens[1:], d.q[1:]
+        if or_plain:
+            return ahead.verify_ahead(r.session_id, context, draft, q, r.params, seed, or_plain=True)
+        return ahead.verify_ahead(r.session_id, context, draft, q, r.params, seed)
 
     return verify
 

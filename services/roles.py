@@ -124,3 +124,6 @@ class Verified:
     tree_nodes: int = 0  # verify_strings: nodes of the tree pass
     # verify_tree(want_hidden=True): (H,) the target's hidden state whose output is tokens[-1]
     hidden: torch.Tensor | None = field(default=None, compare=False)
+    # verify_ahead(or_plain=True) whose claim missed: (length, fingerprint) of the context its
+    # plain step ran after instead
+    plain_after: tuple[int, int] | None = None

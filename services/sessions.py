@@ -81,6 +81,11 @@ class SessionContexts:
             raise BadRequest("the context is empty: at least one token must come before a draft or a verification")
         return full
 
+    def held(self, session_id: str) -> list[int] | None:
+        """The session's committed context here; None for a session not held."""
+        state = self._states.peek(session_id)
+        return None if state is None else list(state.context)
+
     def commit(self, session_id: str, context: Sequence[int]) -> None:
         """Records what the caller now believes this service holds for the session."""
         self.state(session_id).context = list(context)

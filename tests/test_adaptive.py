@@ -611,6 +611,55 @@ def test_a_plain_pipelined_round_drafts_the_next_round_ahead() -> None:
     assert drafted == [0, 0, 0, 0] and idle.started == 0 and plain == out[:4]
 
 
+def test_a_verify_sent_ahead_with_or_plain_steps_plainly_where_its_claim_misses() -> None:
+    """or_plain: where the claimed context is not what the verifier holds when the call's turn
+    comes, it takes a plain step after what it holds - the token a plain verify of that
+    context with the same seed gives - and names that context; without or_plain it refuses."""
+    greedy = SamplingParams()
+    core = VerifierCore(TableRuntime(table(1)))
+    argmax = table(1).argmax(-1).tolist()
+    from services.context import fingerprint
+
+    async def run():
+        await core.verify("s", CONTEXT, [], (), greedy, 0)
+        held = [*CONTEXT, argmax[5]]
+        wrong = [*held, (argmax[6] + 1) % V]
+        refused = await core.verify_ahead("s", wrong, [1], (), greedy, 1)
+        step = await core.verify_ahead("s", wrong, [1], (), greedy, 1, or_plain=True)
+        return held, refused, step
+
+    held, refused, step = asyncio.run(run())
+    assert refused is None
+    assert step.plain_after == (len(held), fingerprint(held)) and step.accepted == 0
+    assert step.tokens == (argmax[6],)
+
+
+def test_a_plain_round_whose_guess_failed_takes_the_plain_step_sent_ahead() -> None:
+    """Plain rounds drafting ahead with a drafter that is often wrong: each round after the
+    first either takes the draft ahead (its guess held) or the plain step its verify took
+    instead (or_plain) - never a verify of its own - and the output is the target's argmax."""
+    target = table(1)
+    backends = Backends(VerifierCore(TableRuntime(target)), DrafterCore(TableRuntime(table(2)), q_top=V))
+    greedy = SamplingParams()
+
+    async def run() -> tuple[list[int], Lookahead]:
+        ahead = Lookahead()
+        out: list[int] = []
+        try:
+            for step in range(8):
+                r = RoundInput("s", CONTEXT + out, greedy, 0, step, 0, max_draft=30 - len(out), lookahead=ahead,
+                               ahead_k=2)  # fmt: skip
+                out += (await pipelined_sd_round(backends, r)).tokens
+        finally:
+            await ahead.close()
+        return out, ahead
+
+    out, ahead = asyncio.run(run())
+    assert out == target.argmax(-1).tolist()[len(CONTEXT) - 1 : len(CONTEXT) - 1 + len(out)]
+    assert ahead.plain_steps > 0
+    assert ahead.hits + ahead.plain_steps == 7, (ahead.hits, ahead.plain_steps)
+
+
 class Paced(TableRuntime):
     """A table runtime whose passes take `seconds` each."""
 

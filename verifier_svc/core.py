@@ -11,13 +11,14 @@ context extended by the returned tokens: what the caller commits.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from services import slrs
 from services.acceptance import accept
 from services.calls import PENDING, ModelCalls
-from services.context import whole_claim
+from services.context import ContextDelta, fingerprint, whole_claim
 from services.errors import BadRequest, ContextMiss, Unsupported, check_chain, check_draft_length, check_token_ids
 from services.roles import Verified
 from services.runtime import ModelInfo, Runtime
@@ -92,20 +93,33 @@ class VerifierCore:
     async def verify_ahead(
         self,
         session_id: str,
-        context: Sequence[int],
+        context: Sequence[int] | ContextDelta,
         draft: Sequence[int],
         q: Sequence[SparseDist],
         params: SamplingParams,
         seed: int,
+        or_plain: bool = False,
     ) -> Verified | None:
         """`verify`, run only where this service's committed context for the session starts
         with all of `context` when the call's turn comes (services/context.whole_claim): a
         pipelined round's next verify, sent before the answer that commits its context; None,
-        with nothing computed, where it does not."""
+        with nothing computed, where it does not. With `or_plain`, where it does not, a plain
+        step after the context held then (with the same sampling and seed), which the answer
+        names (Verified.plain_after): a pipelined plain round's next round, which is plain
+        too where the guess its draft started from was wrong. `context` may be the claim
+        itself (a ContextDelta, as a remote caller sends it)."""
+        claim = context if isinstance(context, ContextDelta) else whole_claim(session_id, context)
         try:
-            return await self.verify(session_id, whole_claim(session_id, context), draft, q, params, seed)
+            return await self.verify(session_id, claim, draft, q, params, seed)
         except ContextMiss:
+            held = self.contexts.held(session_id) if or_plain else None
+            if not held:
+                return None
+        try:
+            v = await self.verify(session_id, whole_claim(session_id, held), (), (), params, seed)
+        except ContextMiss:  # the session moved on meanwhile
             return None
+        return replace(v, plain_after=(len(held), fingerprint(held)))
 
     async def verify_tree(
         self,

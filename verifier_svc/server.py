@@ -32,13 +32,21 @@ class VerifierServicer(ModelServicer, pb_grpc.VerifierServicer):
 
     @rpc(pb.VerifyResponse)
     async def Verify(self, request: pb.VerifyRequest) -> pb.VerifyResponse:
-        v = await self.core.verify(
-            request.context.session_id, delta_from_pb(request.context), list(request.draft),
-            dists_from_pb(request.q), sampling_from_pb(request.sampling), request.seed,
-        )  # fmt: skip
+        session_id, draft, q = request.context.session_id, list(request.draft), dists_from_pb(request.q)
+        params = sampling_from_pb(request.sampling)
+        if request.or_plain:
+            claim = delta_from_pb(request.context)
+            ahead = await self.core.verify_ahead(session_id, claim, draft, q, params, request.seed, or_plain=True)
+            if ahead is None:
+                return pb.VerifyResponse(context_miss=True)
+            v = ahead
+        else:
+            v = await self.core.verify(session_id, delta_from_pb(request.context), draft, q, params, request.seed)
+        after_len, after_fingerprint = v.plain_after or (0, 0)
         return pb.VerifyResponse(
             accepted=v.accepted, tokens=v.tokens, compute_seconds=v.cost.compute_seconds,
             batch_sessions=v.cost.batch_sessions, batch_tokens=v.cost.batch_tokens,
+            plain_after_len=after_len, plain_after_fingerprint=after_fingerprint,
         )  # fmt: skip
 
     @rpc(pb.VerifyTreeResponse)

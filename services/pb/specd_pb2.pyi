@@ -265,34 +265,40 @@ class ProposeBeamsResponse(_message.Message):
     def __init__(self, tree: _Optional[_Union[DraftTree, _Mapping]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("context", "draft", "q", "sampling", "seed")
+    __slots__ = ("context", "draft", "q", "sampling", "seed", "or_plain")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    OR_PLAIN_FIELD_NUMBER: _ClassVar[int]
     context: Context
     draft: _containers.RepeatedScalarFieldContainer[int]
     q: _containers.RepeatedCompositeFieldContainer[SparseDist]
     sampling: Sampling
     seed: int
-    def __init__(self, context: _Optional[_Union[Context, _Mapping]] = ..., draft: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    or_plain: bool
+    def __init__(self, context: _Optional[_Union[Context, _Mapping]] = ..., draft: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., seed: _Optional[int] = ..., or_plain: _Optional[bool] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("context_miss", "accepted", "tokens", "compute_seconds", "batch_sessions", "batch_tokens")
+    __slots__ = ("context_miss", "accepted", "tokens", "compute_seconds", "batch_sessions", "batch_tokens", "plain_after_len", "plain_after_fingerprint")
     CONTEXT_MISS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PLAIN_AFTER_LEN_FIELD_NUMBER: _ClassVar[int]
+    PLAIN_AFTER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     context_miss: bool
     accepted: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     compute_seconds: float
     batch_sessions: int
     batch_tokens: int
-    def __init__(self, context_miss: _Optional[bool] = ..., accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., compute_seconds: _Optional[float] = ..., batch_sessions: _Optional[int] = ..., batch_tokens: _Optional[int] = ...) -> None: ...
+    plain_after_len: int
+    plain_after_fingerprint: int
+    def __init__(self, context_miss: _Optional[bool] = ..., accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., compute_seconds: _Optional[float] = ..., batch_sessions: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., plain_after_len: _Optional[int] = ..., plain_after_fingerprint: _Optional[int] = ...) -> None: ...
 
 class VerifyTreeRequest(_message.Message):
     __slots__ = ("context", "tree", "sampling", "seed", "want_hidden")
@@ -431,7 +437,7 @@ class TextDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("session_id", "strategy", "finish_reason", "prompt_tokens", "new_tokens", "target_forwards", "drafted", "accepted", "mean_accepted_length", "acceptance_rate", "acceptance_by_position", "wall_seconds", "tokens_per_second", "draft_seconds", "verify_seconds", "network_seconds", "redis_seconds", "bytes_sent", "bytes_received", "failovers", "fallback_rounds", "replicas", "language", "drafter_pool", "adaptive", "ar_rounds", "mean_draft_length", "speculative_drafts", "speculative_hits", "speculative_ready", "speculative_verified", "round_trips", "chain_rounds")
+    __slots__ = ("session_id", "strategy", "finish_reason", "prompt_tokens", "new_tokens", "target_forwards", "drafted", "accepted", "mean_accepted_length", "acceptance_rate", "acceptance_by_position", "wall_seconds", "tokens_per_second", "draft_seconds", "verify_seconds", "network_seconds", "redis_seconds", "bytes_sent", "bytes_received", "failovers", "fallback_rounds", "replicas", "language", "drafter_pool", "adaptive", "ar_rounds", "mean_draft_length", "speculative_drafts", "speculative_hits", "speculative_ready", "speculative_verified", "round_trips", "chain_rounds", "speculative_plain")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -465,6 +471,7 @@ class GenerationStats(_message.Message):
     SPECULATIVE_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     ROUND_TRIPS_FIELD_NUMBER: _ClassVar[int]
     CHAIN_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_PLAIN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     strategy: str
     finish_reason: str
@@ -498,7 +505,8 @@ class GenerationStats(_message.Message):
     speculative_verified: int
     round_trips: int
     chain_rounds: int
-    def __init__(self, session_id: _Optional[str] = ..., strategy: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., target_forwards: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., acceptance_by_position: _Optional[_Iterable[float]] = ..., wall_seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., draft_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., network_seconds: _Optional[float] = ..., redis_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., failovers: _Optional[int] = ..., fallback_rounds: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., language: _Optional[str] = ..., drafter_pool: _Optional[str] = ..., adaptive: _Optional[bool] = ..., ar_rounds: _Optional[int] = ..., mean_draft_length: _Optional[float] = ..., speculative_drafts: _Optional[int] = ..., speculative_hits: _Optional[int] = ..., speculative_ready: _Optional[int] = ..., speculative_verified: _Optional[int] = ..., round_trips: _Optional[int] = ..., chain_rounds: _Optional[int] = ...) -> None: ...
+    speculative_plain: int
+    def __init__(self, session_id: _Optional[str] = ..., strategy: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., target_forwards: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., acceptance_by_position: _Optional[_Iterable[float]] = ..., wall_seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., draft_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., network_seconds: _Optional[float] = ..., redis_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., failovers: _Optional[int] = ..., fallback_rounds: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., language: _Optional[str] = ..., drafter_pool: _Optional[str] = ..., adaptive: _Optional[bool] = ..., ar_rounds: _Optional[int] = ..., mean_draft_length: _Optional[float] = ..., speculative_drafts: _Optional[int] = ..., speculative_hits: _Optional[int] = ..., speculative_ready: _Optional[int] = ..., speculative_verified: _Optional[int] = ..., round_trips: _Optional[int] = ..., chain_rounds: _Optional[int] = ..., speculative_plain: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "stats", "started")

@@ -199,8 +199,8 @@ class ServicesClient:
             redis_seconds=stats.redis_seconds, bytes_sent=stats.bytes_sent, bytes_received=stats.bytes_received,
             rtt_ms=rtt_ms, draft_asked=round(stats.mean_draft_length * stats.target_forwards),
             speculative_drafts=stats.speculative_drafts, speculative_ready=stats.speculative_ready,
-            speculative_verified=stats.speculative_verified, language=stats.language,
-            drafter_pool=stats.drafter_pool,
+            speculative_verified=stats.speculative_verified, speculative_plain=stats.speculative_plain,
+            language=stats.language, drafter_pool=stats.drafter_pool,
         )  # fmt: skip
 
 
@@ -355,7 +355,7 @@ class InProcessRunner:
             redis_seconds=stats.redis_seconds, bytes_sent=stats.bytes_sent, bytes_received=stats.bytes_received,
             draft_asked=stats.draft_asked, speculative_drafts=stats.speculative_drafts,
             speculative_ready=stats.speculative_ready, speculative_verified=stats.speculative_verified,
-            language=stats.language, drafter_pool=stats.drafter_pool,
+            speculative_plain=stats.speculative_plain, language=stats.language, drafter_pool=stats.drafter_pool,
         )  # fmt: skip
 
     async def _generate(self, request: GenerationRequest) -> tuple[list[int], Stats, float]:
