@@ -579,23 +579,21 @@ def test_a_pipelined_round_whose_guess_held_uses_the_verify_sent_ahead(verify_ah
     assert ahead.verified == (4 if verify_ahead else 0)
 
 
-def test_a_plain_pipelined_round_drafts_the_next_round_ahead() -> None:
-    """Greedy, with a drafter that is the target: a plain round given ahead_k drafts g and
-    ahead_k tokens during its verify and sends their verify ahead; the next plain round takes
-    that draft whole - awaited where not yet done - and its answer. Without ahead_k a plain
-    round drafts nothing ahead."""
-    target = table(1)
-    backends = Backends(VerifierCore(TableRuntime(target)), DrafterCore(TableRuntime(target), q_top=V))
-    greedy = SamplingParams()
+def plain_rounds(
+    backends: Backends, rounds: int, ahead_k: int, room: int = 30
+) -> tuple[list[int], list[int], Lookahead]:
+    """Greedy plain rounds (k = 0) of `sd-pipe` drafting up to ahead_k tokens ahead, as the
+    Engine runs them on the drafter's own cores: the tokens, what each round drafted, and the
+    turn's Lookahead."""
 
-    async def run(ahead_k: int) -> tuple[list[int], list[int], Lookahead]:
+    async def run() -> tuple[list[int], list[int], Lookahead]:
         ahead = Lookahead()
         out: list[int] = []
         drafted = []
         try:
-            for step in range(4):
-                r = RoundInput("s", CONTEXT + out, greedy, 0, step, 0, max_draft=30 - len(out), lookahead=ahead,
-                               ahead_k=ahead_k)  # fmt: skip
+            for step in range(rounds):
+                r = RoundInput("s", CONTEXT + out, SamplingParams(), 0, step, 0, max_draft=room - len(out),
+                               lookahead=ahead, ahead_k=ahead_k)  # fmt: skip
                 result = await pipelined_sd_round(backends, r)
                 drafted.append(result.drafted)
                 out += result.tokens
@@ -603,11 +601,21 @@ def test_a_plain_pipelined_round_drafts_the_next_round_ahead() -> None:
             await ahead.close()
         return out, drafted, ahead
 
-    out, drafted, ahead = asyncio.run(run(2))
+    return asyncio.run(run())
+
+
+def test_a_plain_pipelined_round_drafts_the_next_round_ahead() -> None:
+    """Greedy, with a drafter that is the target: a plain round given ahead_k drafts g and
+    ahead_k tokens during its verify and sends their verify ahead; the next plain round takes
+    that draft whole - awaited where not yet done - and its answer. Without ahead_k a plain
+    round drafts nothing ahead."""
+    target = table(1)
+    backends = Backends(VerifierCore(TableRuntime(target)), DrafterCore(TableRuntime(target), q_top=V))
+    out, drafted, ahead = plain_rounds(backends, 4, ahead_k=2)
     assert out == target.argmax(-1).tolist()[len(CONTEXT) - 1 : len(CONTEXT) - 1 + len(out)]
     assert drafted[0] == 0 and all(1 <= n <= 2 for n in drafted[1:]), drafted  # after g, at most ahead_k
     assert ahead.started == 4 and ahead.hits == 3 and ahead.verified == 3
-    plain, drafted, idle = asyncio.run(run(0))
+    plain, drafted, idle = plain_rounds(backends, 4, ahead_k=0)
     assert drafted == [0, 0, 0, 0] and idle.started == 0 and plain == out[:4]
 
 
@@ -640,21 +648,7 @@ def test_a_plain_round_whose_guess_failed_takes_the_plain_step_sent_ahead() -> N
     instead (or_plain) - never a verify of its own - and the output is the target's argmax."""
     target = table(1)
     backends = Backends(VerifierCore(TableRuntime(target)), DrafterCore(TableRuntime(table(2)), q_top=V))
-    greedy = SamplingParams()
-
-    async def run() -> tuple[list[int], Lookahead]:
-        ahead = Lookahead()
-        out: list[int] = []
-        try:
-            for step in range(8):
-                r = RoundInput("s", CONTEXT + out, greedy, 0, step, 0, max_draft=30 - len(out), lookahead=ahead,
-                               ahead_k=2)  # fmt: skip
-                out += (await pipelined_sd_round(backends, r)).tokens
-        finally:
-            await ahead.close()
-        return out, ahead
-
-    out, ahead = asyncio.run(run())
+    out, _, ahead = plain_rounds(backends, 8, ahead_k=2)
     assert out == target.argmax(-1).tolist()[len(CONTEXT) - 1 : len(CONTEXT) - 1 + len(out)]
     assert ahead.plain_steps > 0
     assert ahead.hits + ahead.plain_steps == 7, (ahead.hits, ahead.plain_steps)
@@ -681,24 +675,7 @@ def test_a_plain_round_drafts_ahead_what_fits_beside_its_verify(drafter_pass, ve
     target = table(1)
     backends = Backends(VerifierCore(Paced(target, verifier_pass)),
                         DrafterCore(Paced(target, drafter_pass), q_top=V))  # fmt: skip
-    greedy = SamplingParams()
-
-    async def run() -> list[int]:
-        ahead = Lookahead()
-        out: list[int] = []
-        drafted = []
-        try:
-            for step in range(8):
-                r = RoundInput("s", CONTEXT + out, greedy, 0, step, 0, max_draft=39 - len(CONTEXT) - len(out),
-                               lookahead=ahead, ahead_k=4)  # fmt: skip
-                result = await pipelined_sd_round(backends, r)
-                drafted.append(result.drafted)
-                out += result.tokens
-        finally:
-            await ahead.close()
-        return drafted
-
-    drafted = asyncio.run(run())
+    _, drafted, _ = plain_rounds(backends, 8, ahead_k=4, room=39 - len(CONTEXT))
     assert drafted[-3:] == [after_g] * 3, drafted
 
 
