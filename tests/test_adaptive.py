@@ -451,6 +451,7 @@ def pvalue(strategy: str, n_out: int, k_max: int | None, per_token: float = 0.4)
             counts[tuple(await decode(backends, strategy, n_out, s, lengths, ahead, seen, per_token))] += 1
             spec.started, spec.hits = spec.started + ahead.started, spec.hits + ahead.hits
             spec.verified += ahead.verified
+            spec.plain_steps += ahead.plain_steps
         return counts
 
     counts = asyncio.run(runs())
@@ -495,6 +496,7 @@ def test_pipelined_sd_drafting_ahead_of_plain_rounds_samples_the_targets_distrib
     assert value > PASS
     assert 0 in seen
     assert spec.hits > 0 and spec.verified > 0
+    assert spec.plain_steps > 0  # rounds after a failed guess took the plain step sent ahead
 
 
 def test_pipelined_sd_uses_a_speculative_draft_only_after_its_assumed_context() -> None:
