@@ -368,11 +368,10 @@ class DraftLength:
 
         The model: a plain round drafts `ahead` tokens ahead after its guess g of the bonus
         token (or what fits beside its verify, if fewer), so the next round has a draft of
-        them where g held (α_1: the drafter's first
-        guess), and a round that had one, where also its whole draft was accepted. Rounds
-        with a draft then make up π = α_1 / (1 + α_1 - α_1·Π_{i<=ahead} α_i) of all (the
-        stationary share of a two-state chain), each committing E(ahead) tokens, the others
-        one."""
+        them where g held (α_1: the drafter's first guess), and a round that had one, where
+        also its whole draft was accepted. Rounds with a draft then make up
+        π = α_1 / (1 + α_1 - α_1·Π_{i<=ahead} α_i) of all (the stationary share of a
+        two-state chain), each committing E(ahead) tokens, the others one."""
         ahead = min(ahead, self.fits or ahead)
         first = rates[0]
         whole = math.prod(rates[:ahead])

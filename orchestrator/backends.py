@@ -323,19 +323,18 @@ class RemoteVerifier(_Remote):
         if reply.context_miss:  # the guess was wrong: no resend, the round verifies afresh
             return None
         wall = time.perf_counter() - started
-        if reply.plain_after_len:  # a plain step after another context, which the caller checks
-            cost = CallCost(reply.compute_seconds, wall, request.ByteSize(), reply.ByteSize(),
-                            batch_sessions=max(1, reply.batch_sessions), batch_tokens=reply.batch_tokens)  # fmt: skip
-            plain_after = (reply.plain_after_len, reply.plain_after_fingerprint)
-            return Verified(reply.accepted, tuple(reply.tokens), cost, plain_after=plain_after)
         return self._verified(session_id, context, reply, request.ByteSize(), reply.ByteSize(), wall)
 
     def _verified(self, session_id, context, reply: pb.VerifyResponse, sent, received, wall) -> Verified:
+        """The answer; what the service now holds is recorded, unless the answer is a plain step
+        after another context than `context` (or_plain), which the caller checks."""
         tokens = tuple(reply.tokens)
-        self.tracker.acknowledge(session_id, [*context, *tokens])
+        plain_after = (reply.plain_after_len, reply.plain_after_fingerprint) if reply.plain_after_len else None
+        if plain_after is None:
+            self.tracker.acknowledge(session_id, [*context, *tokens])
         cost = CallCost(reply.compute_seconds, wall, sent, received, batch_sessions=max(1, reply.batch_sessions),
                         batch_tokens=reply.batch_tokens)  # fmt: skip
-        return Verified(reply.accepted, tokens, cost)
+        return Verified(reply.accepted, tokens, cost, plain_after=plain_after)
 
     async def verify_strings(self, session_id, context, proposals, params, seed) -> Verified:
         async def send(ctx: pb.Context) -> tuple[pb.VerifyStringsResponse, int]:

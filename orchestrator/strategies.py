@@ -380,9 +380,7 @@ def _verify_next(
 
     def verify(d: Draft) -> Awaitable[Verified | None]:
         context, draft, q = [*assumed, d.tokens[0]], d.tokens[1:], d.q[1:]
-        if or_plain:
-            return ahead.verify_ahead(r.session_id, context, draft, q, r.params, seed, or_plain=True)
-        return ahead.verify_ahead(r.session_id, context, draft, q, r.params, seed)
+        return ahead.verify_ahead(r.session_id, context, draft, q, r.params, seed, or_plain=or_plain)
 
     return verify
 

@@ -250,32 +250,42 @@ def test_a_discarded_speculative_draft_leaves_the_drafter_consistent(stack):
     assert got == fresh
 
 
+def over_grpc(stack, calls):
+    """What `calls(verifier)` returns, run against the stack's verifier over gRPC."""
+    import asyncio
+
+    from orchestrator.backends import RemoteVerifier
+    from services.server import channel_options
+
+    async def run():
+        async with grpc.aio.insecure_channel(stack.address("verifier"), options=channel_options()) as channel:
+            return await calls(RemoteVerifier(stack.address("verifier"), channel, 60.0))
+
+    return asyncio.run(run())
+
+
+VERIFIED_CONTEXT = [5, 17, 9, 33, 12, 40, 7, 21]
+
+
 def test_a_verify_sent_ahead_runs_only_on_the_context_it_claims(stack):
     """Over gRPC: a verify sent ahead whose claimed context the verifier does not hold is
     refused (None) and changes nothing; one whose claim holds answers exactly what a verify of
     that context answers in a fresh session."""
-    import asyncio
-
-    from orchestrator.backends import RemoteVerifier
     from services.sampling import SamplingParams
-    from services.server import channel_options
 
-    context = [5, 17, 9, 33, 12, 40, 7, 21]
     greedy = SamplingParams()
 
-    async def run():
-        async with grpc.aio.insecure_channel(stack.address("verifier"), options=channel_options()) as channel:
-            verifier = RemoteVerifier(stack.address("verifier"), channel, 60.0)
-            first = await verifier.verify("ahead", context, (), (), greedy, 1)
-            held = [*context, *first.tokens]
-            wrong = await verifier.verify_ahead("ahead", [*held, 3], (4, 5), (), greedy, 2)
-            right = await verifier.verify_ahead("ahead", held, (4, 5), (), greedy, 2)
-            fresh = await verifier.verify("ahead-fresh", held, (4, 5), (), greedy, 2)
-            after = await verifier.verify("ahead", [*held, *right.tokens], (), (), greedy, 3)
-            after_fresh = await verifier.verify("ahead-fresh2", [*held, *right.tokens], (), (), greedy, 3)
-            return wrong, right, fresh, after, after_fresh
+    async def calls(verifier):
+        first = await verifier.verify("ahead", VERIFIED_CONTEXT, (), (), greedy, 1)
+        held = [*VERIFIED_CONTEXT, *first.tokens]
+        wrong = await verifier.verify_ahead("ahead", [*held, 3], (4, 5), (), greedy, 2)
+        right = await verifier.verify_ahead("ahead", held, (4, 5), (), greedy, 2)
+        fresh = await verifier.verify("ahead-fresh", held, (4, 5), (), greedy, 2)
+        after = await verifier.verify("ahead", [*held, *right.tokens], (), (), greedy, 3)
+        after_fresh = await verifier.verify("ahead-fresh2", [*held, *right.tokens], (), (), greedy, 3)
+        return wrong, right, fresh, after, after_fresh
 
-    wrong, right, fresh, after, after_fresh = asyncio.run(run())
+    wrong, right, fresh, after, after_fresh = over_grpc(stack, calls)
     assert wrong is None
     assert right is not None and (right.accepted, right.tokens) == (fresh.accepted, fresh.tokens)
     assert after.tokens == after_fresh.tokens  # the session's cache is consistent after both
@@ -285,28 +295,21 @@ def test_a_verify_sent_ahead_with_or_plain_steps_after_the_context_held(stack):
     """Over gRPC: with or_plain, a verify sent ahead whose claim misses answers a plain step
     after the context the verifier holds, names that context, and gives the token a plain
     verify of it gives in a fresh session; the session goes on consistently after it."""
-    import asyncio
-
-    from orchestrator.backends import RemoteVerifier
     from services.context import fingerprint
     from services.sampling import SamplingParams
-    from services.server import channel_options
 
-    context = [5, 17, 9, 33, 12, 40, 7, 21]
     greedy = SamplingParams()
 
-    async def run():
-        async with grpc.aio.insecure_channel(stack.address("verifier"), options=channel_options()) as channel:
-            verifier = RemoteVerifier(stack.address("verifier"), channel, 60.0)
-            first = await verifier.verify("or-plain", context, (), (), greedy, 1)
-            held = [*context, *first.tokens]
-            step = await verifier.verify_ahead("or-plain", [*held, 3], (4, 5), (), greedy, 2, or_plain=True)
-            fresh = await verifier.verify("or-plain-fresh", held, (), (), greedy, 2)
-            after = await verifier.verify("or-plain", [*held, *step.tokens], (6,), (), greedy, 3)
-            after_fresh = await verifier.verify("or-plain-fresh2", [*held, *step.tokens], (6,), (), greedy, 3)
-            return held, step, fresh, after, after_fresh
+    async def calls(verifier):
+        first = await verifier.verify("or-plain", VERIFIED_CONTEXT, (), (), greedy, 1)
+        held = [*VERIFIED_CONTEXT, *first.tokens]
+        step = await verifier.verify_ahead("or-plain", [*held, 3], (4, 5), (), greedy, 2, or_plain=True)
+        fresh = await verifier.verify("or-plain-fresh", held, (), (), greedy, 2)
+        after = await verifier.verify("or-plain", [*held, *step.tokens], (6,), (), greedy, 3)
+        after_fresh = await verifier.verify("or-plain-fresh2", [*held, *step.tokens], (6,), (), greedy, 3)
+        return held, step, fresh, after, after_fresh
 
-    held, step, fresh, after, after_fresh = asyncio.run(run())
+    held, step, fresh, after, after_fresh = over_grpc(stack, calls)
     assert step is not None and step.plain_after == (len(held), fingerprint(held))
     assert (step.accepted, step.tokens) == (0, fresh.tokens)
     assert (after.accepted, after.tokens) == (after_fresh.accepted, after_fresh.tokens)

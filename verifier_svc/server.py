@@ -36,10 +36,9 @@ class VerifierServicer(ModelServicer, pb_grpc.VerifierServicer):
         params = sampling_from_pb(request.sampling)
         if request.or_plain:
             claim = delta_from_pb(request.context)
-            ahead = await self.core.verify_ahead(session_id, claim, draft, q, params, request.seed, or_plain=True)
-            if ahead is None:
+            v = await self.core.verify_ahead(session_id, claim, draft, q, params, request.seed, or_plain=True)
+            if v is None:
                 return pb.VerifyResponse(context_miss=True)
-            v = ahead
         else:
             v = await self.core.verify(session_id, delta_from_pb(request.context), draft, q, params, request.seed)
         after_len, after_fingerprint = v.plain_after or (0, 0)
