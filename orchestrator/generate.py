@@ -197,7 +197,7 @@ class Stats:
     speculative_hits: int = 0  # of those, used as the next round's draft
     speculative_ready: int = 0  # of those, finished before the verify answered
     speculative_verified: int = 0  # of those, with their verify sent ahead
-    speculative_plain: int = 0  # pipelined: rounds whose guess failed, answered by the plain step sent ahead
+    speculative_plain: int = 0  # pipelined: rounds whose speculation failed, answered by the plain step sent ahead
     chain_rounds: int = 0  # staged, adaptive: rounds that drafted a chain of first candidates, not the tree
 
     @property
@@ -571,9 +571,11 @@ class Engine:
                 # A pipelined strategy's plain round drafts the next round ahead on the drafter's
                 # own cores during its verify, which would otherwise idle them, and sends that
                 # draft's verify ahead: the next round, if it commits the drafter's guess, finds
-                # its answer computed or under way.
-                if spec.pipelined and keep_up and self.limits.verify_ahead and r.k == 0 and not plain:
-                    r = replace(r, ahead_k=ahead_k)
+                # its answer computed or under way. Where the speculation fails, a round after
+                # any round is the plain step that verify took instead: computed right after
+                # this round's verify, with no round trip of its own and no idle verifier.
+                if spec.pipelined and keep_up and self.limits.verify_ahead and not plain:
+                    r = replace(r, ahead_k=ahead_k if r.k == 0 else 0, plain_ahead=True)
                 behind = len(r.context) - drafter_fed
                 idle = warming is None or warming.done()
                 if keep_up and r.k == 0 and not r.ahead_k and behind >= KEEP_UP_TOKENS and idle:
@@ -581,6 +583,7 @@ class Engine:
                     drafter_fed = len(r.context)
                 elif r.k or r.ahead_k:
                     drafter_fed = len(r.context)
+                plain_steps = lookahead.plain_steps
                 if plain:
                     result = await ar_round(self.backends, r)
                 else:
@@ -616,7 +619,10 @@ class Engine:
                     # nor is a probe's, which catches the drafter up on the plain rounds before it
                     # (timed, it made drafting look dearer after every plain streak, and so the
                     # streaks longer).
-                    seconds = watch.seconds if stats.target_forwards > 1 and not after_plain else None
+                    # Nor is a drafting round's that took the plain step sent ahead instead: it
+                    # cost neither what its k costs nor what a plain round's own verify does.
+                    stepped = bool(r.k) and lookahead.plain_steps > plain_steps
+                    seconds = watch.seconds if stats.target_forwards > 1 and not (after_plain or stepped) else None
                     adaptive.observe(session.acceptance, r.k, result.drafted, result.accepted, seconds,
                                      result.verify_cost, result.first_path)  # fmt: skip
         finally:

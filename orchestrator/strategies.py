@@ -82,6 +82,10 @@ class RoundInput:
     # Pipelined strategies: the draft length a plain round (k = 0) drafts ahead for the next
     # round during its verify, after its guess of the bonus token (0: none; Lookahead)
     ahead_k: int = 0
+    # Pipelined strategies, a round that drafts: where the next round's speculation fails
+    # (the draft not all accepted, or the guess wrong), that round is the plain step its
+    # verify sent ahead asks for instead (or_plain; plain rounds always ask for it)
+    plain_ahead: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,10 +173,11 @@ class Lookahead:
     the verifier takes it right after the current verify, runs it where its answer made the
     guess true and refuses it at no cost where not, so a right guess gets its answer
     without a round trip or an idle verifier in between. A plain round's draft ahead sends
-    that verify with `or_plain`: where the guess was wrong the verifier takes a plain step
-    after the context it holds instead, which is the next round whenever that context is the
-    one the round starts from (`plain_steps`): a plain round after a plain round whose guess
-    failed waits for no round trip either."""
+    that verify with `or_plain`, and with RoundInput.plain_ahead a drafting round's too:
+    where the claim misses (the guess was wrong, or the draft not all accepted) the verifier
+    takes a plain step after the context it holds instead, which is the next round whenever
+    that context is the one the round starts from (`plain_steps`): a round after a failed
+    speculation waits for no round trip either, and drafts ahead while the step runs."""
 
     verify_ahead: bool = True
     task: asyncio.Task | None = None  # the speculative draft
@@ -186,8 +191,8 @@ class Lookahead:
     hits: int = 0  # used as the next round's draft
     ready: int = 0  # used, and done before the verify answered: no drafting wait at all
     verified: int = 0  # used with their verify already sent when the round began
-    plain_steps: int = 0  # rounds whose guess failed answered by the plain step sent ahead (or_plain)
-    or_plain: bool = False  # the verify sent ahead falls back to a plain step (a plain round's draft)
+    plain_steps: int = 0  # rounds whose speculation failed answered by the plain step sent ahead (or_plain)
+    or_plain: bool = False  # the verify sent ahead falls back to a plain step
     _verify: Callable[[Draft], Awaitable[Verified | None]] | None = field(default=None, repr=False)
 
     def start(
@@ -228,9 +233,18 @@ class Lookahead:
             return None
         sent_early = self.sent is not None  # its verify left before this round began
         n = len(assumed)
-        if len(context) != n + 1 or list(context[:n]) != assumed or (k == 0 and self._verify is None):
+        if k == 0 and self._verify is None:
             self.discard()
             return None
+        if len(context) != n + 1 or list(context[:n]) != assumed:
+            # The round did not commit what the draft ahead assumed. Its verify, sent with
+            # or_plain (now, if the draft is done but its done-callback has not run yet),
+            # takes the plain step after what the round did commit.
+            if task.done():
+                self._send(task)
+            sent, self.sent = self.sent, None
+            self.discard()
+            return self._plain_step(sent, sent_early)
         try:
             d = await task
         except Exception:  # noqa: BLE001 - a failed speculative draft costs only itself; the round drafts afresh
@@ -240,7 +254,7 @@ class Lookahead:
         sent = self.sent
         self.task = self.sent = self.assumed = None
         if not d.tokens or d.tokens[0] != context[-1] or len(d.tokens) < 2:
-            return await self._plain_step(sent, context, sent_early)
+            return self._plain_step(sent, sent_early)
         rest = replace(d, tokens=d.tokens[1:], q=d.q[1:], cost=d.cost.sent_before_its_round())
         self.hits += 1
         self.ready += self.arrived_ready
@@ -250,19 +264,24 @@ class Lookahead:
         _cancel(sent)
         return Ahead(replace(rest, tokens=rest.tokens[:k], q=rest.q[:k]), None) if k else None
 
-    async def _plain_step(self, sent: asyncio.Task | None, context: Sequence[int], sent_early: bool) -> Ahead | None:
-        """Where the guess failed: the plain step the verify sent with or_plain took instead,
-        if it ran after exactly `context` (the next round, plain, with that round's seed: the
-        token a plain verify sent now would give); None otherwise (the round verifies afresh).
-        Used or not by the context alone, as a draft is."""
+    def _plain_step(self, sent: asyncio.Task | None, sent_early: bool) -> Ahead | None:
+        """Where the speculation failed: with a verify sent with or_plain, the next round is
+        plain, and its answer the plain step that verify takes instead (with that round's
+        seed: the token a plain verify sent now would give) where it ran after exactly the
+        round's context (`plain_step`); None without one (the round drafts afresh, or plain
+        at k = 0). Not awaited here: the round drafts ahead while the step runs."""
         if not self.or_plain or sent is None:
             _cancel(sent)
             return None
-        v = await _answer(sent)
+        return Ahead(None, sent, sent_early)
+
+    def plain_step(self, v: Verified | None, context: Sequence[int]) -> Verified | None:
+        """A plain round's answer from the verify it took (`_plain_step`): the plain step where
+        it ran after exactly `context`, None where not (the round verifies plainly itself)."""
         if v is None or v.plain_after != (len(context), fingerprint(context)):
             return None
         self.plain_steps += 1
-        return Ahead(None, sent, sent_early)
+        return v
 
     def discard(self) -> None:
         _cancel(self.sent)
@@ -342,19 +361,25 @@ async def pipelined_sd_round(backends: Backends, r: RoundInput) -> RoundResult:
         # After a draft, one token more than this round's k where the last speculative draft
         # was done before its verify answered (the drafter has time to spare): round r+1 may
         # draft longer - an adaptive k growing, or exploring - which a draft of exactly k
-        # tokens would cap. A plain round drafts ahead what fits beside its verify: a round
-        # that takes its draft waits for none of it.
-        after = r.k + (1 if ahead.arrived_ready else 0) if r.k else min(r.ahead_k, ahead.fits)
+        # tokens would cap. A round without a draft (plain, or the plain step sent ahead)
+        # drafts ahead what fits beside its verify: a round that takes it waits for none of it.
+        drafting = bool(r.k and tokens)
+        after = r.k + (1 if ahead.arrived_ready else 0) if drafting else min(r.k or r.ahead_k, ahead.fits)
         seed = round_seed(r.seed, r.step + 1, "lookahead")
         # At most `room` tokens after g: the verify sent ahead carries them all.
         wanted = min(1 + after, room + 1)
-        # A plain round's next round is plain where the guess fails: its verify sent ahead
-        # says so (or_plain), and the verifier steps plainly there instead of refusing it.
-        or_plain = not tokens
+        # A plain round's next round is plain where the guess fails, and with plain_ahead a
+        # drafting round's where its draft or the guess fails: its verify sent ahead says so
+        # (or_plain), and the verifier steps plainly there instead of refusing it.
+        or_plain = r.plain_ahead or not tokens
         ahead.start(assumed, drafter.propose(r.session_id, assumed, wanted, r.params, seed),
                     _verify_next(backends.verifier, r, assumed, or_plain), or_plain)  # fmt: skip
         ahead.started += 1
     v = await _answer(sent)
+    if taken is not None and d is None:
+        v = ahead.plain_step(v, r.context)
+    elif v is not None and v.plain_after is not None:  # a plain step where a verify of d was due
+        v = None
     if v is None:
         v = await backends.verifier.verify(
             r.session_id, r.context, tokens, q, r.params, round_seed(r.seed, r.step, "verify")

@@ -45,7 +45,8 @@ from orchestrator.strategies import (
     pipelined_sd_round,
     sized,
 )
-from services.roles import CallCost
+from services.context import fingerprint
+from services.roles import CallCost, Verified
 from services.sampling import SamplingParams
 from services.tree import TreeShape
 from verifier_svc.core import VerifierCore
@@ -398,12 +399,13 @@ def table(seed: int, length: int = 40) -> torch.Tensor:
 
 
 async def decode(backends: Backends, strategy: str, n: int, seed: int, lengths: DraftLength | TreeWidth | None,
-                 lookahead: Lookahead, chosen: set, per_token: float = 0.4) -> list[int]:  # fmt: skip
+                 lookahead: Lookahead, chosen: set, per_token: float = 0.4, plain_ahead: bool = False) -> list[int]:  # fmt: skip
     """Rounds as the Engine runs them: with `lengths`, each round's k (and a tree's width)
     chosen from earlier rounds (a round's cost made up as 1 + per_token k seconds, so the
     choice moves with acceptance; a tree's 0.6 s more for fifty runs, then a chain's, and so
     on), and a pipelined strategy's plain round drafting ahead as the Engine's on cores of
-    the drafter's own."""
+    the drafter's own (`plain_ahead`: and each round's speculation, where it fails, answered
+    by the plain step sent ahead, as there)."""
     round_fn = STRATEGIES[strategy].run
     session = Acceptance()
     out: list[int] = []
@@ -411,7 +413,7 @@ async def decode(backends: Backends, strategy: str, n: int, seed: int, lengths: 
     try:
         while len(out) < n:
             # Short drafts, so that the first tokens often come from a round after a speculative draft.
-            r = RoundInput("s", CONTEXT + out, PARAMS, seed, step, 1, lookahead=lookahead)
+            r = RoundInput("s", CONTEXT + out, PARAMS, seed, step, 1, lookahead=lookahead, plain_ahead=plain_ahead)
             chain = False
             if lengths is not None:
                 choice = lengths.choose(session, step, lengths.k_max, streak)
@@ -432,10 +434,12 @@ async def decode(backends: Backends, strategy: str, n: int, seed: int, lengths: 
     return out[:n]
 
 
-def pvalue(strategy: str, n_out: int, k_max: int | None, per_token: float = 0.4) -> tuple[float, set[int], Lookahead]:
+def pvalue(
+    strategy: str, n_out: int, k_max: int | None, per_token: float = 0.4, plain_ahead: bool = False
+) -> tuple[float, set[int], Lookahead]:
     """How likely the first n_out tokens of N_RUNS runs are under p_1 x ... x p_n_out (adaptive
-    up to k_max, else k = 1; a draft token costing per_token of a round); the draft lengths
-    the runs chose; what the pipelined runs' speculation did."""
+    up to k_max, else k = 1; a draft token costing per_token of a round; `plain_ahead` as
+    `decode`); the draft lengths the runs chose; what the pipelined runs' speculation did."""
     target = table(1)
     drafter = table(2)
     drafter = 0.3 * drafter + 0.7 * target  # a drafter that is often right: long drafts pay
@@ -448,7 +452,8 @@ def pvalue(strategy: str, n_out: int, k_max: int | None, per_token: float = 0.4)
         counts = Counter()
         for s in range(N_RUNS):
             ahead = Lookahead()
-            counts[tuple(await decode(backends, strategy, n_out, s, lengths, ahead, seen, per_token))] += 1
+            out = await decode(backends, strategy, n_out, s, lengths, ahead, seen, per_token, plain_ahead)
+            counts[tuple(out)] += 1
             spec.started, spec.hits = spec.started + ahead.started, spec.hits + ahead.hits
             spec.verified += ahead.verified
             spec.plain_steps += ahead.plain_steps
@@ -488,6 +493,14 @@ def test_pipelined_sd_samples_the_targets_distribution(k_max: int | None) -> Non
     assert value > PASS
     assert spec.hits > 0  # speculative drafts were used, so the test covers them
     assert spec.verified > 0  # and verifies sent ahead of their round
+
+
+def test_pipelined_sd_whose_failed_speculation_steps_plainly_samples_the_targets_distribution() -> None:
+    # Drafting rounds whose draft or guess failed: the next round is the plain step sent ahead.
+    value, _, spec = pvalue("sd-pipe", n_out=3, k_max=None, plain_ahead=True)
+    assert value > PASS
+    assert spec.hits > 0 and spec.verified > 0
+    assert spec.plain_steps > 0
 
 
 def test_pipelined_sd_drafting_ahead_of_plain_rounds_samples_the_targets_distribution() -> None:
@@ -581,12 +594,12 @@ def test_a_pipelined_round_whose_guess_held_uses_the_verify_sent_ahead(verify_ah
     assert ahead.verified == (4 if verify_ahead else 0)
 
 
-def plain_rounds(
-    backends: Backends, rounds: int, ahead_k: int, room: int = 30
+def pipelined_rounds(
+    backends: Backends, rounds: int, ahead_k: int = 0, room: int = 30, k: int = 0, plain_ahead: bool = False
 ) -> tuple[list[int], list[int], Lookahead]:
-    """Greedy plain rounds (k = 0) of `sd-pipe` drafting up to ahead_k tokens ahead, as the
-    Engine runs them on the drafter's own cores: the tokens, what each round drafted, and the
-    turn's Lookahead."""
+    """Greedy rounds of `sd-pipe` asking for k tokens - plain rounds (k = 0) drafting up to
+    ahead_k tokens ahead - as the Engine runs them on the drafter's own cores (`plain_ahead`
+    too): the tokens, what each round drafted, and the turn's Lookahead."""
 
     async def run() -> tuple[list[int], list[int], Lookahead]:
         ahead = Lookahead()
@@ -594,8 +607,8 @@ def plain_rounds(
         drafted = []
         try:
             for step in range(rounds):
-                r = RoundInput("s", CONTEXT + out, SamplingParams(), 0, step, 0, max_draft=room - len(out),
-                               lookahead=ahead, ahead_k=ahead_k)  # fmt: skip
+                r = RoundInput("s", CONTEXT + out, SamplingParams(), 0, step, k, max_draft=room - len(out),
+                               lookahead=ahead, ahead_k=ahead_k, plain_ahead=plain_ahead)  # fmt: skip
                 result = await pipelined_sd_round(backends, r)
                 drafted.append(result.drafted)
                 out += result.tokens
@@ -613,11 +626,11 @@ def test_a_plain_pipelined_round_drafts_the_next_round_ahead() -> None:
     round drafts nothing ahead."""
     target = table(1)
     backends = Backends(VerifierCore(TableRuntime(target)), DrafterCore(TableRuntime(target), q_top=V))
-    out, drafted, ahead = plain_rounds(backends, 4, ahead_k=2)
+    out, drafted, ahead = pipelined_rounds(backends, 4, ahead_k=2)
     assert out == target.argmax(-1).tolist()[len(CONTEXT) - 1 : len(CONTEXT) - 1 + len(out)]
     assert drafted[0] == 0 and all(1 <= n <= 2 for n in drafted[1:]), drafted  # after g, at most ahead_k
     assert ahead.started == 4 and ahead.hits == 3 and ahead.verified == 3
-    plain, drafted, idle = plain_rounds(backends, 4, ahead_k=0)
+    plain, drafted, idle = pipelined_rounds(backends, 4, ahead_k=0)
     assert drafted == [0, 0, 0, 0] and idle.started == 0 and plain == out[:4]
 
 
@@ -650,10 +663,46 @@ def test_a_plain_round_whose_guess_failed_takes_the_plain_step_sent_ahead() -> N
     instead (or_plain) - never a verify of its own - and the output is the target's argmax."""
     target = table(1)
     backends = Backends(VerifierCore(TableRuntime(target)), DrafterCore(TableRuntime(table(2)), q_top=V))
-    out, _, ahead = plain_rounds(backends, 8, ahead_k=2)
+    out, _, ahead = pipelined_rounds(backends, 8, ahead_k=2)
     assert out == target.argmax(-1).tolist()[len(CONTEXT) - 1 : len(CONTEXT) - 1 + len(out)]
     assert ahead.plain_steps > 0
     assert ahead.hits + ahead.plain_steps == 7, (ahead.hits, ahead.plain_steps)
+
+
+@pytest.mark.parametrize("plain_ahead", [True, False], ids=["plain step ahead", "drafts afresh"])
+def test_a_drafting_round_whose_speculation_failed_takes_the_plain_step_sent_ahead(plain_ahead: bool) -> None:
+    """Rounds drafting 3 tokens with a drafter that is often wrong, the verifier the slower (so
+    each draft ahead and its verify left before the answer): with plain_ahead, each round after
+    the first takes the draft ahead (its draft all accepted and its guess right) or the plain
+    step its verify took instead - after a draft partly rejected as after a wrong guess -
+    never a call of its own; without, a failed speculation is discarded and the round drafts
+    afresh. The output is the target's argmax either way."""
+    target = table(1)
+    backends = Backends(VerifierCore(Paced(target, 0.1)), DrafterCore(TableRuntime(table(2)), q_top=V))
+    out, drafted, ahead = pipelined_rounds(backends, 8, room=60, k=3, plain_ahead=plain_ahead)
+    assert out == target.argmax(-1).tolist()[len(CONTEXT) - 1 : len(CONTEXT) - 1 + len(out)]
+    if plain_ahead:
+        assert ahead.plain_steps > 0 and ahead.hits + ahead.plain_steps == 7, (ahead.hits, ahead.plain_steps)
+        assert ahead.started == 8  # a round that took a plain step drafted ahead during it
+        assert all(n == 0 for n in drafted if n < 3), drafted  # a round drafts nothing, or the draft ahead
+    else:
+        assert ahead.plain_steps == 0 and ahead.hits < 7
+
+
+COST = CallCost(0.1, 0.1)
+
+
+@pytest.mark.parametrize("answer, used", [
+    (None, False),  # refused, or failed
+    (Verified(0, (7,), COST), False),  # a verify's answer, not a plain step's
+    (Verified(0, (7,), COST, plain_after=(3, fingerprint([1, 2, 4]))), False),  # after another context
+    (Verified(0, (7,), COST, plain_after=(2, fingerprint([1, 2]))), False),  # after a shorter one
+    (Verified(0, (7,), COST, plain_after=(3, fingerprint([1, 2, 3]))), True),
+], ids=["none", "a verify", "other context", "shorter context", "this context"])  # fmt: skip
+def test_a_plain_step_sent_ahead_answers_only_the_context_it_ran_after(answer, used) -> None:
+    ahead = Lookahead()
+    assert ahead.plain_step(answer, [1, 2, 3]) == (answer if used else None)
+    assert ahead.plain_steps == used
 
 
 class Paced(TableRuntime):
@@ -677,7 +726,7 @@ def test_a_plain_round_drafts_ahead_what_fits_beside_its_verify(drafter_pass, ve
     target = table(1)
     backends = Backends(VerifierCore(Paced(target, verifier_pass)),
                         DrafterCore(Paced(target, drafter_pass), q_top=V))  # fmt: skip
-    _, drafted, _ = plain_rounds(backends, 8, ahead_k=4, room=39 - len(CONTEXT))
+    _, drafted, _ = pipelined_rounds(backends, 8, ahead_k=4, room=39 - len(CONTEXT))
     assert drafted[-3:] == [after_g] * 3, drafted
 
 

@@ -105,8 +105,8 @@ class VerifierCore:
         pipelined round's next verify, sent before the answer that commits its context; None,
         with nothing computed, where it does not. With `or_plain`, where it does not, a plain
         step after the context held then (with the same sampling and seed), which the answer
-        names (Verified.plain_after): a pipelined plain round's next round, which is plain
-        too where the guess its draft started from was wrong. `context` may be the claim
+        names (Verified.plain_after): a pipelined round's next round, which is plain where
+        the speculation its draft started from failed. `context` may be the claim
         itself (a ContextDelta, as a remote caller sends it)."""
         claim = context if isinstance(context, ContextDelta) else whole_claim(session_id, context)
         try:
