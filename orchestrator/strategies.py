@@ -244,7 +244,7 @@ class Lookahead:
                 self._send(task)
             sent, self.sent = self.sent, None
             self.discard()
-            return self._plain_step(sent, sent_early)
+            return self._failed(sent, sent_early)
         try:
             d = await task
         except Exception:  # noqa: BLE001 - a failed speculative draft costs only itself; the round drafts afresh
@@ -254,7 +254,7 @@ class Lookahead:
         sent = self.sent
         self.task = self.sent = self.assumed = None
         if not d.tokens or d.tokens[0] != context[-1] or len(d.tokens) < 2:
-            return self._plain_step(sent, sent_early)
+            return self._failed(sent, sent_early)
         rest = replace(d, tokens=d.tokens[1:], q=d.q[1:], cost=d.cost.sent_before_its_round())
         self.hits += 1
         self.ready += self.arrived_ready
@@ -264,7 +264,7 @@ class Lookahead:
         _cancel(sent)
         return Ahead(replace(rest, tokens=rest.tokens[:k], q=rest.q[:k]), None) if k else None
 
-    def _plain_step(self, sent: asyncio.Task | None, sent_early: bool) -> Ahead | None:
+    def _failed(self, sent: asyncio.Task | None, sent_early: bool) -> Ahead | None:
         """Where the speculation failed: with a verify sent with or_plain, the next round is
         plain, and its answer the plain step that verify takes instead (with that round's
         seed: the token a plain verify sent now would give) where it ran after exactly the
@@ -276,7 +276,7 @@ class Lookahead:
         return Ahead(None, sent, sent_early)
 
     def plain_step(self, v: Verified | None, context: Sequence[int]) -> Verified | None:
-        """A plain round's answer from the verify it took (`_plain_step`): the plain step where
+        """A plain round's answer from the verify it took (`_failed`): the plain step where
         it ran after exactly `context`, None where not (the round verifies plainly itself)."""
         if v is None or v.plain_after != (len(context), fingerprint(context)):
             return None

@@ -62,7 +62,7 @@ class RunRecord:
     speculative_drafts: int = 0  # pipelined: next-round drafts begun during a verify
     speculative_ready: int = 0  # of those, used and done before the verify answered
     speculative_verified: int = 0  # of those, used with their verify sent ahead
-    speculative_plain: int = 0  # rounds whose guess failed, answered by the plain step sent ahead
+    speculative_plain: int = 0  # rounds whose speculation failed, answered by the plain step sent ahead
     language: str = ""  # the session's language, where the drafters are pooled by language
     drafter_pool: str = ""  # the pool it drafted on ("" = the default pool)
 
