@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import threading
-
 from collections.abc import Sequence
 
 import torch
 
+from drafter_svc.continuation import Continuation, Continuations, ProposeItem
 from drafter_svc.draft import DraftJob, propose_many, propose_tree, review
 from drafter_svc.foreign import Translation, propose_slem, propose_strings, propose_tli
 from services.calls import PENDING, Batched, ModelCalls
+from services.context import ContextDelta, fingerprint
 from services.errors import BadRequest, Unsupported, check_chain, check_draft_length
 from services.ngram import NgramIndex
-from services.roles import Draft, Reviewed, StringsDraft, TreeDraft
+from services.roles import Draft, Reviewed, StringsDraft, TreeDraft, total_cost
 from services.runtime import ModelInfo, Runtime
-from services.second_stage import GuessLedger, PassTimes
 from services.sampling import SamplingParams, SparseDist
+from services.second_stage import GuessLedger, PassTimes
 from services.sessions import Context
 from services.tree import TreeShape
 from services.vocab import token_bytes
@@ -71,6 +72,7 @@ class DrafterCore:
         )  # fmt: skip
         self.contexts = self._calls.contexts
         self._own_bytes: list[bytes | None] | None = None
+        self.continuations = Continuations(max_sessions)  # drafts begun after an answer (continuation.py)
 
     @property
     def queued(self) -> int:
@@ -81,6 +83,7 @@ class DrafterCore:
         return self._info
 
     async def release(self, session_id: str) -> bool:
+        self.continuations.discard(session_id)
         return await self._calls.release(session_id)
 
     # -- the calls ------------------------------------------------------------------------
@@ -90,35 +93,112 @@ class DrafterCore:
     ) -> Draft:
         """k tokens in target ids; `vocab` (slem | tli) says how a drafter with another
         vocabulary translates; a drafter of the target's own vocabulary ignores it."""
+        return await self.propose_and_continue(session_id, context, k, params, seed, 0, 0, vocab)
+
+    async def propose_and_continue(
+        self,
+        session_id: str,
+        context: Context,
+        k: int,
+        params: SamplingParams,
+        seed: int,
+        then_k: int,
+        then_seed: int,
+        vocab: str = "native",
+    ) -> Draft:
+        """`propose`; then, with then_k > 0, this drafter goes on drafting then_k tokens after
+        the context and the draft, with then_seed, for the call that will ask for them
+        (drafter_svc/continuation.py; a drafter of another vocabulary does not)."""
         check_draft_length(k, self.max_draft, "k")
+        then_k = min(then_k, self.max_draft)  # advisory: a continuation never fails a call
         if vocab not in VOCAB_MODES:
             raise BadRequest(f"unknown vocab mode {vocab!r}; known: {', '.join(VOCAB_MODES)}")
         if self.translation is not None and vocab == "native":
             self._refuse_foreign("propose target tokens directly (vocab mode native)")
+        if self.translation is None:  # batched with other sessions' proposals (propose_many)
+            d, full = await self._draft(session_id, context, k, params, seed)
+            if then_k:
+                self._continue(session_id, full, d.tokens, then_k, params, then_seed)
+            return d
 
+        def work(full: list[int], generator: torch.Generator) -> Draft:
+            translate = propose_slem if vocab == "slem" else propose_tli
+            p = translate(self.runtime, self.translation, session_id, full, k, params, self.q_top, generator)
+            self.contexts.commit(session_id, full)
+            return Draft(p.tokens, p.q, PENDING)
+
+        return await self._calls.run(session_id, context, seed, work)
+
+    async def _draft(
+        self, session_id: str, context: Context, k: int, params: SamplingParams, seed: int
+    ) -> tuple[Draft, list[int]]:
+        """The draft of a propose call and the context it was drafted after: from the
+        session's continuation where it drafted for this call, drafted afresh otherwise."""
+        c = self.continuations.take(session_id, context, params, seed)
+        if c is not None:
+            d = await self._from_continuation(session_id, c, k)
+            if d is not None:
+                self.continuations.count("used")
+                return d, c.context
+        return await self._fresh(session_id, context, seed, k, params)
+
+    async def _fresh(
+        self, session_id: str, context: Context, seed: int, k: int, params: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Draft, list[int]]:  # fmt: skip
         # A caller that cancels (a pipelined strategy's discarded speculative draft) frees the
         # worker after the drafter pass under way: the draft stops between tokens.
         cancelled = threading.Event()
+        item = ProposeItem(k, params, lambda drafted: cancelled.is_set(), generator)
         try:
-            if self.translation is None:  # batched with other sessions' proposals (propose_many)
-                return await self._calls.run_batched(
-                    session_id, context, seed, (k, params, cancelled.is_set), k, self._propose_many
-                )
-
-            def work(full: list[int], generator: torch.Generator) -> Draft:
-                translate = propose_slem if vocab == "slem" else propose_tli
-                p = translate(self.runtime, self.translation, session_id, full, k, params, self.q_top, generator)
-                self.contexts.commit(session_id, full)
-                return Draft(p.tokens, p.q, PENDING)
-
-            return await self._calls.run(session_id, context, seed, work)
+            d = await self._calls.run_batched(session_id, context, seed, item, k, self._propose_many)
         except asyncio.CancelledError:
             cancelled.set()
             raise
+        return d, item.full or []
+
+    async def _from_continuation(self, session_id: str, c: Continuation, k: int) -> Draft | None:
+        """k tokens of a continuation that serves the call (awaited if still drafting, and
+        extended with its own generator if it was cut short); None where it failed."""
+        c.cap = k
+        try:
+            d = await asyncio.shield(c.task)
+        except asyncio.CancelledError:
+            c.cancel()
+            raise
+        except Exception:  # noqa: BLE001 - a failed continuation costs only itself: the call drafts afresh
+            return None
+        if len(d.tokens) < k and c.cut:  # cut short: the tokens it lacks, drawn on with its generator
+            assert c.item is not None and c.item.generator is not None
+            claim = ContextDelta(session_id, len(c.context), fingerprint(c.context), d.tokens)
+            rest, _ = await self._fresh(session_id, claim, c.seed, k - len(d.tokens), c.params, c.item.generator)
+            self.continuations.count("extended")
+            cost = total_cost([d.cost, rest.cost]) or d.cost
+            return Draft((*d.tokens, *rest.tokens), (*d.q, *rest.q), cost, continued=True)
+        return Draft(d.tokens[:k], d.q[:k], d.cost, continued=True)
+
+    def _continue(
+        self, session_id: str, full: list[int], tokens: Sequence[int], then_k: int, params: SamplingParams, seed: int
+    ) -> None:
+        """Starts the session's continuation after full + tokens (see continuation.py)."""
+        room = self.runtime.info.max_context - len(full) - len(tokens) - 1
+        if not full or min(then_k, room) <= 0:
+            return
+        c = Continuation([*full, *tokens], seed, params, min(then_k, room), lambda: self._calls.waiting)
+        c.item = ProposeItem(self.max_draft, params, c.stop)
+        claim = ContextDelta(session_id, len(full), fingerprint(full), tuple(tokens))
+        c.task = asyncio.ensure_future(
+            self._calls.run_batched(session_id, claim, seed, c.item, c.cap, self._propose_many)
+        )
+        c.task.add_done_callback(_retrieved)
+        self.continuations.add(session_id, c)
 
     def _propose_many(self, calls: list[Batched]) -> list[Draft]:
         """The batch of `propose`: the sessions' drafts grown in lockstep (draft.propose_many)."""
-        jobs = [DraftJob(c.session_id, c.full, c.item[0], c.item[1], c.generator, c.item[2]) for c in calls]
+        items: list[ProposeItem] = [c.item for c in calls]
+        for c, item in zip(calls, items):
+            item.full, item.generator = c.full, item.generator or c.generator
+        jobs = [DraftJob(c.session_id, c.full, i.k, i.params, i.generator, i.stop) for c, i in zip(calls, items)]
         proposals = propose_many(self.runtime, jobs, self.q_top, self.min_confidence)
         for c in calls:
             self.contexts.commit(c.session_id, c.full)
@@ -205,3 +285,9 @@ class DrafterCore:
                 f"this drafter ({self._info.model}) has another vocabulary than the target's, so it cannot {what}; "
                 "use the strategies slem, tli or slrs with it"
             )
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    """A continuation's failure (a context miss, Busy) is retrieved here: it costs only itself."""
+    if not task.cancelled():
+        task.exception()

@@ -34,7 +34,7 @@ class DraftJob:
     k: int
     params: SamplingParams
     generator: torch.Generator
-    stop: Callable[[], bool] = lambda: False
+    stop: Callable[[int], bool] = lambda drafted: False  # given the tokens drafted so far
 
 
 def propose_many(runtime: Runtime, jobs: Sequence[DraftJob], q_top: int, min_confidence: float = 0.0) -> list[Proposal]:
@@ -56,14 +56,15 @@ def propose_many(runtime: Runtime, jobs: Sequence[DraftJob], q_top: int, min_con
     draw, so a drafted token is still distributed as its q, and an undrafted position is
     the verifier's bonus token, drawn from p.
 
-    A job's `stop()` true ends its draft before the next pass: its caller has gone away.
+    A job's `stop(drafted)` true ends its draft before the next pass (its caller has gone
+    away; a continuation was cut short: drafter_svc/continuation.py).
     """
     seqs = [list(job.context) for job in jobs]
     tokens: list[list[int]] = [[] for _ in jobs]
     qs: list[list[SparseDist]] = [[] for _ in jobs]
     growing = [i for i, job in enumerate(jobs) if job.k > 0]
     while growing:
-        growing = [i for i in growing if not jobs[i].stop()]
+        growing = [i for i in growing if not jobs[i].stop(len(tokens[i]))]
         if not growing:
             break
         rows = runtime.logits_batch([ChainCall(jobs[i].session_id, seqs[i], 1) for i in growing])

@@ -48,11 +48,19 @@ class DrafterServicer(ModelServicer, pb_grpc.DrafterServicer):
 
     @rpc(pb.ProposeResponse)
     async def Propose(self, request: pb.ProposeRequest) -> pb.ProposeResponse:
-        d = await self.core.propose(
+        args = (
             request.context.session_id, delta_from_pb(request.context), request.k,
-            sampling_from_pb(request.sampling), request.seed, vocab_from_pb(request.vocab),
+            sampling_from_pb(request.sampling), request.seed,
         )  # fmt: skip
-        return pb.ProposeResponse(tokens=d.tokens, q=dists_to_pb(d.q), compute_seconds=d.cost.compute_seconds)
+        if request.continue_k and isinstance(self.core, DrafterCore):
+            d = await self.core.propose_and_continue(
+                *args, request.continue_k, request.continue_seed, vocab_from_pb(request.vocab)
+            )
+        else:
+            d = await self.core.propose(*args, vocab_from_pb(request.vocab))
+        return pb.ProposeResponse(
+            tokens=d.tokens, q=dists_to_pb(d.q), compute_seconds=d.cost.compute_seconds, continued=d.continued
+        )
 
     @rpc(pb.ProposeStringsResponse)
     async def ProposeStrings(self, request: pb.ProposeStringsRequest) -> pb.ProposeStringsResponse:

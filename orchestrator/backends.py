@@ -55,6 +55,24 @@ class Drafter(Protocol):
     async def info(self) -> ModelInfo: ...
 
 
+class ContinuingDrafter(Drafter, Protocol):
+    async def propose_and_continue(
+        self,
+        session_id: str,
+        context: Sequence[int],
+        k: int,
+        params: SamplingParams,
+        seed: int,
+        then_k: int,
+        then_seed: int,
+        vocab: str = "native",
+    ) -> Draft:
+        """`propose`, after which the drafter goes on drafting then_k tokens after the context
+        and this draft with then_seed: the call that then asks for them is answered sooner,
+        with the same draft (drafter_svc/continuation.py)."""
+        ...
+
+
 class StringDrafter(Drafter, Protocol):
     """A drafter that drafts text for string-level rejection sampling (slrs)."""
 
@@ -245,16 +263,20 @@ class RemoteDrafter(_Remote):
         self.stub = pb_grpc.DrafterStub(channel)
 
     async def propose(self, session_id, context, k, params, seed, vocab="native") -> Draft:
+        return await self.propose_and_continue(session_id, context, k, params, seed, 0, 0, vocab)
+
+    async def propose_and_continue(self, session_id, context, k, params, seed, then_k, then_seed, vocab="native") -> Draft:
         async def send(ctx: pb.Context) -> tuple[pb.ProposeResponse, int]:
             request = pb.ProposeRequest(
-                context=ctx, k=k, sampling=sampling_to_pb(params), seed=seed, vocab=vocab_to_pb(vocab)
-            )
+                context=ctx, k=k, sampling=sampling_to_pb(params), seed=seed, vocab=vocab_to_pb(vocab),
+                continue_k=then_k, continue_seed=then_seed,
+            )  # fmt: skip
             return await self.call(self.stub.Propose, request), request.ByteSize()
 
         reply, sent, received, wall = await self.with_context(session_id, context, send)
         self.tracker.acknowledge(session_id, context)
         q = dists_from_pb(reply.q)
-        return Draft(tuple(reply.tokens), q, CallCost(reply.compute_seconds, wall, sent, received))
+        return Draft(tuple(reply.tokens), q, CallCost(reply.compute_seconds, wall, sent, received), reply.continued)
 
     async def propose_strings(self, session_id, context, k, params, seed) -> StringsDraft:
         async def send(ctx: pb.Context) -> tuple[pb.ProposeStringsResponse, int]:

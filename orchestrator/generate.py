@@ -198,6 +198,8 @@ class Stats:
     speculative_ready: int = 0  # of those, finished before the verify answered
     speculative_verified: int = 0  # of those, with their verify sent ahead
     speculative_plain: int = 0  # pipelined: rounds whose speculation failed, answered by the plain step sent ahead
+    speculative_continued: int = 0  # pipelined: drafts used that the drafter drafted going on after its last answer
+    overlapped_round_trips: int = 0  # pipelined: verifies' round trips that drafting overlapped (not in round_trips)
     chain_rounds: int = 0  # staged, adaptive: rounds that drafted a chain of first candidates, not the tree
 
     @property
@@ -634,6 +636,9 @@ class Engine:
             stats.speculative_ready += lookahead.ready
             stats.speculative_verified += lookahead.verified
             stats.speculative_plain += lookahead.plain_steps
+            stats.speculative_continued += lookahead.continued
+            stats.overlapped_round_trips += lookahead.overlapped
+            stats.round_trips -= lookahead.overlapped
         if not turn.done:
             stats.finish_reason = reason
             if session.mode == "chat":

@@ -60,6 +60,9 @@ class LanguagePools:
     async def propose(self, session_id, context, k, params, seed, vocab="native"):
         return await self._call("propose", session_id, context, k, params, seed, vocab)
 
+    async def propose_and_continue(self, session_id, context, k, params, seed, then_k, then_seed, vocab="native"):
+        return await self._call("propose_and_continue", session_id, context, k, params, seed, then_k, then_seed, vocab)
+
     async def propose_strings(self, session_id, context, k, params, seed):
         return await self._call("propose_strings", session_id, context, k, params, seed)
 

@@ -340,6 +340,11 @@ class DrafterPool(_Pooled[RemoteDrafter]):
     async def propose(self, session_id, context, k, params, seed, vocab="native"):
         return await self.pool.call(session_id, lambda d: d.propose(session_id, context, k, params, seed, vocab))
 
+    async def propose_and_continue(self, session_id, context, k, params, seed, then_k, then_seed, vocab="native"):
+        return await self.pool.call(
+            session_id, lambda d: d.propose_and_continue(session_id, context, k, params, seed, then_k, then_seed, vocab)
+        )
+
     async def propose_strings(self, session_id, context, k, params, seed):
         return await self.pool.call(session_id, lambda d: d.propose_strings(session_id, context, k, params, seed))
 

@@ -113,6 +113,8 @@ def stats_to_pb(s: Stats) -> pb.GenerationStats:
         speculative_verified=s.speculative_verified,
         chain_rounds=s.chain_rounds,
         speculative_plain=s.speculative_plain,
+        speculative_continued=s.speculative_continued,
+        overlapped_round_trips=s.overlapped_round_trips,
     )
 
 

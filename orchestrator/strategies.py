@@ -18,6 +18,7 @@ import torch
 from orchestrator.backends import (
     AheadVerifier,
     BeamDrafter,
+    ContinuingDrafter,
     Drafter,
     Reviewer,
     StringDrafter,
@@ -192,7 +193,16 @@ class Lookahead:
     ready: int = 0  # used, and done before the verify answered: no drafting wait at all
     verified: int = 0  # used with their verify already sent when the round began
     plain_steps: int = 0  # rounds whose speculation failed answered by the plain step sent ahead (or_plain)
+    continued: int = 0  # used, and drafted by the drafter going on after its previous answer
+    # Round trips of verifies that drafting overlapped: the round waited for its verify (sent
+    # once its draft arrived), then for its next draft, which the drafter had been drafting
+    # since its previous answer (a continuation), so the trip delayed nothing
+    overlapped: int = 0
     or_plain: bool = False  # the verify sent ahead falls back to a plain step
+    # The last drafting round's draft took the drafter longer than its verify took the
+    # verifier: with the drafter on cores of its own, drafts ahead ask it to go on (continue_k)
+    drafter_slower: bool = False
+    verify_trip: bool = False  # the last round waited for its verify's round trip
     _verify: Callable[[Draft], Awaitable[Verified | None]] | None = field(default=None, repr=False)
 
     def start(
@@ -258,6 +268,8 @@ class Lookahead:
         rest = replace(d, tokens=d.tokens[1:], q=d.q[1:], cost=d.cost.sent_before_its_round())
         self.hits += 1
         self.ready += self.arrived_ready
+        self.continued += d.continued
+        self.overlapped += d.continued and self.verify_trip and not self.arrived_ready
         if sent is not None and len(rest.tokens) <= max_draft:
             self.verified += 1
             return Ahead(rest, sent, sent_early)
@@ -328,7 +340,11 @@ async def pipelined_sd_round(backends: Backends, r: RoundInput) -> RoundResult:
     continuation, often finished, and its verify often running or done, before the answer
     arrived; otherwise both are discarded and round r+1 drafts afresh, as `sd` does. A plain
     round (k = 0) given `ahead_k` drafts ahead too - g and ahead_k tokens after its context -
-    where the drafter would otherwise idle through its verify (cores of its own).
+    where the drafter would otherwise idle through its verify (cores of its own). There,
+    where the drafter is the slower service (`Lookahead.drafter_slower`), a draft ahead asks
+    it to go on after answering with what round r+2's draft ahead will ask for, so that
+    request finds its tokens drafted (or under way) instead of a drafter that idled while
+    they travelled.
 
     Lossless: a speculative draft is drawn from the drafter's q after its assumed context,
     with its own seed, independently of the verifier's coins; it is used only when the
@@ -339,7 +355,9 @@ async def pipelined_sd_round(backends: Backends, r: RoundInput) -> RoundResult:
     round's own verify - the same context, draft, q and seed (round r+1's) - only sent
     earlier, and its answer is used only for that same context. Its draft length was fixed
     before round r's answer (round r's k or ahead_k, and the drafter's own confidence), never
-    by the verifier's coins.
+    by the verifier's coins. A draft answered from the drafter's continuation is token for
+    token and q for q the one that request would get drafted afresh
+    (drafter_svc/continuation.py).
     """
     ahead = r.lookahead if r.lookahead is not None else Lookahead()
     taken = await ahead.take(r.context, r.k, r.max_draft)
@@ -372,8 +390,19 @@ async def pipelined_sd_round(backends: Backends, r: RoundInput) -> RoundResult:
         # drafting round's where its draft or the guess fails: its verify sent ahead says so
         # (or_plain), and the verifier steps plainly there instead of refusing it.
         or_plain = r.plain_ahead or not tokens
-        ahead.start(assumed, drafter.propose(r.session_id, assumed, wanted, r.params, seed),
-                    _verify_next(backends.verifier, r, assumed, or_plain), or_plain)  # fmt: skip
+        continues = r.plain_ahead and ahead.drafter_slower
+        if continues and callable(getattr(drafter, "propose_and_continue", None)):
+            # Where the drafter is the slower service (and on cores of its own), it goes on
+            # drafting after this draft, for round r+2's draft ahead, rather than idle while its
+            # answer travels and that request comes back (drafter_svc/continuation.py: the
+            # same draft, only sooner).
+            then_seed = round_seed(r.seed, r.step + 2, "lookahead")
+            draft = cast(ContinuingDrafter, drafter).propose_and_continue(
+                r.session_id, assumed, wanted, r.params, seed, wanted + 1, then_seed
+            )
+        else:
+            draft = drafter.propose(r.session_id, assumed, wanted, r.params, seed)
+        ahead.start(assumed, draft, _verify_next(backends.verifier, r, assumed, or_plain), or_plain)
         ahead.started += 1
     v = await _answer(sent)
     if taken is not None and d is None:
@@ -387,6 +416,9 @@ async def pipelined_sd_round(backends: Backends, r: RoundInput) -> RoundResult:
     elif sent_early:
         v = replace(v, cost=v.cost.sent_before_its_round())
     ahead.arrived_ready = ahead.task is not None and ahead.task.done()
+    ahead.verify_trip = v.cost.round_trips > 0
+    if d is not None:
+        ahead.drafter_slower = d.cost.compute_seconds > v.cost.compute_seconds
     if wanted > 1:
         ahead.fits = max(ahead.fits, wanted) if ahead.arrived_ready else max(1, wanted - 2)
     return RoundResult(v.tokens, len(tokens), v.accepted, d.cost if d is not None else None, v.cost)

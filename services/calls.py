@@ -89,6 +89,11 @@ class ModelCalls:
         self.passes = 0  # batched passes run
         self.chunks = 0  # calls a pass fed only part of (chunked prefill)
 
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for a pass, not counting those running (what a continuation yields to)."""
+        return len(self._waiting)
+
     async def run(
         self, session_id: str, context: Context, seed: int, work: Callable[[list[int], torch.Generator], R]
     ) -> R:

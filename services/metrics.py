@@ -42,6 +42,12 @@ BATCH_CALLS = Histogram(
     "Sessions' calls served by one batched model pass (verify and ar calls of a verifier)",
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
 )
+DRAFTER_CONTINUATIONS = Counter(
+    "specd:drafter_continuations",
+    "Drafts a drafter went on with after answering a Propose (continue_k), by outcome: started; used (a call "
+    "answered from one); extended (the call asked for more than it had); cancelled (another call came)",
+    ["outcome"],
+)
 KV_LOOKUPS = Counter(
     "specd:kv_cache_lookups",
     "Model passes by whether the session's KV cache held a prefix of the sequence (hit) or not (miss)",

@@ -89,6 +89,7 @@ class Draft:
     tokens: tuple[int, ...]  # d_1..d_k
     q: tuple[SparseDist, ...]  # empty = point masses
     cost: CallCost
+    continued: bool = False  # drafted by the drafter going on after its last answer (drafter_svc/continuation.py)
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,7 @@ def format_stats(s: pb.GenerationStats) -> str:
         + (f"next drafts ready {s.speculative_ready}/{s.target_forwards} | " if s.speculative_drafts else "")
         + (f"verified ahead {s.speculative_verified}/{s.target_forwards} | " if s.speculative_verified else "")
         + (f"plain steps sent ahead {s.speculative_plain} | " if s.speculative_plain else "")
+        + (f"drafted going on {s.speculative_continued}/{s.target_forwards} | " if s.speculative_continued else "")
         + f"finish {s.finish_reason} | session {s.session_id}"
         + (f" | failovers {s.failovers}" if s.failovers else "")
         + (f" | rounds without a drafter {s.fallback_rounds}" if s.fallback_rounds else "")

@@ -33,11 +33,12 @@ def test_the_stats_line_shows_rounds_round_trips_and_pipelining():
     stats = pb.GenerationStats(
         strategy="sd-pipe", new_tokens=40, wall_seconds=4.0, tokens_per_second=10.0, target_forwards=10,
         round_trips=13, mean_accepted_length=4.0, acceptance_rate=0.75, speculative_drafts=9, speculative_ready=2,
-        speculative_verified=6, speculative_plain=3, finish_reason="length", session_id="abc",
+        speculative_verified=6, speculative_plain=3, speculative_continued=4, finish_reason="length", session_id="abc",
     )  # fmt: skip
     line = format_stats(stats)
     assert line.startswith("[sd-pipe] 40 tokens in 4.00s = 10.00 tok/s | target forwards 10 | round trips 13 | ")
-    assert "next drafts ready 2/10 | verified ahead 6/10 | plain steps sent ahead 3 | finish length | session abc" in line
+    assert "next drafts ready 2/10 | verified ahead 6/10 | plain steps sent ahead 3 | drafted going on 4/10 | " in line
+    assert line.endswith("| finish length | session abc")
     assert "failovers" not in format_stats(pb.GenerationStats(strategy="ar"))
 
 

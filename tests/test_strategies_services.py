@@ -250,6 +250,40 @@ def test_a_discarded_speculative_draft_leaves_the_drafter_consistent(stack):
     assert got == fresh
 
 
+def test_a_drafter_that_goes_on_after_its_answer_gives_the_draft_a_fresh_session_gets(stack):
+    """Over gRPC (Propose's continue_k): the call a continuation drafted for, and a call of
+    another context that cancels one, each get what a fresh session of the real drafter
+    drafts; so the continuation and its cancellation leave the drafter's caches consistent."""
+    import asyncio
+
+    from orchestrator.backends import RemoteDrafter
+    from services.sampling import SamplingParams
+    from services.server import channel_options
+
+    context = [5, 17, 9, 33, 12, 40, 7, 21]
+    params = SamplingParams(temperature=0.8)
+
+    async def run() -> tuple[list, list]:
+        async with grpc.aio.insecure_channel(stack.address("drafter"), options=channel_options()) as channel:
+            drafter = RemoteDrafter(stack.address("drafter"), channel, 60.0)
+            first = await drafter.propose_and_continue("cont", context, 3, params, 1, 5, 2)
+            after = [*context, *first.tokens]
+            served = await drafter.propose_and_continue("cont", after, 4, params, 2, 6, 3)
+            other = [*after, 8, 11]  # not the context its continuation drafts after: cancelled
+            cancelled = await drafter.propose("cont", other, 5, params, 4)
+            assert (first.continued, served.continued, cancelled.continued) == (False, True, False)
+            got = [first.tokens, served.tokens, cancelled.tokens]
+            fresh = [
+                (await drafter.propose("cont-fresh", context, 3, params, 1)).tokens,
+                (await drafter.propose("cont-fresh2", after, 4, params, 2)).tokens,
+                (await drafter.propose("cont-fresh3", other, 5, params, 4)).tokens,
+            ]
+            return got, fresh
+
+    got, fresh = asyncio.run(run())
+    assert got == fresh
+
+
 def over_grpc(stack, calls):
     """What `calls(verifier)` returns, run against the stack's verifier over gRPC."""
     import asyncio

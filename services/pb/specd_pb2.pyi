@@ -117,18 +117,22 @@ class ServiceStatus(_message.Message):
     def __init__(self, model: _Optional[str] = ..., runtime: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., calls: _Optional[int] = ..., context_hits: _Optional[int] = ..., context_misses: _Optional[int] = ..., full_contexts: _Optional[int] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
-    __slots__ = ("context", "k", "sampling", "seed", "vocab")
+    __slots__ = ("context", "k", "sampling", "seed", "vocab", "continue_k", "continue_seed")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     VOCAB_FIELD_NUMBER: _ClassVar[int]
+    CONTINUE_K_FIELD_NUMBER: _ClassVar[int]
+    CONTINUE_SEED_FIELD_NUMBER: _ClassVar[int]
     context: Context
     k: int
     sampling: Sampling
     seed: int
     vocab: VocabMode
-    def __init__(self, context: _Optional[_Union[Context, _Mapping]] = ..., k: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., seed: _Optional[int] = ..., vocab: _Optional[_Union[VocabMode, str]] = ...) -> None: ...
+    continue_k: int
+    continue_seed: int
+    def __init__(self, context: _Optional[_Union[Context, _Mapping]] = ..., k: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., seed: _Optional[int] = ..., vocab: _Optional[_Union[VocabMode, str]] = ..., continue_k: _Optional[int] = ..., continue_seed: _Optional[int] = ...) -> None: ...
 
 class StringDraft(_message.Message):
     __slots__ = ("text", "candidates", "probs")
@@ -163,16 +167,18 @@ class ProposeStringsResponse(_message.Message):
     def __init__(self, context_miss: _Optional[bool] = ..., draft: _Optional[_Iterable[_Union[StringDraft, _Mapping]]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
-    __slots__ = ("context_miss", "tokens", "q", "compute_seconds")
+    __slots__ = ("context_miss", "tokens", "q", "compute_seconds", "continued")
     CONTEXT_MISS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONTINUED_FIELD_NUMBER: _ClassVar[int]
     context_miss: bool
     tokens: _containers.RepeatedScalarFieldContainer[int]
     q: _containers.RepeatedCompositeFieldContainer[SparseDist]
     compute_seconds: float
-    def __init__(self, context_miss: _Optional[bool] = ..., tokens: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    continued: bool
+    def __init__(self, context_miss: _Optional[bool] = ..., tokens: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., continued: _Optional[bool] = ...) -> None: ...
 
 class ReviewRequest(_message.Message):
     __slots__ = ("context", "draft", "q", "sampling", "seed")
@@ -437,7 +443,7 @@ class TextDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("session_id", "strategy", "finish_reason", "prompt_tokens", "new_tokens", "target_forwards", "drafted", "accepted", "mean_accepted_length", "acceptance_rate", "acceptance_by_position", "wall_seconds", "tokens_per_second", "draft_seconds", "verify_seconds", "network_seconds", "redis_seconds", "bytes_sent", "bytes_received", "failovers", "fallback_rounds", "replicas", "language", "drafter_pool", "adaptive", "ar_rounds", "mean_draft_length", "speculative_drafts", "speculative_hits", "speculative_ready", "speculative_verified", "round_trips", "chain_rounds", "speculative_plain")
+    __slots__ = ("session_id", "strategy", "finish_reason", "prompt_tokens", "new_tokens", "target_forwards", "drafted", "accepted", "mean_accepted_length", "acceptance_rate", "acceptance_by_position", "wall_seconds", "tokens_per_second", "draft_seconds", "verify_seconds", "network_seconds", "redis_seconds", "bytes_sent", "bytes_received", "failovers", "fallback_rounds", "replicas", "language", "drafter_pool", "adaptive", "ar_rounds", "mean_draft_length", "speculative_drafts", "speculative_hits", "speculative_ready", "speculative_verified", "round_trips", "chain_rounds", "speculative_plain", "speculative_continued", "overlapped_round_trips")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -472,6 +478,8 @@ class GenerationStats(_message.Message):
     ROUND_TRIPS_FIELD_NUMBER: _ClassVar[int]
     CHAIN_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_PLAIN_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_CONTINUED_FIELD_NUMBER: _ClassVar[int]
+    OVERLAPPED_ROUND_TRIPS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     strategy: str
     finish_reason: str
@@ -506,7 +514,9 @@ class GenerationStats(_message.Message):
     round_trips: int
     chain_rounds: int
     speculative_plain: int
-    def __init__(self, session_id: _Optional[str] = ..., strategy: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., target_forwards: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., acceptance_by_position: _Optional[_Iterable[float]] = ..., wall_seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., draft_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., network_seconds: _Optional[float] = ..., redis_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., failovers: _Optional[int] = ..., fallback_rounds: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., language: _Optional[str] = ..., drafter_pool: _Optional[str] = ..., adaptive: _Optional[bool] = ..., ar_rounds: _Optional[int] = ..., mean_draft_length: _Optional[float] = ..., speculative_drafts: _Optional[int] = ..., speculative_hits: _Optional[int] = ..., speculative_ready: _Optional[int] = ..., speculative_verified: _Optional[int] = ..., round_trips: _Optional[int] = ..., chain_rounds: _Optional[int] = ..., speculative_plain: _Optional[int] = ...) -> None: ...
+    speculative_continued: int
+    overlapped_round_trips: int
+    def __init__(self, session_id: _Optional[str] = ..., strategy: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., target_forwards: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., acceptance_by_position: _Optional[_Iterable[float]] = ..., wall_seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., draft_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., network_seconds: _Optional[float] = ..., redis_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., failovers: _Optional[int] = ..., fallback_rounds: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., language: _Optional[str] = ..., drafter_pool: _Optional[str] = ..., adaptive: _Optional[bool] = ..., ar_rounds: _Optional[int] = ..., mean_draft_length: _Optional[float] = ..., speculative_drafts: _Optional[int] = ..., speculative_hits: _Optional[int] = ..., speculative_ready: _Optional[int] = ..., speculative_verified: _Optional[int] = ..., round_trips: _Optional[int] = ..., chain_rounds: _Optional[int] = ..., speculative_plain: _Optional[int] = ..., speculative_continued: _Optional[int] = ..., overlapped_round_trips: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "stats", "started")

@@ -63,6 +63,8 @@ class RunRecord:
     speculative_ready: int = 0  # of those, used and done before the verify answered
     speculative_verified: int = 0  # of those, used with their verify sent ahead
     speculative_plain: int = 0  # rounds whose speculation failed, answered by the plain step sent ahead
+    speculative_continued: int = 0  # drafts used that the drafter drafted going on after its last answer
+    overlapped_round_trips: int = 0  # verifies' round trips that drafting overlapped (not in round_trips)
     language: str = ""  # the session's language, where the drafters are pooled by language
     drafter_pool: str = ""  # the pool it drafted on ("" = the default pool)
 
@@ -125,6 +127,7 @@ class Summary:
     draft_length: float | None  # draft tokens asked per round
     ready_fraction: float | None  # pipelined: rounds whose draft was ready when the verify answered
     ahead_fraction: float | None  # pipelined: rounds whose verify was sent before the round began
+    continued_fraction: float | None  # pipelined: rounds whose draft the drafter drafted going on after its last answer
     near_ties: int
     divergences: int
     unverified: int
@@ -256,6 +259,8 @@ def summarize(
         ready_fraction=_ratio(sum(r.speculative_ready for r in records), forwards or 0)
         if any(r.speculative_drafts for r in records) else None,
         ahead_fraction=_ratio(sum(r.speculative_verified for r in records), forwards or 0)
+        if any(r.speculative_drafts for r in records) else None,
+        continued_fraction=_ratio(sum(r.speculative_continued for r in records), forwards or 0)
         if any(r.speculative_drafts for r in records) else None,
         near_ties=sum(c.status == "near-tie" for c in mine),
         divergences=sum(c.status == "diverged" for c in mine),

@@ -193,6 +193,8 @@ def rtt_table(summaries: Sequence[Summary], rtts_ms: Sequence[float]) -> str:
                 cell += f", ready {s.ready_fraction:.0%}"
             if s.ahead_fraction:
                 cell += f", verified ahead {s.ahead_fraction:.0%}"
+            if s.continued_fraction:
+                cell += f", drafted going on {s.continued_fraction:.0%}"
             cells.append(cell)
         lines.append(f"| {base} | " + " | ".join(cells) + " |")
     for fast, slow in (("sd-pipe", "sd"),):

@@ -200,6 +200,7 @@ class ServicesClient:
             rtt_ms=rtt_ms, draft_asked=round(stats.mean_draft_length * stats.target_forwards),
             speculative_drafts=stats.speculative_drafts, speculative_ready=stats.speculative_ready,
             speculative_verified=stats.speculative_verified, speculative_plain=stats.speculative_plain,
+            speculative_continued=stats.speculative_continued, overlapped_round_trips=stats.overlapped_round_trips,
             language=stats.language, drafter_pool=stats.drafter_pool,
         )  # fmt: skip
 
@@ -355,7 +356,9 @@ class InProcessRunner:
             redis_seconds=stats.redis_seconds, bytes_sent=stats.bytes_sent, bytes_received=stats.bytes_received,
             draft_asked=stats.draft_asked, speculative_drafts=stats.speculative_drafts,
             speculative_ready=stats.speculative_ready, speculative_verified=stats.speculative_verified,
-            speculative_plain=stats.speculative_plain, language=stats.language, drafter_pool=stats.drafter_pool,
+            speculative_plain=stats.speculative_plain, speculative_continued=stats.speculative_continued,
+            overlapped_round_trips=stats.overlapped_round_trips, language=stats.language,
+            drafter_pool=stats.drafter_pool,
         )  # fmt: skip
 
     async def _generate(self, request: GenerationRequest) -> tuple[list[int], Stats, float]:
