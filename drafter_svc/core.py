@@ -102,23 +102,23 @@ class DrafterCore:
         k: int,
         params: SamplingParams,
         seed: int,
-        then_k: int,
-        then_seed: int,
+        continue_k: int,
+        continue_seed: int,
         vocab: str = "native",
     ) -> Draft:
-        """`propose`; then, with then_k > 0, this drafter goes on drafting then_k tokens after
-        the context and the draft, with then_seed, for the call that will ask for them
-        (drafter_svc/continuation.py; a drafter of another vocabulary does not)."""
+        """`propose`; then, with continue_k > 0, this drafter goes on drafting continue_k tokens
+        after the context and the draft, with continue_seed, for the call that will ask for
+        them (drafter_svc/continuation.py; a drafter of another vocabulary does not)."""
         check_draft_length(k, self.max_draft, "k")
-        then_k = min(then_k, self.max_draft)  # advisory: a continuation never fails a call
+        continue_k = min(continue_k, self.max_draft)  # advisory: a continuation never fails a call
         if vocab not in VOCAB_MODES:
             raise BadRequest(f"unknown vocab mode {vocab!r}; known: {', '.join(VOCAB_MODES)}")
         if self.translation is not None and vocab == "native":
             self._refuse_foreign("propose target tokens directly (vocab mode native)")
         if self.translation is None:  # batched with other sessions' proposals (propose_many)
             d, full = await self._draft(session_id, context, k, params, seed)
-            if then_k:
-                self._continue(session_id, full, d.tokens, then_k, params, then_seed)
+            if continue_k:
+                self._continue(session_id, full, d.tokens, continue_k, params, continue_seed)
             return d
 
         def work(full: list[int], generator: torch.Generator) -> Draft:
@@ -178,13 +178,13 @@ class DrafterCore:
         return Draft(d.tokens[:k], d.q[:k], d.cost, continued=True)
 
     def _continue(
-        self, session_id: str, full: list[int], tokens: Sequence[int], then_k: int, params: SamplingParams, seed: int
+        self, session_id: str, full: list[int], tokens: Sequence[int], k: int, params: SamplingParams, seed: int
     ) -> None:
         """Starts the session's continuation after full + tokens (see continuation.py)."""
         room = self.runtime.info.max_context - len(full) - len(tokens) - 1
-        if not full or min(then_k, room) <= 0:
+        if not full or min(k, room) <= 0:
             return
-        c = Continuation([*full, *tokens], seed, params, min(then_k, room), lambda: self._calls.waiting)
+        c = Continuation([*full, *tokens], seed, params, min(k, room), lambda: self._calls.waiting)
         c.item = ProposeItem(self.max_draft, params, c.stop)
         claim = ContextDelta(session_id, len(full), fingerprint(full), tuple(tokens))
         c.task = asyncio.ensure_future(

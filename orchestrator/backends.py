@@ -63,13 +63,13 @@ class ContinuingDrafter(Drafter, Protocol):
         k: int,
         params: SamplingParams,
         seed: int,
-        then_k: int,
-        then_seed: int,
+        continue_k: int,
+        continue_seed: int,
         vocab: str = "native",
     ) -> Draft:
-        """`propose`, after which the drafter goes on drafting then_k tokens after the context
-        and this draft with then_seed: the call that then asks for them is answered sooner,
-        with the same draft (drafter_svc/continuation.py)."""
+        """`propose`, after which the drafter goes on drafting continue_k tokens after the
+        context and this draft with continue_seed: the call that then asks for them is
+        answered sooner, with the same draft (drafter_svc/continuation.py)."""
         ...
 
 
@@ -265,11 +265,13 @@ class RemoteDrafter(_Remote):
     async def propose(self, session_id, context, k, params, seed, vocab="native") -> Draft:
         return await self.propose_and_continue(session_id, context, k, params, seed, 0, 0, vocab)
 
-    async def propose_and_continue(self, session_id, context, k, params, seed, then_k, then_seed, vocab="native") -> Draft:
+    async def propose_and_continue(
+        self, session_id, context, k, params, seed, continue_k, continue_seed, vocab="native"
+    ) -> Draft:
         async def send(ctx: pb.Context) -> tuple[pb.ProposeResponse, int]:
             request = pb.ProposeRequest(
                 context=ctx, k=k, sampling=sampling_to_pb(params), seed=seed, vocab=vocab_to_pb(vocab),
-                continue_k=then_k, continue_seed=then_seed,
+                continue_k=continue_k, continue_seed=continue_seed,
             )  # fmt: skip
             return await self.call(self.stub.Propose, request), request.ByteSize()
 

@@ -60,8 +60,11 @@ class LanguagePools:
     async def propose(self, session_id, context, k, params, seed, vocab="native"):
         return await self._call("propose", session_id, context, k, params, seed, vocab)
 
-    async def propose_and_continue(self, session_id, context, k, params, seed, then_k, then_seed, vocab="native"):
-        return await self._call("propose_and_continue", session_id, context, k, params, seed, then_k, then_seed, vocab)
+    async def propose_and_continue(
+        self, session_id, context, k, params, seed, continue_k, continue_seed, vocab="native"
+    ):  # fmt: skip
+        args = (context, k, params, seed, continue_k, continue_seed, vocab)
+        return await self._call("propose_and_continue", session_id, *args)
 
     async def propose_strings(self, session_id, context, k, params, seed):
         return await self._call("propose_strings", session_id, context, k, params, seed)

@@ -340,9 +340,12 @@ class DrafterPool(_Pooled[RemoteDrafter]):
     async def propose(self, session_id, context, k, params, seed, vocab="native"):
         return await self.pool.call(session_id, lambda d: d.propose(session_id, context, k, params, seed, vocab))
 
-    async def propose_and_continue(self, session_id, context, k, params, seed, then_k, then_seed, vocab="native"):
+    async def propose_and_continue(
+        self, session_id, context, k, params, seed, continue_k, continue_seed, vocab="native"
+    ):  # fmt: skip
         return await self.pool.call(
-            session_id, lambda d: d.propose_and_continue(session_id, context, k, params, seed, then_k, then_seed, vocab)
+            session_id,
+            lambda d: d.propose_and_continue(session_id, context, k, params, seed, continue_k, continue_seed, vocab),
         )
 
     async def propose_strings(self, session_id, context, k, params, seed):

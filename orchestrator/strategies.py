@@ -396,9 +396,9 @@ async def pipelined_sd_round(backends: Backends, r: RoundInput) -> RoundResult:
             # drafting after this draft, for round r+2's draft ahead, rather than idle while its
             # answer travels and that request comes back (drafter_svc/continuation.py: the
             # same draft, only sooner).
-            then_seed = round_seed(r.seed, r.step + 2, "lookahead")
+            continue_seed = round_seed(r.seed, r.step + 2, "lookahead")
             draft = cast(ContinuingDrafter, drafter).propose_and_continue(
-                r.session_id, assumed, wanted, r.params, seed, wanted + 1, then_seed
+                r.session_id, assumed, wanted, r.params, seed, wanted + 1, continue_seed
             )
         else:
             draft = drafter.propose(r.session_id, assumed, wanted, r.params, seed)
