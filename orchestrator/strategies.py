@@ -160,6 +160,9 @@ async def lookup_round(backends: Backends, r: RoundInput) -> RoundResult:
 # -- pipelined ----------------------------------------------------------------------------
 
 
+PROBE_AFTER = 16  # rounds before a draft ahead as long as one that came too late is tried again
+
+
 @dataclass
 class Lookahead:
     """One turn's speculative draft of its next round, drafted while the verifier checks the
@@ -188,6 +191,12 @@ class Lookahead:
     # Tokens after g a speculative draft can have and still be done when the verify it runs
     # beside answers: one more after a draft that was, one fewer than a draft that was not
     fits: int = 2
+    # The shortest draft ahead (g included) lately not done when the verify it ran beside
+    # answered, and the rounds left before drafts ahead may grow to its length again: a draft
+    # one token longer than the last that was done in time is a probe, and a probe that
+    # comes too late costs the next round a round trip (its verify leaves after it began)
+    too_long: int = 1 << 30
+    too_long_rounds: int = 0
     started: int = 0  # speculative drafts begun
     hits: int = 0  # used as the next round's draft
     ready: int = 0  # used, and done before the verify answered: no drafting wait at all
@@ -295,6 +304,25 @@ class Lookahead:
         self.plain_steps += 1
         return v
 
+    def may_grow(self, wanted: int) -> bool:
+        """Whether a draft ahead of `wanted` tokens (g included) may be tried: shorter than
+        the last one that was late, or that was PROBE_AFTER rounds ago."""
+        return wanted < self.too_long
+
+    def timed(self, wanted: int) -> None:
+        """After a round that drafted `wanted` tokens ahead: what fits beside a verify."""
+        if self.too_long_rounds:
+            self.too_long_rounds -= 1
+            if not self.too_long_rounds:
+                self.too_long = 1 << 30
+        if wanted <= 1:
+            return
+        if self.arrived_ready:  # one more token after g next time, unless that was late lately
+            self.fits = max(self.fits, wanted if self.may_grow(wanted + 1) else wanted - 1)
+        else:
+            self.fits = max(1, wanted - 2)
+            self.too_long, self.too_long_rounds = min(self.too_long, wanted), PROBE_AFTER
+
     def discard(self) -> None:
         _cancel(self.sent)
         _cancel(self.task)
@@ -379,10 +407,12 @@ async def pipelined_sd_round(backends: Backends, r: RoundInput) -> RoundResult:
         # After a draft, one token more than this round's k where the last speculative draft
         # was done before its verify answered (the drafter has time to spare): round r+1 may
         # draft longer - an adaptive k growing, or exploring - which a draft of exactly k
-        # tokens would cap. A round without a draft (plain, or the plain step sent ahead)
+        # tokens would cap; but not where a draft ahead that long came too late lately
+        # (Lookahead.may_grow). A round without a draft (plain, or the plain step sent ahead)
         # drafts ahead what fits beside its verify: a round that takes it waits for none of it.
         drafting = bool(r.k and tokens)
-        after = r.k + (1 if ahead.arrived_ready else 0) if drafting else min(r.k or r.ahead_k, ahead.fits)
+        grow = ahead.arrived_ready and ahead.may_grow(r.k + 2)
+        after = r.k + (1 if grow else 0) if drafting else min(r.k or r.ahead_k, ahead.fits)
         seed = round_seed(r.seed, r.step + 1, "lookahead")
         # At most `room` tokens after g: the verify sent ahead carries them all.
         wanted = min(1 + after, room + 1)
@@ -419,8 +449,7 @@ async def pipelined_sd_round(backends: Backends, r: RoundInput) -> RoundResult:
     ahead.verify_trip = v.cost.round_trips > 0
     if d is not None:
         ahead.drafter_slower = d.cost.compute_seconds > v.cost.compute_seconds
-    if wanted > 1:
-        ahead.fits = max(ahead.fits, wanted) if ahead.arrived_ready else max(1, wanted - 2)
+    ahead.timed(wanted)
     return RoundResult(v.tokens, len(tokens), v.accepted, d.cost if d is not None else None, v.cost)
 
 

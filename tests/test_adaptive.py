@@ -730,6 +730,29 @@ def test_a_plain_round_drafts_ahead_what_fits_beside_its_verify(drafter_pass, ve
     assert drafted[-3:] == [after_g] * 3, drafted
 
 
+def test_a_draft_ahead_that_came_too_late_is_not_tried_again_for_a_while() -> None:
+    """Lookahead.timed: one token more after a draft ahead that was done in time, one fewer
+    after one that was not; and a length that came too late is not tried again (not even as
+    a drafting round's extra token) until PROBE_AFTER rounds later."""
+    from orchestrator.strategies import PROBE_AFTER
+
+    ahead = Lookahead()
+    ahead.arrived_ready = True
+    ahead.timed(3)  # g and 2 tokens, done in time: 3 after g may be tried
+    assert ahead.fits == 3 and ahead.may_grow(4)
+    ahead.arrived_ready = False
+    ahead.timed(4)  # late: back to 2 after g, and 4 drafted ahead is too long for a while
+    assert ahead.fits == 2 and not ahead.may_grow(4) and ahead.may_grow(3)
+    ahead.arrived_ready = True
+    for _ in range(PROBE_AFTER - 1):
+        ahead.timed(3)  # in time, but growing to 4 would be the late length again
+        assert ahead.fits == 2 and not ahead.may_grow(4)
+    ahead.timed(3)
+    assert ahead.may_grow(4)
+    ahead.timed(3)
+    assert ahead.fits == 3
+
+
 def test_a_pipelined_strategys_plain_rounds_yield_what_they_commit() -> None:
     """For a pipelined strategy (plain rounds drafting ahead) k = 0 is worth more than one
     token: at first what the session's rates promise (α 0.5, one token ahead: a draft in 40%
