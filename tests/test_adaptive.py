@@ -660,9 +660,11 @@ def test_a_verify_sent_ahead_with_or_plain_steps_plainly_where_its_claim_misses(
 def test_a_plain_round_whose_guess_failed_takes_the_plain_step_sent_ahead() -> None:
     """Plain rounds drafting ahead with a drafter that is often wrong: each round after the
     first either takes the draft ahead (its guess held) or the plain step its verify took
-    instead (or_plain) - never a verify of its own - and the output is the target's argmax."""
+    instead (or_plain) - never a verify of its own - and the output is the target's argmax.
+    The verifier's passes take 20 ms, so each draft ahead and its verify leave before the
+    answer they race (with both instant, the threads' scheduling decided that)."""
     target = table(1)
-    backends = Backends(VerifierCore(TableRuntime(target)), DrafterCore(TableRuntime(table(2)), q_top=V))
+    backends = Backends(VerifierCore(Paced(target, 0.02)), DrafterCore(TableRuntime(table(2)), q_top=V))
     out, _, ahead = pipelined_rounds(backends, 8, ahead_k=2)
     assert out == target.argmax(-1).tolist()[len(CONTEXT) - 1 : len(CONTEXT) - 1 + len(out)]
     assert ahead.plain_steps > 0
