@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.context import ContextDelta, fingerprint
+from services.context import ContextDelta, resolve_delta
 from services.metrics import DRAFTER_CONTINUATIONS
 from services.sampling import SamplingParams
 from services.sessions import Context
@@ -70,14 +70,9 @@ class Continuation:
         """Whether a call with this context, sampling and seed is the one it drafts for."""
         if seed != self.seed or params != self.params:
             return False
-        if not isinstance(context, ContextDelta):
-            return list(context) == self.context
-        n = context.base_len
-        return (
-            n + len(context.tokens) == len(self.context)
-            and list(context.tokens) == self.context[n:]
-            and (n == 0 or fingerprint(self.context[:n]) == context.base_fingerprint)
-        )
+        # A delta names this context where it resolves against it, to exactly it.
+        full = resolve_delta(self.context, context) if isinstance(context, ContextDelta) else list(context)
+        return full == self.context
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -107,14 +102,11 @@ class Continuations:
     def take(self, session_id: str, context: Context, params: SamplingParams, seed: int) -> Continuation | None:
         """The session's continuation if it serves this call; None otherwise (any other one
         is cancelled: the session moved elsewhere)."""
-        c = self._by_session.pop(session_id, None)
-        if c is None:
+        c = self._by_session.get(session_id)
+        if c is None or not c.serves(context, params, seed):
+            self.discard(session_id)
             return None
-        if not c.serves(context, params, seed):
-            c.cancel()
-            self.count("cancelled")
-            return None
-        return c
+        return self._by_session.pop(session_id)
 
     def discard(self, session_id: str) -> None:
         c = self._by_session.pop(session_id, None)

@@ -155,7 +155,8 @@ class DrafterCore:
         except asyncio.CancelledError:
             cancelled.set()
             raise
-        return d, item.full or []
+        assert item.full is not None  # set by the batch that drafted it
+        return d, item.full
 
     async def _from_continuation(self, session_id: str, c: Continuation, k: int) -> Draft | None:
         """k tokens of a continuation that serves the call (awaited if still drafting, and
@@ -182,7 +183,7 @@ class DrafterCore:
     ) -> None:
         """Starts the session's continuation after full + tokens (see continuation.py)."""
         room = self.runtime.info.max_context - len(full) - len(tokens) - 1
-        if not full or min(k, room) <= 0:
+        if min(k, room) <= 0:
             return
         c = Continuation([*full, *tokens], seed, params, min(k, room), lambda: self._calls.waiting)
         c.item = ProposeItem(self.max_draft, params, c.stop)
